@@ -1,0 +1,256 @@
+//! One WebSocket connection after the handshake, as a state machine.
+//!
+//! [`Connection`] does no I/O and reads no clock. The I/O layer drives it:
+//!
+//! 1. Bytes read from the transport go in with [`Connection::handle_data`]
+//!    (or straight into [`Connection::read_buffer`], then
+//!    [`Connection::handle_read`]); the end of the stream with
+//!    [`Connection::handle_eof`].
+//! 2. [`Connection::poll_event`] is called until it returns `Ok(None)`: it
+//!    decodes frames lazily, one event at a time, so a caller that stops
+//!    polling applies backpressure to the peer.
+//! 3. The application sends with [`Connection::send`] and the other `send_*`
+//!    methods.
+//! 4. Everything in [`Connection::data_to_send`] is written to the transport
+//!    (it is a [`bytes::Buf`]; one vectored write takes it all).
+//! 5. The I/O layer sleeps until [`Connection::poll_timeout`] and then calls
+//!    [`Connection::handle_timeout`].
+//! 6. Once [`Connection::is_closed`] is true and `data_to_send` is empty, the
+//!    transport is closed.
+//!
+//! Errors from the peer never panic: they fail the connection with the close
+//! code RFC 6455 assigns and come out of `poll_event` once as an [`Error`].
+
+mod recv;
+mod send;
+mod timers;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use crate::close::CloseFrame;
+use crate::config::Config;
+use crate::deflate::{DeflateConfig, DeflateParams, Deflater, Inflater};
+use crate::error::Error;
+use crate::frame::FrameHeader;
+use crate::message::Message;
+use crate::outgoing::Outgoing;
+use crate::utf8::Utf8Validator;
+
+pub use bytes::Bytes;
+
+/// Which end of the connection this is. It decides the masking direction
+/// (section 5.1) and who closes the TCP connection (section 7.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The end that sent the upgrade request; masks what it sends.
+    Client,
+    /// The end that accepted it; closes TCP first after the close handshake.
+    Server,
+}
+
+/// Something the peer did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A complete message.
+    Message(Message),
+    /// A ping; the matching pong is already queued.
+    Ping(Bytes),
+    /// A pong.
+    Pong(Bytes),
+    /// The peer's close frame (`None` when it carried no status). Our answer
+    /// is already queued if we had not sent a close frame ourselves.
+    Close(Option<CloseFrame>),
+}
+
+/// Where the close handshake stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Messages flow both ways.
+    Open,
+    /// One side sent a close frame; the handshake is not finished.
+    Closing,
+    /// The connection is over: flush [`Connection::data_to_send`], then close
+    /// the transport.
+    Closed,
+}
+
+/// A frame whose header was parsed and whose payload is arriving.
+#[derive(Debug, Clone, Copy)]
+struct PartialFrame {
+    header: FrameHeader,
+    len: usize,
+    /// Payload bytes at the front of the read buffer already unmasked (and,
+    /// for uncompressed text, already validated).
+    processed: usize,
+}
+
+/// A fragmented or compressed message being assembled.
+#[derive(Debug)]
+struct PartialMessage {
+    text: bool,
+    compressed: bool,
+    data: Vec<u8>,
+}
+
+/// permessage-deflate state, when negotiated.
+#[derive(Debug)]
+struct Compression {
+    deflater: Deflater,
+    inflater: Inflater,
+    /// Reused for compressed payloads before they are framed.
+    scratch: BytesMut,
+}
+
+/// A WebSocket connection's protocol state. See the [module docs](self) for
+/// the order in which to call its methods.
+#[derive(Debug)]
+pub struct Connection {
+    role: Role,
+    config: Config,
+    /// Received bytes not yet consumed by the decoder.
+    read_buf: BytesMut,
+    /// The frame whose payload is arriving.
+    frame: Option<PartialFrame>,
+    /// The message being assembled from several frames, or inflated.
+    message: Option<PartialMessage>,
+    /// Validates the text message in progress as its bytes arrive.
+    utf8: Utf8Validator,
+    compression: Option<Compression>,
+    out: Outgoing,
+    /// The close frame we sent, if any.
+    close_sent: Option<Option<CloseFrame>>,
+    /// The close frame the peer sent, if any.
+    close_received: Option<Option<CloseFrame>>,
+    /// The transport's read side ended.
+    eof: bool,
+    /// The connection is over for good (failed, timed out, or finished).
+    closed: bool,
+    /// An error to report from the next `poll_event`.
+    pending_error: Option<Error>,
+    timers: timers::Timers,
+}
+
+impl Connection {
+    /// A connection in the `Open` state. `deflate` holds the parameters
+    /// negotiated in the handshake, if compression was agreed; `now` starts
+    /// the keepalive clock.
+    pub fn new(
+        role: Role,
+        config: Config,
+        deflate: Option<(DeflateParams, &DeflateConfig)>,
+        now: Instant,
+    ) -> Connection {
+        let compression = deflate.map(|(params, cfg)| {
+            let (bits, reset) = match role {
+                Role::Server => (
+                    params.server_max_window_bits,
+                    params.server_no_context_takeover,
+                ),
+                Role::Client => (
+                    params.client_max_window_bits,
+                    params.client_no_context_takeover,
+                ),
+            };
+            Compression {
+                deflater: Deflater::new(cfg.level, bits, reset),
+                inflater: Inflater::new(),
+                scratch: BytesMut::new(),
+            }
+        });
+        Connection {
+            role,
+            config,
+            read_buf: BytesMut::new(),
+            frame: None,
+            message: None,
+            utf8: Utf8Validator::new(),
+            compression,
+            out: Outgoing::default(),
+            close_sent: None,
+            close_received: None,
+            eof: false,
+            closed: false,
+            pending_error: None,
+            timers: timers::Timers::new(now),
+        }
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub fn is_compressed(&self) -> bool {
+        self.compression.is_some()
+    }
+
+    /// Where the close handshake stands.
+    pub fn state(&self) -> State {
+        if self.is_closed() {
+            State::Closed
+        } else if self.close_sent.is_some() || self.close_received.is_some() {
+            State::Closing
+        } else {
+            State::Open
+        }
+    }
+
+    /// Whether the connection is over: once [`Connection::data_to_send`] is
+    /// flushed, the transport should be closed.
+    ///
+    /// A server is done as soon as both close frames were exchanged; a
+    /// client waits for the server to end the TCP connection first (section
+    /// 7.1.1), up to `close_timeout`.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+            || self.eof
+            || (self.role == Role::Server
+                && self.close_sent.is_some()
+                && self.close_received.is_some())
+    }
+
+    /// The close frame the peer sent, once received (`Some(None)` if it had
+    /// no status code).
+    pub fn close_received(&self) -> Option<&Option<CloseFrame>> {
+        self.close_received.as_ref()
+    }
+
+    /// The close frame we sent, if any.
+    pub fn close_sent(&self) -> Option<&Option<CloseFrame>> {
+        self.close_sent.as_ref()
+    }
+
+    /// Bytes to write to the transport, as a [`bytes::Buf`]. Advance it by
+    /// what was written.
+    pub fn data_to_send(&mut self) -> &mut Outgoing {
+        &mut self.out
+    }
+
+    /// Whether anything waits to be written.
+    pub fn has_data_to_send(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Drops buffers an idle connection does not need, to keep its memory
+    /// small. Call it when the connection goes idle.
+    pub fn shrink_buffers(&mut self) {
+        self.out.shrink();
+        if self.read_buf.is_empty() && self.frame.is_none() {
+            self.read_buf = BytesMut::new();
+        }
+        if let Some(c) = &mut self.compression {
+            c.scratch = BytesMut::new();
+        }
+    }
+}

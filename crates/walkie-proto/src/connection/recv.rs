@@ -1,0 +1,305 @@
+//! Receiving: frame decoding, message assembly, control frames.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{Connection, Event, PartialFrame, PartialMessage, Role};
+use crate::close::CloseFrame;
+use crate::deflate::InflateError;
+use crate::error::{Error, ProtocolError};
+use crate::frame::{FrameHeader, OpCode};
+use crate::mask::apply_mask;
+use crate::message::{Message, Utf8Bytes};
+
+impl Connection {
+    /// Feeds bytes read from the transport at time `now`.
+    pub fn handle_data(&mut self, now: Instant, data: &[u8]) {
+        self.read_buf.extend_from_slice(data);
+        self.handle_read(now);
+    }
+
+    /// The buffer the I/O layer may read into directly, to avoid a copy.
+    /// Call [`Connection::handle_read`] after adding bytes to it.
+    pub fn read_buffer(&mut self) -> &mut BytesMut {
+        &mut self.read_buf
+    }
+
+    /// Records that bytes were added to [`Connection::read_buffer`] at `now`.
+    pub fn handle_read(&mut self, now: Instant) {
+        self.timers.on_receive(now);
+        if self.close_received.is_some() || self.closed {
+            // Nothing may follow the peer's close frame; after failing we
+            // read nothing more.
+            self.read_buf.clear();
+        }
+    }
+
+    /// Records that the transport's read side ended. Frames already
+    /// received are still decoded; then `poll_event` reports
+    /// [`Error::UnexpectedEof`] unless the close handshake happened.
+    pub fn handle_eof(&mut self) {
+        self.eof = true;
+    }
+
+    /// Decodes the next event from the bytes received so far.
+    ///
+    /// Returns `Ok(None)` when more bytes are needed (or the connection is
+    /// over). An error is returned once; a close frame for it is already
+    /// queued when the peer is still there to read it.
+    pub fn poll_event(&mut self) -> Result<Option<Event>, Error> {
+        if let Some(err) = self.pending_error.take() {
+            self.closed = true;
+            return Err(err);
+        }
+        if self.closed || self.close_received.is_some() {
+            return Ok(None);
+        }
+        match self.decode() {
+            Ok(Some(event)) => Ok(Some(event)),
+            Ok(None) if self.eof => {
+                self.closed = true;
+                Err(Error::UnexpectedEof)
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let frame = CloseFrame::new(e.close_code(), &e.to_string());
+                self.fail(Error::Protocol(e.clone()), frame);
+                self.pending_error = None;
+                Err(Error::Protocol(e))
+            }
+        }
+    }
+
+    /// Fails the connection: queues `frame` unless a close was already
+    /// sent, drops unread input, and records `err` for `poll_event`.
+    pub(super) fn fail(&mut self, err: Error, frame: CloseFrame) {
+        if self.close_sent.is_none() && !self.eof {
+            self.queue_close(Some(frame));
+        }
+        self.closed = true;
+        self.pending_error.get_or_insert(err);
+        self.read_buf.clear();
+        self.frame = None;
+        self.message = None;
+    }
+
+    fn decode(&mut self) -> Result<Option<Event>, ProtocolError> {
+        loop {
+            let frame = match self.frame {
+                Some(f) => f,
+                None => match FrameHeader::parse(&self.read_buf)? {
+                    None => return Ok(None),
+                    Some((header, header_len)) => {
+                        let len = self.check_header(&header)?;
+                        let _ = self.read_buf.split_to(header_len);
+                        let f = PartialFrame {
+                            header,
+                            len,
+                            processed: 0,
+                        };
+                        self.frame = Some(f);
+                        f
+                    }
+                },
+            };
+            let available = self.read_buf.len().min(frame.len);
+            if available > frame.processed {
+                self.unmask_and_check(frame, available)?;
+            }
+            if available < frame.len {
+                return Ok(None);
+            }
+            self.frame = None;
+            let payload = self.read_buf.split_to(frame.len);
+            if let Some(event) = self.complete_frame(frame.header, payload)? {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    /// Checks the rules that depend on the connection; returns the payload
+    /// length as a `usize`.
+    fn check_header(&mut self, h: &FrameHeader) -> Result<usize, ProtocolError> {
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrameFromClient),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrameFromServer),
+            _ => {}
+        }
+        if h.rsv2 || h.rsv3 || (h.rsv1 && self.compression.is_none()) {
+            return Err(ProtocolError::ReservedBitsSet);
+        }
+        if h.rsv1 && (h.opcode.is_control() || h.opcode == OpCode::Continuation) {
+            return Err(ProtocolError::CompressedBitMisplaced);
+        }
+        let max_frame = self.config.max_frame_size;
+        if h.payload_len > max_frame as u64 {
+            return Err(ProtocolError::FrameTooLarge {
+                size: h.payload_len,
+                max: max_frame,
+            });
+        }
+        let len = h.payload_len as usize;
+        match (h.opcode, &self.message) {
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::ExpectedContinuation);
+            }
+            _ => {}
+        }
+        if !h.opcode.is_control() {
+            let so_far = self.message.as_ref().map_or(0, |m| m.data.len());
+            let compressed = h.rsv1 || self.message.as_ref().is_some_and(|m| m.compressed);
+            // Compressed sizes are checked while inflating.
+            if !compressed && so_far + len > self.config.max_message_size {
+                return Err(ProtocolError::MessageTooLarge {
+                    max: self.config.max_message_size,
+                });
+            }
+            if h.opcode == OpCode::Text {
+                self.utf8.reset();
+            }
+        }
+        Ok(len)
+    }
+
+    /// Whether the data frame in progress carries uncompressed text, which is
+    /// validated as it arrives.
+    fn streams_text(&self, h: &FrameHeader) -> bool {
+        match h.opcode {
+            OpCode::Text => !h.rsv1,
+            OpCode::Continuation => self
+                .message
+                .as_ref()
+                .is_some_and(|m| m.text && !m.compressed),
+            _ => false,
+        }
+    }
+
+    /// Unmasks payload bytes `processed..available` in place and validates
+    /// them if they are uncompressed text.
+    fn unmask_and_check(
+        &mut self,
+        frame: PartialFrame,
+        available: usize,
+    ) -> Result<(), ProtocolError> {
+        let new = &mut self.read_buf[frame.processed..available];
+        if let Some(key) = frame.header.mask {
+            apply_mask(new, key, frame.processed);
+        }
+        if self.streams_text(&frame.header) {
+            self.utf8
+                .feed(&self.read_buf[frame.processed..available])
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        if let Some(f) = &mut self.frame {
+            f.processed = available;
+        }
+        Ok(())
+    }
+
+    /// Handles a frame whose payload is complete and unmasked.
+    fn complete_frame(
+        &mut self,
+        h: FrameHeader,
+        payload: BytesMut,
+    ) -> Result<Option<Event>, ProtocolError> {
+        match h.opcode {
+            OpCode::Ping => {
+                if self.close_sent.is_none() {
+                    self.write_pong(&payload);
+                }
+                Ok(Some(Event::Ping(Bytes::copy_from_slice(&payload))))
+            }
+            OpCode::Pong => Ok(Some(Event::Pong(Bytes::copy_from_slice(&payload)))),
+            OpCode::Close => self.receive_close(&payload).map(Some),
+            OpCode::Text | OpCode::Binary if h.fin && !h.rsv1 => {
+                // The common case: a whole message in one frame, no copy.
+                let data = payload.freeze();
+                Ok(Some(Event::Message(if h.opcode == OpCode::Text {
+                    self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+                    Message::Text(Utf8Bytes::from_validated(data))
+                } else {
+                    Message::Binary(data)
+                })))
+            }
+            OpCode::Text | OpCode::Binary => {
+                self.message = Some(PartialMessage {
+                    text: h.opcode == OpCode::Text,
+                    compressed: h.rsv1,
+                    data: Vec::new(),
+                });
+                self.append_fragment(&payload, h.fin)
+            }
+            OpCode::Continuation => self.append_fragment(&payload, h.fin),
+        }
+    }
+
+    /// Adds a fragment to the message in progress; returns the message when
+    /// `fin` completes it.
+    fn append_fragment(
+        &mut self,
+        payload: &[u8],
+        fin: bool,
+    ) -> Result<Option<Event>, ProtocolError> {
+        let limit = self.config.max_message_size;
+        let Some(msg) = &mut self.message else {
+            return Err(ProtocolError::UnexpectedContinuation);
+        };
+        if msg.compressed {
+            let Some(c) = &mut self.compression else {
+                return Err(ProtocolError::ReservedBitsSet);
+            };
+            let before = msg.data.len();
+            c.inflater
+                .inflate(payload, fin, &mut msg.data, limit)
+                .map_err(|e| match e {
+                    InflateError::TooLarge => ProtocolError::MessageTooLarge { max: limit },
+                    InflateError::Invalid => ProtocolError::InvalidDeflateData,
+                })?;
+            if msg.text {
+                self.utf8
+                    .feed(&msg.data[before..])
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+        } else {
+            // Text was validated while it arrived.
+            msg.data.extend_from_slice(payload);
+        }
+        if !fin {
+            return Ok(None);
+        }
+        let Some(msg) = self.message.take() else {
+            return Ok(None);
+        };
+        let data = Bytes::from(msg.data);
+        Ok(Some(Event::Message(if msg.text {
+            self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+            Message::Text(Utf8Bytes::from_validated(data))
+        } else {
+            Message::Binary(data)
+        })))
+    }
+
+    fn write_pong(&mut self, payload: &[u8]) {
+        // A ping payload is at most 125 bytes, so this cannot fail.
+        let _ = self.send_pong(payload);
+    }
+
+    /// Section 5.5.1: records the peer's close and answers it.
+    fn receive_close(&mut self, payload: &[u8]) -> Result<Event, ProtocolError> {
+        let frame = CloseFrame::parse(payload)?;
+        if self.close_sent.is_none() {
+            // Echo the status code, as section 5.5.1 suggests.
+            let echo = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
+            self.queue_close(echo);
+        }
+        self.close_received = Some(frame.clone());
+        if self.role == Role::Client {
+            // Wait for the server to close TCP, but not forever.
+            self.arm_close_deadline();
+        }
+        self.read_buf.clear();
+        Ok(Event::Close(frame))
+    }
+}

@@ -1,0 +1,171 @@
+//! Sending: messages, control frames and the close frame.
+
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes};
+use rand::RngCore as _;
+
+use super::{Connection, Role};
+use crate::close::{CloseFrame, MAX_CLOSE_REASON};
+use crate::error::SendError;
+use crate::frame::{FrameHeader, MAX_CONTROL_PAYLOAD, OpCode};
+use crate::mask::apply_mask;
+use crate::message::Message;
+use crate::outgoing::COPY_THRESHOLD;
+
+/// A payload to frame: borrowed bytes are always copied, shared bytes are
+/// queued by reference when large and unmasked.
+enum Payload<'a> {
+    Slice(&'a [u8]),
+    Shared(Bytes),
+}
+
+impl Payload<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Slice(s) => s,
+            Payload::Shared(b) => b,
+        }
+    }
+}
+
+impl Connection {
+    /// Queues a message. With permessage-deflate negotiated, the message is
+    /// compressed. Large binary or text payloads are not copied on the server
+    /// side: the frame references them.
+    pub fn send(&mut self, message: Message) -> Result<(), SendError> {
+        let (opcode, payload) = match message {
+            Message::Text(t) => (OpCode::Text, t.into_bytes()),
+            Message::Binary(b) => (OpCode::Binary, b),
+        };
+        self.send_data(opcode, Payload::Shared(payload))
+    }
+
+    /// Queues a text message, copying it.
+    pub fn send_text(&mut self, text: &str) -> Result<(), SendError> {
+        self.send_data(OpCode::Text, Payload::Slice(text.as_bytes()))
+    }
+
+    /// Queues a binary message, copying it.
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<(), SendError> {
+        self.send_data(OpCode::Binary, Payload::Slice(data))
+    }
+
+    /// Queues a ping. Its payload is at most 125 bytes.
+    pub fn send_ping(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        self.send_control(OpCode::Ping, payload)
+    }
+
+    /// Queues an unsolicited pong (a unidirectional heartbeat, section 5.5.3).
+    /// Pongs answering pings are sent automatically.
+    pub fn send_pong(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        self.send_control(OpCode::Pong, payload)
+    }
+
+    /// Starts the close handshake: queues a close frame (`None` sends one
+    /// without a status) and starts the `close_timeout` deadline from `now`.
+    /// Messages still arrive until the peer answers.
+    pub fn send_close(&mut self, now: Instant, frame: Option<CloseFrame>) -> Result<(), SendError> {
+        if self.close_sent.is_some() || self.closed {
+            return Err(SendError::Closing);
+        }
+        if let Some(f) = &frame {
+            if !f.code.is_allowed_on_wire() {
+                return Err(SendError::InvalidCloseCode(f.code.0));
+            }
+            if f.reason.len() > MAX_CLOSE_REASON {
+                return Err(SendError::ControlFrameTooLong(f.encoded_len()));
+            }
+        }
+        self.timers.now = self.timers.now.max(now);
+        self.queue_close(frame);
+        self.arm_close_deadline();
+        Ok(())
+    }
+
+    /// Queues a close frame and records it as sent. The caller checked that
+    /// none was sent before.
+    pub(super) fn queue_close(&mut self, frame: Option<CloseFrame>) {
+        let mut payload = bytes::BytesMut::new();
+        if let Some(f) = &frame {
+            f.encode(&mut payload);
+        }
+        self.write_frame(OpCode::Close, false, Payload::Slice(&payload));
+        self.close_sent = Some(frame);
+    }
+
+    fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        if self.close_sent.is_some() || self.closed {
+            return Err(SendError::Closing);
+        }
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlFrameTooLong(payload.len()));
+        }
+        self.write_frame(opcode, false, Payload::Slice(payload));
+        Ok(())
+    }
+
+    fn send_data(&mut self, opcode: OpCode, payload: Payload<'_>) -> Result<(), SendError> {
+        if self.close_sent.is_some() || self.closed {
+            return Err(SendError::Closing);
+        }
+        let Some(c) = &mut self.compression else {
+            self.write_frame(opcode, false, payload);
+            return Ok(());
+        };
+        let mut scratch = std::mem::take(&mut c.scratch);
+        scratch.clear();
+        c.deflater
+            .compress(payload.as_slice(), &mut scratch)
+            .map_err(|_| SendError::Compression)?;
+        self.write_frame(opcode, true, Payload::Slice(&scratch));
+        if let Some(c) = &mut self.compression {
+            c.scratch = scratch;
+        }
+        Ok(())
+    }
+
+    /// Frames `payload` as one final frame into the outgoing queue, masking
+    /// it when we are the client.
+    fn write_frame(&mut self, opcode: OpCode, rsv1: bool, payload: Payload<'_>) {
+        let mask = match self.role {
+            Role::Client => {
+                let mut key = [0u8; 4];
+                rand::rng().fill_bytes(&mut key);
+                Some(key)
+            }
+            Role::Server => None,
+        };
+        let header = FrameHeader {
+            fin: true,
+            rsv1,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask,
+            payload_len: payload.as_slice().len() as u64,
+        };
+        let tail = self.out.tail();
+        let start = tail.len();
+        match payload {
+            Payload::Shared(bytes) if mask.is_none() && bytes.len() >= COPY_THRESHOLD => {
+                header.encode(tail);
+                let n = tail.len() - start;
+                self.out.commit_tail(n);
+                self.out.push_chunk(bytes);
+            }
+            payload => {
+                let data = payload.as_slice();
+                tail.reserve(header.encoded_len() + data.len());
+                header.encode(tail);
+                let body = tail.len();
+                tail.put_slice(data);
+                if let Some(key) = mask {
+                    apply_mask(&mut tail[body..], key, 0);
+                }
+                let n = tail.len() - start;
+                self.out.commit_tail(n);
+            }
+        }
+    }
+}
