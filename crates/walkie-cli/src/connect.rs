@@ -1,0 +1,197 @@
+//! `walkie connect`: a terminal client that works in pipes.
+//!
+//! Each line of stdin is sent as a message; each message received is
+//! printed on its own line. When stdin ends, it waits for as many messages as
+//! it sent (or `--count`), then closes with 1000 and exits.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use walkie::{ClientConfig, CloseCode, DeflateConfig, Message};
+
+use crate::units::parse_duration;
+
+/// Exit codes scripts can rely on.
+mod exit {
+    /// Everything expected arrived.
+    pub const OK: u8 = 0;
+    /// Could not connect, or the handshake failed.
+    pub const CONNECT: u8 = 1;
+    /// Bad usage (clap also uses 2).
+    pub const USAGE: u8 = 2;
+    /// The expected replies did not arrive within --timeout.
+    pub const TIMEOUT: u8 = 3;
+    /// The connection closed or failed before the expected replies.
+    pub const CLOSED: u8 = 4;
+}
+
+/// Options of `walkie connect`.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// The server's URL: ws://host:port/path or wss://...
+    pub url: String,
+
+    /// Exit after receiving this many messages (default: as many as the
+    /// lines sent, once stdin ends).
+    #[arg(short = 'n', long)]
+    pub count: Option<usize>,
+
+    /// How long to wait for the connection, and for replies once stdin ends.
+    #[arg(short = 't', long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Do not read stdin: only print what arrives (until --count or close).
+    #[arg(long)]
+    pub no_stdin: bool,
+
+    /// Send lines as binary messages instead of text.
+    #[arg(long)]
+    pub binary: bool,
+
+    /// Subprotocol to offer (repeatable).
+    #[arg(long = "protocol", value_name = "NAME")]
+    pub protocols: Vec<String>,
+
+    /// Extra request header, "Name: value" (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
+    pub headers: Vec<String>,
+
+    /// Offer permessage-deflate compression.
+    #[arg(long)]
+    pub deflate: bool,
+
+    /// PEM file of CA certificates to trust for wss:// (instead of the
+    /// public roots).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+
+    /// Accept any server certificate for wss:// (local tests only).
+    #[arg(short = 'k', long)]
+    pub insecure: bool,
+}
+
+fn client_config(args: &ConnectArgs) -> Result<ClientConfig, String> {
+    let mut config = ClientConfig::default();
+    config.connect_timeout = args.timeout;
+    config.handshake_timeout = args.timeout;
+    config.protocols = args.protocols.clone();
+    if args.deflate {
+        config.deflate = Some(DeflateConfig::default());
+    }
+    for h in &args.headers {
+        let Some((name, value)) = h.split_once(':') else {
+            return Err(format!("--header {h:?}: expected \"Name: value\""));
+        };
+        config
+            .headers
+            .push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    config.tls = match (&args.ca, args.insecure) {
+        (Some(ca), _) => {
+            Some(walkie::tls::client_config_with_ca(ca).map_err(|e| format!("--ca: {e}"))?)
+        }
+        (None, true) => Some(walkie::tls::insecure_client_config().map_err(|e| e.to_string())?),
+        (None, false) => None,
+    };
+    Ok(config)
+}
+
+fn print(message: &Message) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (e.g. `| head -1`) is not worth failing over.
+    let _ = out.write_all(message.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+/// Runs the client; the exit code says how it went.
+pub async fn run(args: ConnectArgs) -> ExitCode {
+    let config = match client_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("walkie connect: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let mut ws = match walkie::connect_with(&args.url, &config).await {
+        Ok((ws, _)) => ws,
+        Err(walkie::Error::InvalidUrl(e)) => {
+            eprintln!("walkie connect: invalid URL {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+        Err(e) => {
+            eprintln!("walkie connect: {}: {e}", args.url);
+            return ExitCode::from(exit::CONNECT);
+        }
+    };
+
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = !args.no_stdin;
+    let (mut sent, mut received) = (0usize, 0usize);
+    let mut deadline = (!stdin_open).then(|| tokio::time::Instant::now() + args.timeout);
+    let code = loop {
+        let target = args.count.or((!stdin_open).then_some(sent));
+        if target.is_some_and(|t| received >= t) && (args.count.is_some() || !stdin_open) {
+            break exit::OK;
+        }
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => {
+                    let message = if args.binary { Message::binary(line.into_bytes()) } else { Message::text(line) };
+                    if let Err(e) = ws.send(message).await {
+                        eprintln!("walkie connect: send failed: {e}");
+                        break exit::CLOSED;
+                    }
+                    sent += 1;
+                }
+                Ok(None) | Err(_) => {
+                    stdin_open = false;
+                    deadline = Some(tokio::time::Instant::now() + args.timeout);
+                }
+            },
+            message = ws.recv() => match message {
+                Some(Ok(m)) => {
+                    print(&m);
+                    received += 1;
+                }
+                Some(Err(e)) => {
+                    eprintln!("walkie connect: connection failed: {e}");
+                    break exit::CLOSED;
+                }
+                None => {
+                    let why = ws.close_frame().map(|f| f.to_string()).unwrap_or_else(|| "no status".into());
+                    // Closed by the server: fine if we expected nothing more.
+                    if args.count.is_none() && stdin_open {
+                        eprintln!("walkie connect: closed by the server ({why})");
+                        break exit::OK;
+                    }
+                    eprintln!("walkie connect: closed by the server ({why}) after {received} message(s)");
+                    break exit::CLOSED;
+                }
+            },
+            () = sleep_until(deadline) => {
+                eprintln!(
+                    "walkie connect: timed out after {:?} with {received} of {} message(s)",
+                    args.timeout,
+                    args.count.unwrap_or(sent)
+                );
+                break exit::TIMEOUT;
+            }
+        }
+    };
+    if code != exit::CLOSED {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(CloseCode::NORMAL, "")).await;
+    }
+    ExitCode::from(code)
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

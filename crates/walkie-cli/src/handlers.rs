@@ -1,0 +1,106 @@
+//! The WebSocket endpoints.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info};
+use walkie::{CloseCode, Incoming, Message, WebSocket};
+
+use crate::serve::AppState;
+
+/// What an endpoint answers to one message; `None` answers nothing.
+type Reply = fn(Message) -> Option<Message>;
+
+/// `/`: the seed's chat server. Every message is answered with
+/// `You said: <message>`; connects and disconnects are logged.
+pub async fn chat<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(ws) = upgrade(incoming, peer, state).await else {
+        return;
+    };
+    info!(%peer, "New client connected");
+    fn you_said(m: Message) -> Option<Message> {
+        let text = match &m {
+            Message::Text(t) => t.to_string(),
+            // Node's `${message}` of a Buffer: its bytes as (lossy) UTF-8.
+            Message::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+        };
+        info!("Received: {text}");
+        Some(Message::text(format!("You said: {text}")))
+    }
+    run(ws, peer, state, you_said).await;
+    info!(%peer, "Client disconnected");
+}
+
+/// `/echo`: every message back unchanged, text as text, binary as binary.
+pub async fn echo<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(ws) = upgrade(incoming, peer, state).await else {
+        return;
+    };
+    debug!(%peer, "echo client connected");
+    run(ws, peer, state, Some).await;
+    debug!(%peer, "echo client disconnected");
+}
+
+async fn upgrade<S>(
+    incoming: Incoming<S>,
+    peer: SocketAddr,
+    state: &AppState,
+) -> Option<WebSocket<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match incoming.accept(&state.config, None).await {
+        Ok(ws) => Some(ws),
+        Err(e) => {
+            debug!(%peer, "upgrade refused: {e}");
+            None
+        }
+    }
+}
+
+/// Answers messages until the connection ends or the server shuts down.
+///
+/// Replies are queued with `feed`: a batch of messages that arrived in one
+/// read is answered in one write.
+async fn run<S>(mut ws: WebSocket<S>, peer: SocketAddr, state: &AppState, reply: Reply)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let next = tokio::select! {
+            next = ws.recv() => next,
+            () = state.shutdown.cancelled() => {
+                if let Err(e) = ws.close(CloseCode::GOING_AWAY, "server shutting down").await {
+                    debug!(%peer, "close on shutdown: {e}");
+                }
+                return;
+            }
+        };
+        match next {
+            Some(Ok(message)) => {
+                if let Some(answer) = reply(message) {
+                    if let Err(e) = ws.feed(answer).await {
+                        debug!(%peer, "send failed: {e}");
+                        return;
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                info!(%peer, "connection failed: {e}");
+                return;
+            }
+            None => {
+                if let Some(frame) = ws.close_frame() {
+                    debug!(%peer, "closed by client: {frame}");
+                }
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The `walkie` binary.
+//!
+//! # Layout
+//!
+//! - `main.rs`: the command line (clap) and logging set-up.
+//! - `serve.rs`: `walkie serve`: the listener, routing, graceful shutdown.
+//! - `handlers.rs`: the WebSocket endpoints (`/` chat, `/echo`).
+//! - `http.rs`: plain HTTP routes (the chat page, `/health`) on axum.
+//! - `connect.rs`: `walkie connect`: a terminal client that works in pipes.
+//! - `units.rs`: parsing sizes and durations given on the command line.
+
+mod connect;
+mod handlers;
+mod http;
+mod serve;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A real-time WebSocket server and client.
+///
+/// With no command, `walkie` runs `walkie serve`: the seed's chat server on
+/// 127.0.0.1:3000.
+#[derive(Debug, Parser)]
+#[command(name = "walkie", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// `walkie [serve options]` is `walkie serve [serve options]`.
+    #[command(flatten)]
+    serve: serve::ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the chat page and WebSocket endpoints (the default command).
+    Serve(serve::ServeArgs),
+    /// Connect to a WebSocket server: stdin lines out, messages to stdout.
+    Connect(connect::ConnectArgs),
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WALKIE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walkie: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        Command::Serve(args) => {
+            init_logging(args.log_json);
+            runtime.block_on(serve::run(args))
+        }
+        Command::Connect(args) => runtime.block_on(connect::run(args)),
+    }
+}

@@ -1,0 +1,244 @@
+//! `walkie serve`: accept connections, route them, shut down gracefully.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+use walkie::{Incoming, ServerConfig};
+
+use crate::units::{Toggle, parse_duration, parse_optional_duration, parse_size};
+use crate::{handlers, http};
+
+/// Options of `walkie serve`. Every flag also reads an environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "WALKIE_BIND", default_value = "127.0.0.1:3000")]
+    pub bind: SocketAddr,
+
+    /// PEM certificate chain: serve wss:// and https:// (needs --tls-key).
+    #[arg(long, env = "WALKIE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "WALKIE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Largest message accepted, after decompression (e.g. 64K, 16M).
+    #[arg(long, env = "WALKIE_MAX_MESSAGE_SIZE", default_value = "16M", value_parser = parse_size)]
+    pub max_message_size: usize,
+
+    /// Largest frame accepted (e.g. 1M).
+    #[arg(long, env = "WALKIE_MAX_FRAME_SIZE", default_value = "16M", value_parser = parse_size)]
+    pub max_frame_size: usize,
+
+    /// Do not accept permessage-deflate compression.
+    #[arg(long, env = "WALKIE_NO_DEFLATE")]
+    pub no_deflate: bool,
+
+    /// Ping a quiet client after this long; `off` disables keepalive.
+    #[arg(long, env = "WALKIE_PING_INTERVAL", default_value = "20s", value_parser = parse_optional_duration)]
+    pub ping_interval: Toggle,
+
+    /// Close a client that has not answered a keepalive ping within this long.
+    #[arg(long, env = "WALKIE_PING_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub ping_timeout: Duration,
+
+    /// Close a client that sent nothing for this long; `off` disables it.
+    #[arg(long, env = "WALKIE_IDLE_TIMEOUT", default_value = "off", value_parser = parse_optional_duration)]
+    pub idle_timeout: Toggle,
+
+    /// Time a client has to send its request head (then 408).
+    #[arg(long, env = "WALKIE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// On Ctrl-C or SIGTERM, time given to connections to close (with 1001)
+    /// before the process exits anyway.
+    #[arg(long, env = "WALKIE_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Write logs as JSON lines instead of text. Filter with WALKIE_LOG or
+    /// RUST_LOG (e.g. `debug`, `walkie=trace`).
+    #[arg(long, env = "WALKIE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl ServeArgs {
+    fn server_config(&self) -> Result<ServerConfig, String> {
+        let mut config = ServerConfig::default();
+        config.connection.max_message_size = self.max_message_size;
+        config.connection.max_frame_size = self.max_frame_size;
+        config.connection.ping_interval = self.ping_interval.0;
+        config.connection.ping_timeout = self.ping_timeout;
+        config.connection.idle_timeout = self.idle_timeout.0;
+        config.handshake_timeout = self.handshake_timeout;
+        if self.no_deflate {
+            config.deflate = None;
+        }
+        config
+            .connection
+            .validate()
+            .map_err(|e| format!("invalid option: {e}"))?;
+        Ok(config)
+    }
+}
+
+/// What every connection task needs.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: ServerConfig,
+    pub shutdown: CancellationToken,
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeArgs) -> ExitCode {
+    let config = match args.server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match walkie::tls::server_config(cert, key) {
+            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+            Err(e) => {
+                error!("--tls-cert/--tls-key: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let listener = match TcpListener::bind(args.bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!("--bind {}: cannot listen: {e}", args.bind);
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = listener.local_addr().unwrap_or(args.bind);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!("walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo)");
+
+    let state = Arc::new(AppState {
+        config,
+        shutdown: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let state = state.clone();
+                    let tls = tls.clone();
+                    tracker.spawn(async move {
+                        let _ = tcp.set_nodelay(true);
+                        match tls {
+                            None => handle(tcp, peer, state).await,
+                            Some(acceptor) => {
+                                let timeout = state.config.handshake_timeout;
+                                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                                    Ok(Ok(stream)) => handle(stream, peer, state).await,
+                                    Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
+                                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                                }
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = &mut signal => break,
+        }
+    }
+
+    drop(listener);
+    let open = tracker.len();
+    info!("shutting down: closing {open} connection(s) with 1001");
+    state.shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(args.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            "{} connection(s) still open after {:?}; exiting anyway",
+            tracker.len(),
+            args.shutdown_timeout
+        );
+    }
+    info!("bye");
+    ExitCode::SUCCESS
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            error!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("Ctrl-C received"),
+        () = term => info!("SIGTERM received"),
+    }
+}
+
+/// Routes one connection: WebSocket upgrades by path, anything else to the
+/// HTTP routes.
+async fn handle<S>(stream: S, peer: SocketAddr, state: Arc<AppState>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let incoming = tokio::select! {
+        r = Incoming::read(stream, state.config.handshake_timeout) => match r {
+            Ok(i) => i,
+            Err(e) => {
+                debug!(%peer, "no request: {e}");
+                return;
+            }
+        },
+        () = state.shutdown.cancelled() => return,
+    };
+    if !incoming.request().is_websocket_upgrade() {
+        http::serve(incoming, peer, state).await;
+        return;
+    }
+    match incoming.request().path() {
+        "/" => handlers::chat(incoming, peer, &state).await,
+        "/echo" => handlers::echo(incoming, peer, &state).await,
+        path => {
+            let message = format!("no WebSocket endpoint at {path} (try / or /echo)");
+            incoming.reject(404, &message).await;
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The poll loop shared by [`crate::WebSocket`] and its split halves: it
+//! moves bytes between the transport and the protocol core and owns the
+//! connection's one timer.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
+use tokio_util::io::{poll_read_buf, poll_write_buf};
+use walkie_proto::{Connection, Event};
+
+use crate::error::{Error, Result};
+
+/// Spare room below which the read buffer is grown before a read.
+const MIN_READ_SPACE: usize = 1024;
+/// How much to grow it by.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// The time the protocol core is given: tokio's clock, so that paused time
+/// in tests drives keepalive and close deadlines too.
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A transport and the protocol state that runs over it.
+pub(crate) struct Driver<S> {
+    pub(crate) stream: S,
+    pub(crate) conn: Connection,
+    /// The one timer of this connection, created the first time a deadline
+    /// exists; `timer_at` is the deadline it is set for.
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_at: Option<Instant>,
+    /// Bytes queued above which senders wait and reading pauses.
+    write_high: usize,
+    /// The transport was shut down (or failed): nothing more to do.
+    finished: bool,
+    /// The end of the connection was reported to the reader.
+    reported_end: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
+    pub(crate) fn new(stream: S, conn: Connection, write_high: usize) -> Self {
+        Driver {
+            stream,
+            conn,
+            timer: None,
+            timer_at: None,
+            write_high,
+            finished: false,
+            reported_end: false,
+        }
+    }
+
+    /// Writes everything queued, then flushes the transport.
+    pub(crate) fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.conn.has_data_to_send() {
+            let n = ready!(poll_write_buf(
+                Pin::new(&mut self.stream),
+                cx,
+                self.conn.data_to_send()
+            ))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    /// Waits until fewer than `write_high` bytes are queued.
+    pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.finished {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        while self.conn.data_to_send().len() >= self.write_high {
+            ready!(self.poll_write_out(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Flushes what is queued and shuts the transport down.
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.finished {
+            ready!(self.poll_write_out(cx))?;
+            // A peer that already left makes shutdown fail: that is fine.
+            let _ = ready!(Pin::new(&mut self.stream).poll_shutdown(cx));
+            self.finished = true;
+            self.conn.shrink_buffers();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Drives the connection until the core has an event for the reader.
+    ///
+    /// `write_waker` is the waker used for write readiness; split halves pass
+    /// one that wakes both of them.
+    pub(crate) fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        write_waker: Option<&Waker>,
+    ) -> Poll<Result<Option<Event>>> {
+        loop {
+            if self.reported_end {
+                return Poll::Ready(Ok(None));
+            }
+            match self.conn.poll_event() {
+                Ok(Some(event)) => return Poll::Ready(Ok(Some(event))),
+                Ok(None) => {}
+                Err(e) => {
+                    // Best effort: send our close frame if the socket takes it
+                    // now; a peer that broke the protocol gets no more time.
+                    let ww = write_waker.unwrap_or(cx.waker());
+                    let _ = self.poll_finish(&mut Context::from_waker(ww));
+                    self.reported_end = true;
+                    self.finished = true;
+                    return Poll::Ready(Err(e.into()));
+                }
+            }
+            if self.conn.is_closed() {
+                let ww = write_waker.unwrap_or(cx.waker());
+                let result = ready!(self.poll_finish(&mut Context::from_waker(ww)));
+                self.reported_end = true;
+                return Poll::Ready(result.map(|()| None).map_err(Error::from));
+            }
+
+            let mut write_pending = false;
+            if self.conn.has_data_to_send() {
+                let ww = write_waker.unwrap_or(cx.waker());
+                match self.poll_write_out(&mut Context::from_waker(ww)) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => {
+                        self.reported_end = true;
+                        self.finished = true;
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    Poll::Pending => write_pending = true,
+                }
+            }
+
+            if let Some(deadline) = self.conn.poll_timeout() {
+                if self.poll_timer(deadline, cx).is_ready() {
+                    self.conn.handle_timeout(now());
+                    continue;
+                }
+            }
+
+            // A peer that sends (pings, say) but never reads would make our
+            // answers pile up: stop reading until they drain.
+            if write_pending && self.conn.data_to_send().len() >= self.write_high {
+                return Poll::Pending;
+            }
+
+            let buf = self.conn.read_buffer();
+            if buf.capacity() - buf.len() < MIN_READ_SPACE {
+                buf.reserve(READ_CHUNK);
+            }
+            match poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
+                Poll::Ready(Ok(0)) => self.conn.handle_eof(),
+                Poll::Ready(Ok(_)) => self.conn.handle_read(now()),
+                Poll::Ready(Err(e)) => {
+                    self.reported_end = true;
+                    self.finished = true;
+                    return Poll::Ready(Err(e.into()));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Polls the connection's timer, (re)arming it for `deadline`.
+    ///
+    /// Deadlines usually move later (each read pushes keepalive back); the
+    /// timer is then left where it is, fires early, finds nothing due, and
+    /// is re-armed. It is reset at once only when a deadline moves earlier.
+    fn poll_timer(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let at = tokio::time::Instant::from_std(deadline);
+        match &mut self.timer {
+            None => {
+                self.timer = Some(Box::pin(tokio::time::sleep_until(at)));
+                self.timer_at = Some(deadline);
+            }
+            Some(timer) => {
+                let elapsed = timer.is_elapsed();
+                if self.timer_at != Some(deadline)
+                    && (elapsed || self.timer_at.is_none_or(|t| deadline < t))
+                {
+                    timer.as_mut().reset(at);
+                    self.timer_at = Some(deadline);
+                }
+            }
+        }
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}

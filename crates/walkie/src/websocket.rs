@@ -1,0 +1,159 @@
+//! [`WebSocket`]: an open connection over any async transport.
+
+use std::future::poll_fn;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use walkie_proto::{CloseCode, CloseFrame, Connection, Event, Message, Role};
+
+use crate::driver::{Driver, now};
+use crate::error::Result;
+use crate::split::{WsReader, WsWriter, split};
+
+/// An open WebSocket connection over a transport `S` (a `TcpStream`, a TLS
+/// stream, or anything `AsyncRead + AsyncWrite`).
+///
+/// Receiving with [`WebSocket::recv`] also answers pings, keeps the
+/// connection alive and writes whatever is queued. Sending has two forms:
+/// [`WebSocket::send`] writes at once; [`WebSocket::feed`] only queues (up to
+/// the configured high-water mark, then it waits for the socket), so that a
+/// burst of messages leaves in one write at the next `recv`, `flush` or
+/// `send`.
+///
+/// ```no_run
+/// # async fn run() -> walkie::Result<()> {
+/// let mut ws = walkie::connect("ws://127.0.0.1:3000/echo").await?;
+/// ws.send("hello").await?;
+/// while let Some(msg) = ws.recv().await {
+///     println!("{:?}", msg?);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct WebSocket<S> {
+    driver: Driver<S>,
+    protocol: Option<String>,
+}
+
+impl<S> std::fmt::Debug for WebSocket<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebSocket")
+            .field("role", &self.driver.conn.role())
+            .field("state", &self.driver.conn.state())
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
+    /// Wraps a transport whose handshake is done. `conn` is the protocol
+    /// state, and `leftover` bytes that arrived right after the handshake.
+    pub fn from_parts(
+        stream: S,
+        mut conn: Connection,
+        leftover: &[u8],
+        protocol: Option<String>,
+        write_buffer_high: usize,
+    ) -> Self {
+        if !leftover.is_empty() {
+            conn.handle_data(now(), leftover);
+        }
+        WebSocket {
+            driver: Driver::new(stream, conn, write_buffer_high),
+            protocol,
+        }
+    }
+
+    /// The next message. Returns `None` once the connection closed cleanly
+    /// (see [`WebSocket::close_frame`] for the peer's code), and an error if it
+    /// failed; after either, it keeps returning `None`.
+    pub async fn recv(&mut self) -> Option<Result<Message>> {
+        loop {
+            match poll_fn(|cx| self.driver.poll_event(cx, None)).await {
+                Ok(Some(Event::Message(m))) => return Some(Ok(m)),
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Queues a message and writes everything queued.
+    pub async fn send(&mut self, message: impl Into<Message>) -> Result<()> {
+        self.feed(message).await?;
+        self.flush().await
+    }
+
+    /// Queues a message without writing it, unless the queue is over the
+    /// high-water mark, in which case it first waits for the socket to drain.
+    /// Queued messages leave at the next `recv`, `flush` or `send`.
+    pub async fn feed(&mut self, message: impl Into<Message>) -> Result<()> {
+        poll_fn(|cx| self.driver.poll_ready(cx)).await?;
+        self.driver.conn.send(message.into())?;
+        Ok(())
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<()> {
+        poll_fn(|cx| self.driver.poll_write_out(cx)).await?;
+        Ok(())
+    }
+
+    /// Sends a ping (payload at most 125 bytes). The pong is handled by
+    /// `recv`.
+    pub async fn ping(&mut self, payload: &[u8]) -> Result<()> {
+        poll_fn(|cx| self.driver.poll_ready(cx)).await?;
+        self.driver.conn.send_ping(payload)?;
+        self.flush().await
+    }
+
+    /// Closes the connection: sends a close frame, discards messages until the
+    /// peer answers (or `close_timeout` passes), and shuts the transport down.
+    pub async fn close(&mut self, code: CloseCode, reason: &str) -> Result<()> {
+        match self
+            .driver
+            .conn
+            .send_close(now(), Some(CloseFrame::new(code, reason)))
+        {
+            Ok(()) | Err(walkie_proto::SendError::Closing) => {}
+            Err(e) => return Err(e.into()),
+        }
+        loop {
+            match poll_fn(|cx| self.driver.poll_event(cx, None)).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The close frame the peer sent, once received.
+    pub fn close_frame(&self) -> Option<&CloseFrame> {
+        self.driver.conn.close_received().and_then(Option::as_ref)
+    }
+
+    /// The subprotocol negotiated in the handshake.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub fn is_compressed(&self) -> bool {
+        self.driver.conn.is_compressed()
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.driver.conn.role()
+    }
+
+    /// The transport.
+    pub fn get_ref(&self) -> &S {
+        &self.driver.stream
+    }
+
+    /// Splits into a reader and a writer that can be used from two tasks.
+    /// The reader answers pings and runs the keepalive timer, so keep
+    /// polling it.
+    pub fn split(self) -> (WsReader<S>, WsWriter<S>) {
+        split(self.driver, self.protocol)
+    }
+}
