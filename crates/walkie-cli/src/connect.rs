@@ -163,9 +163,12 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
                     break exit::CLOSED;
                 }
                 None => {
-                    let why = ws.close_frame().map(|f| f.to_string()).unwrap_or_else(|| "no status".into());
-                    // Closed by the server: fine if we expected nothing more.
-                    if args.count.is_none() && stdin_open {
+                    let frame = ws.close_frame();
+                    let why = frame.map(|f| f.to_string()).unwrap_or_else(|| "no status".into());
+                    // Closed by the server: fine only if it was a normal
+                    // close and every expected message arrived.
+                    let normal = frame.is_none_or(|f| matches!(f.code.0, 1000 | 1001));
+                    if normal && received >= args.count.unwrap_or(sent) {
                         eprintln!("walkie connect: closed by the server ({why})");
                         break exit::OK;
                     }

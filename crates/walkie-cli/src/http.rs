@@ -38,6 +38,8 @@ fn router() -> Router {
                 )
             }),
         )
+        // Browsers ask for it on every page; no icon is better than a 404.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n").into_response() })
 }
 
