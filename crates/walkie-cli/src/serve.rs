@@ -83,10 +83,14 @@ impl ServeArgs {
         if self.no_deflate {
             config.deflate = None;
         }
-        config
-            .connection
-            .validate()
-            .map_err(|e| format!("invalid option: {e}"))?;
+        // The settings' field names match the flags: name the flag.
+        config.connection.validate().map_err(|e| {
+            format!(
+                "invalid value for --{}: {}",
+                e.field.replace('_', "-"),
+                e.reason
+            )
+        })?;
         Ok(config)
     }
 }
@@ -103,7 +107,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let config = match args.server_config() {
         Ok(c) => c,
         Err(e) => {
-            error!("{e}");
+            eprintln!("walkie: {e}");
             return ExitCode::from(2);
         }
     };
@@ -111,7 +115,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         (Some(cert), Some(key)) => match walkie::tls::server_config(cert, key) {
             Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
             Err(e) => {
-                error!("--tls-cert/--tls-key: {e}");
+                eprintln!("walkie: --tls-cert/--tls-key: {e}");
                 return ExitCode::from(2);
             }
         },
@@ -120,7 +124,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let listener = match TcpListener::bind(args.bind).await {
         Ok(l) => l,
         Err(e) => {
-            error!("--bind {}: cannot listen: {e}", args.bind);
+            eprintln!("walkie: --bind {}: cannot listen: {e}", args.bind);
             return ExitCode::FAILURE;
         }
     };

@@ -1,0 +1,209 @@
+//! The command line: help texts, usage errors (exit 2 naming the flag), the
+//! environment variables, and a port already in use.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Run, Server, run_walkie, within};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn walkie(args: &[&str]) -> Run {
+    run_walkie(args, &[("WALKIE_LOG", "info")], None, LIMIT)
+}
+
+fn assert_mentions(run: &Run, words: &[&str]) {
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    for w in words {
+        assert!(
+            run.stdout.contains(w),
+            "help does not mention {w}:\n{}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn top_level_help() {
+    let run = walkie(&["--help"]);
+    assert_mentions(&run, &["serve", "connect", "--bind", "--help", "--version"]);
+}
+
+#[test]
+fn serve_help() {
+    let run = walkie(&["serve", "--help"]);
+    assert_mentions(
+        &run,
+        &[
+            "--bind",
+            "--tls-cert",
+            "--tls-key",
+            "--max-message-size",
+            "--max-frame-size",
+            "--no-deflate",
+            "--ping-interval",
+            "--idle-timeout",
+            "--handshake-timeout",
+            "--shutdown-timeout",
+            "--log-json",
+            "WALKIE_BIND",
+        ],
+    );
+}
+
+#[test]
+fn connect_help() {
+    let run = walkie(&["connect", "--help"]);
+    assert_mentions(
+        &run,
+        &[
+            "--count",
+            "--timeout",
+            "--no-stdin",
+            "--binary",
+            "--protocol",
+            "--header",
+            "--deflate",
+            "--ca",
+            "--insecure",
+        ],
+    );
+}
+
+#[test]
+fn version() {
+    let run = walkie(&["--version"]);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert!(run.stdout.starts_with("walkie "), "{}", run.stdout);
+}
+
+#[test]
+fn bad_size_names_the_flag() {
+    let run = walkie(&[
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--max-message-size",
+        "12X",
+    ]);
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--max-message-size"), "{}", run.stderr);
+    assert!(run.stderr.contains("12X"), "{}", run.stderr);
+}
+
+#[test]
+fn bad_duration_names_the_flag() {
+    let run = walkie(&[
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--handshake-timeout",
+        "5 days",
+    ]);
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--handshake-timeout"), "{}", run.stderr);
+}
+
+#[test]
+fn bad_bind_names_the_flag() {
+    let run = walkie(&["serve", "--bind", "nonsense"]);
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--bind"), "{}", run.stderr);
+    assert!(run.stderr.contains("nonsense"), "{}", run.stderr);
+}
+
+#[test]
+fn bad_env_value_names_the_flag() {
+    let run = run_walkie(
+        ["serve", "--bind", "127.0.0.1:0"],
+        &[("WALKIE_MAX_MESSAGE_SIZE", "lots")],
+        None,
+        LIMIT,
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--max-message-size"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn walkie_bind_env_is_honoured_with_no_arguments() {
+    let no_args: [&str; 0] = [];
+    let mut server = Server::spawn(no_args, &[("WALKIE_BIND", "127.0.0.1:0")]);
+    assert_ne!(server.port, 3000, "WALKIE_BIND was ignored");
+    assert_ne!(server.port, 0);
+    within(10, server.assert_serves("WALKIE_BIND")).await;
+}
+
+#[tokio::test]
+async fn env_options_are_honoured() {
+    // WALKIE_MAX_MESSAGE_SIZE=64: a longer message fails with 1009.
+    let mut server = Server::spawn(
+        ["serve"],
+        &[
+            ("WALKIE_BIND", "127.0.0.1:0"),
+            ("WALKIE_MAX_MESSAGE_SIZE", "64"),
+        ],
+    );
+    within(10, async {
+        let mut ws = walkie::connect(&server.ws_url("/echo")).await.unwrap();
+        ws.send("x".repeat(100)).await.unwrap();
+        match ws.recv().await {
+            Some(Err(_)) | None => {}
+            other => panic!("a 100-byte message over a 64-byte limit got {other:?}"),
+        }
+        assert_eq!(ws.close_frame().map(|f| f.code.0), Some(1009));
+        server.assert_serves("WALKIE_MAX_MESSAGE_SIZE").await;
+    })
+    .await;
+}
+
+#[test]
+fn port_in_use_names_bind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let run = walkie(&["serve", "--bind", &addr]);
+    assert_ne!(run.code(), Some(0), "{run:?}");
+    assert!(run.code().is_some(), "killed by a signal: {run:?}");
+    assert!(run.stderr.contains("--bind"), "{}", run.stderr);
+    assert!(run.stderr.contains(&addr), "{}", run.stderr);
+    drop(taken);
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let run = walkie(&["serve", "--no-such-flag"]);
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--no-such-flag"), "{}", run.stderr);
+}
+
+#[test]
+fn startup_errors_show_even_with_logging_off() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let run = run_walkie(
+        ["serve", "--bind", addr.as_str()],
+        &[("WALKIE_LOG", "off")],
+        None,
+        LIMIT,
+    );
+    assert_ne!(run.code(), Some(0), "{run:?}");
+    assert!(run.stderr.contains("--bind"), "{run:?}");
+
+    let run = run_walkie(
+        [
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ],
+        &[("WALKIE_LOG", "off")],
+        None,
+        LIMIT,
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--tls-cert"), "{run:?}");
+    drop(taken);
+}

@@ -1,0 +1,133 @@
+//! `walkie connect`: stdin lines out, messages to stdout, and the exit codes
+//! scripts rely on (0 ok, 1 connect, 2 usage, 3 timeout).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Pki, Run, Server, run_walkie, s};
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+fn connect(args: &[&str], stdin: &str) -> Run {
+    let mut all = vec!["connect"];
+    all.extend_from_slice(args);
+    run_walkie(all, &[], Some(stdin.as_bytes()), LIMIT)
+}
+
+#[test]
+fn one_line_to_chat() {
+    let server = Server::start(&[]);
+    let run = connect(&[&server.ws_url("/")], "hello\n");
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout, "You said: hello\n", "{run:?}");
+}
+
+#[test]
+fn three_lines_to_echo_in_order() {
+    let server = Server::start(&[]);
+    let run = connect(&[&server.ws_url("/echo")], "one\ntwo\nthree\n");
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout, "one\ntwo\nthree\n", "{run:?}");
+}
+
+#[test]
+fn binary_and_deflate_flags() {
+    let server = Server::start(&[]);
+    let run = connect(
+        &[&server.ws_url("/echo"), "--binary", "--deflate"],
+        "compressed binary\n",
+    );
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout, "compressed binary\n", "{run:?}");
+}
+
+#[test]
+fn waiting_for_more_than_arrives_times_out_with_3() {
+    let server = Server::start(&[]);
+    let run = connect(
+        &[&server.ws_url("/echo"), "-n", "2", "-t", "1s"],
+        "only one\n",
+    );
+    assert_eq!(run.code(), Some(3), "{run:?}");
+    assert_eq!(run.stdout, "only one\n", "{run:?}");
+    assert!(
+        run.elapsed >= Duration::from_millis(900) && run.elapsed < Duration::from_secs(5),
+        "timed out after {:?}, expected about 1 s",
+        run.elapsed
+    );
+    assert!(run.stderr.contains("timed out"), "{}", run.stderr);
+}
+
+#[test]
+fn unreachable_port_exits_1() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = connect(&[&format!("ws://127.0.0.1:{port}/"), "-t", "3s"], "hi\n");
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    assert!(!run.stderr.is_empty(), "no error message");
+}
+
+#[test]
+fn not_a_url_exits_2() {
+    let run = connect(&["not-a-url"], "");
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("not-a-url"), "{}", run.stderr);
+}
+
+#[test]
+fn headers() {
+    let server = Server::start(&[]);
+    let url = server.ws_url("/echo");
+    let run = connect(&[&url, "--header", "X-Test: 1"], "with a header\n");
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout, "with a header\n");
+
+    let run = connect(
+        &[&url, "--header", "X-Test: 1", "--header", "no colon"],
+        "x\n",
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--header"), "{}", run.stderr);
+    assert!(run.stdout.is_empty(), "{run:?}");
+}
+
+#[test]
+fn wss_with_ca_or_insecure_and_not_without() {
+    let pki = Pki::generate();
+    let server = pki.server();
+    let url = format!("wss://localhost:{}/", server.port);
+
+    let run = connect(&[&url, "--ca", s(&pki.ca())], "secure\n");
+    assert_eq!(run.code(), Some(0), "--ca: {run:?}");
+    assert_eq!(run.stdout, "You said: secure\n");
+
+    let run = connect(&[&url, "-k"], "insecure\n");
+    assert_eq!(run.code(), Some(0), "-k: {run:?}");
+    assert_eq!(run.stdout, "You said: insecure\n");
+
+    let run = connect(&[&url, "-t", "5s"], "untrusted\n");
+    assert_eq!(run.code(), Some(1), "no --ca, no -k: {run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+
+    // --ca and -k together make no sense.
+    let run = connect(&[&url, "-k", "--ca", s(&pki.ca())], "x\n");
+    assert_eq!(run.code(), Some(2), "{run:?}");
+}
+
+#[test]
+fn connection_closed_by_the_server_exits_4() {
+    // `/` answers one message per message; waiting for 2 with a tiny
+    // message limit gets the connection failed with 1009 instead.
+    let server = Server::start(&["--max-message-size", "16"]);
+    let run = connect(
+        &[&server.ws_url("/"), "-n", "2", "-t", "5s"],
+        "this line is longer than sixteen bytes\n",
+    );
+    assert_eq!(run.code(), Some(4), "{run:?}");
+    assert!(run.stderr.contains("1009"), "{}", run.stderr);
+}

@@ -1,0 +1,89 @@
+//! `walkie serve` shuts down gracefully on SIGTERM and on SIGINT (Ctrl-C):
+//! every client gets a close frame with 1001, and the process exits 0.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Server, within};
+use walkie::{CloseCode, MaybeTlsStream, Message, WebSocket};
+
+async fn chat_client(server: &Server, name: &str) -> WebSocket<MaybeTlsStream> {
+    let mut ws = walkie::connect(&server.ws_url("/")).await.unwrap();
+    // A round trip, so the server has surely accepted it.
+    ws.send(name).await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::text(format!("You said: {name}"))
+    );
+    ws
+}
+
+async fn expect_going_away(ws: &mut WebSocket<MaybeTlsStream>, name: &str) {
+    match ws.recv().await {
+        None => {}
+        other => panic!("{name}: expected the close, got {other:?}"),
+    }
+    let frame = ws
+        .close_frame()
+        .unwrap_or_else(|| panic!("{name}: no close frame"));
+    assert_eq!(frame.code, CloseCode::GOING_AWAY, "{name}: {frame}");
+}
+
+async fn graceful_on(signal: &str, logged: &str) {
+    let mut server = Server::start(&[]);
+    let mut a = within(10, chat_client(&server, "a")).await;
+    let mut b = within(10, chat_client(&server, "b")).await;
+
+    let start = Instant::now();
+    server.signal(signal);
+    within(10, async {
+        expect_going_away(&mut a, "client a").await;
+        expect_going_away(&mut b, "client b").await;
+    })
+    .await;
+    let status = server.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+        panic!(
+            "still running 5 s after SIG{signal}; log:\n{}",
+            server.log_text()
+        )
+    });
+    assert!(
+        status.success(),
+        "SIG{signal}: exit status {status}; log:\n{}",
+        server.log_text()
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let log = server.log_text();
+    assert!(log.contains(logged), "no {logged:?} in the log:\n{log}");
+    assert!(
+        log.contains("closing 2 connection(s) with 1001"),
+        "the log does not count the 2 clients:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_0() {
+    graceful_on("TERM", "SIGTERM received").await;
+}
+
+#[tokio::test]
+async fn sigint_closes_clients_with_1001_and_exits_0() {
+    graceful_on("INT", "Ctrl-C received").await;
+}
+
+#[tokio::test]
+async fn sigterm_with_no_clients_exits_0_at_once() {
+    let mut server = Server::start(&[]);
+    let start = Instant::now();
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running 5 s after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?} to exit with no clients",
+        start.elapsed()
+    );
+}
