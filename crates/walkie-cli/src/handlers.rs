@@ -27,7 +27,11 @@ where
             // Node's `${message}` of a Buffer: its bytes as (lossy) UTF-8.
             Message::Binary(b) => String::from_utf8_lossy(b).into_owned(),
         };
-        info!("Received: {text}");
+        // As the seed logs it, but a huge message gets a short line.
+        match text.char_indices().nth(200) {
+            Some((cut, _)) => info!("Received: {}… ({} bytes)", &text[..cut], text.len()),
+            None => info!("Received: {text}"),
+        }
         Some(Message::text(format!("You said: {text}")))
     }
     run(ws, peer, state, you_said).await;

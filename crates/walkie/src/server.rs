@@ -50,7 +50,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Incoming<S> {
                     return Err(e.into());
                 }
             }
-            buf.reserve(1024.min(MAX_HEAD_SIZE + 1 - buf.len()).max(1));
+            buf.reserve(
+                1024.min((MAX_HEAD_SIZE + 1).saturating_sub(buf.len()))
+                    .max(1),
+            );
             match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
                 Ok(Ok(0)) => {
                     return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
