@@ -1,0 +1,227 @@
+//! The servers the suite compares: how to build and start each one.
+//!
+//! Every peer is an echo server taking `PORT [deflate]`; `bench/README.md`
+//! documents each one's version and settings.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A server under test.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Short name used on the command line and in tables.
+    pub name: &'static str,
+    /// How it is described in reports.
+    pub label: &'static str,
+    /// The program and its arguments before `PORT [deflate]`.
+    program: Program,
+}
+
+#[derive(Debug, Clone)]
+enum Program {
+    /// `walkie serve`.
+    Walkie,
+    /// A binary of the `bench/peers` crate.
+    RustPeer(&'static str),
+    /// A Node script in `bench/node`.
+    Node(&'static str),
+    /// A Python script in `bench/python`, run in the suite's venv.
+    Python(&'static str),
+}
+
+/// Every peer, ours first.
+pub fn all() -> Vec<Peer> {
+    vec![
+        Peer {
+            name: "walkie",
+            label: "walkie (this repo)",
+            program: Program::Walkie,
+        },
+        Peer {
+            name: "uws",
+            label: "uWebSockets (uWS.js)",
+            program: Program::Node("uws-echo.js"),
+        },
+        Peer {
+            name: "fastwebsockets",
+            label: "fastwebsockets",
+            program: Program::RustPeer("fastwebsockets-echo"),
+        },
+        Peer {
+            name: "yawc",
+            label: "yawc",
+            program: Program::RustPeer("yawc-echo"),
+        },
+        Peer {
+            name: "tungstenite",
+            label: "tokio-tungstenite",
+            program: Program::RustPeer("tungstenite-echo"),
+        },
+        Peer {
+            name: "tokio-websockets",
+            label: "tokio-websockets",
+            program: Program::RustPeer("tokio-websockets-echo"),
+        },
+        Peer {
+            name: "ws",
+            label: "Node ws",
+            program: Program::Node("ws-echo.js"),
+        },
+        Peer {
+            name: "python",
+            label: "Python websockets",
+            program: Program::Python("websockets-echo.py"),
+        },
+        Peer {
+            name: "reflector",
+            label: "raw byte reflector (no protocol)",
+            program: Program::RustPeer("reflector"),
+        },
+    ]
+}
+
+/// Paths the suite builds and runs things from.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+    pub out: PathBuf,
+}
+
+impl Paths {
+    fn venv_python(&self) -> PathBuf {
+        self.out.join("venv/bin/python")
+    }
+}
+
+impl Peer {
+    /// The command that starts this peer on `port`, pinned to `cpu`.
+    pub fn command(&self, paths: &Paths, port: u16, deflate: bool, cpu: usize) -> Command {
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c").arg(cpu.to_string());
+        let root = &paths.root;
+        match &self.program {
+            Program::Walkie => {
+                cmd.arg(root.join("target/release/walkie"))
+                    .args(["serve", "--bind"])
+                    .arg(format!("127.0.0.1:{port}"));
+                if !deflate {
+                    cmd.arg("--no-deflate");
+                }
+                cmd.env("WALKIE_LOG", "warn");
+                return cmd;
+            }
+            Program::RustPeer(bin) => {
+                cmd.arg(root.join("bench/peers/target/release").join(bin));
+            }
+            Program::Node(script) => {
+                cmd.arg("node").arg(root.join("bench/node").join(script));
+            }
+            Program::Python(script) => {
+                cmd.arg(paths.venv_python())
+                    .arg(root.join("bench/python").join(script));
+            }
+        }
+        cmd.arg(port.to_string());
+        if deflate {
+            cmd.arg("deflate");
+        }
+        cmd
+    }
+
+    /// What must exist before this peer can start, for the build step.
+    pub fn needs(&self) -> Need {
+        match self.program {
+            Program::Walkie => Need::Walkie,
+            Program::RustPeer(_) => Need::RustPeers,
+            Program::Node(_) => Need::Node,
+            Program::Python(_) => Need::Python,
+        }
+    }
+}
+
+/// A build step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    Walkie,
+    RustPeers,
+    Node,
+    Python,
+}
+
+/// Runs a build step, printing what it does.
+pub fn prepare(need: Need, paths: &Paths) -> Result<(), String> {
+    let root = &paths.root;
+    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+        eprintln!("walkie-bench: {what}");
+        let status = cmd.status().map_err(|e| format!("{what}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("{what}: failed ({status})"))
+        }
+    };
+    match need {
+        Need::Walkie => run(
+            Command::new("cargo").current_dir(root).args([
+                "build",
+                "--release",
+                "-q",
+                "-p",
+                "walkie-cli",
+            ]),
+            "building walkie",
+        ),
+        Need::RustPeers => run(
+            Command::new("cargo").current_dir(root).args([
+                "build",
+                "--release",
+                "-q",
+                "--manifest-path",
+                "bench/peers/Cargo.toml",
+            ]),
+            "building the Rust peers",
+        ),
+        Need::Node => {
+            let dir = root.join("bench/node");
+            if dir.join("node_modules").exists() {
+                return Ok(());
+            }
+            run(
+                Command::new("npm")
+                    .current_dir(&dir)
+                    .args(["ci", "--no-audit", "--no-fund"]),
+                "installing the Node peers",
+            )
+        }
+        Need::Python => {
+            let python = paths.venv_python();
+            if !python.exists() {
+                run(
+                    Command::new("python3")
+                        .arg("-m")
+                        .arg("venv")
+                        .arg(paths.out.join("venv")),
+                    "creating the Python venv",
+                )?;
+            }
+            run(
+                Command::new(&python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "-q",
+                        "--disable-pip-version-check",
+                        "-r",
+                    ])
+                    .arg(root.join("bench/python/requirements.txt")),
+                "installing the Python peer",
+            )
+        }
+    }
+}
+
+/// Whether `path` looks like the repository root.
+pub fn is_root(path: &Path) -> bool {
+    path.join("crates/walkie-bench").is_dir()
+}

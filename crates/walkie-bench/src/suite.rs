@@ -1,0 +1,558 @@
+//! The suite: every case against every peer, the server pinned to one core
+//! and the load generator to another, medians of several runs, one table.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::idle::IdleOutcome;
+use crate::load::{Mode, Outcome};
+use crate::peers::{self, Paths, Peer};
+use crate::procfs;
+
+/// What a case measures.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// A load run; `cpu` marks the fixed-rate cases whose figure of merit is
+    /// the server's CPU time per message.
+    Load {
+        conns: usize,
+        size: usize,
+        mode: Mode,
+        deflate: bool,
+        cpu: bool,
+    },
+    /// Idle connections; the figure of merit is resident memory per connection.
+    Idle { conns: usize },
+}
+
+/// One case of the suite.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub kind: Kind,
+}
+
+/// Every case, in the order the tables show them.
+pub fn cases() -> Vec<Case> {
+    let closed = Mode::ClosedLoop { in_flight: 1 };
+    let load = |conns, size, mode, deflate, cpu| Kind::Load {
+        conns,
+        size,
+        mode,
+        deflate,
+        cpu,
+    };
+    vec![
+        Case {
+            id: "echo-1x32",
+            title: "echo, closed loop, 1 conn x 32 B",
+            kind: load(1, 32, closed, false, false),
+        },
+        Case {
+            id: "echo-100x32",
+            title: "echo, closed loop, 100 conns x 32 B",
+            kind: load(100, 32, closed, false, false),
+        },
+        Case {
+            id: "echo-1000x32",
+            title: "echo, closed loop, 1000 conns x 32 B",
+            kind: load(1000, 32, closed, false, false),
+        },
+        Case {
+            id: "echo-100x16k",
+            title: "echo, closed loop, 100 conns x 16 KiB",
+            kind: load(100, 16384, closed, false, false),
+        },
+        Case {
+            id: "pipe-100x32",
+            title: "echo, pipelined (16 in flight), 100 conns x 32 B",
+            kind: load(100, 32, Mode::ClosedLoop { in_flight: 16 }, false, false),
+        },
+        Case {
+            id: "cpu-100x32",
+            title: "server CPU per message at 50k msg/s, 100 conns x 32 B",
+            kind: load(
+                100,
+                32,
+                Mode::FixedRate {
+                    per_second: 50_000.0,
+                },
+                false,
+                true,
+            ),
+        },
+        Case {
+            id: "cpu-100x16k",
+            title: "server CPU per message at 5k msg/s, 100 conns x 16 KiB",
+            kind: load(
+                100,
+                16384,
+                Mode::FixedRate {
+                    per_second: 5_000.0,
+                },
+                false,
+                true,
+            ),
+        },
+        Case {
+            id: "deflate-100x32",
+            title: "echo, closed loop, 100 conns x 32 B, permessage-deflate",
+            kind: load(100, 32, closed, true, false),
+        },
+        Case {
+            id: "idle-10k",
+            title: "RSS per idle connection, 10k connections",
+            kind: Kind::Idle { conns: 10_000 },
+        },
+        Case {
+            id: "idle-50k",
+            title: "RSS per idle connection, 50k connections",
+            kind: Kind::Idle { conns: 50_000 },
+        },
+    ]
+}
+
+/// Settings of a suite run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub peers: Vec<Peer>,
+    pub cases: Vec<Case>,
+    pub runs: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub server_cpu: usize,
+    pub load_cpu: usize,
+    pub paths: Paths,
+    pub build: bool,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunResult {
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub cpu_us_per_msg: Option<f64>,
+    pub rss_per_conn: Option<f64>,
+    pub connected: usize,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+/// A case against a peer: its runs, or why it was skipped.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub case: &'static str,
+    pub peer: &'static str,
+    pub runs: Vec<RunResult>,
+    pub skipped: Option<String>,
+}
+
+/// A server process, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start(peer: &Peer, s: &Settings, deflate: bool) -> Result<Server, String> {
+    let port = free_port().map_err(|e| e.to_string())?;
+    let logs = s.paths.out.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(logs.join(format!(
+        "{}{}.log",
+        peer.name,
+        if deflate { "-deflate" } else { "" }
+    )))
+    .map_err(|e| e.to_string())?;
+    let mut cmd = peer.command(&s.paths, port, deflate, s.server_cpu);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", peer.name))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(match status.code() {
+                Some(3) => "not supported by this peer".to_owned(),
+                _ => format!(
+                    "{} exited ({status}); see {}/logs",
+                    peer.name,
+                    s.paths.out.display()
+                ),
+            });
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // Let it finish starting up (Node JIT, Python imports).
+            std::thread::sleep(Duration::from_millis(300));
+            return Ok(Server { child, addr });
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("{} did not listen within 30 s", peer.name));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn load_command(s: &Settings, addr: SocketAddr) -> Command {
+    let mut cmd = Command::new("taskset");
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("walkie-bench"));
+    cmd.arg("-c").arg(s.load_cpu.to_string()).arg(exe);
+    cmd.arg("load")
+        .arg("--addr")
+        .arg(addr.to_string())
+        .arg("--path")
+        .arg("/echo");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cmd
+}
+
+/// Runs one load case against a running server; samples the server's CPU
+/// over exactly the measured window.
+fn run_load(s: &Settings, server: &Server, kind: Kind) -> Result<RunResult, String> {
+    let Kind::Load {
+        conns,
+        size,
+        mode,
+        deflate,
+        cpu,
+    } = kind
+    else {
+        return Err("not a load case".into());
+    };
+    let mut cmd = load_command(s, server.addr);
+    cmd.args([
+        "--conns",
+        &conns.to_string(),
+        "--size",
+        &size.to_string(),
+        "--announce",
+    ]);
+    cmd.args(["--warmup", &format!("{}ms", s.warmup.as_millis())]);
+    cmd.args(["--duration", &format!("{}ms", s.duration.as_millis())]);
+    match mode {
+        Mode::ClosedLoop { in_flight } => cmd.args(["--in-flight", &in_flight.to_string()]),
+        Mode::FixedRate { per_second } => cmd.args(["--rate", &per_second.to_string()]),
+    };
+    if deflate {
+        cmd.arg("--deflate");
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the load generator: {e}"))?;
+    let pid = server.child.id();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut cpu_start = None;
+    let mut cpu_used = None;
+    let mut outcome: Option<Outcome> = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        match line.trim() {
+            "start" => cpu_start = procfs::cpu_seconds(pid).ok(),
+            "end" => {
+                cpu_used = match (cpu_start, procfs::cpu_seconds(pid).ok()) {
+                    (Some(a), Some(b)) => Some(b - a),
+                    _ => None,
+                }
+            }
+            json => outcome = serde_json::from_str(json).ok(),
+        }
+    }
+    let _ = child.wait();
+    let o = outcome.ok_or("the load generator printed no result")?;
+    Ok(RunResult {
+        rate: o.rate,
+        p50_us: o.p50_us,
+        p99_us: o.p99_us,
+        p999_us: o.p999_us,
+        cpu_us_per_msg: cpu_used
+            .filter(|_| cpu && o.messages > 0)
+            .map(|c| c * 1e6 / o.messages as f64),
+        rss_per_conn: None,
+        connected: o.connected,
+        errors: o.errors,
+        first_error: o.first_error.or_else(|| {
+            (deflate && o.deflate_accepted < o.connected)
+                .then(|| "server did not accept permessage-deflate".into())
+        }),
+    })
+}
+
+/// Opens `conns` idle connections to a fresh server and reports its
+/// resident memory per connection.
+fn run_idle(s: &Settings, peer: &Peer, conns: usize, fd_limit: u64) -> Result<RunResult, String> {
+    if fd_limit < conns as u64 + 1000 {
+        return Err(format!(
+            "skipped: this machine's open-file limit ({fd_limit}) is below {conns} connections"
+        ));
+    }
+    let server = start(peer, s, false)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = server.child.id();
+    let before = procfs::rss_bytes(pid).map_err(|e| e.to_string())?;
+    let mut cmd = load_command(s, server.addr);
+    // Spread over source addresses so ephemeral ports never run out.
+    cmd.args([
+        "--conns",
+        &conns.to_string(),
+        "--sources",
+        "127.0.0.2-127.0.0.41",
+        "--idle",
+    ]);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the load generator: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let outcome: IdleOutcome =
+        serde_json::from_str(line.trim()).map_err(|e| format!("idle result: {e}"))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after = procfs::rss_bytes(pid).map_err(|e| e.to_string())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"done\n");
+    }
+    let _ = child.wait();
+    let per_conn = (after.saturating_sub(before)) as f64 / outcome.connected.max(1) as f64;
+    Ok(RunResult {
+        rss_per_conn: Some(per_conn),
+        connected: outcome.connected,
+        errors: outcome.errors as u64,
+        first_error: outcome.first_error,
+        ..RunResult::default()
+    })
+}
+
+/// Runs the whole suite; returns every result.
+pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
+    let fd_limit = procfs::raise_fd_limit();
+    if s.build {
+        let mut needs: Vec<peers::Need> = s.peers.iter().map(Peer::needs).collect();
+        needs.dedup();
+        for need in needs {
+            peers::prepare(need, &s.paths)?;
+        }
+    }
+    let steps = (s.peers.len() * s.cases.len() * s.runs) as u64;
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut results = Vec::new();
+    for peer in &s.peers {
+        for deflate in [false, true] {
+            let group: Vec<&Case> = s
+                .cases
+                .iter()
+                .filter(|c| matches!(c.kind, Kind::Load { deflate: d, .. } if d == deflate))
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let server = start(peer, s, deflate);
+            for case in group {
+                let mut r = CaseResult {
+                    case: case.id,
+                    peer: peer.name,
+                    runs: Vec::new(),
+                    skipped: None,
+                };
+                for i in 0..s.runs {
+                    bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
+                    match &server {
+                        Err(e) => r.skipped = Some(e.clone()),
+                        Ok(server) => match run_load(s, server, case.kind) {
+                            Ok(run) => r.runs.push(run),
+                            Err(e) => r.skipped = Some(e),
+                        },
+                    }
+                    bar.inc(1);
+                }
+                results.push(r);
+            }
+        }
+        for case in s
+            .cases
+            .iter()
+            .filter(|c| matches!(c.kind, Kind::Idle { .. }))
+        {
+            let Kind::Idle { conns } = case.kind else {
+                continue;
+            };
+            let mut r = CaseResult {
+                case: case.id,
+                peer: peer.name,
+                runs: Vec::new(),
+                skipped: None,
+            };
+            for i in 0..s.runs {
+                bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
+                match run_idle(s, peer, conns, fd_limit) {
+                    Ok(run) => r.runs.push(run),
+                    Err(e) => r.skipped = Some(e),
+                }
+                bar.inc(1);
+                if r.skipped.is_some() {
+                    bar.inc((s.runs - i - 1) as u64);
+                    break;
+                }
+            }
+            results.push(r);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(results)
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Median and spread ((max - min) / median) of one figure over the runs.
+fn stat(runs: &[RunResult], f: impl Fn(&RunResult) -> Option<f64>) -> Option<(f64, f64)> {
+    let v: Vec<f64> = runs.iter().filter_map(f).collect();
+    let m = median(v.clone())?;
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    Some((m, if m > 0.0 { (hi - lo) / m } else { 0.0 }))
+}
+
+fn fmt_num(x: f64) -> String {
+    if x >= 100_000.0 {
+        format!("{:.0}k", x / 1000.0)
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} us")
+    }
+}
+
+/// The report as a Markdown document: one table per case, peers as rows,
+/// ratios against walkie.
+pub fn report(s: &Settings, results: &[CaseResult]) -> String {
+    let mut out = String::new();
+    let by: BTreeMap<(&str, &str), &CaseResult> =
+        results.iter().map(|r| ((r.case, r.peer), r)).collect();
+    for case in &s.cases {
+        out.push_str(&format!("\n### {} (`{}`)\n\n", case.title, case.id));
+        let (figure, unit): (&str, fn(&RunResult) -> Option<f64>) = match case.kind {
+            Kind::Idle { .. } => ("KB per connection", |r| r.rss_per_conn.map(|b| b / 1024.0)),
+            Kind::Load { cpu: true, .. } => ("server CPU us/msg", |r| r.cpu_us_per_msg),
+            Kind::Load { .. } => ("msgs/s", |r| Some(r.rate)),
+        };
+        let ours = by
+            .get(&(case.id, "walkie"))
+            .and_then(|r| stat(&r.runs, unit))
+            .map(|(m, _)| m);
+        let latency = matches!(case.kind, Kind::Load { .. });
+        out.push_str(&format!(
+            "| peer | {figure} (median) | spread | vs walkie |"
+        ));
+        if latency {
+            out.push_str(" achieved msgs/s | p50 | p99 | p99.9 |");
+        }
+        out.push('\n');
+        out.push_str(if latency {
+            "|---|---|---|---|---|---|---|---|\n"
+        } else {
+            "|---|---|---|---|\n"
+        });
+        for peer in &s.peers {
+            let Some(r) = by.get(&(case.id, peer.name)) else {
+                continue;
+            };
+            if r.runs.is_empty() {
+                let why = r.skipped.clone().unwrap_or_else(|| "no result".into());
+                out.push_str(&format!(
+                    "| {} | - | - | - |{} {why}\n",
+                    peer.label,
+                    if latency { " | | | |" } else { "" }
+                ));
+                continue;
+            }
+            let (m, spread) = stat(&r.runs, unit).unwrap_or((f64::NAN, 0.0));
+            let ratio = ours
+                .map(|o| format!("{:.2}x", m / o))
+                .unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "| {} | {} | ±{:.0}% | {ratio} |",
+                peer.label,
+                fmt_num(m),
+                spread * 50.0
+            ));
+            if latency {
+                let med = |f: fn(&RunResult) -> f64| {
+                    stat(&r.runs, |x| Some(f(x)))
+                        .map(|(m, _)| m)
+                        .unwrap_or(f64::NAN)
+                };
+                out.push_str(&format!(
+                    " {} | {} | {} | {} |",
+                    fmt_num(med(|x| x.rate)),
+                    fmt_us(med(|x| x.p50_us)),
+                    fmt_us(med(|x| x.p99_us)),
+                    fmt_us(med(|x| x.p999_us))
+                ));
+            }
+            let errors: u64 = r.runs.iter().map(|x| x.errors).sum();
+            if errors > 0 || r.runs.iter().any(|x| x.first_error.is_some()) {
+                let first = r
+                    .runs
+                    .iter()
+                    .find_map(|x| x.first_error.clone())
+                    .unwrap_or_default();
+                out.push_str(&format!(" {errors} error(s): {first}"));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}

@@ -1,0 +1,249 @@
+//! The little of the protocol a load generator needs, written here rather
+//! than taken from walkie-proto so that the tool measures every server with
+//! code that none of them share.
+//!
+//! Frames to send are encoded once, masked once, and written as-is again and
+//! again (the server cannot tell). Replies are parsed header-only: payloads
+//! are skipped, never copied, unmasked or validated.
+
+use std::io;
+
+use base64::Engine as _;
+use flate2::{Compress, Compression, FlushCompress};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The upgrade request; `deflate` offers permessage-deflate with
+/// `client_no_context_takeover`, so that we may send the same compressed
+/// bytes every time.
+pub fn upgrade_request(host: &str, path: &str, deflate: bool) -> Vec<u8> {
+    let key = base64::engine::general_purpose::STANDARD.encode(rand_bytes());
+    let ext = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
+    )
+    .into_bytes()
+}
+
+fn rand_bytes() -> [u8; 16] {
+    // Not security sensitive: any 16 bytes make a valid key.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&t.to_le_bytes());
+    out
+}
+
+/// Performs the handshake; returns whether deflate was accepted and any
+/// bytes that followed the response head.
+pub async fn handshake(
+    stream: &mut TcpStream,
+    host: &str,
+    path: &str,
+    deflate: bool,
+) -> io::Result<(bool, Vec<u8>)> {
+    stream
+        .write_all(&upgrade_request(host, path, deflate))
+        .await?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during handshake",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 101") {
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                return Err(io::Error::other(format!("upgrade refused: {line}")));
+            }
+            let accepted = head.contains("permessage-deflate");
+            return Ok((accepted, buf[end + 4..].to_vec()));
+        }
+        if buf.len() > 16 * 1024 {
+            return Err(io::Error::other("response head too large"));
+        }
+    }
+}
+
+/// One masked client frame, ready to write as many times as needed.
+pub fn masked_frame(opcode: u8, rsv1: bool, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(payload.len() + 14);
+    f.push(0x80 | if rsv1 { 0x40 } else { 0 } | opcode);
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+/// A message's payload compressed on its own (no context), as
+/// permessage-deflate sends it: sync flush, trailing 00 00 ff ff removed.
+pub fn deflate_alone(payload: &[u8]) -> Vec<u8> {
+    let mut c = Compress::new(Compression::default(), false);
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    loop {
+        let before = c.total_in() as usize;
+        if c.compress_vec(&payload[before..], &mut out, FlushCompress::Sync)
+            .is_err()
+        {
+            break;
+        }
+        if c.total_in() as usize == payload.len() && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(64);
+    }
+    if out.ends_with(&[0, 0, 0xff, 0xff]) {
+        out.truncate(out.len() - 4);
+    }
+    out
+}
+
+/// Counts complete frames in a byte stream without looking at payloads.
+#[derive(Debug, Default)]
+pub struct FrameCounter {
+    /// Payload bytes of the current frame still to skip.
+    skip: u64,
+    /// A partial header carried over from the previous read.
+    head: Vec<u8>,
+}
+
+/// What a chunk of received bytes contained.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Seen {
+    /// Complete data frames (text, binary or continuation with FIN).
+    pub messages: u64,
+    /// A close frame began.
+    pub close: bool,
+}
+
+impl FrameCounter {
+    /// Feeds received bytes.
+    pub fn feed(&mut self, mut data: &[u8]) -> Seen {
+        let mut seen = Seen::default();
+        loop {
+            if self.skip > 0 {
+                let n = (data.len() as u64).min(self.skip);
+                self.skip -= n;
+                data = &data[n as usize..];
+            }
+            if data.is_empty() {
+                return seen;
+            }
+            let header = if self.head.is_empty() {
+                match parse_header(data) {
+                    Some(h) => {
+                        data = &data[h.3..];
+                        h
+                    }
+                    None => {
+                        self.head.extend_from_slice(data);
+                        return seen;
+                    }
+                }
+            } else {
+                // Complete the header carried over from the last read.
+                let old = self.head.len();
+                let take = (14 - old).min(data.len());
+                self.head.extend_from_slice(&data[..take]);
+                match parse_header(&self.head) {
+                    Some(h) => {
+                        data = &data[h.3 - old..];
+                        self.head.clear();
+                        h
+                    }
+                    None => return seen,
+                }
+            };
+            let (fin, opcode, len, _) = header;
+            if opcode == 8 {
+                seen.close = true;
+            } else if fin && opcode < 8 {
+                seen.messages += 1;
+            }
+            self.skip = len;
+        }
+    }
+}
+
+/// (fin, opcode, payload length, header length), or `None` if incomplete.
+fn parse_header(b: &[u8]) -> Option<(bool, u8, u64, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let fin = b[0] & 0x80 != 0;
+    let opcode = b[0] & 0x0f;
+    let masked = b[1] & 0x80 != 0;
+    let (len, mut hlen) = match b[1] & 0x7f {
+        126 => {
+            if b.len() < 4 {
+                return None;
+            }
+            (u64::from(u16::from_be_bytes([b[2], b[3]])), 4)
+        }
+        127 => {
+            if b.len() < 10 {
+                return None;
+            }
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[2..10]);
+            (u64::from_be_bytes(x), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    if masked {
+        hlen += 4;
+    }
+    if b.len() < hlen {
+        return None;
+    }
+    Some((fin, opcode, len, hlen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = masked_frame(2, false, payload, [0; 4]);
+        // Unmask: clear the mask bit and drop the key.
+        f[1] &= 0x7f;
+        let hl = f.len() - payload.len() - 4;
+        f.drain(hl..hl + 4);
+        f
+    }
+
+    #[test]
+    fn counts_frames_across_any_split() {
+        let mut stream = Vec::new();
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            stream.extend(server_frame(&vec![7u8; len]));
+        }
+        for split in 1..40 {
+            let mut c = FrameCounter::default();
+            let total: u64 = stream.chunks(split).map(|ch| c.feed(ch).messages).sum();
+            assert_eq!(total, 6, "split {split}");
+        }
+    }
+}
