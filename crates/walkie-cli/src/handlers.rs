@@ -59,7 +59,9 @@ async fn upgrade<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match incoming.accept(&state.config, None).await {
+    // Boxed: the handshake's state is short-lived and should not count in
+    // the size of every connection's task for its whole life.
+    match Box::pin(incoming.accept(&state.config, None)).await {
         Ok(ws) => Some(ws),
         Err(e) => {
             debug!(%peer, "upgrade refused: {e}");

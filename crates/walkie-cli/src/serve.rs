@@ -145,18 +145,15 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                 Ok((tcp, peer)) => {
                     let state = state.clone();
                     let tls = tls.clone();
+                    // A task's future is allocated at its largest state for
+                    // the connection's whole life: rarer, larger paths (TLS,
+                    // plain HTTP) are boxed so that an idle WebSocket stays
+                    // small.
                     tracker.spawn(async move {
                         let _ = tcp.set_nodelay(true);
                         match tls {
                             None => handle(tcp, peer, state).await,
-                            Some(acceptor) => {
-                                let timeout = state.config.handshake_timeout;
-                                match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                                    Ok(Ok(stream)) => handle(stream, peer, state).await,
-                                    Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
-                                    Err(_) => debug!(%peer, "TLS handshake timed out"),
-                                }
-                            }
+                            Some(acceptor) => Box::pin(handle_tls(tcp, acceptor, peer, state)).await,
                         }
                     });
                 }
@@ -217,6 +214,21 @@ async fn shutdown_signal() {
     }
 }
 
+/// Runs the TLS handshake, then routes the connection.
+async fn handle_tls(
+    tcp: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+) {
+    let timeout = state.config.handshake_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => handle(stream, peer, state).await,
+        Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
+        Err(_) => debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
 /// Routes one connection: WebSocket upgrades by path, anything else to the
 /// HTTP routes.
 async fn handle<S>(stream: S, peer: SocketAddr, state: Arc<AppState>)
@@ -224,7 +236,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let incoming = tokio::select! {
-        r = Incoming::read(stream, state.config.handshake_timeout) => match r {
+        r = Box::pin(Incoming::read(stream, state.config.handshake_timeout)) => match r {
             Ok(i) => i,
             Err(e) => {
                 debug!(%peer, "no request: {e}");
@@ -234,7 +246,7 @@ where
         () = state.shutdown.cancelled() => return,
     };
     if !incoming.request().is_websocket_upgrade() {
-        http::serve(incoming, peer, state).await;
+        Box::pin(http::serve(incoming, peer, state)).await;
         return;
     }
     match incoming.request().path() {

@@ -164,7 +164,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     self.finished = true;
                     return Poll::Ready(Err(e.into()));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Going idle: an idle connection holds no buffers. The
+                    // allocator's per-thread caches make taking them again
+                    // on the next read cheap.
+                    if !self.conn.has_data_to_send() {
+                        self.conn.shrink_buffers();
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }

@@ -120,7 +120,8 @@ pub struct Connection {
     message: Option<PartialMessage>,
     /// Validates the text message in progress as its bytes arrive.
     utf8: Utf8Validator,
-    compression: Option<Compression>,
+    /// Boxed: most connections do not compress, and this keeps them small.
+    compression: Option<Box<Compression>>,
     out: Outgoing,
     /// The close frame we sent, if any.
     close_sent: Option<Option<CloseFrame>>,
@@ -156,11 +157,11 @@ impl Connection {
                     params.client_no_context_takeover,
                 ),
             };
-            Compression {
+            Box::new(Compression {
                 deflater: Deflater::new(cfg.level, bits, reset),
                 inflater: Inflater::new(),
                 scratch: BytesMut::new(),
-            }
+            })
         });
         Connection {
             role,
