@@ -92,7 +92,6 @@ struct Shared {
     first_error: RefCell<Option<String>>,
     latency: RefCell<Histogram<u64>>,
     deflate_accepted: Cell<usize>,
-    started: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -133,7 +132,6 @@ pub async fn run(spec: Spec) -> Outcome {
             Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds"),
         ),
         deflate_accepted: Cell::new(0),
-        started: tokio::sync::Notify::new(),
     });
     let payload: Vec<u8> = (0..spec.size).map(|i| b'a' + (i % 26) as u8).collect();
     let local = tokio::task::LocalSet::new();
@@ -162,9 +160,9 @@ pub async fn run(spec: Spec) -> Outcome {
                     if conn.is_some() {
                         connected.set(connected.get() + 1);
                     }
+                    // Everyone starts together, once every connection is open.
                     ready.wait().await;
                     if let Some((stream, leftover, deflate)) = conn {
-                        shared.started.notified().await;
                         if let Err(e) =
                             drive(stream, leftover, deflate, &spec, &payload, i, &shared).await
                         {
@@ -174,7 +172,6 @@ pub async fn run(spec: Spec) -> Outcome {
                 });
             }
             ready.wait().await;
-            shared.started.notify_waiters();
             tokio::time::sleep(spec.warmup).await;
             announce(spec.announce, "start");
             shared.measuring.set(true);

@@ -61,21 +61,22 @@ fn init_logging(json: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("walkie: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     match command {
         Command::Serve(args) => {
             init_logging(args.log_json);
-            runtime.block_on(serve::run(args))
+            serve::run(args)
         }
-        Command::Connect(args) => runtime.block_on(connect::run(args)),
+        Command::Connect(args) => {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(connect::run(args)),
+                Err(e) => {
+                    eprintln!("walkie: cannot start the async runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

@@ -65,6 +65,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Worker threads, each with its own event loop and listening socket
+    /// (default: one per available core).
+    #[arg(long, env = "WALKIE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
     /// Write logs as JSON lines instead of text. Filter with WALKIE_LOG or
     /// RUST_LOG (e.g. `debug`, `walkie=trace`).
     #[arg(long, env = "WALKIE_LOG_JSON")]
@@ -103,7 +108,14 @@ pub struct AppState {
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
-pub async fn run(args: ServeArgs) -> ExitCode {
+///
+/// Thread per core: each worker thread runs its own single-threaded tokio
+/// runtime with its own listening socket on the same address
+/// (`SO_REUSEPORT`), and the kernel spreads new connections over them. A
+/// connection lives on one thread for its whole life: no work stealing, no
+/// cross-thread wake-ups, and each thread serves its ready connections in
+/// turn. The main thread only waits for signals.
+pub fn run(args: ServeArgs) -> ExitCode {
     let config = match args.server_config() {
         Ok(c) => c,
         Err(e) => {
@@ -121,24 +133,141 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         },
         _ => None,
     };
-    let listener = match TcpListener::bind(args.bind).await {
+    let workers = args
+        .workers
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = |name: &str| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(name)
+            .build()
+    };
+    let main_rt = match runtime("walkie-main") {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walkie: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners = match main_rt.block_on(async { bind_all(args.bind, workers) }) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("walkie: --bind {}: cannot listen: {e}", args.bind);
             return ExitCode::FAILURE;
         }
     };
-    let local = listener.local_addr().unwrap_or(args.bind);
+    let local = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(args.bind);
     let scheme = if tls.is_some() { "https" } else { "http" };
-    info!("walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo)");
+    info!(
+        "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo; {workers} worker thread(s))"
+    );
 
     let state = Arc::new(AppState {
         config,
         shutdown: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
+    let mut threads = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (state, tracker, tls) = (state.clone(), tracker.clone(), tls.clone());
+        let listener = match listener.into_std() {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("walkie: cannot hand the listener to worker {i}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let rt = match runtime(&format!("walkie-{i}")) {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("walkie: cannot start worker {i}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("walkie-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => accept_loop(listener, &state, &tracker, tls).await,
+                        Err(e) => error!("worker {i}: {e}"),
+                    }
+                    // Connections closing on shutdown run on this thread.
+                    tracker.wait().await;
+                });
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                eprintln!("walkie: cannot start worker thread {i}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+
+    main_rt.block_on(async {
+        shutdown_signal().await;
+        info!(
+            "shutting down: closing {} connection(s) with 1001",
+            tracker.len()
+        );
+        state.shutdown.cancel();
+        tracker.close();
+        if tokio::time::timeout(args.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "{} connection(s) still open after {:?}; exiting anyway",
+                tracker.len(),
+                args.shutdown_timeout
+            );
+        }
+    });
+    info!("bye");
+    ExitCode::SUCCESS
+}
+
+/// Binds `workers` listening sockets to `addr`. With several, they share
+/// the port with `SO_REUSEPORT`; a requested port 0 becomes the port the
+/// first one got.
+fn bind_all(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<TcpListener>> {
+    let bind = |addr: SocketAddr, shared: bool| -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        if shared {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        socket.listen(4096)
+    };
+    let shared = workers > 1;
+    let first = bind(addr, shared)?;
+    let actual = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(bind(actual, shared)?);
+    }
+    Ok(all)
+}
+
+/// Accepts connections until shutdown, one task per connection on this
+/// thread.
+async fn accept_loop(
+    listener: TcpListener,
+    state: &Arc<AppState>,
+    tracker: &TaskTracker,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -163,27 +292,9 @@ pub async fn run(args: ServeArgs) -> ExitCode {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            () = &mut signal => break,
+            () = state.shutdown.cancelled() => return,
         }
     }
-
-    drop(listener);
-    let open = tracker.len();
-    info!("shutting down: closing {open} connection(s) with 1001");
-    state.shutdown.cancel();
-    tracker.close();
-    if tokio::time::timeout(args.shutdown_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            "{} connection(s) still open after {:?}; exiting anyway",
-            tracker.len(),
-            args.shutdown_timeout
-        );
-    }
-    info!("bye");
-    ExitCode::SUCCESS
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 const MIN_READ_SPACE: usize = 1024;
 /// How much to grow it by.
 const READ_CHUNK: usize = 8 * 1024;
+/// The most it is grown by at once for a large frame.
+const MAX_READ_CHUNK: usize = 256 * 1024;
 
 /// The time the protocol core is given: tokio's clock, so that paused time
 /// in tests drives keepalive and close deadlines too.
@@ -152,9 +154,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 return Poll::Pending;
             }
 
+            // Room for the rest of a large frame in one read, within reason:
+            // a peer announcing a huge frame gets memory as it sends, not
+            // before.
+            let want = self.conn.read_hint().clamp(READ_CHUNK, MAX_READ_CHUNK);
             let buf = self.conn.read_buffer();
-            if buf.capacity() - buf.len() < MIN_READ_SPACE {
-                buf.reserve(READ_CHUNK);
+            if buf.capacity() - buf.len() < MIN_READ_SPACE.max(want) {
+                buf.reserve(want);
             }
             match poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
                 Poll::Ready(Ok(0)) => self.conn.handle_eof(),

@@ -25,6 +25,14 @@ impl Connection {
         &mut self.read_buf
     }
 
+    /// How many more bytes would complete the frame now arriving (0 when no
+    /// frame is in progress): a hint for sizing the next read, so a large
+    /// frame needs few reads.
+    pub fn read_hint(&self) -> usize {
+        self.frame
+            .map_or(0, |f| f.len.saturating_sub(self.read_buf.len()))
+    }
+
     /// Records that bytes were added to [`Connection::read_buffer`] at `now`.
     pub fn handle_read(&mut self, now: Instant) {
         self.timers.on_receive(now);

@@ -1,0 +1,77 @@
+//! tokio-tungstenite echo peer. The crate's `examples/echo-server.rs`
+//! forwards the read half into the write half (`StreamExt::forward`, which
+//! queues while messages are ready and flushes when the stream would
+//! block); this does the same on the unsplit stream (no `BiLock`), with at
+//! most 32 replies per flush as in yawc's comparison benchmark, on a
+//! current-thread runtime. Pings and the closing handshake are answered by
+//! tungstenite. No handshake callback, so any path is accepted.
+//!
+//! tokio-tungstenite 0.30 / tungstenite 0.30 have no permessage-deflate
+//! (no feature for it): `deflate` exits with status 3.
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Result;
+use walkie_bench_peers::{BATCH, accept_failed, announce, args, fail};
+
+const NAME: &str = "tungstenite-echo";
+
+async fn handle_client(stream: TcpStream) -> Result<()> {
+    // Default WebSocketConfig (128 KiB read and write buffers, 64 MiB
+    // message limit).
+    let mut ws = tokio_tungstenite::accept_async(stream).await?;
+    while let Some(message) = ws.next().await {
+        let mut message = message?;
+        for queued in 1.. {
+            if message.is_text() || message.is_binary() {
+                ws.feed(message).await?;
+            }
+            if queued == BATCH {
+                break;
+            }
+            match ws.next().now_or_never() {
+                Some(Some(next)) => message = next?,
+                Some(None) => {
+                    ws.flush().await?;
+                    return Ok(());
+                }
+                None => break,
+            }
+        }
+        // Also writes the automatic pong or close reply, if one is queued.
+        ws.flush().await?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = args(NAME, false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap_or_else(|e| fail(NAME, "runtime", e));
+    rt.block_on(async move {
+        let listener = TcpListener::bind(args.addr)
+            .await
+            .unwrap_or_else(|e| fail(NAME, "bind", e));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| fail(NAME, "bind", e))
+            .port();
+        announce(port);
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(NAME, e);
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            // Per-connection errors are normal under load; not logged.
+            tokio::spawn(async move {
+                let _ = handle_client(stream).await;
+            });
+        }
+    });
+}
