@@ -366,66 +366,74 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut results = Vec::new();
-    for peer in &s.peers {
-        for deflate in [false, true] {
-            let group: Vec<&Case> = s
-                .cases
-                .iter()
-                .filter(|c| matches!(c.kind, Kind::Load { deflate: d, .. } if d == deflate))
-                .collect();
-            if group.is_empty() {
-                continue;
-            }
-            let server = start(peer, s, deflate);
-            for case in group {
-                let mut r = CaseResult {
+    // Runs are interleaved: run 1 of every peer, then run 2 of every
+    // peer... so that the machine's drift (other tenants, thermal state)
+    // spreads over all peers instead of favouring whoever ran first. Every
+    // peer of a group stays up meanwhile; an idle server costs no CPU.
+    let mut results: Vec<CaseResult> = Vec::new();
+    let mut slot = |case: &Case, peer: &Peer| -> usize {
+        match results
+            .iter()
+            .position(|r| r.case == case.id && r.peer == peer.name)
+        {
+            Some(i) => i,
+            None => {
+                results.push(CaseResult {
                     case: case.id,
                     peer: peer.name,
                     runs: Vec::new(),
                     skipped: None,
-                };
-                for i in 0..s.runs {
-                    bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
-                    match &server {
-                        Err(e) => r.skipped = Some(e.clone()),
-                        Ok(server) => match run_load(s, server, case.kind) {
-                            Ok(run) => r.runs.push(run),
-                            Err(e) => r.skipped = Some(e),
-                        },
-                    }
-                    bar.inc(1);
-                }
-                results.push(r);
+                });
+                results.len() - 1
             }
         }
-        for case in s
+    };
+    let mut outcomes: Vec<(usize, Result<RunResult, String>)> = Vec::new();
+    for deflate in [false, true] {
+        let group: Vec<&Case> = s
             .cases
             .iter()
-            .filter(|c| matches!(c.kind, Kind::Idle { .. }))
-        {
-            let Kind::Idle { conns } = case.kind else {
-                continue;
-            };
-            let mut r = CaseResult {
-                case: case.id,
-                peer: peer.name,
-                runs: Vec::new(),
-                skipped: None,
-            };
+            .filter(|c| matches!(c.kind, Kind::Load { deflate: d, .. } if d == deflate))
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        let servers: Vec<Result<Server, String>> =
+            s.peers.iter().map(|p| start(p, s, deflate)).collect();
+        for case in group {
             for i in 0..s.runs {
-                bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
-                match run_idle(s, peer, conns, fd_limit) {
-                    Ok(run) => r.runs.push(run),
-                    Err(e) => r.skipped = Some(e),
-                }
-                bar.inc(1);
-                if r.skipped.is_some() {
-                    bar.inc((s.runs - i - 1) as u64);
-                    break;
+                for (peer, server) in s.peers.iter().zip(&servers) {
+                    bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
+                    let outcome = match server {
+                        Err(e) => Err(e.clone()),
+                        Ok(server) => run_load(s, server, case.kind),
+                    };
+                    outcomes.push((slot(case, peer), outcome));
+                    bar.inc(1);
                 }
             }
-            results.push(r);
+        }
+    }
+    for case in s
+        .cases
+        .iter()
+        .filter(|c| matches!(c.kind, Kind::Idle { .. }))
+    {
+        let Kind::Idle { conns } = case.kind else {
+            continue;
+        };
+        for i in 0..s.runs {
+            for peer in &s.peers {
+                bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
+                outcomes.push((slot(case, peer), run_idle(s, peer, conns, fd_limit)));
+                bar.inc(1);
+            }
+        }
+    }
+    for (i, outcome) in outcomes {
+        match outcome {
+            Ok(run) => results[i].runs.push(run),
+            Err(e) => results[i].skipped = Some(e),
         }
     }
     bar.finish_and_clear();

@@ -78,15 +78,21 @@ async fn run<S>(mut ws: WebSocket<S>, peer: SocketAddr, state: &AppState, reply:
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Created once: registering a fresh waiter on the token for every
+    // message would cost a lock per message.
+    let shutdown = state.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         let next = tokio::select! {
-            next = ws.recv() => next,
-            () = state.shutdown.cancelled() => {
+            // Shutdown first, so that a busy connection cannot starve it.
+            biased;
+            () = &mut shutdown => {
                 if let Err(e) = ws.close(CloseCode::GOING_AWAY, "server shutting down").await {
                     debug!(%peer, "close on shutdown: {e}");
                 }
                 return;
             }
+            next = ws.recv() => next,
         };
         match next {
             Some(Ok(message)) => {

@@ -61,13 +61,29 @@ impl Outgoing {
         self.chunks.push_back(bytes);
     }
 
-    /// Releases memory held while idle: called by the I/O layer once
-    /// everything was written.
-    pub fn shrink(&mut self) {
-        if self.len == 0 {
-            self.tail = BytesMut::new();
-            self.chunks = VecDeque::new();
+    /// Takes the buffer frames are written into, if nothing is queued and
+    /// it holds memory; the queue is left without memory.
+    pub(crate) fn take_buffer(&mut self) -> Option<BytesMut> {
+        if self.len != 0 {
+            return None;
         }
+        self.chunks = VecDeque::new();
+        (self.tail.capacity() > 0).then(|| std::mem::take(&mut self.tail))
+    }
+
+    /// Gives an empty queue a buffer to write frames into (from a pool), so
+    /// that the next frames need no allocation. Ignored unless the queue is
+    /// empty and holds no buffer.
+    pub fn provide_buffer(&mut self, mut buf: BytesMut) {
+        if self.len == 0 && self.tail.capacity() == 0 {
+            buf.clear();
+            self.tail = buf;
+        }
+    }
+
+    /// Whether the queue has a buffer to write into.
+    pub fn has_buffer(&self) -> bool {
+        self.tail.capacity() > 0
     }
 }
 

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
+use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 use tokio_util::io::{poll_read_buf, poll_write_buf};
@@ -20,6 +21,47 @@ const MIN_READ_SPACE: usize = 1024;
 const READ_CHUNK: usize = 8 * 1024;
 /// The most it is grown by at once for a large frame.
 const MAX_READ_CHUNK: usize = 256 * 1024;
+
+/// Buffers of idle connections, kept per thread for the next connection
+/// that reads or writes: a busy connection goes idle after every batch, and
+/// reusing buffers spares an allocation and a free each time, while an idle
+/// connection holds none.
+mod pool {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    /// Buffers kept per thread at most.
+    const MAX_POOLED: usize = 64;
+    /// Buffers smaller than this are not worth keeping; larger ones (after a
+    /// big message) are returned to the allocator.
+    const KEEP: std::ops::RangeInclusive<usize> = 4096..=64 * 1024;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer with at least `min` bytes of room.
+    pub(super) fn take(min: usize) -> BytesMut {
+        SPARE
+            .with(|p| p.borrow_mut().pop())
+            .filter(|b| b.capacity() >= min)
+            .unwrap_or_else(|| BytesMut::with_capacity(min))
+    }
+
+    /// Keeps `buf` for later, or frees it.
+    pub(super) fn give(mut buf: BytesMut) {
+        buf.clear();
+        if KEEP.contains(&buf.capacity()) {
+            SPARE.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < MAX_POOLED {
+                    p.push(buf);
+                }
+            });
+        }
+    }
+}
 
 /// The time the protocol core is given: tokio's clock, so that paused time
 /// in tests drives keepalive and close deadlines too.
@@ -35,6 +77,8 @@ pub(crate) struct Driver<S> {
     /// exists; `timer_at` is the deadline it is set for.
     timer: Option<Pin<Box<Sleep>>>,
     timer_at: Option<Instant>,
+    /// The waker the timer was last polled with.
+    timer_waker: Option<Waker>,
     /// Bytes queued above which senders wait and reading pauses.
     write_high: usize,
     /// The transport was shut down (or failed): nothing more to do.
@@ -50,6 +94,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             conn,
             timer: None,
             timer_at: None,
+            timer_waker: None,
             write_high,
             finished: false,
             reported_end: false,
@@ -59,11 +104,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     /// Writes everything queued, then flushes the transport.
     pub(crate) fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.conn.has_data_to_send() {
-            let n = ready!(poll_write_buf(
-                Pin::new(&mut self.stream),
-                cx,
-                self.conn.data_to_send()
-            ))?;
+            let out = self.conn.data_to_send();
+            // One contiguous chunk (the usual case: small frames are copied
+            // together) goes out with a plain send, which costs the kernel
+            // less than a one-element writev; several go out with writev.
+            let n = if out.chunk().len() == out.remaining() {
+                let n = ready!(Pin::new(&mut self.stream).poll_write(cx, out.chunk()))?;
+                out.advance(n);
+                n
+            } else {
+                ready!(poll_write_buf(Pin::new(&mut self.stream), cx, out))?
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -71,13 +122,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    /// Waits until fewer than `write_high` bytes are queued.
+    /// Waits until fewer than `write_high` bytes are queued, and makes sure
+    /// the queue has a buffer to encode into.
     pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         if self.finished {
             return Poll::Ready(Err(Error::Closed));
         }
         while self.conn.data_to_send().len() >= self.write_high {
             ready!(self.poll_write_out(cx))?;
+        }
+        let out = self.conn.data_to_send();
+        if !out.has_buffer() {
+            out.provide_buffer(pool::take(READ_CHUNK));
         }
         Poll::Ready(Ok(()))
     }
@@ -89,7 +145,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             // A peer that already left makes shutdown fail: that is fine.
             let _ = ready!(Pin::new(&mut self.stream).poll_shutdown(cx));
             self.finished = true;
-            self.conn.shrink_buffers();
+            self.conn.release_buffers(pool::give);
         }
         Poll::Ready(Ok(()))
     }
@@ -159,7 +215,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             // before.
             let want = self.conn.read_hint().clamp(READ_CHUNK, MAX_READ_CHUNK);
             let buf = self.conn.read_buffer();
-            if buf.capacity() - buf.len() < MIN_READ_SPACE.max(want) {
+            if buf.capacity() == 0 {
+                *buf = pool::take(want);
+            } else if buf.capacity() - buf.len() < MIN_READ_SPACE.max(want) {
                 buf.reserve(want);
             }
             match poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
@@ -175,7 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     // allocator's per-thread caches make taking them again
                     // on the next read cheap.
                     if !self.conn.has_data_to_send() {
-                        self.conn.shrink_buffers();
+                        self.conn.release_buffers(pool::give);
                     }
                     return Poll::Pending;
                 }
@@ -190,24 +248,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     /// is re-armed. It is reset at once only when a deadline moves earlier.
     fn poll_timer(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
         let at = tokio::time::Instant::from_std(deadline);
-        match &mut self.timer {
+        let timer = match &mut self.timer {
             None => {
-                self.timer = Some(Box::pin(tokio::time::sleep_until(at)));
                 self.timer_at = Some(deadline);
+                self.timer_waker = None;
+                self.timer.insert(Box::pin(tokio::time::sleep_until(at)))
             }
             Some(timer) => {
-                let elapsed = timer.is_elapsed();
                 if self.timer_at != Some(deadline)
-                    && (elapsed || self.timer_at.is_none_or(|t| deadline < t))
+                    && (timer.is_elapsed() || self.timer_at.is_none_or(|t| deadline < t))
                 {
                     timer.as_mut().reset(at);
                     self.timer_at = Some(deadline);
+                    self.timer_waker = None;
                 }
+                timer
             }
+        };
+        if timer.is_elapsed() {
+            return Poll::Ready(());
         }
-        match &mut self.timer {
-            Some(timer) => timer.as_mut().poll(cx),
-            None => Poll::Pending,
+        // Already registered with this task: polling again would only
+        // re-register the same waker, on every message.
+        if self
+            .timer_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
         }
+        let poll = timer.as_mut().poll(cx);
+        if poll.is_pending() {
+            self.timer_waker = Some(cx.waker().clone());
+        }
+        poll
     }
 }

@@ -246,9 +246,19 @@ impl Connection {
     /// Drops buffers an idle connection does not need, to keep its memory
     /// small. Call it when the connection goes idle.
     pub fn shrink_buffers(&mut self) {
-        self.out.shrink();
-        if self.read_buf.is_empty() && self.frame.is_none() {
-            self.read_buf = BytesMut::new();
+        self.release_buffers(drop);
+    }
+
+    /// Hands the buffers an idle connection does not need to `keep` (a
+    /// per-thread pool, say), leaving empty ones without memory: the read
+    /// buffer when no frame is half-received, the outgoing buffer when
+    /// nothing waits to be sent.
+    pub fn release_buffers(&mut self, mut keep: impl FnMut(BytesMut)) {
+        if self.read_buf.is_empty() && self.frame.is_none() && self.read_buf.capacity() > 0 {
+            keep(std::mem::take(&mut self.read_buf));
+        }
+        if let Some(buf) = self.out.take_buffer() {
+            keep(buf);
         }
         if let Some(c) = &mut self.compression {
             c.scratch = BytesMut::new();
