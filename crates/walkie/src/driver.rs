@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 /// Spare room below which the read buffer is grown before a read.
 const MIN_READ_SPACE: usize = 1024;
 /// How much to grow it by.
-const READ_CHUNK: usize = 8 * 1024;
+const READ_CHUNK: usize = 32 * 1024;
 /// The most it is grown by at once for a large frame.
 const MAX_READ_CHUNK: usize = 256 * 1024;
 
