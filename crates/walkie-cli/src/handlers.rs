@@ -17,7 +17,7 @@ pub async fn chat<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(ws) = upgrade(incoming, peer, state).await else {
+    let Some(mut ws) = upgrade(incoming, peer, state).await else {
         return;
     };
     info!(%peer, "New client connected");
@@ -34,7 +34,7 @@ where
         }
         Some(Message::text(format!("You said: {text}")))
     }
-    run(ws, peer, state, you_said).await;
+    run(&mut ws, peer, state, you_said).await;
     info!(%peer, "Client disconnected");
 }
 
@@ -43,11 +43,11 @@ pub async fn echo<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(ws) = upgrade(incoming, peer, state).await else {
+    let Some(mut ws) = upgrade(incoming, peer, state).await else {
         return;
     };
     debug!(%peer, "echo client connected");
-    run(ws, peer, state, Some).await;
+    run(&mut ws, peer, state, Some).await;
     debug!(%peer, "echo client disconnected");
 }
 
@@ -73,8 +73,9 @@ where
 /// Answers messages until the connection ends or the server shuts down.
 ///
 /// Replies are queued with `feed`: a batch of messages that arrived in one
-/// read is answered in one write.
-async fn run<S>(mut ws: WebSocket<S>, peer: SocketAddr, state: &AppState, reply: Reply)
+/// read is answered in one write. The connection is borrowed, not moved:
+/// moving it into this future would store it twice in the task.
+async fn run<S>(ws: &mut WebSocket<S>, peer: SocketAddr, state: &AppState, reply: Reply)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
