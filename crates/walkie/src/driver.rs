@@ -1,19 +1,20 @@
 //! The poll loop shared by [`crate::WebSocket`] and its split halves: it
-//! moves bytes between the transport and the protocol core and owns the
-//! connection's one timer.
+//! moves bytes between the transport and the protocol core, and registers
+//! the core's deadlines with the runtime's shared timers.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Sleep;
 use tokio_util::io::{poll_read_buf, poll_write_buf};
 use walkie_proto::{Connection, Event};
 
 use crate::error::{Error, Result};
+use crate::timer::{self, Timers};
 
 /// Spare room below which the read buffer is grown before a read.
 const MIN_READ_SPACE: usize = 1024;
@@ -73,11 +74,10 @@ pub(crate) fn now() -> Instant {
 pub(crate) struct Driver<S> {
     pub(crate) stream: S,
     pub(crate) conn: Connection,
-    /// The one timer of this connection, created the first time a deadline
-    /// exists; `timer_at` is the deadline it is set for.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// The runtime's shared timers (see `timer.rs`), found on first use.
+    timers: Option<Arc<Timers>>,
+    /// The earliest deadline registered with them, and the waker it wakes.
     timer_at: Option<Instant>,
-    /// The waker the timer was last polled with.
     timer_waker: Option<Waker>,
     /// Bytes queued above which senders wait and reading pauses.
     write_high: usize,
@@ -92,7 +92,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         Driver {
             stream,
             conn,
-            timer: None,
+            timers: None,
             timer_at: None,
             timer_waker: None,
             write_high,
@@ -241,46 +241,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         }
     }
 
-    /// Polls the connection's timer, (re)arming it for `deadline`.
+    /// Whether `deadline` has passed; if not, makes sure the runtime's
+    /// timers will wake this task by then.
     ///
-    /// Deadlines usually move later (each read pushes keepalive back); the
-    /// timer is then left where it is, fires early, finds nothing due, and
-    /// is re-armed. It is reset at once only when a deadline moves earlier.
+    /// Deadlines usually move later (each read pushes keepalive back): the
+    /// earlier registration then wakes the task early, it finds nothing due,
+    /// and registers the new deadline. A registration happens only when no
+    /// pending one would wake this task in time.
     fn poll_timer(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let at = tokio::time::Instant::from_std(deadline);
-        let timer = match &mut self.timer {
-            None => {
-                self.timer_at = Some(deadline);
-                self.timer_waker = None;
-                self.timer.insert(Box::pin(tokio::time::sleep_until(at)))
-            }
-            Some(timer) => {
-                if self.timer_at != Some(deadline)
-                    && (timer.is_elapsed() || self.timer_at.is_none_or(|t| deadline < t))
-                {
-                    timer.as_mut().reset(at);
-                    self.timer_at = Some(deadline);
-                    self.timer_waker = None;
-                }
-                timer
-            }
-        };
-        if timer.is_elapsed() {
+        let now = now();
+        if deadline <= now {
+            self.timer_at = None;
             return Poll::Ready(());
         }
-        // Already registered with this task: polling again would only
-        // re-register the same waker, on every message.
-        if self
-            .timer_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            return Poll::Pending;
+        let covered = self.timer_at.is_some_and(|t| t > now && t <= deadline)
+            && self
+                .timer_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+        if !covered {
+            if self.timers.is_none() {
+                self.timers = timer::current();
+            }
+            if let Some(timers) = &self.timers {
+                timers.register(deadline, cx.waker().clone());
+                self.timer_at = Some(deadline);
+                self.timer_waker = Some(cx.waker().clone());
+            }
         }
-        let poll = timer.as_mut().poll(cx);
-        if poll.is_pending() {
-            self.timer_waker = Some(cx.waker().clone());
-        }
-        poll
+        Poll::Pending
     }
 }

@@ -11,7 +11,8 @@
 //!   `feed` (queue without writing), `close`; [`WebSocket::split`] into a
 //!   reader and a writer (`split.rs`).
 //! - `driver.rs`: the poll loop that moves bytes between the transport and
-//!   the core, corks writes, and owns the connection's one timer.
+//!   the core and corks writes; `timer.rs`: one coarse timer per runtime
+//!   for every connection's deadlines.
 //! - [`tls`]: rustls configurations for servers and clients.
 //! - [`config`]: [`ServerConfig`] and [`ClientConfig`], documented defaults.
 //!
@@ -42,6 +43,7 @@ mod driver;
 mod error;
 pub mod server;
 mod split;
+mod timer;
 pub mod tls;
 mod websocket;
 
