@@ -129,7 +129,9 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
         }
     };
 
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    // Split on bytes, not on UTF-8 lines: with --binary any bytes may come.
+    let mut lines = BufReader::new(tokio::io::stdin()).split(b'\n');
+    let mut line_no = 0usize;
     let mut stdin_open = !args.no_stdin;
     let (mut sent, mut received) = (0usize, 0usize);
     let mut deadline = (!stdin_open).then(|| tokio::time::Instant::now() + args.timeout);
@@ -139,18 +141,36 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
             break exit::OK;
         }
         tokio::select! {
-            line = lines.next_line(), if stdin_open => match line {
-                Ok(Some(line)) => {
-                    let message = if args.binary { Message::binary(line.into_bytes()) } else { Message::text(line) };
+            line = lines.next_segment(), if stdin_open => match line {
+                Ok(Some(mut line)) => {
+                    line_no += 1;
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    let message = if args.binary {
+                        Message::binary(line)
+                    } else {
+                        match String::from_utf8(line) {
+                            Ok(text) => Message::text(text),
+                            Err(_) => {
+                                eprintln!("walkie connect: stdin line {line_no} is not valid UTF-8; use --binary to send bytes");
+                                break exit::USAGE;
+                            }
+                        }
+                    };
                     if let Err(e) = ws.send(message).await {
                         eprintln!("walkie connect: send failed: {e}");
                         break exit::CLOSED;
                     }
                     sent += 1;
                 }
-                Ok(None) | Err(_) => {
+                Ok(None) => {
                     stdin_open = false;
                     deadline = Some(tokio::time::Instant::now() + args.timeout);
+                }
+                Err(e) => {
+                    eprintln!("walkie connect: reading stdin: {e}");
+                    break exit::USAGE;
                 }
             },
             message = ws.recv() => match message {

@@ -131,3 +131,36 @@ fn connection_closed_by_the_server_exits_4() {
     assert_eq!(run.code(), Some(4), "{run:?}");
     assert!(run.stderr.contains("1009"), "{}", run.stderr);
 }
+
+#[test]
+fn crlf_line_endings_are_stripped() {
+    let server = Server::start(&[]);
+    let run = connect(&[&server.ws_url("/echo")], "one\r\ntwo\r\n");
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    assert_eq!(run.stdout, "one\ntwo\n", "{run:?}");
+}
+
+#[test]
+fn invalid_utf8_on_stdin_is_refused_unless_binary() {
+    let server = Server::start(&[]);
+    let url = server.ws_url("/echo");
+    let run = run_walkie(
+        ["connect", url.as_str()],
+        &[],
+        Some(b"ok\n\xff\xfe\n"),
+        LIMIT,
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("line 2 is not valid UTF-8"),
+        "{}",
+        run.stderr
+    );
+    let run = run_walkie(
+        ["connect", url.as_str(), "--binary"],
+        &[],
+        Some(b"\xff\xfe\n"),
+        LIMIT,
+    );
+    assert_eq!(run.code(), Some(0), "{run:?}");
+}

@@ -63,5 +63,8 @@ fn echoing_small_messages_allocates_nothing_once_warm() {
     }
     let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
     assert!(sink > 0);
-    assert_eq!(allocations, 0, "{allocations} allocations for 10,000 echoed messages");
+    assert_eq!(
+        allocations, 0,
+        "{allocations} allocations for 10,000 echoed messages"
+    );
 }
