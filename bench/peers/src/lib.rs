@@ -6,6 +6,7 @@
 //! - exit status 2: bad command line; 3: `deflate` asked of a peer that
 //!   cannot compress (the suite skips that peer for deflate cases).
 
+use std::future::Future;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::exit;
@@ -75,4 +76,37 @@ pub const BATCH: usize = 32;
 pub fn accept_failed(name: &str, err: std::io::Error) {
     eprintln!("{name}: accept: {err}");
     std::thread::sleep(std::time::Duration::from_millis(10));
+}
+
+/// Runs the peer: a single-threaded tokio runtime listening on `args.addr`.
+/// Prints the ready line, then spawns `handle(stream)` for every accepted
+/// connection, with `TCP_NODELAY` set. Never returns.
+pub fn serve<F, Fut>(name: &str, args: Args, handle: F) -> !
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap_or_else(|e| fail(name, "runtime", e));
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .unwrap_or_else(|e| fail(name, "bind", e));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| fail(name, "bind", e))
+            .port();
+        announce(port);
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(handle(stream));
+                }
+                Err(e) => accept_failed(name, e),
+            }
+        }
+    })
 }

@@ -10,8 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use walkie_bench_peers::{accept_failed, announce, args, fail};
+use walkie_bench_peers::{args, serve};
 
 const NAME: &str = "fastwebsockets-echo";
 
@@ -43,35 +42,10 @@ async fn server_upgrade(
 }
 
 fn main() {
-    let args = args(NAME, false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap_or_else(|e| fail(NAME, "runtime", e));
-    rt.block_on(async move {
-        let listener = TcpListener::bind(args.addr)
-            .await
-            .unwrap_or_else(|e| fail(NAME, "bind", e));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|e| fail(NAME, "bind", e))
-            .port();
-        announce(port);
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(NAME, e);
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let conn = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service_fn(server_upgrade))
-                    .with_upgrades();
-                let _ = conn.await;
-            });
-        }
-    });
+    serve(NAME, args(NAME, false), |stream| async move {
+        let conn = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service_fn(server_upgrade))
+            .with_upgrades();
+        let _ = conn.await;
+    })
 }

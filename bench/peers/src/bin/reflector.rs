@@ -21,8 +21,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use walkie_bench_peers::{accept_failed, announce, args, fail};
+use tokio::net::TcpStream;
+use walkie_bench_peers::{args, serve};
 
 const NAME: &str = "reflector";
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -143,33 +143,10 @@ async fn reflect(mut stream: TcpStream) -> io::Result<()> {
 }
 
 fn main() {
-    let args = args(NAME, false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap_or_else(|e| fail(NAME, "runtime", e));
-    rt.block_on(async move {
-        let listener = TcpListener::bind(args.addr)
-            .await
-            .unwrap_or_else(|e| fail(NAME, "bind", e));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|e| fail(NAME, "bind", e))
-            .port();
-        announce(port);
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(NAME, e);
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(tokio::task::unconstrained(async move {
-                // Per-connection errors are normal under load; not logged.
-                let _ = reflect(stream).await;
-            }));
-        }
-    });
+    serve(NAME, args(NAME, false), |stream| {
+        // Per-connection errors are normal under load; not logged.
+        tokio::task::unconstrained(async move {
+            let _ = reflect(stream).await;
+        })
+    })
 }

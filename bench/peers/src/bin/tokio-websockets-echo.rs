@@ -13,9 +13,9 @@
 //! status 3.
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_websockets::{Error, ServerBuilder};
-use walkie_bench_peers::{accept_failed, announce, args, fail};
+use walkie_bench_peers::{args, serve};
 
 const NAME: &str = "tokio-websockets-echo";
 
@@ -31,33 +31,10 @@ async fn handle_client(stream: TcpStream) -> Result<(), Error> {
 }
 
 fn main() {
-    let args = args(NAME, false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap_or_else(|e| fail(NAME, "runtime", e));
-    rt.block_on(async move {
-        let listener = TcpListener::bind(args.addr)
-            .await
-            .unwrap_or_else(|e| fail(NAME, "bind", e));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|e| fail(NAME, "bind", e))
-            .port();
-        announce(port);
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(NAME, e);
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            // Per-connection errors are normal under load; not logged.
-            tokio::spawn(tokio::task::unconstrained(async move {
-                let _ = handle_client(stream).await;
-            }));
-        }
-    });
+    serve(NAME, args(NAME, false), |stream| {
+        // Per-connection errors are normal under load; not logged.
+        tokio::task::unconstrained(async move {
+            let _ = handle_client(stream).await;
+        })
+    })
 }

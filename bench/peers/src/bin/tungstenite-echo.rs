@@ -10,9 +10,9 @@
 //! (no feature for it): `deflate` exits with status 3.
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Result;
-use walkie_bench_peers::{BATCH, accept_failed, announce, args, fail};
+use walkie_bench_peers::{BATCH, args, serve};
 
 const NAME: &str = "tungstenite-echo";
 
@@ -45,33 +45,8 @@ async fn handle_client(stream: TcpStream) -> Result<()> {
 }
 
 fn main() {
-    let args = args(NAME, false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap_or_else(|e| fail(NAME, "runtime", e));
-    rt.block_on(async move {
-        let listener = TcpListener::bind(args.addr)
-            .await
-            .unwrap_or_else(|e| fail(NAME, "bind", e));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|e| fail(NAME, "bind", e))
-            .port();
-        announce(port);
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(NAME, e);
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            // Per-connection errors are normal under load; not logged.
-            tokio::spawn(async move {
-                let _ = handle_client(stream).await;
-            });
-        }
-    });
+    serve(NAME, args(NAME, false), |stream| async move {
+        // Per-connection errors are normal under load; not logged.
+        let _ = handle_client(stream).await;
+    })
 }

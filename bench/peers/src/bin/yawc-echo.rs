@@ -17,8 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use walkie_bench_peers::{BATCH, accept_failed, announce, args, fail};
+use walkie_bench_peers::{BATCH, args, serve};
 use yawc::{CompressionLevel, OpCode, Options, UpgradeFut, WebSocket};
 
 const NAME: &str = "yawc-echo";
@@ -67,43 +66,18 @@ fn options(deflate: bool) -> Options {
 fn main() {
     let args = args(NAME, true);
     let deflate = args.deflate;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap_or_else(|e| fail(NAME, "runtime", e));
-    rt.block_on(async move {
-        let listener = TcpListener::bind(args.addr)
-            .await
-            .unwrap_or_else(|e| fail(NAME, "bind", e));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|e| fail(NAME, "bind", e))
-            .port();
-        announce(port);
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    accept_failed(NAME, e);
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = service_fn(move |mut req: Request<Incoming>| async move {
-                    let (response, fut) =
-                        WebSocket::upgrade_with_options(&mut req, options(deflate))?;
-                    tokio::task::spawn(tokio::task::unconstrained(async move {
-                        // Per-connection errors are normal under load; not logged.
-                        let _ = handle_client(fut).await;
-                    }));
-                    Ok::<Response<Empty<Bytes>>, yawc::WebSocketError>(response)
-                });
-                let conn = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
-                let _ = conn.await;
-            });
-        }
-    });
+    serve(NAME, args, move |stream| async move {
+        let service = service_fn(move |mut req: Request<Incoming>| async move {
+            let (response, fut) = WebSocket::upgrade_with_options(&mut req, options(deflate))?;
+            tokio::task::spawn(tokio::task::unconstrained(async move {
+                // Per-connection errors are normal under load; not logged.
+                let _ = handle_client(fut).await;
+            }));
+            Ok::<Response<Empty<Bytes>>, yawc::WebSocketError>(response)
+        });
+        let conn = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let _ = conn.await;
+    })
 }
