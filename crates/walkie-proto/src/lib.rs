@@ -8,6 +8,7 @@
 //!   with `httparse`, key and accept, subprotocols, extension negotiation).
 //! - [`Connection`] (`connection/`): one connection after the handshake;
 //!   `handle_*` for input, `send_*` for commands, `poll_*` for output.
+//! - [`PreparedMessage`]: a message framed once for many connections.
 //! - [`frame`]: the frame header; [`mask`](apply_mask): payload masking.
 //! - [`utf8`]: incremental UTF-8 validation for text messages.
 //! - [`deflate`]: permessage-deflate negotiation and the per-message codec.
@@ -46,6 +47,7 @@ pub mod handshake;
 mod mask;
 mod message;
 mod outgoing;
+mod prepared;
 pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
@@ -57,5 +59,6 @@ pub use frame::{FrameHeader, OpCode};
 pub use mask::apply_mask;
 pub use message::{Message, Utf8Bytes};
 pub use outgoing::Outgoing;
+pub use prepared::PreparedMessage;
 
 pub use bytes::{Buf, Bytes, BytesMut};

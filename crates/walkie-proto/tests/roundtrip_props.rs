@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::Buf;
 use proptest::prelude::*;
 use walkie_proto::extension::parse_extensions;
-use walkie_proto::{Config, Connection, DeflateConfig, Event, Message, Role};
+use walkie_proto::{Config, Connection, DeflateConfig, Event, Message, PreparedMessage, Role};
 
 fn pair(deflate: Option<DeflateConfig>, now: Instant) -> (Connection, Connection) {
     match deflate {
@@ -96,6 +96,33 @@ proptest! {
         prop_assert_eq!(&deliver(&mut server, &mut client, &msgs, &splits, now), &msgs);
     }
 
+    /// A message framed once reaches two servers' clients intact, mixed with
+    /// messages each server frames itself, whatever the compression
+    /// parameters (shared compressed frames where there is no context
+    /// takeover, each connection's own compression otherwise).
+    #[test]
+    fn prepared_messages_reach_every_client(
+        msgs in prop::collection::vec((message(), any::<bool>()), 1..8),
+        deflate_a in deflate(),
+        deflate_b in deflate(),
+    ) {
+        let now = Instant::now();
+        let mut pairs = [pair(deflate_a, now), pair(deflate_b, now)];
+        let prepared: Vec<_> = msgs.iter().map(|(m, _)| PreparedMessage::new(m.clone())).collect();
+        for (client, server) in &mut pairs {
+            for ((m, shared), p) in msgs.iter().zip(&prepared) {
+                if *shared {
+                    server.send_prepared(p).unwrap();
+                } else {
+                    server.send(m.clone()).unwrap();
+                }
+            }
+            let got = deliver(server, client, &[], &[4096], now);
+            let want: Vec<Message> = msgs.iter().map(|(m, _)| m.clone()).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+
     /// Arbitrary bytes never panic a server core, whatever the split.
     #[test]
     fn arbitrary_bytes_never_panic(
@@ -119,4 +146,34 @@ proptest! {
         while let Ok(Some(_)) = server.poll_event() {}
         prop_assert!(server.is_closed());
     }
+}
+
+/// Without context takeover every connection gets the same compressed frame,
+/// built once; with it, each compresses on its own (and still decodes).
+#[test]
+fn prepared_compressed_frame_is_shared_without_context_takeover() {
+    let now = Instant::now();
+    let mut cfg = DeflateConfig::default();
+    cfg.server_no_context_takeover = true;
+    let prepared = PreparedMessage::new(Message::text("hello hello hello hello"));
+    let mut wires = Vec::new();
+    for _ in 0..2 {
+        let (mut client, mut server) = pair(Some(cfg.clone()), now);
+        server.send_prepared(&prepared).unwrap();
+        let out = server.data_to_send();
+        let wire = out.copy_to_bytes(out.remaining());
+        assert_eq!(wire[0], 0xC1, "a final, compressed text frame");
+        client.handle_data(now, &wire);
+        assert_eq!(
+            client.poll_event().unwrap(),
+            Some(Event::Message(prepared.message().clone()))
+        );
+        wires.push(wire);
+    }
+    assert_eq!(wires[0], wires[1]);
+
+    let (_, mut plain) = pair(None, now);
+    plain.send_prepared(&prepared).unwrap();
+    let out = plain.data_to_send();
+    assert_eq!(out.copy_to_bytes(out.remaining()), prepared.frame());
 }

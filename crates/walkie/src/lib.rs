@@ -55,4 +55,4 @@ pub use split::{WsReader, WsWriter};
 pub use websocket::WebSocket;
 
 pub use walkie_proto as proto;
-pub use walkie_proto::{CloseCode, CloseFrame, DeflateConfig, Message, Utf8Bytes};
+pub use walkie_proto::{CloseCode, CloseFrame, DeflateConfig, Message, PreparedMessage, Utf8Bytes};

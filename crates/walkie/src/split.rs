@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Wake, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use walkie_proto::{CloseCode, CloseFrame, Event, Message};
+use walkie_proto::{CloseCode, CloseFrame, Event, Message, PreparedMessage};
 
 use crate::driver::{Driver, now};
 use crate::error::Result;
@@ -161,6 +161,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
                 Some(m) => d.conn.send(m).map_err(Into::into),
                 None => Ok(()),
             }))
+        })
+        .await
+    }
+
+    /// Queues a message framed once; see [`crate::WebSocket::feed_prepared`].
+    pub async fn feed_prepared(&mut self, message: &PreparedMessage) -> Result<()> {
+        self.with_driver(|d, cx| {
+            let ready = std::task::ready!(d.poll_ready(cx));
+            std::task::Poll::Ready(
+                ready.and_then(|()| d.conn.send_prepared(message).map_err(Into::into)),
+            )
         })
         .await
     }

@@ -3,7 +3,7 @@
 use std::future::poll_fn;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use walkie_proto::{CloseCode, CloseFrame, Connection, Event, Message, Role};
+use walkie_proto::{CloseCode, CloseFrame, Connection, Event, Message, PreparedMessage, Role};
 
 use crate::driver::{Driver, now};
 use crate::error::Result;
@@ -88,6 +88,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     pub async fn feed(&mut self, message: impl Into<Message>) -> Result<()> {
         poll_fn(|cx| self.driver.poll_ready(cx)).await?;
         self.driver.conn.send(message.into())?;
+        Ok(())
+    }
+
+    /// Queues a message framed once for many connections, as [`feed`]
+    /// does: a broadcast shares one frame (see [`PreparedMessage`]).
+    ///
+    /// [`feed`]: WebSocket::feed
+    pub async fn feed_prepared(&mut self, message: &PreparedMessage) -> Result<()> {
+        poll_fn(|cx| self.driver.poll_ready(cx)).await?;
+        self.driver.conn.send_prepared(message)?;
         Ok(())
     }
 

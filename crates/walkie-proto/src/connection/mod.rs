@@ -104,6 +104,12 @@ struct Compression {
     inflater: Inflater,
     /// Reused for compressed payloads before they are framed.
     scratch: BytesMut,
+    /// The compression level, for prepared messages compressed once.
+    level: u32,
+    /// Whether our messages are compressed from a fresh state each time
+    /// with a full window: then a prepared message's shared compressed
+    /// frame fits this connection.
+    shares_prepared: bool,
 }
 
 /// A WebSocket connection's protocol state. See the [module docs](self) for
@@ -161,6 +167,8 @@ impl Connection {
                 deflater: Deflater::new(cfg.level, bits, reset),
                 inflater: Inflater::new(),
                 scratch: BytesMut::new(),
+                level: cfg.level,
+                shares_prepared: reset && bits == 15,
             })
         });
         Connection {

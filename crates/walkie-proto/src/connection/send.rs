@@ -12,6 +12,7 @@ use crate::frame::{FrameHeader, MAX_CONTROL_PAYLOAD, OpCode};
 use crate::mask::apply_mask;
 use crate::message::Message;
 use crate::outgoing::COPY_THRESHOLD;
+use crate::prepared::PreparedMessage;
 
 /// A payload to frame: borrowed bytes are always copied, shared bytes are
 /// queued by reference when large and unmasked.
@@ -39,6 +40,35 @@ impl Connection {
             Message::Binary(b) => (OpCode::Binary, b),
         };
         self.send_data(opcode, Payload::Shared(payload))
+    }
+
+    /// Queues a message framed once for many connections (see
+    /// [`PreparedMessage`]): its frame bytes are used as they are where this
+    /// connection's framing allows it (server role, and no compression or
+    /// compression without context takeover); otherwise the message is
+    /// framed as by [`Connection::send`].
+    pub fn send_prepared(&mut self, prepared: &PreparedMessage) -> Result<(), SendError> {
+        if self.close_sent.is_some() || self.closed {
+            return Err(SendError::Closing);
+        }
+        if self.role == Role::Client {
+            return self.send(prepared.message().clone());
+        }
+        let frame = match &self.compression {
+            None => prepared.frame(),
+            Some(c) if c.shares_prepared => match prepared.deflated(c.level) {
+                Some(frame) => frame,
+                None => return Err(SendError::Compression),
+            },
+            Some(_) => return self.send(prepared.message().clone()),
+        };
+        if frame.len() >= COPY_THRESHOLD {
+            self.out.push_chunk(frame.clone());
+        } else {
+            self.out.tail().put_slice(frame);
+            self.out.commit_tail(frame.len());
+        }
+        Ok(())
     }
 
     /// Queues a text message, copying it.
