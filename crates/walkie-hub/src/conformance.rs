@@ -1,0 +1,420 @@
+//! The tests every engine must pass: the [`Broker`] contract, checked
+//! against a real engine. Each engine's test file calls [`run_all`] with a
+//! way to make a fresh broker; channel names are random, so engines backed
+//! by a shared server (Redis, NATS) can run the suite side by side.
+//!
+//! ```no_run
+//! # async fn t() {
+//! use std::sync::Arc;
+//! use walkie_hub::{MemoryBroker, conformance};
+//!
+//! conformance::run_all(|| Arc::new(MemoryBroker::new())).await;
+//! # }
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::channel::ChannelName;
+use crate::engine::{Broker, BrokerEvents};
+use crate::memory::lock;
+use crate::publication::{
+    HistoryFilter, HistoryOptions, NewPublication, Publication, PublishOptions,
+};
+
+/// Publications delivered to a broker's events, in arrival order.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    seen: Mutex<Vec<(ChannelName, Publication, String)>>,
+}
+
+impl BrokerEvents for Recorder {
+    fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
+        lock(&self.seen).push((channel.clone(), publication.clone(), epoch.to_owned()));
+    }
+}
+
+impl Recorder {
+    /// What was delivered on `channel`.
+    pub fn on(&self, channel: &ChannelName) -> Vec<Publication> {
+        lock(&self.seen)
+            .iter()
+            .filter(|(c, _, _)| c == channel)
+            .map(|(_, p, _)| p.clone())
+            .collect()
+    }
+
+    /// Waits up to 5 s until `n` publications arrived on `channel` (engines
+    /// with a network hop deliver after the publish returns).
+    pub async fn wait_for(&self, channel: &ChannelName, n: usize) -> Vec<Publication> {
+        for _ in 0..500 {
+            let got = self.on(channel);
+            if got.len() >= n {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.on(channel)
+    }
+}
+
+/// A broker with a recorder attached and a random channel prefix.
+struct Setup {
+    broker: Arc<dyn Broker>,
+    events: Arc<Recorder>,
+    prefix: String,
+}
+
+impl Setup {
+    async fn new(broker: Arc<dyn Broker>) -> Setup {
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        Setup {
+            broker,
+            events,
+            prefix: format!("conformance-{:08x}", rand::random::<u32>()),
+        }
+    }
+
+    async fn channel(&self, name: &str) -> ChannelName {
+        let ch = ChannelName::new(&format!("{}:{name}", self.prefix)).unwrap();
+        self.broker.subscribe(ch.clone()).await.unwrap();
+        ch
+    }
+}
+
+fn kept(size: usize) -> PublishOptions {
+    PublishOptions {
+        history: Some(HistoryOptions {
+            size,
+            ttl: Duration::from_secs(300),
+        }),
+        ..PublishOptions::default()
+    }
+}
+
+fn all() -> HistoryFilter {
+    HistoryFilter::default()
+}
+
+/// Runs every check, each on a fresh broker from `make`.
+pub async fn run_all<F: Fn() -> Arc<dyn Broker>>(make: F) {
+    offsets_have_no_gaps(make()).await;
+    history_filters(make()).await;
+    history_size_is_bounded(make()).await;
+    history_expires(make()).await;
+    without_history_offset_is_zero(make()).await;
+    epoch_is_stable_until_history_is_removed(make()).await;
+    idempotent_publish_is_delivered_once(make()).await;
+    concurrent_publishes_keep_one_order(make()).await;
+    channels_are_isolated(make()).await;
+    payload_kind_and_key_survive(make()).await;
+}
+
+/// Offsets 1, 2, 3... in one epoch, delivered in that order.
+pub async fn offsets_have_no_gaps(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("gaps").await;
+    let mut epoch = None;
+    for i in 1..=50u64 {
+        let r = s
+            .broker
+            .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept(100))
+            .await
+            .unwrap();
+        assert_eq!(r.position.offset, i, "offsets follow publish order");
+        assert!(!r.suppressed);
+        let e = epoch.get_or_insert_with(|| r.position.epoch.clone());
+        assert_eq!(*e, r.position.epoch, "one epoch");
+    }
+    let delivered = s.events.wait_for(&ch, 50).await;
+    let offsets: Vec<u64> = delivered.iter().map(|p| p.offset).collect();
+    assert_eq!(
+        offsets,
+        (1..=50).collect::<Vec<_>>(),
+        "delivered once each, in order"
+    );
+    assert_eq!(delivered[9].data, Bytes::from("m10"));
+}
+
+/// `since`, `limit`, `reverse`, and a position-only read.
+pub async fn history_filters(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("filters").await;
+    for i in 1..=10 {
+        s.broker
+            .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept(100))
+            .await
+            .unwrap();
+    }
+    let offsets = |h: &crate::History| h.publications.iter().map(|p| p.offset).collect::<Vec<_>>();
+    let h = s.broker.history(ch.clone(), all()).await.unwrap();
+    assert_eq!(offsets(&h), (1..=10).collect::<Vec<_>>());
+    assert_eq!(h.position.offset, 10);
+    let f = HistoryFilter {
+        since: Some(7),
+        ..all()
+    };
+    assert_eq!(
+        offsets(&s.broker.history(ch.clone(), f).await.unwrap()),
+        [8, 9, 10]
+    );
+    let f = HistoryFilter {
+        since: Some(2),
+        limit: Some(3),
+        reverse: false,
+    };
+    assert_eq!(
+        offsets(&s.broker.history(ch.clone(), f).await.unwrap()),
+        [3, 4, 5]
+    );
+    let f = HistoryFilter {
+        since: None,
+        limit: Some(3),
+        reverse: true,
+    };
+    assert_eq!(
+        offsets(&s.broker.history(ch.clone(), f).await.unwrap()),
+        [10, 9, 8]
+    );
+    let f = HistoryFilter {
+        since: None,
+        limit: Some(0),
+        reverse: false,
+    };
+    let h = s.broker.history(ch.clone(), f).await.unwrap();
+    assert!(h.publications.is_empty());
+    assert_eq!(h.position.offset, 10);
+    let f = HistoryFilter {
+        since: Some(10),
+        ..all()
+    };
+    assert!(
+        s.broker
+            .history(ch.clone(), f)
+            .await
+            .unwrap()
+            .publications
+            .is_empty()
+    );
+}
+
+/// Only the latest `size` messages are kept; offsets go on.
+pub async fn history_size_is_bounded(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("size").await;
+    for i in 1..=25 {
+        s.broker
+            .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept(10))
+            .await
+            .unwrap();
+    }
+    let h = s.broker.history(ch.clone(), all()).await.unwrap();
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (16..=25).collect::<Vec<_>>());
+    assert_eq!(h.position.offset, 25);
+}
+
+/// Messages older than the TTL are gone; the position and epoch are not.
+pub async fn history_expires(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("ttl").await;
+    let short = PublishOptions {
+        history: Some(HistoryOptions {
+            size: 10,
+            ttl: Duration::from_millis(300),
+        }),
+        ..PublishOptions::default()
+    };
+    let r = s
+        .broker
+        .publish(ch.clone(), NewPublication::text("old"), short.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.broker
+        .publish(ch.clone(), NewPublication::text("new"), short)
+        .await
+        .unwrap();
+    let h = s.broker.history(ch.clone(), all()).await.unwrap();
+    let data: Vec<&[u8]> = h.publications.iter().map(|p| &p.data[..]).collect();
+    assert_eq!(data, [&b"new"[..]]);
+    assert_eq!(h.position.offset, 2);
+    assert_eq!(h.position.epoch, r.position.epoch);
+}
+
+/// A publication without history is delivered with offset 0 and leaves
+/// the stream where it was.
+pub async fn without_history_offset_is_zero(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("nohistory").await;
+    s.broker
+        .publish(ch.clone(), NewPublication::text("kept"), kept(10))
+        .await
+        .unwrap();
+    let r = s
+        .broker
+        .publish(
+            ch.clone(),
+            NewPublication::text("live"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.position.offset, 0);
+    let delivered = s.events.wait_for(&ch, 2).await;
+    assert_eq!(delivered.len(), 2);
+    assert_eq!(delivered[1].offset, 0);
+    assert_eq!(delivered[1].data, Bytes::from("live"));
+    let h = s.broker.history(ch.clone(), all()).await.unwrap();
+    assert_eq!(h.publications.len(), 1);
+    assert_eq!(h.position.offset, 1);
+}
+
+/// A channel read before any publish has an epoch the first publish keeps;
+/// removing history starts a new epoch from offset 0.
+pub async fn epoch_is_stable_until_history_is_removed(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("epoch").await;
+    let before = s.broker.history(ch.clone(), all()).await.unwrap().position;
+    assert_eq!(before.offset, 0);
+    let again = s.broker.history(ch.clone(), all()).await.unwrap().position;
+    assert_eq!(before, again, "reading does not change the epoch");
+    let r = s
+        .broker
+        .publish(ch.clone(), NewPublication::text("x"), kept(10))
+        .await
+        .unwrap();
+    assert_eq!(r.position.epoch, before.epoch);
+    s.broker.remove_history(ch.clone()).await.unwrap();
+    let after = s.broker.history(ch.clone(), all()).await.unwrap();
+    assert!(after.publications.is_empty());
+    assert_eq!(after.position.offset, 0);
+    assert_ne!(after.position.epoch, before.epoch);
+}
+
+/// The same idempotency key on one channel delivers once.
+pub async fn idempotent_publish_is_delivered_once(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("idem").await;
+    let other = s.channel("idem-other").await;
+    let opts = PublishOptions {
+        idempotency_key: Some("order-17".into()),
+        ..kept(10)
+    };
+    let first = s
+        .broker
+        .publish(ch.clone(), NewPublication::text("paid"), opts.clone())
+        .await
+        .unwrap();
+    let again = s
+        .broker
+        .publish(ch.clone(), NewPublication::text("paid"), opts.clone())
+        .await
+        .unwrap();
+    assert!(!first.suppressed);
+    assert!(again.suppressed);
+    assert_eq!(first.position, again.position);
+    let elsewhere = s
+        .broker
+        .publish(other.clone(), NewPublication::text("paid"), opts)
+        .await
+        .unwrap();
+    assert!(!elsewhere.suppressed, "keys are per channel");
+    s.broker
+        .publish(ch.clone(), NewPublication::text("next"), kept(10))
+        .await
+        .unwrap();
+    let delivered = s.events.wait_for(&ch, 2).await;
+    let data: Vec<&[u8]> = delivered.iter().map(|p| &p.data[..]).collect();
+    assert_eq!(data, [&b"paid"[..], b"next"]);
+    let h = s.broker.history(ch.clone(), all()).await.unwrap();
+    assert_eq!(h.publications.len(), 2);
+}
+
+/// Many publishers on one channel: unique offsets, delivered in order.
+pub async fn concurrent_publishes_keep_one_order(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("concurrent").await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let broker = s.broker.clone();
+        let ch = ch.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            for i in 0..25 {
+                let r = broker
+                    .publish(
+                        ch.clone(),
+                        NewPublication::text(format!("{t}-{i}")),
+                        kept(1000),
+                    )
+                    .await
+                    .unwrap();
+                offsets.push(r.position.offset);
+            }
+            offsets
+        }));
+    }
+    let mut all_offsets = Vec::new();
+    for t in tasks {
+        let offsets = t.await.unwrap();
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "one publisher's order kept"
+        );
+        all_offsets.extend(offsets);
+    }
+    all_offsets.sort_unstable();
+    assert_eq!(all_offsets, (1..=200).collect::<Vec<_>>());
+    let delivered = s.events.wait_for(&ch, 200).await;
+    let offsets: Vec<u64> = delivered.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (1..=200).collect::<Vec<_>>());
+}
+
+/// One channel's messages never show up in another's.
+pub async fn channels_are_isolated(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let a = s.channel("a").await;
+    let b = s.channel("b").await;
+    s.broker
+        .publish(a.clone(), NewPublication::text("for a"), kept(10))
+        .await
+        .unwrap();
+    let hb = s.broker.history(b.clone(), all()).await.unwrap();
+    assert!(hb.publications.is_empty());
+    assert_eq!(hb.position.offset, 0);
+    s.events.wait_for(&a, 1).await;
+    assert!(s.events.on(&b).is_empty());
+}
+
+/// Binary stays binary, text stays text, keys are kept, in delivery and in
+/// history.
+pub async fn payload_kind_and_key_survive(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("kinds").await;
+    let mut keyed = NewPublication::binary(vec![0u8, 159, 146, 150, 255]);
+    keyed.key = Some("home".into());
+    s.broker
+        .publish(ch.clone(), keyed.clone(), kept(10))
+        .await
+        .unwrap();
+    s.broker
+        .publish(ch.clone(), NewPublication::text("héllo"), kept(10))
+        .await
+        .unwrap();
+    let h = s.broker.history(ch.clone(), all()).await.unwrap();
+    let delivered = s.events.wait_for(&ch, 2).await;
+    for list in [&h.publications, &delivered] {
+        assert_eq!(list.len(), 2);
+        assert!(list[0].binary);
+        assert_eq!(list[0].data, keyed.data);
+        assert_eq!(list[0].key.as_deref(), Some("home"));
+        assert!(!list[1].binary);
+        assert_eq!(list[1].data, Bytes::from("héllo"));
+        assert_eq!(list[1].key, None);
+        assert!(list[1].time_ms >= list[0].time_ms);
+    }
+}

@@ -1,0 +1,99 @@
+//! The broker: what an engine (memory, embedded database, Redis, NATS)
+//! provides to the hub.
+//!
+//! The trait is small on purpose, and its contract is the same for every
+//! engine; `conformance.rs` tests it, and every engine runs those tests.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::channel::ChannelName;
+use crate::publication::{
+    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
+};
+
+/// A boxed future, so that engines can be chosen at run time.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why an engine could not do what was asked. The hub reports these to
+/// clients as a temporary failure: nothing was published or read.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine's storage failed (a disk error, a corrupt database).
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The engine cannot be reached (a broker down, a connection lost).
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The engine was shut down.
+    #[error("engine stopped")]
+    Stopped,
+}
+
+/// Where a broker delivers publications: the hub of this node.
+pub trait BrokerEvents: Send + Sync + 'static {
+    /// A publication on `channel`, in the stream of epoch `epoch`.
+    ///
+    /// Called once per publication, in offset order per channel, and never
+    /// for two publications of one channel at once. It must not block: the
+    /// hub only queues the message for each local subscriber.
+    fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str);
+}
+
+/// Pub/sub with history: the engine behind the hub.
+///
+/// # Contract
+///
+/// - **Atomic per channel.** Saving a publication to history and delivering
+///   it happen as one step: a reader of history and a subscriber see the
+///   same order, and a publication is delivered only once it is saved.
+/// - **Offsets without gaps.** Within one epoch, the publications kept in
+///   history have offsets 1, 2, 3, ... in publish order. A publication
+///   without history has offset 0 and does not move the stream.
+/// - **Epochs.** A stream's epoch is fixed from the first time the channel
+///   is read or published to, and changes only when its history is lost
+///   (removed, expired entirely, or not durable across a restart); the
+///   offsets then start again from 0.
+/// - **Bounded history.** At most [`HistoryOptions::size`] messages are
+///   kept, each for at most [`HistoryOptions::ttl`], as given by the latest
+///   publish.
+/// - **Delivery.** Every publication on a channel this node subscribed to
+///   (and has not unsubscribed from) reaches [`BrokerEvents`], exactly
+///   once, in offset order. A broker may deliver other channels too; the
+///   hub ignores them.
+/// - **Idempotency.** A publish with an idempotency key already used on that
+///   channel within its TTL delivers nothing and returns the first result,
+///   with `suppressed` set.
+///
+/// [`HistoryOptions::size`]: crate::HistoryOptions::size
+/// [`HistoryOptions::ttl`]: crate::HistoryOptions::ttl
+pub trait Broker: Send + Sync + 'static {
+    /// Sets where publications are delivered. Called once, before anything
+    /// else.
+    fn set_events(&self, events: Arc<dyn BrokerEvents>);
+
+    /// This node wants the publications of `channel`.
+    fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>>;
+
+    /// This node no longer wants them.
+    fn unsubscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>>;
+
+    /// Publishes to `channel` (saving it to history if the options say so).
+    fn publish(
+        &self,
+        channel: ChannelName,
+        publication: NewPublication,
+        options: PublishOptions,
+    ) -> BoxFuture<'_, Result<PublishResult, EngineError>>;
+
+    /// Reads history, and the stream's position.
+    fn history(
+        &self,
+        channel: ChannelName,
+        filter: HistoryFilter,
+    ) -> BoxFuture<'_, Result<History, EngineError>>;
+
+    /// Drops a channel's history; its stream starts over in a new epoch.
+    fn remove_history(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>>;
+}

@@ -1,0 +1,362 @@
+//! The hub: this node's subscribers, and fan-out of every publication to
+//! them from one framed copy.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use walkie_proto::{Message, PreparedMessage, Utf8Bytes};
+
+use crate::channel::ChannelName;
+use crate::engine::{Broker, BrokerEvents, EngineError};
+use crate::memory::lock;
+use crate::publication::{
+    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
+    StreamPosition,
+};
+use crate::queue::{Queue, QueueLimits, Queued};
+
+/// How a subscriber wants publications framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// The payload alone, as a text or binary message: no envelope (rooms
+    /// by URL).
+    Raw,
+}
+
+/// What a subscriber asks to receive from history when it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Recover {
+    /// Nothing: only what is published from now on.
+    #[default]
+    Nothing,
+    /// The latest `n` messages kept.
+    Last(usize),
+    /// Everything after this position (a reconnecting client's last seen).
+    Since(StreamPosition),
+}
+
+/// The result of a subscribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The stream's position when the subscriber joined.
+    pub position: StreamPosition,
+    /// For [`Recover::Since`]: whether every missed message was found (and
+    /// queued); false if history no longer covers the gap or the epoch
+    /// changed, in which case nothing was queued from history. True for
+    /// the other modes.
+    pub recovered: bool,
+    /// How many messages were queued from history.
+    pub from_history: usize,
+}
+
+/// One subscriber of one channel on this node.
+#[derive(Debug)]
+struct Member {
+    client: u64,
+    queue: Arc<Queue>,
+    format: Format,
+    /// While joining: publications that arrived during the history read,
+    /// queued after it without duplicates.
+    joining: Option<Vec<Publication>>,
+}
+
+/// The subscribers of every channel on this node. Shared with the broker,
+/// which calls it for each publication.
+#[derive(Debug, Default)]
+struct Dispatch {
+    channels: Mutex<HashMap<ChannelName, Arc<Mutex<Vec<Member>>>>>,
+}
+
+impl Dispatch {
+    fn members(&self, channel: &ChannelName) -> Option<Arc<Mutex<Vec<Member>>>> {
+        lock(&self.channels).get(channel).cloned()
+    }
+}
+
+/// Frames a publication for `format`.
+fn frame(publication: &Publication, format: Format) -> PreparedMessage {
+    match format {
+        Format::Raw => {
+            let message = if publication.binary {
+                Message::Binary(publication.data.clone())
+            } else {
+                match Utf8Bytes::try_from(publication.data.clone()) {
+                    Ok(text) => Message::Text(text),
+                    // Engines keep text valid; a damaged store still must
+                    // not produce an invalid text frame.
+                    Err(_) => Message::Binary(publication.data.clone()),
+                }
+            };
+            PreparedMessage::new(message)
+        }
+    }
+}
+
+impl BrokerEvents for Dispatch {
+    fn handle_publication(&self, channel: &ChannelName, publication: &Publication, _epoch: &str) {
+        let Some(members) = self.members(channel) else {
+            return;
+        };
+        let mut members = lock(&members);
+        // Framed once, on first use, and shared by every subscriber.
+        let mut raw = None;
+        for m in members.iter_mut() {
+            if let Some(joining) = &mut m.joining {
+                joining.push(publication.clone());
+                continue;
+            }
+            let message = match m.format {
+                Format::Raw => raw.get_or_insert_with(|| frame(publication, Format::Raw)),
+            };
+            m.queue.push(Queued {
+                message: message.clone(),
+                key: publication.key.clone(),
+            });
+        }
+    }
+}
+
+/// The hub of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    broker: Arc<dyn Broker>,
+    dispatch: Arc<Dispatch>,
+    next_client: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub over `broker`, which delivers to it from now on.
+    pub fn new(broker: Arc<dyn Broker>) -> Hub {
+        let dispatch = Arc::new(Dispatch::default());
+        broker.set_events(dispatch.clone());
+        Hub {
+            broker,
+            dispatch,
+            next_client: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// The engine.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// A new client of this node, with an empty outgoing queue.
+    pub fn client(&self, limits: QueueLimits) -> Client {
+        Client {
+            id: self.next_client.fetch_add(1, Ordering::Relaxed),
+            queue: Arc::new(Queue::new(limits)),
+            hub: self.clone(),
+            channels: Vec::new(),
+        }
+    }
+
+    /// Publishes to a channel.
+    pub async fn publish(
+        &self,
+        channel: ChannelName,
+        publication: NewPublication,
+        options: PublishOptions,
+    ) -> Result<PublishResult, EngineError> {
+        self.broker.publish(channel, publication, options).await
+    }
+
+    /// Reads a channel's history.
+    pub async fn history(
+        &self,
+        channel: ChannelName,
+        filter: HistoryFilter,
+    ) -> Result<History, EngineError> {
+        self.broker.history(channel, filter).await
+    }
+
+    /// Subscribers of `channel` on this node.
+    pub fn local_subscribers(&self, channel: &ChannelName) -> usize {
+        self.dispatch.members(channel).map_or(0, |m| lock(&m).len())
+    }
+
+    /// Removes `client` from `channel`; tells the broker when this node has
+    /// no subscriber left there.
+    fn leave(&self, channel: &ChannelName, client: u64) {
+        let mut channels = lock(&self.dispatch.channels);
+        let Some(members) = channels.get(channel) else {
+            return;
+        };
+        let empty = {
+            let mut m = lock(members);
+            m.retain(|m| m.client != client);
+            m.is_empty()
+        };
+        if empty {
+            channels.remove(channel);
+            drop(channels);
+            let broker = self.broker.clone();
+            let channel = channel.clone();
+            // Off the caller's path (it may be a destructor); the broker
+            // tolerates a subscribe and an unsubscribe racing.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = broker.unsubscribe(channel.clone()).await {
+                        tracing::warn!(%channel, "unsubscribe failed: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One connection's membership in the hub: its queue and its channels.
+/// Dropping it leaves every channel.
+#[derive(Debug)]
+pub struct Client {
+    id: u64,
+    queue: Arc<Queue>,
+    hub: Hub,
+    channels: Vec<ChannelName>,
+}
+
+impl Client {
+    /// The queue this client's connection writes from.
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
+    }
+
+    /// The channels it is subscribed to.
+    pub fn channels(&self) -> &[ChannelName] {
+        &self.channels
+    }
+
+    /// Subscribes to `channel`, first queueing what `recover` asks for from
+    /// history. Every publication after the join is queued exactly once, in
+    /// offset order, after the history: none is lost or repeated between
+    /// the history read and the live stream.
+    pub async fn subscribe(
+        &mut self,
+        channel: ChannelName,
+        format: Format,
+        recover: Recover,
+    ) -> Result<Subscribed, EngineError> {
+        if self.channels.contains(&channel) {
+            self.unsubscribe(&channel);
+        }
+        let first = {
+            let mut channels = lock(&self.hub.dispatch.channels);
+            let members = channels.entry(channel.clone()).or_default();
+            let mut members = lock(members);
+            members.push(Member {
+                client: self.id,
+                queue: self.queue.clone(),
+                format,
+                joining: Some(Vec::new()),
+            });
+            members.len() == 1
+        };
+        self.channels.push(channel.clone());
+        let joined = async {
+            if first {
+                self.hub.broker.subscribe(channel.clone()).await?;
+            }
+            let filter = match &recover {
+                Recover::Nothing => HistoryFilter {
+                    since: None,
+                    limit: Some(0),
+                    reverse: false,
+                },
+                Recover::Last(n) => HistoryFilter {
+                    since: None,
+                    limit: Some(*n),
+                    reverse: true,
+                },
+                Recover::Since(p) => HistoryFilter {
+                    since: Some(p.offset),
+                    limit: None,
+                    reverse: false,
+                },
+            };
+            self.hub.broker.history(channel.clone(), filter).await
+        }
+        .await;
+        let mut history = match joined {
+            Ok(h) => h,
+            Err(e) => {
+                self.unsubscribe(&channel);
+                return Err(e);
+            }
+        };
+        if matches!(recover, Recover::Last(_)) {
+            history.publications.reverse();
+        }
+        let recovered = match &recover {
+            Recover::Since(p) => {
+                p.epoch == history.position.epoch
+                    && p.offset <= history.position.offset
+                    && match history.publications.first() {
+                        Some(first) => first.offset == p.offset + 1,
+                        None => p.offset == history.position.offset,
+                    }
+            }
+            _ => true,
+        };
+        if !recovered {
+            history.publications.clear();
+        }
+        let Some(members) = self.hub.dispatch.members(&channel) else {
+            return Err(EngineError::Stopped);
+        };
+        let mut members = lock(&members);
+        let Some(me) = members.iter_mut().find(|m| m.client == self.id) else {
+            return Err(EngineError::Stopped);
+        };
+        let mut last = match &recover {
+            Recover::Since(p) if !recovered => history.position.offset.max(p.offset),
+            Recover::Since(p) => p.offset,
+            _ => history.position.offset,
+        };
+        let from_history = history.publications.len();
+        for p in &history.publications {
+            last = last.max(p.offset);
+            self.queue.push(Queued {
+                message: frame(p, format),
+                key: p.key.clone(),
+            });
+        }
+        if let Some(joining) = me.joining.take() {
+            for p in joining {
+                // Offset 0: not in history, so not a duplicate of it.
+                if p.offset == 0 || p.offset > last {
+                    last = last.max(p.offset);
+                    self.queue.push(Queued {
+                        message: frame(&p, format),
+                        key: p.key.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Subscribed {
+            position: history.position,
+            recovered,
+            from_history,
+        })
+    }
+
+    /// Leaves `channel`.
+    pub fn unsubscribe(&mut self, channel: &ChannelName) {
+        self.channels.retain(|c| c != channel);
+        self.hub.leave(channel, self.id);
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for channel in std::mem::take(&mut self.channels) {
+            self.hub.leave(&channel, self.id);
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The hub: channels, history with recovery, and fan-out, with the
+//! engines that carry them behind a small trait.
+//!
+//! # Layout
+//!
+//! - [`ChannelName`] (`channel.rs`): validated names and their namespace.
+//! - `publication.rs`: [`Publication`], [`StreamPosition`] (offset and
+//!   epoch), publish and history options.
+//! - [`Broker`] (`engine.rs`): the engine trait and its contract.
+//! - [`MemoryBroker`] (`memory.rs`): everything in memory.
+//! - [`DurableBroker`] (`durable.rs`): history in an embedded database
+//!   (redb), kept across restarts.
+//! - [`Hub`] and [`Client`] (`hub.rs`): this node's subscribers; subscribe
+//!   with recovery; fan-out from one framed copy.
+//! - [`Queue`] (`queue.rs`): each connection's bounded outgoing queue and
+//!   its [`OverflowPolicy`] for slow consumers.
+//! - [`conformance`]: the tests every engine must pass.
+//! - `stream.rs`: in-memory stream bookkeeping the engines share.
+
+mod channel;
+pub mod conformance;
+mod durable;
+mod engine;
+mod hub;
+mod memory;
+mod publication;
+mod queue;
+mod stream;
+
+pub use channel::{ChannelName, ChannelNameError, MAX_CHANNEL_LEN};
+pub use durable::{DATABASE_FILE, DurableBroker, OpenError};
+pub use engine::{BoxFuture, Broker, BrokerEvents, EngineError};
+pub use hub::{Client, Format, Hub, Recover, Subscribed};
+pub use memory::MemoryBroker;
+pub use publication::{
+    DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, NewPublication, Publication,
+    PublishOptions, PublishResult, StreamPosition,
+};
+pub use queue::{OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued};

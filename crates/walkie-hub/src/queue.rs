@@ -1,0 +1,254 @@
+//! Each connection's bounded outgoing queue, and what happens when a slow
+//! consumer fills it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use walkie_proto::PreparedMessage;
+
+use crate::memory::lock;
+
+/// What a full queue does with one more message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverflowPolicy {
+    /// Drop everything queued and end the connection, telling the client to
+    /// reconnect and recover what it missed from history.
+    #[default]
+    Disconnect,
+    /// For state-like channels (scores, positions): a message replaces the
+    /// queued one with the same key, so a slow client skips to the latest
+    /// state. A message without a key, or with a key not queued, still
+    /// disconnects when the queue is full.
+    LatestPerKey,
+}
+
+/// How much a connection may have queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// The most messages queued. Default 1024.
+    pub messages: usize,
+    /// The most payload bytes queued. Default 4 MiB.
+    pub bytes: usize,
+    /// What a full queue does.
+    pub policy: OverflowPolicy,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits {
+            messages: 1024,
+            bytes: 4 << 20,
+            policy: OverflowPolicy::Disconnect,
+        }
+    }
+}
+
+/// One queued message.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// The frame to write.
+    pub message: PreparedMessage,
+    /// Its key, for [`OverflowPolicy::LatestPerKey`].
+    pub key: Option<Arc<str>>,
+}
+
+/// Why a queue stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueClosed {
+    /// It overflowed: the client reads too slowly.
+    SlowConsumer,
+    /// The hub disconnected the client (say, through the publish API).
+    Disconnected,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    items: VecDeque<Queued>,
+    bytes: usize,
+    closed: Option<QueueClosed>,
+}
+
+/// A connection's outgoing queue: the hub pushes, the connection's task
+/// pops. Pushing never blocks and never grows past the limits.
+#[derive(Debug)]
+pub struct Queue {
+    state: Mutex<State>,
+    ready: Notify,
+    limits: QueueLimits,
+}
+
+impl Queue {
+    /// An empty queue.
+    pub fn new(limits: QueueLimits) -> Self {
+        Queue {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            limits,
+        }
+    }
+
+    /// Queues a message, applying the overflow policy when full. Returns
+    /// false if the queue is (now) closed.
+    pub fn push(&self, item: Queued) -> bool {
+        let mut s = lock(&self.state);
+        if s.closed.is_some() {
+            return false;
+        }
+        let size = item.message.message().len();
+        let full = s.items.len() >= self.limits.messages
+            || (s.bytes + size > self.limits.bytes && !s.items.is_empty());
+        if full {
+            let replaced = match (&item.key, self.limits.policy) {
+                (Some(key), OverflowPolicy::LatestPerKey) => s
+                    .items
+                    .iter()
+                    .position(|q| q.key.as_deref() == Some(&**key)),
+                _ => None,
+            };
+            match replaced {
+                Some(i) => {
+                    if let Some(old) = s.items.remove(i) {
+                        s.bytes -= old.message.message().len();
+                    }
+                }
+                None => {
+                    s.items.clear();
+                    s.bytes = 0;
+                    s.closed = Some(QueueClosed::SlowConsumer);
+                    drop(s);
+                    self.ready.notify_one();
+                    return false;
+                }
+            }
+        }
+        s.bytes += size;
+        s.items.push_back(item);
+        drop(s);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Closes the queue: the connection's next [`Queue::pop_all`] says why.
+    pub fn close(&self, why: QueueClosed) {
+        let mut s = lock(&self.state);
+        if s.closed.is_none() {
+            s.closed = Some(why);
+            s.items.clear();
+            s.bytes = 0;
+        }
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// Waits for messages and moves all of them into `out` (in order), or
+    /// says why the queue closed.
+    pub async fn pop_all(&self, out: &mut Vec<Queued>) -> Result<(), QueueClosed> {
+        loop {
+            {
+                let mut s = lock(&self.state);
+                if let Some(why) = s.closed {
+                    return Err(why);
+                }
+                if !s.items.is_empty() {
+                    out.extend(s.items.drain(..));
+                    s.bytes = 0;
+                    return Ok(());
+                }
+            }
+            // `notify_one` stores a permit when nobody waits, so a push
+            // between the check above and this wait is not missed.
+            self.ready.notified().await;
+        }
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        lock(&self.state).items.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walkie_proto::Message;
+
+    fn item(text: &str, key: Option<&str>) -> Queued {
+        Queued {
+            message: PreparedMessage::new(Message::text(text.to_owned())),
+            key: key.map(Into::into),
+        }
+    }
+
+    fn limits(messages: usize, policy: OverflowPolicy) -> QueueLimits {
+        QueueLimits {
+            messages,
+            bytes: 1 << 20,
+            policy,
+        }
+    }
+
+    #[tokio::test]
+    async fn overflow_disconnects_by_default() {
+        let q = Queue::new(limits(2, OverflowPolicy::Disconnect));
+        assert!(q.push(item("a", None)));
+        assert!(q.push(item("b", None)));
+        assert!(!q.push(item("c", None)));
+        assert!(q.is_empty(), "memory is released at once");
+        let mut out = Vec::new();
+        assert_eq!(q.pop_all(&mut out).await, Err(QueueClosed::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn byte_limit_counts_payloads() {
+        let q = Queue::new(QueueLimits {
+            messages: 100,
+            bytes: 10,
+            policy: OverflowPolicy::Disconnect,
+        });
+        assert!(
+            q.push(item("0123456789abc", None)),
+            "one message always fits"
+        );
+        assert!(!q.push(item("x", None)));
+    }
+
+    #[tokio::test]
+    async fn latest_per_key_replaces_the_queued_state() {
+        let q = Queue::new(limits(2, OverflowPolicy::LatestPerKey));
+        assert!(q.push(item("home 1", Some("home"))));
+        assert!(q.push(item("away 1", Some("away"))));
+        assert!(q.push(item("home 2", Some("home"))));
+        let mut out = Vec::new();
+        q.pop_all(&mut out).await.unwrap();
+        let texts: Vec<_> = out
+            .iter()
+            .map(|q| q.message.message().as_text().unwrap().to_owned())
+            .collect();
+        assert_eq!(texts, ["away 1", "home 2"]);
+        assert!(q.push(item("a", Some("a"))));
+        assert!(q.push(item("b", Some("b"))));
+        assert!(
+            !q.push(item("c", Some("c"))),
+            "a new key cannot be collapsed"
+        );
+    }
+
+    #[tokio::test]
+    async fn pop_waits_for_a_push() {
+        let q = Arc::new(Queue::new(QueueLimits::default()));
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move {
+            let mut out = Vec::new();
+            q2.pop_all(&mut out).await.map(|()| out.len())
+        });
+        tokio::task::yield_now().await;
+        q.push(item("x", None));
+        assert_eq!(waiter.await.unwrap(), Ok(1));
+    }
+}

@@ -1,0 +1,75 @@
+//! The durable engine keeps history, offsets and epochs across a restart,
+//! and refuses a database another process holds.
+
+use std::time::Duration;
+
+use walkie_hub::{
+    Broker, ChannelName, DurableBroker, HistoryFilter, HistoryOptions, NewPublication, OpenError,
+    PublishOptions,
+};
+
+fn kept() -> PublishOptions {
+    PublishOptions {
+        history: Some(HistoryOptions {
+            size: 100,
+            ttl: Duration::from_secs(3600),
+        }),
+        ..PublishOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn history_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = ChannelName::new("rooms:lobby").unwrap();
+    let before = {
+        let broker = DurableBroker::open(dir.path()).unwrap();
+        for i in 1..=5 {
+            broker
+                .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
+                .await
+                .unwrap();
+        }
+        broker
+            .history(ch.clone(), HistoryFilter::default())
+            .await
+            .unwrap()
+    };
+    let broker = DurableBroker::open(dir.path()).unwrap();
+    let after = broker
+        .history(ch.clone(), HistoryFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after.position.offset, 5);
+    let next = broker
+        .publish(ch.clone(), NewPublication::text("m6"), kept())
+        .await
+        .unwrap();
+    assert_eq!(next.position.offset, 6, "offsets go on after a restart");
+    assert_eq!(next.position.epoch, before.position.epoch, "same epoch");
+}
+
+#[tokio::test]
+async fn a_database_in_use_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = DurableBroker::open(dir.path()).unwrap();
+    match DurableBroker::open(dir.path()) {
+        Err(e @ OpenError::InUse { .. }) => {
+            assert!(e.to_string().contains("in use"), "{e}");
+        }
+        other => panic!("expected InUse, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(walkie_hub::DATABASE_FILE),
+        b"not a database at all",
+    )
+    .unwrap();
+    let err = DurableBroker::open(dir.path()).unwrap_err();
+    assert!(matches!(err, OpenError::Database { .. }), "{err:?}");
+}

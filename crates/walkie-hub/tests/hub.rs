@@ -1,0 +1,281 @@
+//! The hub over the memory engine: fan-out from one framed copy, joining
+//! with history, recovery after a gap exactly once, and slow consumers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use walkie_hub::{
+    Broker, ChannelName, Client, Format, HistoryOptions, Hub, MemoryBroker, NewPublication,
+    PublishOptions, QueueClosed, QueueLimits, Queued, Recover, StreamPosition,
+};
+
+fn hub() -> Hub {
+    Hub::new(Arc::new(MemoryBroker::new()) as Arc<dyn Broker>)
+}
+
+fn kept(size: usize) -> PublishOptions {
+    PublishOptions {
+        history: Some(HistoryOptions {
+            size,
+            ttl: Duration::from_secs(60),
+        }),
+        ..PublishOptions::default()
+    }
+}
+
+fn ch(name: &str) -> ChannelName {
+    ChannelName::new(name).unwrap()
+}
+
+async fn drain(client: &Client) -> Vec<Queued> {
+    let mut out = Vec::new();
+    if !client.queue().is_empty() {
+        client.queue().pop_all(&mut out).await.unwrap();
+    }
+    out
+}
+
+fn texts(items: &[Queued]) -> Vec<String> {
+    items
+        .iter()
+        .map(|q| q.message.message().as_text().unwrap().to_owned())
+        .collect()
+}
+
+async fn publish(hub: &Hub, channel: &ChannelName, text: &str, size: usize) -> StreamPosition {
+    hub.publish(channel.clone(), NewPublication::text(text), kept(size))
+        .await
+        .unwrap()
+        .position
+}
+
+#[tokio::test]
+async fn one_frame_is_shared_by_every_subscriber() {
+    let hub = hub();
+    let room = ch("rooms:a");
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = hub.client(QueueLimits::default());
+        c.subscribe(room.clone(), Format::Raw, Recover::Nothing)
+            .await
+            .unwrap();
+        clients.push(c);
+    }
+    publish(&hub, &room, "hello", 10).await;
+    let mut frames = Vec::new();
+    for c in &clients {
+        let got = drain(c).await;
+        assert_eq!(texts(&got), ["hello"]);
+        frames.push(got[0].message.frame().clone());
+    }
+    assert!(
+        frames.iter().all(|f| f.as_ptr() == frames[0].as_ptr()),
+        "every subscriber writes the same bytes"
+    );
+}
+
+#[tokio::test]
+async fn binary_stays_binary() {
+    let hub = hub();
+    let room = ch("rooms:bin");
+    let mut c = hub.client(QueueLimits::default());
+    c.subscribe(room.clone(), Format::Raw, Recover::Nothing)
+        .await
+        .unwrap();
+    hub.publish(room, NewPublication::binary(vec![1u8, 2, 255]), kept(5))
+        .await
+        .unwrap();
+    let got = drain(&c).await;
+    assert!(!got[0].message.message().is_text());
+    assert_eq!(got[0].message.message().as_bytes(), [1, 2, 255]);
+}
+
+#[tokio::test]
+async fn a_late_joiner_gets_the_last_n_then_the_live_stream() {
+    let hub = hub();
+    let room = ch("rooms:late");
+    for i in 1..=5 {
+        publish(&hub, &room, &format!("m{i}"), 100).await;
+    }
+    let mut c = hub.client(QueueLimits::default());
+    let s = c
+        .subscribe(room.clone(), Format::Raw, Recover::Last(3))
+        .await
+        .unwrap();
+    assert_eq!(s.position.offset, 5);
+    assert_eq!(s.from_history, 3);
+    publish(&hub, &room, "m6", 100).await;
+    assert_eq!(texts(&drain(&c).await), ["m3", "m4", "m5", "m6"]);
+}
+
+#[tokio::test]
+async fn recovery_returns_exactly_what_was_missed_or_says_it_cannot() {
+    let hub = hub();
+    let room = ch("rooms:recover");
+    let mut seen = StreamPosition {
+        offset: 0,
+        epoch: "".into(),
+    };
+    for i in 1..=3 {
+        seen = publish(&hub, &room, &format!("m{i}"), 3).await;
+    }
+    for i in 4..=6 {
+        publish(&hub, &room, &format!("m{i}"), 3).await;
+    }
+    let mut c = hub.client(QueueLimits::default());
+    let s = c
+        .subscribe(room.clone(), Format::Raw, Recover::Since(seen.clone()))
+        .await
+        .unwrap();
+    assert!(s.recovered);
+    assert_eq!(texts(&drain(&c).await), ["m4", "m5", "m6"]);
+
+    // History holds 3 messages: a client that saw only m1 missed m2 and
+    // m3, which are gone.
+    let mut old = seen.clone();
+    old.offset = 1;
+    let mut c = hub.client(QueueLimits::default());
+    let s = c
+        .subscribe(room.clone(), Format::Raw, Recover::Since(old))
+        .await
+        .unwrap();
+    assert!(!s.recovered);
+    assert_eq!(s.position.offset, 6);
+    publish(&hub, &room, "m7", 3).await;
+    assert_eq!(texts(&drain(&c).await), ["m7"], "live stream only");
+
+    // Another epoch: nothing can be recovered.
+    let mut other = seen;
+    other.epoch = "not-this-one".into();
+    let mut c = hub.client(QueueLimits::default());
+    let s = c
+        .subscribe(room.clone(), Format::Raw, Recover::Since(other))
+        .await
+        .unwrap();
+    assert!(!s.recovered);
+    assert!(drain(&c).await.is_empty());
+}
+
+/// Clients leave and rejoin with recovery while a publisher never stops:
+/// each ends with every message exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoining_under_load_loses_and_repeats_nothing() {
+    const TOTAL: usize = 2000;
+    let hub = hub();
+    let room = ch("rooms:chaos");
+    let publisher = {
+        let hub = hub.clone();
+        let room = room.clone();
+        tokio::spawn(async move {
+            for i in 1..=TOTAL {
+                publish(&hub, &room, &i.to_string(), 10_000).await;
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for r in 0..4u64 {
+        let hub = hub.clone();
+        let room = room.clone();
+        readers.push(tokio::spawn(async move {
+            let mut got: Vec<usize> = Vec::new();
+            let mut position: Option<StreamPosition> = None;
+            let mut round = 0u64;
+            while got.len() < TOTAL {
+                round += 1;
+                let mut c = hub.client(QueueLimits::default());
+                let recover = position
+                    .clone()
+                    .map_or(Recover::Last(TOTAL), Recover::Since);
+                let s = c
+                    .subscribe(room.clone(), Format::Raw, recover)
+                    .await
+                    .unwrap();
+                assert!(s.recovered, "history covers every gap here");
+                let epoch = s.position.epoch.clone();
+                // Read a few batches, then "disconnect".
+                for _ in 0..(1 + (r + round) % 3) {
+                    let mut items = Vec::new();
+                    let popped = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        c.queue().pop_all(&mut items),
+                    )
+                    .await;
+                    if popped.is_err() {
+                        break;
+                    }
+                    for q in items {
+                        let n: usize = q.message.message().as_text().unwrap().parse().unwrap();
+                        got.push(n);
+                    }
+                }
+                // Offsets equal the message numbers on this channel.
+                position = Some(StreamPosition {
+                    offset: got.last().copied().unwrap_or(0) as u64,
+                    epoch,
+                });
+                drop(c);
+            }
+            got
+        }));
+    }
+    publisher.await.unwrap();
+    for r in readers {
+        let got = tokio::time::timeout(Duration::from_secs(30), r)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, (1..=TOTAL).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_cut_off_and_the_others_are_not() {
+    let hub = hub();
+    let room = ch("rooms:slow");
+    let small = QueueLimits {
+        messages: 10,
+        ..QueueLimits::default()
+    };
+    let mut slow = hub.client(small);
+    let mut fast = hub.client(small);
+    slow.subscribe(room.clone(), Format::Raw, Recover::Nothing)
+        .await
+        .unwrap();
+    fast.subscribe(room.clone(), Format::Raw, Recover::Nothing)
+        .await
+        .unwrap();
+    for i in 0..50 {
+        publish(&hub, &room, &i.to_string(), 10).await;
+        if i % 5 == 4 {
+            assert_eq!(drain(&fast).await.len(), 5);
+        }
+    }
+    let mut out = Vec::new();
+    assert_eq!(
+        slow.queue().pop_all(&mut out).await,
+        Err(QueueClosed::SlowConsumer)
+    );
+    assert!(slow.queue().is_empty(), "nothing held for a dead consumer");
+}
+
+#[tokio::test]
+async fn leaving_removes_the_subscriber() {
+    let hub = hub();
+    let room = ch("rooms:leave");
+    let mut a = hub.client(QueueLimits::default());
+    let mut b = hub.client(QueueLimits::default());
+    a.subscribe(room.clone(), Format::Raw, Recover::Nothing)
+        .await
+        .unwrap();
+    b.subscribe(room.clone(), Format::Raw, Recover::Nothing)
+        .await
+        .unwrap();
+    assert_eq!(hub.local_subscribers(&room), 2);
+    a.unsubscribe(&room);
+    assert_eq!(hub.local_subscribers(&room), 1);
+    drop(b);
+    assert_eq!(hub.local_subscribers(&room), 0);
+}
