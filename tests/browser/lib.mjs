@@ -231,7 +231,8 @@ function walkieEnv() {
 export async function startWalkie(port, name = String(port)) {
   const log = join(outDir(), `walkie-${name}.log`);
   const fd = openSync(log, 'a');
-  const child = spawn(env('WALKIE_BIN'), ['serve', '--bind', `127.0.0.1:${port}`], {
+  const args = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', join(outDir(), `data-${name}`)];
+  const child = spawn(env('WALKIE_BIN'), args, {
     stdio: ['ignore', fd, fd],
     env: walkieEnv(),
   });

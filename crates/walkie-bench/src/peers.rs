@@ -103,7 +103,10 @@ impl Peer {
             Program::Walkie => {
                 cmd.arg(root.join("target/release/walkie"))
                     .args(["serve", "--bind"])
-                    .arg(format!("127.0.0.1:{port}"));
+                    .arg(format!("127.0.0.1:{port}"))
+                    // Echo keeps no history; several benchmark servers may
+                    // run at once.
+                    .arg("--in-memory");
                 if !deflate {
                     cmd.arg("--no-deflate");
                 }

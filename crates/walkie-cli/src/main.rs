@@ -5,6 +5,7 @@
 //! - `main.rs`: the command line (clap) and logging set-up.
 //! - `serve.rs`: `walkie serve`: the listener, routing, graceful shutdown.
 //! - `handlers.rs`: the WebSocket endpoints (`/` chat, `/echo`).
+//! - `rooms.rs`: `/rooms/{name}`, rooms by URL on the hub.
 //! - `http.rs`: plain HTTP routes (the chat page, `/health`) on axum.
 //! - `connect.rs`: `walkie connect`: a terminal client that works in pipes.
 //! - `units.rs`: parsing sizes and durations given on the command line.
@@ -12,6 +13,7 @@
 mod connect;
 mod handlers;
 mod http;
+mod rooms;
 mod serve;
 mod units;
 

@@ -14,8 +14,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 use walkie::{Incoming, ServerConfig};
 
+use walkie_hub::{
+    Broker, DurableBroker, HistoryOptions, Hub, MemoryBroker, OverflowPolicy, QueueLimits,
+};
+
+use crate::rooms::RoomSettings;
 use crate::units::{Toggle, parse_duration, parse_optional_duration, parse_size};
-use crate::{handlers, http};
+use crate::{handlers, http, rooms};
 
 /// Options of `walkie serve`. Every flag also reads an environment variable.
 #[derive(Debug, Clone, Args)]
@@ -70,6 +75,33 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
+    /// Directory for durable data (room history). Default:
+    /// $XDG_DATA_HOME/walkie, else ~/.local/share/walkie.
+    #[arg(long, env = "WALKIE_DATA_DIR", conflicts_with = "in_memory")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Keep history in memory only: nothing is written to disk, and history
+    /// is lost on restart.
+    #[arg(long, env = "WALKIE_IN_MEMORY")]
+    pub in_memory: bool,
+
+    /// Messages of history kept per room (`?history=N` replays up to this).
+    #[arg(long, env = "WALKIE_ROOM_HISTORY", default_value = "100", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub room_history: u32,
+
+    /// How long a room keeps a message in its history.
+    #[arg(long, env = "WALKIE_ROOM_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub room_history_ttl: Duration,
+
+    /// Most messages waiting to be sent to one client; a client that falls
+    /// further behind is disconnected (1013) and may reconnect.
+    #[arg(long, env = "WALKIE_CLIENT_QUEUE", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..))]
+    pub client_queue: u32,
+
+    /// Most bytes waiting to be sent to one client (same policy).
+    #[arg(long, env = "WALKIE_CLIENT_QUEUE_BYTES", default_value = "4M", value_parser = parse_size)]
+    pub client_queue_bytes: usize,
+
     /// Write logs as JSON lines instead of text. Filter with WALKIE_LOG or
     /// RUST_LOG (e.g. `debug`, `walkie=trace`).
     #[arg(long, env = "WALKIE_LOG_JSON")]
@@ -105,6 +137,60 @@ impl ServeArgs {
 pub struct AppState {
     pub config: ServerConfig,
     pub shutdown: CancellationToken,
+    /// Channels and fan-out, shared by every worker thread.
+    pub hub: Hub,
+    pub rooms: RoomSettings,
+}
+
+impl ServeArgs {
+    fn room_settings(&self) -> RoomSettings {
+        RoomSettings {
+            history: HistoryOptions {
+                size: self.room_history as usize,
+                ttl: self.room_history_ttl,
+            },
+            queue: QueueLimits {
+                messages: self.client_queue as usize,
+                bytes: self.client_queue_bytes,
+                policy: OverflowPolicy::Disconnect,
+            },
+        }
+    }
+
+    /// The engine: history in the data directory, or in memory.
+    fn broker(&self) -> Result<(Arc<dyn Broker>, String), String> {
+        if self.in_memory {
+            return Ok((Arc::new(MemoryBroker::new()), "in memory".into()));
+        }
+        let dir = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => default_data_dir().ok_or(
+                "no home directory for the default data directory: give --data-dir or --in-memory",
+            )?,
+        };
+        match DurableBroker::open(&dir) {
+            Ok(b) => {
+                let where_ = format!("in {}", b.path().display());
+                Ok((Arc::new(b), where_))
+            }
+            Err(e) => Err(format!(
+                "--data-dir: {e} (give another --data-dir, or --in-memory)"
+            )),
+        }
+    }
+}
+
+/// $XDG_DATA_HOME/walkie, else ~/.local/share/walkie.
+fn default_data_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })?;
+    Some(base.join("walkie"))
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -133,6 +219,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
         },
         _ => None,
     };
+    let (broker, history_at) = match args.broker() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("walkie: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let hub = Hub::new(broker);
     let workers = args
         .workers
         .map(usize::from)
@@ -163,12 +257,15 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .unwrap_or(args.bind);
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(
-        "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo; {workers} worker thread(s))"
+        "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME; {workers} worker thread(s))"
     );
+    info!("history kept {history_at}");
 
     let state = Arc::new(AppState {
         config,
         shutdown: CancellationToken::new(),
+        hub,
+        rooms: args.room_settings(),
     });
     let tracker = TaskTracker::new();
     let mut threads = Vec::new();
@@ -360,11 +457,15 @@ where
         Box::pin(http::serve(incoming, peer, state)).await;
         return;
     }
-    match incoming.request().path() {
+    let path = incoming.request().path().to_owned();
+    match path.as_str() {
         "/" => handlers::chat(incoming, peer, &state).await,
         "/echo" => handlers::echo(incoming, peer, &state).await,
+        p if p.starts_with("/rooms/") => {
+            Box::pin(rooms::room(incoming, &p["/rooms/".len()..], peer, &state)).await;
+        }
         path => {
-            let message = format!("no WebSocket endpoint at {path} (try / or /echo)");
+            let message = format!("no WebSocket endpoint at {path} (try /, /echo or /rooms/NAME)");
             incoming.reject(404, &message).await;
         }
     }

@@ -74,7 +74,10 @@ struct State {
 #[derive(Debug)]
 pub struct Queue {
     state: Mutex<State>,
+    /// Wakes the connection's task waiting in `pop_all`.
     ready: Notify,
+    /// Wakes everyone waiting in `closed`, once.
+    closing: Notify,
     limits: QueueLimits,
 }
 
@@ -84,6 +87,7 @@ impl Queue {
         Queue {
             state: Mutex::default(),
             ready: Notify::new(),
+            closing: Notify::new(),
             limits,
         }
     }
@@ -118,6 +122,7 @@ impl Queue {
                     s.closed = Some(QueueClosed::SlowConsumer);
                     drop(s);
                     self.ready.notify_one();
+                    self.closing.notify_waiters();
                     return false;
                 }
             }
@@ -139,6 +144,23 @@ impl Queue {
         }
         drop(s);
         self.ready.notify_one();
+        self.closing.notify_waiters();
+    }
+
+    /// Resolves once the queue is closed, with why. A connection blocked
+    /// writing to a slow socket waits on this too, so that it notices when
+    /// its queue overflowed.
+    pub async fn closed(&self) -> QueueClosed {
+        loop {
+            let notified = self.closing.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a close in between still wakes it.
+            notified.as_mut().enable();
+            if let Some(why) = lock(&self.state).closed {
+                return why;
+            }
+            notified.await;
+        }
     }
 
     /// Waits for messages and moves all of them into `out` (in order), or
@@ -236,6 +258,22 @@ mod tests {
         assert!(
             !q.push(item("c", Some("c"))),
             "a new key cannot be collapsed"
+        );
+    }
+
+    #[tokio::test]
+    async fn closed_wakes_a_waiter_on_overflow() {
+        let q = Arc::new(Queue::new(limits(1, OverflowPolicy::Disconnect)));
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move { q2.closed().await });
+        tokio::task::yield_now().await;
+        q.push(item("a", None));
+        q.push(item("b", None));
+        assert_eq!(waiter.await.unwrap(), QueueClosed::SlowConsumer);
+        assert_eq!(
+            q.closed().await,
+            QueueClosed::SlowConsumer,
+            "already closed"
         );
     }
 

@@ -30,8 +30,10 @@ pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
 }
 
 /// A `walkie` command with a clean environment: no `WALKIE_*` or `RUST_LOG`
-/// inherited from whoever runs the tests.
-fn command(args: &[OsString], envs: &[(&str, &str)]) -> Command {
+/// inherited from whoever runs the tests, and a data directory of its own
+/// (removed when the returned guard drops) unless the arguments or `envs`
+/// choose where history goes.
+fn command(args: &[OsString], envs: &[(&str, &str)]) -> (Command, Option<tempfile::TempDir>) {
     let mut cmd = Command::new(WALKIE);
     cmd.args(args);
     for (key, _) in std::env::vars_os() {
@@ -42,7 +44,17 @@ fn command(args: &[OsString], envs: &[(&str, &str)]) -> Command {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    cmd
+    let chosen = args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == "--in-memory" || a.starts_with("--data-dir")
+    }) || envs
+        .iter()
+        .any(|(k, _)| *k == "WALKIE_DATA_DIR" || *k == "WALKIE_IN_MEMORY");
+    let data = (!chosen).then(|| tempfile::tempdir().expect("cannot create a data directory"));
+    if let Some(dir) = &data {
+        cmd.env("WALKIE_DATA_DIR", dir.path());
+    }
+    (cmd, data)
 }
 
 fn os_args<I, A>(args: I) -> Vec<OsString>
@@ -143,6 +155,9 @@ impl Log {
 #[derive(Debug)]
 pub struct Server {
     child: ChildGuard,
+    /// The data directory the test gave it, if any; removed on drop (after
+    /// the child is killed: fields drop in order).
+    _data: Option<tempfile::TempDir>,
     pub port: u16,
     pub https: bool,
     log: Arc<Log>,
@@ -163,7 +178,7 @@ impl Server {
         I: IntoIterator<Item = A>,
         A: AsRef<std::ffi::OsStr>,
     {
-        let mut cmd = command(&os_args(args), envs);
+        let (mut cmd, data) = command(&os_args(args), envs);
         cmd.env("WALKIE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -183,6 +198,7 @@ impl Server {
             parse_listening(&line).unwrap_or_else(|| panic!("cannot read the address in {line:?}"));
         Server {
             child,
+            _data: data,
             port,
             https,
             log,
@@ -318,7 +334,7 @@ where
     A: AsRef<std::ffi::OsStr>,
 {
     let args = os_args(args);
-    let mut cmd = command(&args, envs);
+    let (mut cmd, _data) = command(&args, envs);
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {

@@ -1,0 +1,242 @@
+//! `walkie serve`, `/rooms/{name}`: every member's message goes to every
+//! member, unchanged; `?history=N` replays the last N; history survives a
+//! restart (or not, with `--in-memory`); a member that reads nothing is cut
+//! off without slowing the others.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RawWs, Server, http_exchange, upgrade_request, within};
+use tokio::io::AsyncWriteExt;
+use walkie::{CloseCode, Message};
+
+type Ws = walkie::WebSocket<walkie::MaybeTlsStream>;
+
+async fn join(server: &Server, path: &str) -> Ws {
+    walkie::connect(&server.ws_url(path)).await.unwrap()
+}
+
+async fn next(ws: &mut Ws) -> Message {
+    tokio::time::timeout(Duration::from_secs(5), ws.recv())
+        .await
+        .expect("no message within 5 s")
+        .expect("connection ended")
+        .expect("connection failed")
+}
+
+#[tokio::test]
+async fn members_see_each_others_messages_and_other_rooms_do_not() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let mut alice = join(&server, "/rooms/lobby").await;
+        let mut bob = join(&server, "/rooms/lobby").await;
+        let mut carol = join(&server, "/rooms/elsewhere").await;
+        // Both members are in once the server logged both joins.
+        assert!(server.wait_log(&["joined room", "lobby"]).is_some());
+        for _ in 0..50 {
+            if server
+                .log()
+                .iter()
+                .filter(|l| l.contains("joined room") && l.contains("lobby"))
+                .count()
+                >= 2
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        alice.send("hi from alice").await.unwrap();
+        assert_eq!(next(&mut bob).await, Message::text("hi from alice"));
+        assert_eq!(
+            next(&mut alice).await,
+            Message::text("hi from alice"),
+            "the sender too"
+        );
+
+        bob.send(Message::binary(vec![0u8, 1, 2, 255]))
+            .await
+            .unwrap();
+        for ws in [&mut alice, &mut bob] {
+            let m = next(ws).await;
+            assert!(!m.is_text(), "binary stays binary");
+            assert_eq!(m.as_bytes(), [0, 1, 2, 255]);
+        }
+
+        carol.send("only here").await.unwrap();
+        assert_eq!(next(&mut carol).await, Message::text("only here"));
+        alice.send("after").await.unwrap();
+        assert_eq!(
+            next(&mut bob).await,
+            Message::text("after"),
+            "nothing from the other room"
+        );
+        for ws in [&mut alice, &mut bob, &mut carol] {
+            ws.close(CloseCode::NORMAL, "").await.unwrap();
+        }
+    })
+    .await;
+}
+
+async fn say(server: &Server, room: &str, lines: &[&str]) {
+    let mut ws = join(server, room).await;
+    for line in lines {
+        ws.send(*line).await.unwrap();
+        // Our own copy comes back once the message is stored.
+        assert_eq!(next(&mut ws).await, Message::text(*line));
+    }
+    ws.close(CloseCode::NORMAL, "").await.unwrap();
+}
+
+async fn replay(server: &Server, path: &str, n: usize) -> Vec<String> {
+    let mut ws = join(server, path).await;
+    let mut got = Vec::new();
+    for _ in 0..n {
+        got.push(next(&mut ws).await.as_text().unwrap().to_owned());
+    }
+    // Nothing more than asked for.
+    let extra = tokio::time::timeout(Duration::from_millis(300), ws.recv()).await;
+    assert!(extra.is_err(), "unexpected extra message: {extra:?}");
+    got
+}
+
+#[tokio::test]
+async fn a_late_joiner_gets_the_last_n_messages() {
+    let server = Server::start(&[]);
+    within(20, async {
+        say(&server, "/rooms/news", &["one", "two", "three", "four"]).await;
+        assert_eq!(
+            replay(&server, "/rooms/news?history=2", 2).await,
+            ["three", "four"]
+        );
+        assert_eq!(
+            replay(&server, "/rooms/news?history=10", 4).await,
+            ["one", "two", "three", "four"]
+        );
+        assert!(replay(&server, "/rooms/news", 0).await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn history_survives_a_restart_unless_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    within(40, async {
+        {
+            let server = Server::start(&["--data-dir", data]);
+            say(&server, "/rooms/keep", &["before the restart"]).await;
+            server.signal("TERM");
+        }
+        let server = Server::start(&["--data-dir", data]);
+        assert_eq!(
+            replay(&server, "/rooms/keep?history=5", 1).await,
+            ["before the restart"]
+        );
+        drop(server);
+
+        let mut volatile = Server::start(&["--in-memory"]);
+        say(&volatile, "/rooms/keep", &["gone"]).await;
+        volatile.signal("TERM");
+        assert!(volatile.wait_exit(Duration::from_secs(10)).is_some());
+        let volatile = Server::start(&["--in-memory"]);
+        assert!(
+            replay(&volatile, "/rooms/keep?history=5", 0)
+                .await
+                .is_empty()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_data_dir_in_use_is_refused_with_a_message_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let _first = Server::start(&["--data-dir", data]);
+    let run = common::run_walkie(
+        ["serve", "--bind", "127.0.0.1:0", "--data-dir", data],
+        &[],
+        None,
+        Duration::from_secs(10),
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--data-dir"), "{}", run.stderr);
+    assert!(run.stderr.contains("in use"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn bad_room_paths_get_a_400_that_says_why() {
+    let server = Server::start(&[]);
+    within(10, async {
+        for (path, needle) in [
+            ("/rooms/", "1 to 64"),
+            ("/rooms/a%20b", "letters, digits"),
+            ("/rooms/a/b", "letters, digits"),
+            ("/rooms/ok?history=lots", "history="),
+            ("/rooms/ok?history=101", "0 to 100"),
+        ] {
+            let r = http_exchange(server.port, upgrade_request(path, "").as_bytes()).await;
+            assert_eq!(r.status, 400, "{path}: {r:?}");
+            assert!(r.body.contains(needle), "{path}: {}", r.body);
+        }
+    })
+    .await;
+}
+
+/// A member that never reads fills its socket and then its queue; it is
+/// disconnected, the server's memory stays bounded, and the others keep
+/// getting every message.
+#[tokio::test]
+async fn a_member_that_reads_nothing_is_cut_off_and_the_others_are_not() {
+    let server = Server::start(&["--client-queue", "64", "--client-queue-bytes", "256K"]);
+    within(60, async {
+        let mut slow = RawWs::connect(server.port, "/rooms/busy", "").await;
+        let mut reader = join(&server, "/rooms/busy").await;
+        // The writer is a member too: its own copies are drained aside.
+        let (mut echoes, mut writer) = join(&server, "/rooms/busy").await.split();
+        let drain = tokio::spawn(async move { while let Some(Ok(_)) = echoes.recv().await {} });
+        let _ = slow.stream.flush().await;
+        let payload = "x".repeat(16 * 1024);
+        let total = 2000;
+        let send = async {
+            for _ in 0..total {
+                writer.send(payload.as_str()).await.unwrap();
+            }
+        };
+        let receive = async {
+            for i in 0..total {
+                let m = next(&mut reader).await;
+                assert_eq!(m.len(), payload.len(), "message {i}");
+            }
+        };
+        tokio::join!(send, receive);
+        assert!(
+            server.wait_log(&["left room", "too slow"]).is_some(),
+            "the slow member was not cut off; log:\n{}",
+            server.log_text()
+        );
+        // What the slow member can still read ends: with 1013 if the close
+        // frame fit in its socket, or with the connection closed.
+        let mut frames = 0usize;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(f) = slow.read_frame().await {
+                if f.opcode == 0x8 {
+                    assert_eq!(&f.payload[..2], &1013u16.to_be_bytes());
+                    return;
+                }
+                frames += 1;
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the slow member's connection did not end (read {frames} frames)"
+        );
+        assert!(frames < total, "it got {frames} of {total}: not cut off");
+        let _ = writer.close(CloseCode::NORMAL, "").await;
+        let _ = drain.await;
+    })
+    .await;
+}
