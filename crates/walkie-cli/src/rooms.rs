@@ -10,8 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 use walkie::{CloseCode, Incoming, Message, WebSocket};
 use walkie_hub::{
-    ChannelName, Format, HistoryOptions, NewPublication, PublishOptions, QueueClosed, QueueLimits,
-    Recover,
+    ChannelName, Format, HistoryOptions, Kind, NewPublication, PublishOptions, QueueClosed,
+    QueueLimits, Recover,
 };
 
 use crate::serve::AppState;
@@ -149,8 +149,8 @@ where
             next = ws.recv() => match next {
                 Some(Ok(message)) => {
                     let publication = match message {
-                        Message::Text(t) => NewPublication { data: t.into_bytes(), binary: false, key: None },
-                        Message::Binary(b) => NewPublication { data: b, binary: true, key: None },
+                        Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
+                        Message::Binary(b) => NewPublication::new(Kind::Binary, b),
                     };
                     if let Err(e) = state.hub.publish(channel.clone(), publication, options.clone()).await {
                         warn!(room = %channel, "publish failed: {e}");

@@ -21,7 +21,7 @@ use crate::channel::ChannelName;
 use crate::engine::{Broker, BrokerEvents};
 use crate::memory::lock;
 use crate::publication::{
-    HistoryFilter, HistoryOptions, NewPublication, Publication, PublishOptions,
+    HistoryFilter, HistoryOptions, Kind, NewPublication, Publication, PublishOptions,
 };
 
 /// Publications delivered to a broker's events, in arrival order.
@@ -390,31 +390,81 @@ pub async fn channels_are_isolated(broker: Arc<dyn Broker>) {
     assert!(s.events.on(&b).is_empty());
 }
 
-/// Binary stays binary, text stays text, keys are kept, in delivery and in
+/// The payload's kind, its key and the publisher's info are kept, in delivery and in
 /// history.
 pub async fn payload_kind_and_key_survive(broker: Arc<dyn Broker>) {
     let s = Setup::new(broker).await;
     let ch = s.channel("kinds").await;
     let mut keyed = NewPublication::binary(vec![0u8, 159, 146, 150, 255]);
     keyed.key = Some("home".into());
+    keyed.info = Some(Bytes::from_static(br#"{"user":"42"}"#));
     s.broker
         .publish(ch.clone(), keyed.clone(), kept(10))
         .await
         .unwrap();
     s.broker
-        .publish(ch.clone(), NewPublication::text("héllo"), kept(10))
+        .publish(
+            ch.clone(),
+            NewPublication::new(Kind::Json, r#"{"score":"héllo"}"#),
+            kept(10),
+        )
         .await
         .unwrap();
     let h = s.broker.history(ch.clone(), all()).await.unwrap();
     let delivered = s.events.wait_for(&ch, 2).await;
     for list in [&h.publications, &delivered] {
         assert_eq!(list.len(), 2);
-        assert!(list[0].binary);
+        assert_eq!(list[0].kind, Kind::Binary);
         assert_eq!(list[0].data, keyed.data);
         assert_eq!(list[0].key.as_deref(), Some("home"));
-        assert!(!list[1].binary);
-        assert_eq!(list[1].data, Bytes::from("héllo"));
+        assert_eq!(list[0].info, keyed.info);
+        assert_eq!(list[1].kind, Kind::Json);
+        assert_eq!(list[1].data, Bytes::from(r#"{"score":"héllo"}"#));
         assert_eq!(list[1].key, None);
+        assert_eq!(list[1].info, None);
         assert!(list[1].time_ms >= list[0].time_ms);
     }
+}
+
+/// Runs every presence check, each on a fresh manager from `make`.
+pub async fn run_presence<F: Fn() -> Arc<dyn crate::PresenceManager>>(make: F) {
+    presence_add_remove_and_isolation(make()).await;
+}
+
+/// Adding is idempotent, removing works, channels are isolated, and stats
+/// count users once however many connections they have.
+pub async fn presence_add_remove_and_isolation(p: Arc<dyn crate::PresenceManager>) {
+    use crate::{ClientInfo, PresenceStats};
+    let prefix = format!("conformance-{:08x}", rand::random::<u32>());
+    let a = ChannelName::new(&format!("{prefix}:a")).unwrap();
+    let b = ChannelName::new(&format!("{prefix}:b")).unwrap();
+    let info = |client: &str, user: &str| ClientInfo {
+        client: client.into(),
+        user: user.into(),
+        info: Some(Bytes::from_static(br#"{"name":"x"}"#)),
+    };
+    p.add(a.clone(), info("c1", "42")).await.unwrap();
+    p.add(a.clone(), info("c1", "42")).await.unwrap();
+    p.add(a.clone(), info("c2", "42")).await.unwrap();
+    p.add(a.clone(), info("c3", "43")).await.unwrap();
+    let now = p.presence(a.clone()).await.unwrap();
+    assert_eq!(now.len(), 3);
+    assert_eq!(now["c1"], info("c1", "42"));
+    assert_eq!(
+        PresenceStats::of(&now),
+        PresenceStats {
+            clients: 3,
+            users: 2
+        }
+    );
+    assert!(p.presence(b.clone()).await.unwrap().is_empty());
+    p.remove(a.clone(), "c2".into()).await.unwrap();
+    p.remove(a.clone(), "absent".into()).await.unwrap();
+    let now = p.presence(a.clone()).await.unwrap();
+    let mut ids: Vec<_> = now.keys().cloned().collect();
+    ids.sort();
+    assert_eq!(ids, ["c1", "c3"]);
+    p.remove(a.clone(), "c1".into()).await.unwrap();
+    p.remove(a.clone(), "c3".into()).await.unwrap();
+    assert!(p.presence(a).await.unwrap().is_empty());
 }

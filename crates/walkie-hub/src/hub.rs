@@ -11,7 +11,7 @@ use crate::channel::ChannelName;
 use crate::engine::{Broker, BrokerEvents, EngineError};
 use crate::memory::lock;
 use crate::publication::{
-    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
+    History, HistoryFilter, Kind, NewPublication, Publication, PublishOptions, PublishResult,
     StreamPosition,
 };
 use crate::queue::{Queue, QueueLimits, Queued};
@@ -20,8 +20,11 @@ use crate::queue::{Queue, QueueLimits, Queued};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
     /// The payload alone, as a text or binary message: no envelope (rooms
-    /// by URL).
+    /// by URL). Joins and leaves are not delivered.
     Raw,
+    /// The Walkie protocol's JSON envelope (`docs/protocol.md`): a `pub`,
+    /// `join` or `leave` push naming the channel.
+    Json,
 }
 
 /// What a subscriber asks to receive from history when it joins.
@@ -74,23 +77,27 @@ impl Dispatch {
     }
 }
 
-/// Frames a publication for `format`.
-fn frame(publication: &Publication, format: Format) -> PreparedMessage {
-    match format {
-        Format::Raw => {
-            let message = if publication.binary {
-                Message::Binary(publication.data.clone())
-            } else {
-                match Utf8Bytes::try_from(publication.data.clone()) {
-                    Ok(text) => Message::Text(text),
-                    // Engines keep text valid; a damaged store still must
-                    // not produce an invalid text frame.
-                    Err(_) => Message::Binary(publication.data.clone()),
-                }
-            };
-            PreparedMessage::new(message)
-        }
-    }
+/// Frames a publication for `format`; `None` if that format does not carry
+/// it.
+fn frame(
+    channel: &ChannelName,
+    publication: &Publication,
+    format: Format,
+) -> Option<PreparedMessage> {
+    let message = match format {
+        Format::Raw => match publication.kind {
+            Kind::Binary => Message::Binary(publication.data.clone()),
+            Kind::Text | Kind::Json => match Utf8Bytes::try_from(publication.data.clone()) {
+                Ok(text) => Message::Text(text),
+                // Engines keep text valid; a damaged store still must not
+                // produce an invalid text frame.
+                Err(_) => Message::Binary(publication.data.clone()),
+            },
+            Kind::Join | Kind::Leave => return None,
+        },
+        Format::Json => Message::text(crate::protocol::push(channel, publication)),
+    };
+    Some(PreparedMessage::new(message))
 }
 
 impl BrokerEvents for Dispatch {
@@ -99,15 +106,22 @@ impl BrokerEvents for Dispatch {
             return;
         };
         let mut members = lock(&members);
-        // Framed once, on first use, and shared by every subscriber.
+        // Framed once per format, on first use, and shared by every
+        // subscriber of that format.
         let mut raw = None;
+        let mut json = None;
         for m in members.iter_mut() {
             if let Some(joining) = &mut m.joining {
                 joining.push(publication.clone());
                 continue;
             }
-            let message = match m.format {
-                Format::Raw => raw.get_or_insert_with(|| frame(publication, Format::Raw)),
+            let slot = match m.format {
+                Format::Raw => &mut raw,
+                Format::Json => &mut json,
+            };
+            let Some(message) = slot.get_or_insert_with(|| frame(channel, publication, m.format))
+            else {
+                continue;
             };
             m.queue.push(Queued {
                 message: message.clone(),
@@ -322,20 +336,24 @@ impl Client {
         let from_history = history.publications.len();
         for p in &history.publications {
             last = last.max(p.offset);
-            self.queue.push(Queued {
-                message: frame(p, format),
-                key: p.key.clone(),
-            });
+            if let Some(message) = frame(&channel, p, format) {
+                self.queue.push(Queued {
+                    message,
+                    key: p.key.clone(),
+                });
+            }
         }
         if let Some(joining) = me.joining.take() {
             for p in joining {
                 // Offset 0: not in history, so not a duplicate of it.
                 if p.offset == 0 || p.offset > last {
                     last = last.max(p.offset);
-                    self.queue.push(Queued {
-                        message: frame(&p, format),
-                        key: p.key.clone(),
-                    });
+                    if let Some(message) = frame(&channel, &p, format) {
+                        self.queue.push(Queued {
+                            message,
+                            key: p.key.clone(),
+                        });
+                    }
                 }
             }
         }

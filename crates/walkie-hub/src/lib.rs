@@ -14,6 +14,9 @@
 //!   with recovery; fan-out from one framed copy.
 //! - [`Queue`] (`queue.rs`): each connection's bounded outgoing queue and
 //!   its [`OverflowPolicy`] for slow consumers.
+//! - [`PresenceManager`] (`presence.rs`): who is in a channel;
+//!   [`MemoryPresence`].
+//! - [`protocol`]: the Walkie protocol's wire format.
 //! - [`conformance`]: the tests every engine must pass.
 //! - `stream.rs`: in-memory stream bookkeeping the engines share.
 
@@ -23,6 +26,8 @@ mod durable;
 mod engine;
 mod hub;
 mod memory;
+mod presence;
+pub mod protocol;
 mod publication;
 mod queue;
 mod stream;
@@ -32,8 +37,9 @@ pub use durable::{DATABASE_FILE, DurableBroker, OpenError};
 pub use engine::{BoxFuture, Broker, BrokerEvents, EngineError};
 pub use hub::{Client, Format, Hub, Recover, Subscribed};
 pub use memory::MemoryBroker;
+pub use presence::{ClientInfo, MemoryPresence, PresenceManager, PresenceStats};
 pub use publication::{
-    DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, NewPublication, Publication,
-    PublishOptions, PublishResult, StreamPosition,
+    DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, Kind, NewPublication,
+    Publication, PublishOptions, PublishResult, StreamPosition,
 };
 pub use queue::{OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued};

@@ -5,6 +5,51 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+/// What a payload is. Rooms by URL carry text and binary as they came;
+/// the Walkie protocol publishes JSON; joins and leaves are presence events
+/// whose payload is the client's info (never kept in history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// UTF-8 text.
+    Text,
+    /// Bytes.
+    Binary,
+    /// One JSON value (valid UTF-8).
+    Json,
+    /// A client joined the channel; the payload is its info (JSON).
+    Join,
+    /// A client left the channel; the payload is its info (JSON).
+    Leave,
+}
+
+impl Kind {
+    /// Whether the payload is text (anything but binary).
+    pub fn is_text(self) -> bool {
+        self != Kind::Binary
+    }
+
+    pub(crate) fn to_u8(self) -> u8 {
+        match self {
+            Kind::Text => 0,
+            Kind::Binary => 1,
+            Kind::Json => 2,
+            Kind::Join => 3,
+            Kind::Leave => 4,
+        }
+    }
+
+    pub(crate) fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            0 => Kind::Text,
+            1 => Kind::Binary,
+            2 => Kind::Json,
+            3 => Kind::Join,
+            4 => Kind::Leave,
+            _ => return None,
+        })
+    }
+}
+
 /// A message published to a channel, as delivered and as kept in history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
@@ -14,8 +59,11 @@ pub struct Publication {
     pub offset: u64,
     /// The payload, exactly as published.
     pub data: Bytes,
-    /// Whether the payload is binary; text otherwise (valid UTF-8).
-    pub binary: bool,
+    /// What the payload is.
+    pub kind: Kind,
+    /// Who published it, as a JSON object (`{"user":..,"client":..}`), if
+    /// known.
+    pub info: Option<Bytes>,
     /// When it was published, in milliseconds since the Unix epoch.
     pub time_ms: u64,
     /// A key for state-like channels: a slow subscriber may skip to the
@@ -28,29 +76,33 @@ pub struct Publication {
 pub struct NewPublication {
     /// The payload.
     pub data: Bytes,
-    /// Whether the payload is binary. Text must be valid UTF-8.
-    pub binary: bool,
+    /// What it is. Text, JSON and presence payloads must be valid UTF-8.
+    pub kind: Kind,
+    /// See [`Publication::info`].
+    pub info: Option<Bytes>,
     /// See [`Publication::key`].
     pub key: Option<Arc<str>>,
 }
 
 impl NewPublication {
-    /// A text message.
-    pub fn text(text: impl Into<String>) -> Self {
+    /// A payload of some kind, with no info and no key.
+    pub fn new(kind: Kind, data: impl Into<Bytes>) -> Self {
         NewPublication {
-            data: Bytes::from(text.into()),
-            binary: false,
+            data: data.into(),
+            kind,
+            info: None,
             key: None,
         }
     }
 
+    /// A text message.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::new(Kind::Text, text.into())
+    }
+
     /// A binary message.
     pub fn binary(data: impl Into<Bytes>) -> Self {
-        NewPublication {
-            data: data.into(),
-            binary: true,
-            key: None,
-        }
+        Self::new(Kind::Binary, data)
     }
 
     /// The publication with its offset and the time now.
@@ -58,7 +110,8 @@ impl NewPublication {
         Publication {
             offset,
             data: self.data,
-            binary: self.binary,
+            kind: self.kind,
+            info: self.info,
             time_ms: now_ms(),
             key: self.key,
         }

@@ -21,3 +21,11 @@ async fn durable_engine_conforms() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn memory_presence_conforms() {
+    conformance::run_presence(|| {
+        Arc::new(walkie_hub::MemoryPresence::new()) as Arc<dyn walkie_hub::PresenceManager>
+    })
+    .await;
+}
