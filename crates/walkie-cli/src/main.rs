@@ -6,6 +6,8 @@
 //! - `serve.rs`: `walkie serve`: the listener, routing, graceful shutdown.
 //! - `handlers.rs`: the WebSocket endpoints (`/` chat, `/echo`).
 //! - `rooms.rs`: `/rooms/{name}`, rooms by URL on the hub.
+//! - `ws.rs`: `/ws`, the Walkie protocol (`walkie_hub::Session`).
+//! - `outbox.rs`: writing a connection's hub queue to its socket.
 //! - `http.rs`: plain HTTP routes (the chat page, `/health`) on axum.
 //! - `connect.rs`: `walkie connect`: a terminal client that works in pipes.
 //! - `units.rs`: parsing sizes and durations given on the command line.
@@ -13,9 +15,11 @@
 mod connect;
 mod handlers;
 mod http;
+mod outbox;
 mod rooms;
 mod serve;
 mod units;
+mod ws;
 
 use std::process::ExitCode;
 

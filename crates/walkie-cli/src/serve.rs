@@ -15,12 +15,13 @@ use tracing::{debug, error, info, warn};
 use walkie::{Incoming, ServerConfig};
 
 use walkie_hub::{
-    Broker, DurableBroker, HistoryOptions, Hub, MemoryBroker, OverflowPolicy, QueueLimits,
+    Broker, DurableBroker, HistoryOptions, Hub, HubConfig, MemoryBroker, Node, OverflowPolicy,
+    QueueLimits, Verifier,
 };
 
 use crate::rooms::RoomSettings;
 use crate::units::{Toggle, parse_duration, parse_optional_duration, parse_size};
-use crate::{handlers, http, rooms};
+use crate::{handlers, http, rooms, ws};
 
 /// Options of `walkie serve`. Every flag also reads an environment variable.
 #[derive(Debug, Clone, Args)]
@@ -74,6 +75,12 @@ pub struct ServeArgs {
     /// (default: one per available core).
     #[arg(long, env = "WALKIE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+
+    /// A TOML file with auth and channel namespaces for the Walkie protocol
+    /// at /ws (see docs/protocol.md). Without one: anonymous clients, and an
+    /// open default namespace and `rooms` namespace.
+    #[arg(long, short = 'c', env = "WALKIE_CONFIG")]
+    pub config: Option<PathBuf>,
 
     /// Directory for durable data (room history). Default:
     /// $XDG_DATA_HOME/walkie, else ~/.local/share/walkie.
@@ -139,6 +146,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Channels and fan-out, shared by every worker thread.
     pub hub: Hub,
+    /// What Walkie protocol sessions share: the hub, auth, namespaces.
+    pub node: Arc<Node>,
     pub rooms: RoomSettings,
 }
 
@@ -178,6 +187,16 @@ impl ServeArgs {
             )),
         }
     }
+}
+
+/// The hub's configuration from `--config`, or the built-in one.
+fn load_hub_config(path: Option<&std::path::Path>) -> Result<HubConfig, String> {
+    let Some(path) = path else {
+        return Ok(HubConfig::default());
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    HubConfig::from_toml(&text).map_err(|e| format!("--config {}: {e}", path.display()))
 }
 
 /// $XDG_DATA_HOME/walkie, else ~/.local/share/walkie.
@@ -226,7 +245,31 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let hub_config = match load_hub_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("walkie: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let verifier = match Verifier::new(&hub_config.auth) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("walkie: --config: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let hub = Hub::new(broker);
+    let node = Arc::new(Node {
+        hub: hub.clone(),
+        config: hub_config,
+        verifier,
+        queue: QueueLimits {
+            messages: args.client_queue as usize,
+            bytes: args.client_queue_bytes,
+            policy: OverflowPolicy::LatestPerKey,
+        },
+    });
     let workers = args
         .workers
         .map(usize::from)
@@ -257,7 +300,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .unwrap_or(args.bind);
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(
-        "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME; {workers} worker thread(s))"
+        "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME, the Walkie protocol at /ws; {workers} worker thread(s))"
     );
     info!("history kept {history_at}");
 
@@ -265,6 +308,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         config,
         shutdown: CancellationToken::new(),
         hub,
+        node,
         rooms: args.room_settings(),
     });
     let tracker = TaskTracker::new();
@@ -461,11 +505,13 @@ where
     match path.as_str() {
         "/" => handlers::chat(incoming, peer, &state).await,
         "/echo" => handlers::echo(incoming, peer, &state).await,
+        "/ws" => Box::pin(ws::endpoint(incoming, peer, &state)).await,
         p if p.starts_with("/rooms/") => {
             Box::pin(rooms::room(incoming, &p["/rooms/".len()..], peer, &state)).await;
         }
         path => {
-            let message = format!("no WebSocket endpoint at {path} (try /, /echo or /rooms/NAME)");
+            let message =
+                format!("no WebSocket endpoint at {path} (try /, /echo, /ws or /rooms/NAME)");
             incoming.reject(404, &message).await;
         }
     }

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use walkie_proto::{Message, PreparedMessage, Utf8Bytes};
 
 use crate::channel::ChannelName;
 use crate::engine::{Broker, BrokerEvents, EngineError};
 use crate::memory::lock;
+use crate::presence::{MemoryPresence, PresenceManager};
 use crate::publication::{
     History, HistoryFilter, Kind, NewPublication, Publication, PublishOptions, PublishResult,
     StreamPosition,
@@ -131,12 +132,21 @@ impl BrokerEvents for Dispatch {
     }
 }
 
+/// Each connected user's connections: client number and queue.
+type UserQueues = HashMap<String, Vec<(u64, Weak<Queue>)>>;
+
 /// The hub of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
     broker: Arc<dyn Broker>,
+    presence: Arc<dyn PresenceManager>,
     dispatch: Arc<Dispatch>,
     next_client: Arc<AtomicU64>,
+    /// Connected users' queues, to disconnect a user from every node's
+    /// API call. Weak: a connection that ends takes its entry with it.
+    users: Arc<Mutex<UserQueues>>,
+    /// This node's random id, the prefix of its client ids.
+    node: Arc<str>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -146,20 +156,34 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub over `broker`, which delivers to it from now on.
+    /// A hub over `broker` (which delivers to it from now on), with
+    /// presence in memory.
     pub fn new(broker: Arc<dyn Broker>) -> Hub {
+        Hub::with_presence(broker, Arc::new(MemoryPresence::new()))
+    }
+
+    /// A hub over `broker` and `presence`.
+    pub fn with_presence(broker: Arc<dyn Broker>, presence: Arc<dyn PresenceManager>) -> Hub {
         let dispatch = Arc::new(Dispatch::default());
         broker.set_events(dispatch.clone());
         Hub {
             broker,
+            presence,
             dispatch,
             next_client: Arc::new(AtomicU64::new(1)),
+            users: Arc::default(),
+            node: format!("{:08x}", rand::random::<u32>()).into(),
         }
     }
 
     /// The engine.
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
+    }
+
+    /// Where presence is kept.
+    pub fn presence(&self) -> &Arc<dyn PresenceManager> {
+        &self.presence
     }
 
     /// A new client of this node, with an empty outgoing queue.
@@ -169,7 +193,29 @@ impl Hub {
             queue: Arc::new(Queue::new(limits)),
             hub: self.clone(),
             channels: Vec::new(),
+            user: None,
         }
+    }
+
+    /// Closes every connection of `user` on this node (their queues end
+    /// with [`QueueClosed::Disconnected`]); returns how many.
+    ///
+    /// [`QueueClosed::Disconnected`]: crate::QueueClosed::Disconnected
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        let queues = lock(&self.users).remove(user).unwrap_or_default();
+        let mut n = 0;
+        for (_, queue) in queues {
+            if let Some(q) = queue.upgrade() {
+                q.close(crate::queue::QueueClosed::Disconnected);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Connections on this node.
+    pub fn connected_users(&self) -> usize {
+        lock(&self.users).len()
     }
 
     /// Publishes to a channel.
@@ -234,9 +280,46 @@ pub struct Client {
     queue: Arc<Queue>,
     hub: Hub,
     channels: Vec<ChannelName>,
+    /// The user it was registered as, for [`Hub::disconnect_user`].
+    user: Option<String>,
 }
 
 impl Client {
+    /// Its id, unique across nodes: the node's id and a counter.
+    pub fn id(&self) -> String {
+        format!("{}-{}", self.hub.node, self.id)
+    }
+
+    /// The hub it belongs to.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Registers the connection as `user`'s, so that
+    /// [`Hub::disconnect_user`] reaches it.
+    pub fn set_user(&mut self, user: &str) {
+        self.unset_user();
+        let mut users = lock(&self.hub.users);
+        users
+            .entry(user.to_owned())
+            .or_default()
+            .push((self.id, Arc::downgrade(&self.queue)));
+        self.user = Some(user.to_owned());
+    }
+
+    fn unset_user(&mut self) {
+        let Some(user) = self.user.take() else {
+            return;
+        };
+        let mut users = lock(&self.hub.users);
+        if let Some(list) = users.get_mut(&user) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                users.remove(&user);
+            }
+        }
+    }
+
     /// The queue this client's connection writes from.
     pub fn queue(&self) -> &Arc<Queue> {
         &self.queue
@@ -373,6 +456,7 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        self.unset_user();
         for channel in std::mem::take(&mut self.channels) {
             self.hub.leave(&channel, self.id);
         }

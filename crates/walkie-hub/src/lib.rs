@@ -4,6 +4,8 @@
 //! # Layout
 //!
 //! - [`ChannelName`] (`channel.rs`): validated names and their namespace.
+//! - [`HubConfig`] (`config.rs`): auth and namespaces, from TOML.
+//! - [`auth`]: connection and subscription tokens (JWT).
 //! - `publication.rs`: [`Publication`], [`StreamPosition`] (offset and
 //!   epoch), publish and history options.
 //! - [`Broker`] (`engine.rs`): the engine trait and its contract.
@@ -17,10 +19,13 @@
 //! - [`PresenceManager`] (`presence.rs`): who is in a channel;
 //!   [`MemoryPresence`].
 //! - [`protocol`]: the Walkie protocol's wire format.
+//! - [`Session`] (`session.rs`): one Walkie protocol connection, no I/O.
 //! - [`conformance`]: the tests every engine must pass.
 //! - `stream.rs`: in-memory stream bookkeeping the engines share.
 
+pub mod auth;
 mod channel;
+mod config;
 pub mod conformance;
 mod durable;
 mod engine;
@@ -30,9 +35,12 @@ mod presence;
 pub mod protocol;
 mod publication;
 mod queue;
+mod session;
 mod stream;
 
+pub use auth::{AuthError, Identity, Verifier};
 pub use channel::{ChannelName, ChannelNameError, MAX_CHANNEL_LEN};
+pub use config::{AuthConfig, ConfigError, HubConfig, NamespaceConfig};
 pub use durable::{DATABASE_FILE, DurableBroker, OpenError};
 pub use engine::{BoxFuture, Broker, BrokerEvents, EngineError};
 pub use hub::{Client, Format, Hub, Recover, Subscribed};
@@ -43,3 +51,6 @@ pub use publication::{
     Publication, PublishOptions, PublishResult, StreamPosition,
 };
 pub use queue::{OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued};
+pub use session::{
+    CONNECT_TIMEOUT_SECS, CloseReason, MAX_HISTORY_LIMIT, MAX_SUBSCRIPTIONS, Node, Session,
+};

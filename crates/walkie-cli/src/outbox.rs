@@ -1,0 +1,46 @@
+//! Writing a connection's hub queue to its socket, shared by the rooms and
+//! the Walkie protocol endpoints.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use walkie::{CloseCode, WebSocket};
+use walkie_hub::QueueClosed;
+
+/// Why a batch was not all queued for writing.
+pub enum Sent {
+    Failed(walkie::Error),
+    Closed(QueueClosed),
+}
+
+/// Queues a batch on the socket. Feeding waits while the socket is over
+/// its high-water mark (a slow reader); meanwhile the hub's queue absorbs
+/// the room's messages up to its limit, and an overflow ends the wait.
+/// What is fed leaves at the next poll of `recv` (writes are corked until
+/// then).
+pub async fn send_batch<S>(
+    ws: &mut WebSocket<S>,
+    batch: &mut Vec<walkie_hub::Queued>,
+    queue: &walkie_hub::Queue,
+) -> Result<(), Sent>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for queued in batch.drain(..) {
+        tokio::select! {
+            biased;
+            fed = ws.feed_prepared(&queued.message) => fed.map_err(Sent::Failed)?,
+            why = queue.closed() => return Err(Sent::Closed(why)),
+        }
+    }
+    Ok(())
+}
+
+/// Closes, giving up after the close timeout even if the peer reads
+/// nothing (a slow consumer's socket may be full).
+pub async fn close_within<S>(ws: &mut WebSocket<S>, code: CloseCode, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(code, reason)).await;
+}

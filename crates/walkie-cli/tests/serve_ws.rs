@@ -1,0 +1,266 @@
+//! `walkie serve`, `/ws`: the Walkie protocol as docs/protocol.md defines
+//! it, with the built-in configuration (anonymous clients, open default
+//! and `rooms` namespaces).
+
+mod common;
+
+#[path = "common/proto.rs"]
+mod proto;
+
+use common::{Server, http_exchange, upgrade_request, within};
+use serde_json::json;
+use walkie::{CloseCode, Message};
+
+#[tokio::test]
+async fn two_clients_publish_see_presence_joins_and_leaves() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let (mut a, info_a) = proto::connected(server.port, None).await;
+        assert_eq!(info_a["user"], "");
+        assert_eq!(info_a["version"], "walkie.v1");
+        let sub = a.ok("subscribe", json!({"channel": "lobby"})).await;
+        assert_eq!(sub["offset"], 0);
+        let epoch = sub["epoch"].as_str().unwrap().to_owned();
+        assert!(!epoch.is_empty());
+        assert_eq!(
+            a.push().await["join"]["info"]["client"],
+            info_a["client"],
+            "own join"
+        );
+
+        let (mut b, info_b) = proto::connected(server.port, None).await;
+        b.ok("subscribe", json!({"channel": "lobby"})).await;
+        let join = a.push().await;
+        assert_eq!(join["join"]["channel"], "lobby");
+        assert_eq!(join["join"]["info"]["client"], info_b["client"]);
+
+        let presence = a.ok("presence", json!({"channel": "lobby"})).await;
+        let clients = presence["clients"].as_object().unwrap();
+        assert_eq!(clients.len(), 2);
+        let stats = a.ok("presence_stats", json!({"channel": "lobby"})).await;
+        assert_eq!(stats, json!({"clients": 2, "users": 1}));
+
+        let r = b
+            .ok(
+                "publish",
+                json!({"channel": "lobby", "data": {"text": "hi"}}),
+            )
+            .await;
+        assert_eq!(r["offset"], 1);
+        assert_eq!(r["epoch"], epoch.as_str());
+        assert_eq!(r["duplicate"], false);
+        for p in [&mut a, &mut b] {
+            let publication = p.publication().await;
+            assert_eq!(publication["channel"], "lobby");
+            assert_eq!(publication["offset"], 1);
+            assert_eq!(publication["data"], json!({"text": "hi"}));
+            assert_eq!(publication["info"]["client"], info_b["client"]);
+        }
+
+        b.ok("unsubscribe", json!({"channel": "lobby"})).await;
+        let leave = a.push().await;
+        assert_eq!(leave["leave"]["info"]["client"], info_b["client"]);
+        assert_eq!(
+            b.error_code("unsubscribe", json!({"channel": "lobby"}))
+                .await,
+            113
+        );
+
+        // A client that goes away leaves too.
+        b.ok("subscribe", json!({"channel": "lobby"})).await;
+        assert!(a.push().await.get("join").is_some());
+        b.ws.close(CloseCode::NORMAL, "").await.unwrap();
+        assert!(a.push().await.get("leave").is_some());
+        let stats = a.ok("presence_stats", json!({"channel": "lobby"})).await;
+        assert_eq!(stats["clients"], 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_recovers_exactly_what_it_missed() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        let (mut reader, _) = proto::connected(server.port, None).await;
+        reader.ok("subscribe", json!({"channel": "feed"})).await;
+        for i in 1..=3 {
+            publisher.ok("publish", json!({"channel": "feed", "data": i})).await;
+        }
+        let mut last = json!(null);
+        for i in 1..=3 {
+            let p = reader.publication().await;
+            assert_eq!(p["data"], i);
+            last = p;
+        }
+        let epoch = reader.ok("history", json!({"channel": "feed", "limit": 0})).await["epoch"].clone();
+        reader.ws.close(CloseCode::NORMAL, "").await.unwrap();
+
+        for i in 4..=8 {
+            publisher.ok("publish", json!({"channel": "feed", "data": i})).await;
+        }
+        let (mut back, _) = proto::connected(server.port, None).await;
+        let sub = back
+            .ok("subscribe", json!({"channel": "feed", "recover": true, "offset": last["offset"], "epoch": epoch}))
+            .await;
+        assert_eq!(sub["recovered"], true);
+        assert_eq!(sub["history"], 5);
+        publisher.ok("publish", json!({"channel": "feed", "data": 9})).await;
+        for i in 4..=9 {
+            let p = back.publication().await;
+            assert_eq!((p["offset"].as_u64(), p["data"].as_u64()), (Some(i), Some(i)));
+        }
+
+        // Another epoch: recovery is refused, and said so.
+        let (mut lost, _) = proto::connected(server.port, None).await;
+        let sub = lost
+            .ok("subscribe", json!({"channel": "feed", "recover": true, "offset": 2, "epoch": "other"}))
+            .await;
+        assert_eq!(sub["recovered"], false);
+        assert_eq!(sub["history"], 0);
+        assert_eq!(sub["offset"], 9);
+
+        // history: since, limit, reverse.
+        let h = back
+            .ok("history", json!({"channel": "feed", "since": {"offset": 6, "epoch": epoch}, "limit": 2}))
+            .await;
+        let offsets: Vec<u64> = h["publications"].as_array().unwrap().iter().map(|p| p["offset"].as_u64().unwrap()).collect();
+        assert_eq!(offsets, [7, 8]);
+        let h = back.ok("history", json!({"channel": "feed", "limit": 2, "reverse": true})).await;
+        assert_eq!(h["publications"][0]["data"], 9);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idempotent_publish_is_delivered_once_and_history_n_replays() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let (mut c, _) = proto::connected(server.port, None).await;
+        let first = c
+            .ok(
+                "publish",
+                json!({"channel": "orders", "data": "paid", "idempotency_key": "o-1"}),
+            )
+            .await;
+        let again = c
+            .ok(
+                "publish",
+                json!({"channel": "orders", "data": "paid", "idempotency_key": "o-1"}),
+            )
+            .await;
+        assert_eq!(again["duplicate"], true);
+        assert_eq!(again["offset"], first["offset"]);
+        c.ok("publish", json!({"channel": "orders", "data": "shipped"}))
+            .await;
+        let sub = c
+            .ok("subscribe", json!({"channel": "orders", "history": 10}))
+            .await;
+        assert_eq!(sub["history"], 2);
+        assert_eq!(c.publication().await["data"], "paid");
+        assert_eq!(c.publication().await["data"], "shipped");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mistakes_get_the_documented_codes() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let mut c = proto::open(server.port).await;
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "x"})).await,
+            110
+        );
+        c.ok("connect", json!({})).await;
+        assert_eq!(c.error_code("connect", json!({})).await, 111);
+        assert_eq!(c.error_code("fly", json!({})).await, 104);
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "nowhere:x"}))
+                .await,
+            102
+        );
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "has space"}))
+                .await,
+            102
+        );
+        assert_eq!(c.error_code("subscribe", json!({})).await, 107);
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "a", "recover": true}))
+                .await,
+            107
+        );
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "a", "history": 1000}))
+                .await,
+            107
+        );
+        c.ok("subscribe", json!({"channel": "a"})).await;
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "a"})).await,
+            105
+        );
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "#42"})).await,
+            103,
+            "user channel, anonymous"
+        );
+        let big = "x".repeat(70_000);
+        assert_eq!(
+            c.error_code("publish", json!({"channel": "a", "data": big}))
+                .await,
+            112
+        );
+        assert_eq!(
+            c.error_code("publish", json!({"channel": "a", "data": 1, "key": "k"}))
+                .await,
+            107
+        );
+        c.ok("ping", json!({})).await;
+        c.send_raw("this is not JSON").await;
+        assert_eq!(c.closed().await, Some(4000));
+
+        let mut c = proto::open(server.port).await;
+        c.ws.send(Message::binary(vec![1u8])).await.unwrap();
+        assert_eq!(c.closed().await, Some(4000));
+
+        let r = http_exchange(server.port, upgrade_request("/ws", "").as_bytes()).await;
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("walkie.v1"), "{}", r.body);
+    })
+    .await;
+}
+
+/// A room member (`/rooms/lobby`, no envelope) and a Walkie protocol client
+/// subscribed to `rooms:lobby` talk to each other.
+#[tokio::test]
+async fn rooms_and_the_protocol_share_channels() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let mut member = walkie::connect(&server.ws_url("/rooms/lobby"))
+            .await
+            .unwrap();
+        let (mut c, _) = proto::connected(server.port, None).await;
+        c.ok("subscribe", json!({"channel": "rooms:lobby"})).await;
+        member.send("hello from the room").await.unwrap();
+        assert_eq!(c.publication().await["text"], "hello from the room");
+        c.ok(
+            "publish",
+            json!({"channel": "rooms:lobby", "data": {"from": "app"}}),
+        )
+        .await;
+        // The member's own message comes back first, then the app's.
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(5), member.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            got.push(m.as_text().unwrap().to_owned());
+        }
+        assert_eq!(got[1], r#"{"from":"app"}"#);
+    })
+    .await;
+}

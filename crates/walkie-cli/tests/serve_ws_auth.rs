@@ -1,0 +1,253 @@
+//! `/ws` with a configuration file: JWT connect and subscription tokens,
+//! channel permissions from claims, user channels, token expiry and
+//! refresh, anonymous access, and the Origin allow-list.
+
+mod common;
+
+#[path = "common/proto.rs"]
+mod proto;
+
+use std::time::Duration;
+
+use common::{Server, http_exchange, upgrade_request, within};
+use proto::{now, token};
+use serde_json::json;
+
+const SECRET: &str = "test-secret";
+
+fn server() -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walkie.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [auth]
+            hmac_secret = "{SECRET}"
+            anonymous = false
+            allowed_origins = ["https://good.example"]
+
+            [namespaces.chat]
+            presence = true
+            allow_publish = true
+
+            [namespaces.secret]
+            private = true
+            allow_publish = true
+
+            [namespaces.notifications]
+            history_size = 10
+            "#
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    (server, dir)
+}
+
+fn user(sub: &str, exp_in: i64, channels: &[&str]) -> String {
+    token(
+        SECRET,
+        json!({"sub": sub, "exp": now() as i64 + exp_in, "channels": channels, "info": {"name": sub}}),
+    )
+}
+
+#[tokio::test]
+async fn tokens_are_checked_at_connect() {
+    let (server, _dir) = server();
+    within(20, async {
+        let mut c = proto::open(server.port).await;
+        c.send_raw(r#"{"id":1,"connect":{}}"#).await;
+        assert_eq!(c.closed().await, Some(4001), "anonymous is off");
+
+        let mut c = proto::open(server.port).await;
+        let forged = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": "42"}),
+            &jsonwebtoken::EncodingKey::from_secret(b"wrong secret"),
+        )
+        .unwrap();
+        c.send_raw(&json!({"id": 1, "connect": {"token": forged}}).to_string())
+            .await;
+        assert_eq!(c.closed().await, Some(4001), "wrong signature");
+
+        let mut c = proto::open(server.port).await;
+        c.send_raw(&json!({"id": 1, "connect": {"token": user("42", -10, &[])}}).to_string())
+            .await;
+        assert_eq!(c.closed().await, Some(4002), "expired");
+
+        let (_, result) = proto::connected(server.port, Some(&user("42", 3600, &[]))).await;
+        assert_eq!(result["user"], "42");
+        assert!(result["expires_in"].as_u64().unwrap() > 3500);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn channel_permissions_come_from_claims_or_subscription_tokens() {
+    let (server, _dir) = server();
+    within(20, async {
+        let (mut c, _) =
+            proto::connected(server.port, Some(&user("42", 3600, &["secret:team-*"]))).await;
+        c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+        c.ok("subscribe", json!({"channel": "secret:team-red"}))
+            .await;
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "secret:board"}))
+                .await,
+            103
+        );
+        assert_eq!(
+            c.error_code("publish", json!({"channel": "secret:board", "data": 1}))
+                .await,
+            103
+        );
+        assert_eq!(
+            c.error_code("history", json!({"channel": "secret:board"}))
+                .await,
+            103
+        );
+        let grant = token(
+            SECRET,
+            json!({"sub": "42", "channel": "secret:board", "exp": now() + 3600}),
+        );
+        c.ok(
+            "subscribe",
+            json!({"channel": "secret:board", "token": grant}),
+        )
+        .await;
+        let other = token(
+            SECRET,
+            json!({"sub": "43", "channel": "secret:vault", "exp": now() + 3600}),
+        );
+        assert_eq!(
+            c.error_code(
+                "subscribe",
+                json!({"channel": "secret:vault", "token": other})
+            )
+            .await,
+            103
+        );
+        let expired = token(
+            SECRET,
+            json!({"sub": "42", "channel": "secret:vault", "exp": now() - 5}),
+        );
+        assert_eq!(
+            c.error_code(
+                "subscribe",
+                json!({"channel": "secret:vault", "token": expired})
+            )
+            .await,
+            109
+        );
+
+        // User channels: only the users named after `#`.
+        c.ok("subscribe", json!({"channel": "notifications:#42"}))
+            .await;
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "notifications:#43"}))
+                .await,
+            103
+        );
+        // Namespaces not configured do not exist; client publish is off where not allowed.
+        assert_eq!(
+            c.error_code("subscribe", json!({"channel": "plain"})).await,
+            102
+        );
+        assert_eq!(
+            c.error_code(
+                "publish",
+                json!({"channel": "notifications:#42", "data": 1})
+            )
+            .await,
+            108
+        );
+        assert_eq!(
+            c.error_code("presence", json!({"channel": "notifications:#42"}))
+                .await,
+            108
+        );
+
+        // Nothing leaks across channels: a publish reaches its channel only.
+        let (mut d, _) = proto::connected(server.port, Some(&user("43", 3600, &[]))).await;
+        d.ok("subscribe", json!({"channel": "chat:other"})).await;
+        c.ok(
+            "publish",
+            json!({"channel": "chat:lobby", "data": "for the lobby"}),
+        )
+        .await;
+        assert_eq!(c.publication().await["data"], "for the lobby");
+        d.ok(
+            "publish",
+            json!({"channel": "chat:other", "data": "for other"}),
+        )
+        .await;
+        assert_eq!(
+            d.publication().await["data"],
+            "for other",
+            "not the lobby's message"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_expiring_token_must_be_refreshed() {
+    let (server, _dir) = server();
+    within(30, async {
+        let (mut lazy, _) = proto::connected(server.port, Some(&user("42", 2, &[]))).await;
+        let (mut careful, _) = proto::connected(server.port, Some(&user("43", 2, &[]))).await;
+        let r = careful
+            .ok("refresh", json!({"token": user("43", 3600, &[])}))
+            .await;
+        assert!(r["expires_in"].as_u64().unwrap() > 3500);
+        assert_eq!(
+            careful
+                .error_code("refresh", json!({"token": user("44", 3600, &[])}))
+                .await,
+            101
+        );
+        assert_eq!(lazy.closed().await, Some(4002));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        careful.ok("ping", json!({})).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn browsers_from_other_origins_are_refused() {
+    let (server, _dir) = server();
+    within(10, async {
+        let proto_header = "Sec-WebSocket-Protocol: walkie.v1\r\n";
+        let bad = format!("{proto_header}Origin: https://evil.example\r\n");
+        let r = http_exchange(server.port, upgrade_request("/ws", &bad).as_bytes()).await;
+        assert_eq!(r.status, 403, "{r:?}");
+        assert!(r.body.contains("evil.example"));
+        let good = format!("{proto_header}Origin: https://good.example\r\n");
+        let r = http_exchange(server.port, upgrade_request("/ws", &good).as_bytes()).await;
+        assert_eq!(r.status, 101, "{r:?}");
+    })
+    .await;
+}
+
+#[test]
+fn a_bad_config_file_is_refused_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[namespaces.chat]\nhistory_ttl = \"forever\"\n").unwrap();
+    let run = common::run_walkie(
+        [
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+        None,
+        Duration::from_secs(10),
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--config"), "{}", run.stderr);
+    assert!(run.stderr.contains("history_ttl"), "{}", run.stderr);
+}

@@ -1,0 +1,667 @@
+//! One connection speaking the Walkie protocol (`docs/protocol.md`): its
+//! commands in, replies out; pushes go through its hub queue. No sockets:
+//! the I/O layer hands in each text message and the time, sends the reply,
+//! writes the queue, and closes when told to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use walkie_proto::{Message, PreparedMessage};
+
+use crate::auth::{AuthError, Identity, Verifier, channel_allowed};
+use crate::channel::ChannelName;
+use crate::config::{HubConfig, NamespaceConfig};
+use crate::hub::{Client, Format, Hub, Recover};
+use crate::presence::{ClientInfo, PresenceStats};
+use crate::protocol::{self, Command, ErrorCode, Position, ReplyError};
+use crate::publication::{HistoryFilter, Kind, NewPublication, PublishOptions, StreamPosition};
+use crate::queue::{QueueLimits, Queued};
+
+/// Most subscriptions per connection.
+pub const MAX_SUBSCRIPTIONS: usize = 256;
+/// Most messages a `history` command returns.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+/// Seconds a connection has to send `connect`.
+pub const CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Longest idempotency key and state key, in bytes.
+const MAX_KEY_LEN: usize = 64;
+
+/// What sessions of one node share.
+#[derive(Debug)]
+pub struct Node {
+    /// The hub.
+    pub hub: Hub,
+    /// Auth and namespaces.
+    pub config: HubConfig,
+    /// Checks tokens.
+    pub verifier: Verifier,
+    /// Each connection's queue limits. Use
+    /// [`OverflowPolicy::LatestPerKey`]: only messages published with a key
+    /// (allowed only in `latest_per_key` namespaces) are collapsed; any
+    /// other overflow disconnects.
+    ///
+    /// [`OverflowPolicy::LatestPerKey`]: crate::OverflowPolicy::LatestPerKey
+    pub queue: QueueLimits,
+}
+
+/// How the server ends a connection: a close code and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The WebSocket close code.
+    pub code: u16,
+    /// Why, for people.
+    pub reason: String,
+}
+
+impl CloseReason {
+    fn new(code: u16, reason: impl Into<String>) -> Self {
+        CloseReason {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One subscription's state.
+#[derive(Debug)]
+struct Sub {
+    presence: bool,
+    join_leave: bool,
+    /// When its subscription token expires.
+    expires_at: Option<u64>,
+}
+
+/// One Walkie protocol connection.
+#[derive(Debug)]
+pub struct Session {
+    node: Arc<Node>,
+    client: Client,
+    /// Set by `connect`.
+    identity: Option<Identity>,
+    subs: HashMap<ChannelName, Sub>,
+    /// When `connect` must have arrived by.
+    connect_deadline: u64,
+}
+
+type Reply = Result<Value, ReplyError>;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ReplyError {
+    ReplyError::new(code, message)
+}
+
+fn internal(e: impl std::fmt::Display) -> ReplyError {
+    tracing::warn!("engine failed: {e}");
+    err(ErrorCode::Internal, "internal error; try again")
+}
+
+#[derive(Deserialize)]
+struct ConnectParams {
+    token: Option<String>,
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChannelParams {
+    channel: String,
+}
+
+#[derive(Deserialize)]
+struct SubscribeParams {
+    channel: String,
+    #[serde(default)]
+    recover: bool,
+    offset: Option<u64>,
+    epoch: Option<String>,
+    history: Option<usize>,
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PublishParams {
+    channel: String,
+    data: Value,
+    idempotency_key: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    channel: String,
+    since: Option<Position>,
+    limit: Option<usize>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+#[derive(Deserialize)]
+struct RefreshParams {
+    token: String,
+}
+
+fn position(p: &StreamPosition) -> Value {
+    json!({ "offset": p.offset, "epoch": &*p.epoch })
+}
+
+impl Session {
+    /// A session that has not sent `connect` yet; `now` is the time in
+    /// seconds since the Unix epoch.
+    pub fn new(node: Arc<Node>, now: u64) -> Session {
+        let client = node.hub.client(node.queue);
+        Session {
+            node,
+            client,
+            identity: None,
+            subs: HashMap::new(),
+            connect_deadline: now + CONNECT_TIMEOUT_SECS,
+        }
+    }
+
+    /// The queue of pushes to write.
+    pub fn queue(&self) -> &Arc<crate::Queue> {
+        self.client.queue()
+    }
+
+    /// This connection's id.
+    pub fn client_id(&self) -> String {
+        self.client.id()
+    }
+
+    /// The user, once connected.
+    pub fn user(&self) -> Option<&str> {
+        self.identity.as_ref().map(|i| i.user.as_str())
+    }
+
+    /// When [`Session::handle_timeout`] must next be called (seconds since
+    /// the Unix epoch): the connect deadline, the token's expiry, or a
+    /// subscription token's.
+    pub fn deadline(&self) -> Option<u64> {
+        match &self.identity {
+            None => Some(self.connect_deadline),
+            Some(id) => id
+                .expires_at
+                .into_iter()
+                .chain(self.subs.values().filter_map(|s| s.expires_at))
+                .min(),
+        }
+    }
+
+    /// Applies deadlines that passed: a missing `connect` (4003), an
+    /// expired token (4002), expired subscription tokens (the subscription
+    /// ends with an `unsubscribe` push).
+    pub async fn handle_timeout(&mut self, now: u64) -> Option<CloseReason> {
+        let Some(identity) = &self.identity else {
+            return (now >= self.connect_deadline)
+                .then(|| CloseReason::new(4003, "no connect command in time"));
+        };
+        if identity.expires_at.is_some_and(|exp| exp <= now) {
+            return Some(CloseReason::new(4002, "token expired"));
+        }
+        let expired: Vec<ChannelName> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.expires_at.is_some_and(|exp| exp <= now))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for channel in expired {
+            self.leave(&channel).await;
+            let push = json!({"unsubscribe": {"channel": channel.as_str(), "code": ErrorCode::TokenExpired as u16, "reason": "subscription token expired"}});
+            self.client.queue().push(Queued {
+                message: PreparedMessage::new(Message::text(push.to_string())),
+                key: None,
+            });
+        }
+        None
+    }
+
+    /// Handles one text message: the reply to send, or why to close.
+    pub async fn handle_text(&mut self, text: &str, now: u64) -> Result<String, CloseReason> {
+        let command = protocol::parse(text).map_err(|e| CloseReason::new(4000, e.0))?;
+        let id = command.id;
+        let result = match command.method.as_str() {
+            "connect" => return self.connect(&command, now).await,
+            _ if self.identity.is_none() => Err(err(ErrorCode::NotConnected, "send connect first")),
+            "subscribe" => self.subscribe(&command, now).await,
+            "unsubscribe" => self.unsubscribe(&command).await,
+            "publish" => self.publish(&command).await,
+            "history" => self.history(&command).await,
+            "presence" => self.presence(&command, false).await,
+            "presence_stats" => self.presence(&command, true).await,
+            "refresh" => self.refresh(&command, now),
+            "ping" => Ok(json!({})),
+            other => Err(err(
+                ErrorCode::MethodNotFound,
+                format!("unknown method `{other}`"),
+            )),
+        };
+        Ok(match result {
+            Ok(v) => protocol::reply(id, v),
+            Err(e) => protocol::reply_error(id, &e),
+        })
+    }
+
+    /// Leaves every channel (presence and leave events) before the
+    /// connection goes away.
+    pub async fn close(&mut self) {
+        let channels: Vec<ChannelName> = self.subs.keys().cloned().collect();
+        for channel in channels {
+            self.leave(&channel).await;
+        }
+    }
+
+    async fn connect(&mut self, command: &Command, now: u64) -> Result<String, CloseReason> {
+        if self.identity.is_some() {
+            let e = err(ErrorCode::AlreadyConnected, "connected already");
+            return Ok(protocol::reply_error(command.id, &e));
+        }
+        let params: ConnectParams = match command.params() {
+            Ok(p) => p,
+            Err(e) => return Ok(protocol::reply_error(command.id, &e)),
+        };
+        let identity = match &params.token {
+            Some(token) => match self.node.verifier.connect(token) {
+                Ok(id) => id,
+                Err(AuthError::Expired) => return Err(CloseReason::new(4002, "token expired")),
+                Err(e) => return Err(CloseReason::new(4001, e.to_string())),
+            },
+            None if self.node.config.auth.anonymous => Identity::default(),
+            None => return Err(CloseReason::new(4001, "a token is required")),
+        };
+        if identity.expires_at.is_some_and(|exp| exp <= now) {
+            return Err(CloseReason::new(4002, "token expired"));
+        }
+        self.client.set_user(&identity.user);
+        let mut result = json!({
+            "client": self.client.id(),
+            "user": identity.user,
+            "version": protocol::SUBPROTOCOL,
+            "ping_interval": 20,
+        });
+        if let Some(exp) = identity.expires_at {
+            result["expires_in"] = json!(exp.saturating_sub(now));
+        }
+        tracing::debug!(client = %self.client.id(), user = %identity.user, name = ?params.name, "connected");
+        self.identity = Some(identity);
+        Ok(protocol::reply(command.id, result))
+    }
+
+    fn identity(&self) -> &Identity {
+        // Only called for commands after `connect`; see `handle_text`.
+        static ANONYMOUS: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+        self.identity
+            .as_ref()
+            .unwrap_or_else(|| ANONYMOUS.get_or_init(Identity::default))
+    }
+
+    fn info(&self) -> ClientInfo {
+        let id = self.identity();
+        ClientInfo {
+            client: self.client.id(),
+            user: id.user.clone(),
+            info: id.info.clone(),
+        }
+    }
+
+    /// The channel and its namespace, or 102.
+    fn channel(&self, name: &str) -> Result<(ChannelName, NamespaceConfig), ReplyError> {
+        let channel = ChannelName::new(name)
+            .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{name}`: {e}")))?;
+        let ns = self
+            .node
+            .config
+            .namespace(&channel)
+            .cloned()
+            .ok_or_else(|| {
+                let which = channel.namespace().unwrap_or("(default)");
+                err(
+                    ErrorCode::UnknownChannel,
+                    format!("no namespace `{which}` on this server"),
+                )
+            })?;
+        Ok((channel, ns))
+    }
+
+    /// Checks what every channel operation needs: anonymous access and the
+    /// user list of user channels.
+    fn check_user(&self, channel: &ChannelName, ns: &NamespaceConfig) -> Result<(), ReplyError> {
+        let user = &self.identity().user;
+        if user.is_empty() && !ns.anonymous {
+            return Err(err(
+                ErrorCode::PermissionDenied,
+                format!("anonymous clients are not allowed in {channel}"),
+            ));
+        }
+        if let Some((_, users)) = channel.as_str().split_once('#') {
+            if user.is_empty() || !users.split(',').any(|u| u == user) {
+                return Err(err(
+                    ErrorCode::PermissionDenied,
+                    format!("{channel} is limited to its users"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether reading `channel` is allowed without a subscription token.
+    fn may_read(&self, channel: &ChannelName, ns: &NamespaceConfig) -> Result<(), ReplyError> {
+        self.check_user(channel, ns)?;
+        if self.subs.contains_key(channel)
+            || !ns.private
+            || channel_allowed(&self.identity().channels, channel.as_str())
+        {
+            Ok(())
+        } else {
+            Err(err(
+                ErrorCode::PermissionDenied,
+                format!("permission denied: {channel}"),
+            ))
+        }
+    }
+
+    async fn subscribe(&mut self, command: &Command, now: u64) -> Reply {
+        let p: SubscribeParams = command.params()?;
+        let (channel, ns) = self.channel(&p.channel)?;
+        if self.subs.contains_key(&channel) {
+            return Err(err(
+                ErrorCode::AlreadySubscribed,
+                format!("subscribed to {channel} already"),
+            ));
+        }
+        if self.subs.len() >= MAX_SUBSCRIPTIONS {
+            return Err(err(
+                ErrorCode::LimitExceeded,
+                format!("at most {MAX_SUBSCRIPTIONS} subscriptions"),
+            ));
+        }
+        let mut expires_at = None;
+        match &p.token {
+            Some(token) => {
+                self.check_user(&channel, &ns)?;
+                expires_at = self
+                    .node
+                    .verifier
+                    .subscribe(token, &self.identity().user, channel.as_str())
+                    .map_err(|e| match e {
+                        AuthError::Expired => {
+                            err(ErrorCode::TokenExpired, "subscription token expired")
+                        }
+                        e => err(ErrorCode::PermissionDenied, e.to_string()),
+                    })?;
+                if expires_at.is_some_and(|exp| exp <= now) {
+                    return Err(err(ErrorCode::TokenExpired, "subscription token expired"));
+                }
+            }
+            None => self.may_read(&channel, &ns)?,
+        }
+        let recover = if p.recover {
+            let (Some(offset), Some(epoch)) = (p.offset, p.epoch) else {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "subscribe: recover needs offset and epoch",
+                ));
+            };
+            Recover::Since(StreamPosition {
+                offset,
+                epoch: epoch.into(),
+            })
+        } else {
+            match p.history {
+                Some(n) if n > ns.history_size => {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "subscribe: history is at most {} in {channel}",
+                            ns.history_size
+                        ),
+                    ));
+                }
+                Some(n) if n > 0 => Recover::Last(n),
+                _ => Recover::Nothing,
+            }
+        };
+        let subscribed = self
+            .client
+            .subscribe(channel.clone(), Format::Json, recover)
+            .await
+            .map_err(internal)?;
+        self.subs.insert(
+            channel.clone(),
+            Sub {
+                presence: ns.presence,
+                join_leave: ns.join_leave,
+                expires_at,
+            },
+        );
+        if ns.presence {
+            let added = self
+                .node
+                .hub
+                .presence()
+                .add(channel.clone(), self.info())
+                .await;
+            added.map_err(internal)?;
+        }
+        if ns.join_leave {
+            self.announce(&channel, Kind::Join).await;
+        }
+        let mut result = position(&subscribed.position);
+        if p.recover {
+            result["recovered"] = json!(subscribed.recovered);
+        }
+        result["history"] = json!(subscribed.from_history);
+        Ok(result)
+    }
+
+    /// Publishes a join or leave event to `channel`.
+    async fn announce(&self, channel: &ChannelName, kind: Kind) {
+        let data = Bytes::from(self.info().to_json().to_string());
+        let event = NewPublication::new(kind, data);
+        if let Err(e) = self
+            .node
+            .hub
+            .publish(channel.clone(), event, PublishOptions::default())
+            .await
+        {
+            tracing::warn!(%channel, "join/leave event lost: {e}");
+        }
+    }
+
+    /// Leaves a channel: presence, leave event, subscription.
+    async fn leave(&mut self, channel: &ChannelName) {
+        let Some(sub) = self.subs.remove(channel) else {
+            return;
+        };
+        self.client.unsubscribe(channel);
+        if sub.presence {
+            let removed = self
+                .node
+                .hub
+                .presence()
+                .remove(channel.clone(), self.client.id())
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(%channel, "presence not updated: {e}");
+            }
+        }
+        if sub.join_leave {
+            self.announce(channel, Kind::Leave).await;
+        }
+    }
+
+    async fn unsubscribe(&mut self, command: &Command) -> Reply {
+        let p: ChannelParams = command.params()?;
+        let channel = ChannelName::new(&p.channel)
+            .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{}`: {e}", p.channel)))?;
+        if !self.subs.contains_key(&channel) {
+            return Err(err(
+                ErrorCode::NotSubscribed,
+                format!("not subscribed to {channel}"),
+            ));
+        }
+        self.leave(&channel).await;
+        Ok(json!({}))
+    }
+
+    async fn publish(&mut self, command: &Command) -> Reply {
+        let p: PublishParams = command.params()?;
+        let (channel, ns) = self.channel(&p.channel)?;
+        if !ns.allow_publish {
+            return Err(err(
+                ErrorCode::NotAvailable,
+                format!("clients may not publish to {channel}"),
+            ));
+        }
+        self.may_read(&channel, &ns)?;
+        for (name, key) in [("idempotency_key", &p.idempotency_key), ("key", &p.key)] {
+            if key
+                .as_ref()
+                .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
+            {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!("publish: {name} has 1 to {MAX_KEY_LEN} bytes"),
+                ));
+            }
+        }
+        if p.key.is_some() && ns.overflow != crate::OverflowPolicy::LatestPerKey {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "publish: `key` is for namespaces with overflow = \"latest_per_key\", not {channel}"
+                ),
+            ));
+        }
+        let data = p.data.to_string();
+        if data.len() > ns.max_message_size {
+            return Err(err(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "{} bytes; {channel} takes at most {}",
+                    data.len(),
+                    ns.max_message_size
+                ),
+            ));
+        }
+        let info = json!({"user": self.identity().user, "client": self.client.id()});
+        let publication = NewPublication {
+            data: Bytes::from(data),
+            kind: Kind::Json,
+            info: Some(Bytes::from(info.to_string())),
+            key: p.key.map(Into::into),
+        };
+        let options = PublishOptions {
+            history: ns.history(),
+            idempotency_key: p.idempotency_key,
+            ..PublishOptions::default()
+        };
+        let r = self
+            .node
+            .hub
+            .publish(channel, publication, options)
+            .await
+            .map_err(internal)?;
+        let mut result = position(&r.position);
+        result["duplicate"] = json!(r.suppressed);
+        Ok(result)
+    }
+
+    async fn history(&mut self, command: &Command) -> Reply {
+        let p: HistoryParams = command.params()?;
+        let (channel, ns) = self.channel(&p.channel)?;
+        if ns.history().is_none() {
+            return Err(err(
+                ErrorCode::NotAvailable,
+                format!("{channel} keeps no history"),
+            ));
+        }
+        self.may_read(&channel, &ns)?;
+        let limit = p.limit.unwrap_or(MAX_HISTORY_LIMIT).min(MAX_HISTORY_LIMIT);
+        // An offset from another epoch means nothing in this one.
+        let current = self
+            .node
+            .hub
+            .history(
+                channel.clone(),
+                HistoryFilter {
+                    since: None,
+                    limit: Some(0),
+                    reverse: false,
+                },
+            )
+            .await
+            .map_err(internal)?;
+        let since = p
+            .since
+            .filter(|s| *s.epoch == *current.position.epoch)
+            .map(|s| s.offset);
+        let h = self
+            .node
+            .hub
+            .history(
+                channel,
+                HistoryFilter {
+                    since,
+                    limit: Some(limit),
+                    reverse: p.reverse,
+                },
+            )
+            .await
+            .map_err(internal)?;
+        let mut result = position(&h.position);
+        result["publications"] = h.publications.iter().map(protocol::history_entry).collect();
+        Ok(result)
+    }
+
+    async fn presence(&mut self, command: &Command, stats: bool) -> Reply {
+        let p: ChannelParams = command.params()?;
+        let (channel, ns) = self.channel(&p.channel)?;
+        if !ns.presence {
+            return Err(err(
+                ErrorCode::NotAvailable,
+                format!("{channel} keeps no presence"),
+            ));
+        }
+        self.may_read(&channel, &ns)?;
+        let clients = self
+            .node
+            .hub
+            .presence()
+            .presence(channel)
+            .await
+            .map_err(internal)?;
+        if stats {
+            let s = PresenceStats::of(&clients);
+            return Ok(json!({"clients": s.clients, "users": s.users}));
+        }
+        let map: serde_json::Map<String, Value> = clients
+            .into_iter()
+            .map(|(id, info)| (id, info.to_json()))
+            .collect();
+        Ok(json!({ "clients": map }))
+    }
+
+    fn refresh(&mut self, command: &Command, now: u64) -> Reply {
+        let p: RefreshParams = command.params()?;
+        let fresh = self.node.verifier.connect(&p.token).map_err(|e| match e {
+            AuthError::Expired => err(ErrorCode::TokenExpired, "token expired"),
+            e => err(ErrorCode::Unauthorized, e.to_string()),
+        })?;
+        if fresh.user != self.identity().user {
+            return Err(err(
+                ErrorCode::Unauthorized,
+                "the token is for another user",
+            ));
+        }
+        if fresh.expires_at.is_some_and(|exp| exp <= now) {
+            return Err(err(ErrorCode::TokenExpired, "token expired"));
+        }
+        let expires_in = fresh.expires_at.map(|exp| exp.saturating_sub(now));
+        self.identity = Some(fresh);
+        Ok(match expires_in {
+            Some(s) => json!({ "expires_in": s }),
+            None => json!({}),
+        })
+    }
+}
