@@ -26,7 +26,7 @@ use crate::serve::AppState;
 
 const CHAT_PAGE: &str = include_str!("../../../web/index.html");
 
-fn router() -> Router {
+fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(CHAT_PAGE) }))
         .route(
@@ -40,7 +40,9 @@ fn router() -> Router {
         )
         // Browsers ask for it on every page; no icon is better than a 404.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .merge(crate::api::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n").into_response() })
+        .with_state(state)
 }
 
 /// Serves one HTTP request on a connection whose head was already read.
@@ -50,7 +52,7 @@ where
 {
     let (stream, read) = incoming.into_parts();
     let io = TokioIo::new(Prefixed { read, stream });
-    let service = TowerToHyperService::new(router());
+    let service = TowerToHyperService::new(router(state.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
         .serve_connection(io, service);

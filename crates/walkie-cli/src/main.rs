@@ -9,13 +9,17 @@
 //! - `ws.rs`: `/ws`, the Walkie protocol (`walkie_hub::Session`).
 //! - `outbox.rs`: writing a connection's hub queue to its socket.
 //! - `http.rs`: plain HTTP routes (the chat page, `/health`) on axum.
+//! - `api.rs`: the HTTP API for backends (`/api/publish`, ...).
 //! - `connect.rs`: `walkie connect`: a terminal client that works in pipes.
+//! - `publish.rs`: `walkie publish`: a message through the HTTP API.
 //! - `units.rs`: parsing sizes and durations given on the command line.
 
+mod api;
 mod connect;
 mod handlers;
 mod http;
 mod outbox;
+mod publish;
 mod rooms;
 mod serve;
 mod units;
@@ -46,6 +50,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Connect to a WebSocket server: stdin lines out, messages to stdout.
     Connect(connect::ConnectArgs),
+    /// Publish a message to a channel through a server's HTTP API.
+    Publish(publish::PublishArgs),
 }
 
 fn init_logging(json: bool) {
@@ -64,6 +70,20 @@ fn init_logging(json: bool) {
     }
 }
 
+/// Runs a client command on a single-threaded runtime.
+fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("walkie: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
@@ -72,17 +92,7 @@ fn main() -> ExitCode {
             init_logging(args.log_json);
             serve::run(args)
         }
-        Command::Connect(args) => {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt.block_on(connect::run(args)),
-                Err(e) => {
-                    eprintln!("walkie: cannot start the async runtime: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Connect(args) => block_on(connect::run(args)),
+        Command::Publish(args) => block_on(publish::run(args)),
     }
 }

@@ -82,6 +82,11 @@ pub struct ServeArgs {
     #[arg(long, short = 'c', env = "WALKIE_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// The key backends give the HTTP API (`Authorization: apikey KEY`);
+    /// overrides auth.api_key in --config. Without one the API is off.
+    #[arg(long, env = "WALKIE_API_KEY")]
+    pub api_key: Option<String>,
+
     /// Directory for durable data (room history). Default:
     /// $XDG_DATA_HOME/walkie, else ~/.local/share/walkie.
     #[arg(long, env = "WALKIE_DATA_DIR", conflicts_with = "in_memory")]
@@ -148,6 +153,9 @@ pub struct AppState {
     pub hub: Hub,
     /// What Walkie protocol sessions share: the hub, auth, namespaces.
     pub node: Arc<Node>,
+    /// The HTTP API's key (`--api-key`, else `auth.api_key`); no API
+    /// without one.
+    pub api_key: Option<String>,
     pub rooms: RoomSettings,
 }
 
@@ -259,6 +267,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.api_key.as_deref() == Some("") {
+        eprintln!("walkie: --api-key: must not be empty");
+        return ExitCode::from(2);
+    }
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| hub_config.auth.api_key.clone());
     let hub = Hub::new(broker);
     let node = Arc::new(Node {
         hub: hub.clone(),
@@ -309,6 +325,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         shutdown: CancellationToken::new(),
         hub,
         node,
+        api_key,
         rooms: args.room_settings(),
     });
     let tracker = TaskTracker::new();

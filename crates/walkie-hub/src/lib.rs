@@ -20,10 +20,12 @@
 //!   [`MemoryPresence`].
 //! - [`protocol`]: the Walkie protocol's wire format.
 //! - [`Session`] (`session.rs`): one Walkie protocol connection, no I/O.
+//! - [`backend`]: what the HTTP API does for trusted backends.
 //! - [`conformance`]: the tests every engine must pass.
 //! - `stream.rs`: in-memory stream bookkeeping the engines share.
 
 pub mod auth;
+pub mod backend;
 mod channel;
 mod config;
 pub mod conformance;

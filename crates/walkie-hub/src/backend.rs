@@ -1,0 +1,250 @@
+//! What a trusted backend may do (the HTTP API): publish, broadcast, read
+//! history and presence, disconnect a user. No per-user permission checks:
+//! the caller proved who it is with the API key. Namespaces and their
+//! limits still apply. Results and errors use the protocol's shapes.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::channel::ChannelName;
+use crate::config::NamespaceConfig;
+use crate::presence::PresenceStats;
+use crate::protocol::{self, ErrorCode, Position, ReplyError};
+use crate::publication::{HistoryFilter, Kind, NewPublication, PublishOptions};
+use crate::session::{MAX_HISTORY_LIMIT, Node};
+
+/// Most channels in one broadcast.
+pub const MAX_BROADCAST: usize = 1000;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ReplyError {
+    ReplyError::new(code, message)
+}
+
+fn internal(e: impl std::fmt::Display) -> ReplyError {
+    tracing::warn!("engine failed: {e}");
+    err(ErrorCode::Internal, "internal error; try again")
+}
+
+/// `publish`'s parameters.
+#[derive(Debug, Deserialize)]
+pub struct Publish {
+    /// The channel.
+    pub channel: String,
+    /// Any JSON value.
+    pub data: Value,
+    /// See the protocol's `publish`.
+    pub idempotency_key: Option<String>,
+    /// See the protocol's `publish`.
+    pub key: Option<String>,
+}
+
+/// `broadcast`'s parameters.
+#[derive(Debug, Deserialize)]
+pub struct Broadcast {
+    /// The channels.
+    pub channels: Vec<String>,
+    /// Any JSON value.
+    pub data: Value,
+}
+
+/// `presence`'s and `presence_stats`' parameters.
+#[derive(Debug, Deserialize)]
+pub struct ChannelOnly {
+    /// The channel.
+    pub channel: String,
+}
+
+/// `history`'s parameters.
+#[derive(Debug, Deserialize)]
+pub struct History {
+    /// The channel.
+    pub channel: String,
+    /// Only messages after this position (ignored if from another epoch).
+    pub since: Option<Position>,
+    /// At most this many (default and maximum 1000).
+    pub limit: Option<usize>,
+    /// Newest first.
+    #[serde(default)]
+    pub reverse: bool,
+}
+
+/// `disconnect`'s parameters.
+#[derive(Debug, Deserialize)]
+pub struct Disconnect {
+    /// The user whose connections to close.
+    pub user: String,
+}
+
+fn channel(node: &Node, name: &str) -> Result<(ChannelName, NamespaceConfig), ReplyError> {
+    let channel = ChannelName::new(name)
+        .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{name}`: {e}")))?;
+    let ns = node.config.namespace(&channel).cloned().ok_or_else(|| {
+        let which = channel.namespace().unwrap_or("(default)");
+        err(
+            ErrorCode::UnknownChannel,
+            format!("no namespace `{which}` on this server"),
+        )
+    })?;
+    Ok((channel, ns))
+}
+
+/// Publishes to one channel.
+pub async fn publish(node: &Node, p: Publish) -> Result<Value, ReplyError> {
+    let (channel, ns) = channel(node, &p.channel)?;
+    for (name, key) in [("idempotency_key", &p.idempotency_key), ("key", &p.key)] {
+        if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 64) {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("{name} has 1 to 64 bytes"),
+            ));
+        }
+    }
+    if p.key.is_some() && ns.overflow != crate::OverflowPolicy::LatestPerKey {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("`key` is for namespaces with overflow = \"latest_per_key\", not {channel}"),
+        ));
+    }
+    let data = p.data.to_string();
+    if data.len() > ns.max_message_size {
+        return Err(err(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "{} bytes; {channel} takes at most {}",
+                data.len(),
+                ns.max_message_size
+            ),
+        ));
+    }
+    let publication = NewPublication {
+        data: Bytes::from(data),
+        kind: Kind::Json,
+        info: None,
+        key: p.key.map(Into::into),
+    };
+    let options = PublishOptions {
+        history: ns.history(),
+        idempotency_key: p.idempotency_key,
+        ..PublishOptions::default()
+    };
+    let r = node
+        .hub
+        .publish(channel, publication, options)
+        .await
+        .map_err(internal)?;
+    Ok(json!({"offset": r.position.offset, "epoch": &*r.position.epoch, "duplicate": r.suppressed}))
+}
+
+/// Publishes one message to many channels; each gets its own result.
+pub async fn broadcast(node: &Node, b: Broadcast) -> Result<Value, ReplyError> {
+    if b.channels.is_empty() || b.channels.len() > MAX_BROADCAST {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("give 1 to {MAX_BROADCAST} channels"),
+        ));
+    }
+    let mut results = Vec::with_capacity(b.channels.len());
+    for name in b.channels {
+        let one = Publish {
+            channel: name.clone(),
+            data: b.data.clone(),
+            idempotency_key: None,
+            key: None,
+        };
+        results.push(match publish(node, one).await {
+            Ok(mut r) => {
+                r["channel"] = json!(name);
+                r
+            }
+            Err(e) => {
+                json!({"channel": name, "error": {"code": e.code as u16, "message": e.message}})
+            }
+        });
+    }
+    Ok(json!({ "results": results }))
+}
+
+/// A channel's history.
+pub async fn history(node: &Node, h: History) -> Result<Value, ReplyError> {
+    let (channel, ns) = channel(node, &h.channel)?;
+    if ns.history().is_none() {
+        return Err(err(
+            ErrorCode::NotAvailable,
+            format!("{channel} keeps no history"),
+        ));
+    }
+    let current = node
+        .hub
+        .history(
+            channel.clone(),
+            HistoryFilter {
+                since: None,
+                limit: Some(0),
+                reverse: false,
+            },
+        )
+        .await
+        .map_err(internal)?;
+    let since = h
+        .since
+        .filter(|s| *s.epoch == *current.position.epoch)
+        .map(|s| s.offset);
+    let limit = h.limit.unwrap_or(MAX_HISTORY_LIMIT).min(MAX_HISTORY_LIMIT);
+    let read = node
+        .hub
+        .history(
+            channel,
+            HistoryFilter {
+                since,
+                limit: Some(limit),
+                reverse: h.reverse,
+            },
+        )
+        .await
+        .map_err(internal)?;
+    let publications: Vec<Value> = read
+        .publications
+        .iter()
+        .map(protocol::history_entry)
+        .collect();
+    Ok(json!({
+        "offset": read.position.offset,
+        "epoch": &*read.position.epoch,
+        "publications": publications,
+    }))
+}
+
+/// Who is in a channel (`stats`: only the counts).
+pub async fn presence(node: &Node, c: ChannelOnly, stats: bool) -> Result<Value, ReplyError> {
+    let (channel, ns) = channel(node, &c.channel)?;
+    if !ns.presence {
+        return Err(err(
+            ErrorCode::NotAvailable,
+            format!("{channel} keeps no presence"),
+        ));
+    }
+    let clients = node
+        .hub
+        .presence()
+        .presence(channel)
+        .await
+        .map_err(internal)?;
+    if stats {
+        let s = PresenceStats::of(&clients);
+        return Ok(json!({"clients": s.clients, "users": s.users}));
+    }
+    let map: serde_json::Map<String, Value> = clients
+        .into_iter()
+        .map(|(id, info)| (id, info.to_json()))
+        .collect();
+    Ok(json!({ "clients": map }))
+}
+
+/// Closes every connection of a user on this node (close code 4009).
+pub fn disconnect(node: &Node, d: Disconnect) -> Result<Value, ReplyError> {
+    if d.user.is_empty() {
+        return Err(err(ErrorCode::BadRequest, "give a user"));
+    }
+    Ok(json!({ "disconnected": node.hub.disconnect_user(&d.user) }))
+}
