@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -24,12 +23,17 @@ use crate::publication::{
     History, HistoryFilter, Kind, NewPublication, Publication, PublishOptions, PublishResult,
     StreamPosition, new_epoch, now_ms,
 };
-use crate::stream::Idempotency;
 
 /// Channel -> its stream's state (see [`Meta`]).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// (channel, offset) -> one publication (see [`encode`]).
 const PUBS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("publications");
+/// (channel, idempotency key) -> offset (u64 LE), expiry in Unix ms (u64
+/// LE), epoch: kept on disk, so that a publish retried across a restart is
+/// still delivered once.
+const KEYS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency_keys");
+/// Expired idempotency keys are swept once per this many batches.
+const SWEEP_EVERY: u64 = 256;
 
 /// The most publishes saved in one transaction.
 const MAX_BATCH: usize = 512;
@@ -226,6 +230,7 @@ impl DurableBroker {
             let txn = db.begin_write()?;
             txn.open_table(META)?;
             txn.open_table(PUBS)?;
+            txn.open_table(KEYS)?;
             txn.commit()?;
             Ok(())
         };
@@ -238,7 +243,7 @@ impl DurableBroker {
         let writer = Writer {
             db: db.clone(),
             events: events.clone(),
-            seen: HashMap::new(),
+            batches: 0,
         };
         let writer = std::thread::Builder::new()
             .name("walkie-history".into())
@@ -402,9 +407,8 @@ impl Broker for DurableBroker {
 struct Writer {
     db: Arc<Database>,
     events: Arc<OnceLock<Arc<dyn BrokerEvents>>>,
-    /// Idempotency keys, per channel. In memory only: after a restart a
-    /// retried publish may be saved twice.
-    seen: HashMap<ChannelName, Idempotency>,
+    /// Batches applied, for sweeping expired idempotency keys.
+    batches: u64,
 }
 
 /// What one request in a batch did, before the commit.
@@ -413,7 +417,6 @@ enum Done {
         channel: ChannelName,
         publication: Option<Publication>,
         result: PublishResult,
-        key: Option<(String, std::time::Duration)>,
         reply: oneshot::Sender<Result<PublishResult, EngineError>>,
     },
     Unit(oneshot::Sender<Result<(), EngineError>>),
@@ -434,15 +437,19 @@ impl Writer {
     }
 
     fn apply(&mut self, batch: Vec<Request>) {
-        let now = Instant::now();
+        let now = now_ms();
+        self.batches += 1;
+        let sweep = self.batches % SWEEP_EVERY == 0;
         let mut done = Vec::with_capacity(batch.len());
-        // Keys used earlier in this same batch count as seen.
-        let mut batch_keys: HashMap<(ChannelName, String), PublishResult> = HashMap::new();
         let outcome = (|| -> Result<(), redb::Error> {
             let txn = self.db.begin_write()?;
             {
                 let mut meta = txn.open_table(META)?;
                 let mut pubs = txn.open_table(PUBS)?;
+                let mut keys = txn.open_table(KEYS)?;
+                if sweep {
+                    keys.retain(|_, v| expiry(v) > now)?;
+                }
                 let mut metas: HashMap<ChannelName, Meta> = HashMap::new();
                 for request in batch {
                     match request {
@@ -470,17 +477,16 @@ impl Writer {
                                 }
                             };
                             if let Some(key) = &options.idempotency_key {
-                                let earlier = batch_keys
-                                    .get(&(channel.clone(), key.clone()))
-                                    .map(|r| PublishResult {
-                                        position: r.position.clone(),
+                                // The transaction sees its own writes: a key
+                                // used earlier in this batch counts too.
+                                let earlier = keys
+                                    .get((channel.as_str(), key.as_str()))?
+                                    .and_then(|v| seen(v.value(), now));
+                                if let Some(position) = earlier {
+                                    let _ = reply.send(Ok(PublishResult {
+                                        position,
                                         suppressed: true,
-                                    })
-                                    .or_else(|| {
-                                        self.seen.get_mut(&channel).and_then(|s| s.check(key, now))
-                                    });
-                                if let Some(earlier) = earlier {
-                                    let _ = reply.send(Ok(earlier));
+                                    }));
                                     continue;
                                 }
                             }
@@ -502,15 +508,19 @@ impl Writer {
                                 },
                                 suppressed: false,
                             };
-                            let key = options.idempotency_key.clone().map(|k| {
-                                batch_keys.insert((channel.clone(), k.clone()), result.clone());
-                                (k, options.idempotency_ttl())
-                            });
+                            if let Some(key) = &options.idempotency_key {
+                                let ttl = u64::try_from(options.idempotency_ttl().as_millis())
+                                    .unwrap_or(u64::MAX);
+                                let mut v = Vec::with_capacity(16 + m.epoch.len());
+                                v.extend_from_slice(&offset.to_le_bytes());
+                                v.extend_from_slice(&now.saturating_add(ttl).to_le_bytes());
+                                v.extend_from_slice(m.epoch.as_bytes());
+                                keys.insert((channel.as_str(), key.as_str()), v.as_slice())?;
+                            }
                             done.push(Done::Published {
                                 channel,
                                 publication: Some(publication),
                                 result,
-                                key,
                                 reply,
                             });
                         }
@@ -547,19 +557,12 @@ impl Writer {
                         channel,
                         publication,
                         result,
-                        key,
                         reply,
                     },
                     Ok(()),
                 ) => {
                     if let (Some(events), Some(p)) = (events, &publication) {
                         events.handle_publication(&channel, p, &result.position.epoch);
-                    }
-                    if let Some((k, ttl)) = key {
-                        self.seen
-                            .entry(channel)
-                            .or_default()
-                            .remember(k, &result, ttl, now);
                     }
                     let _ = reply.send(Ok(result));
                 }
@@ -578,6 +581,26 @@ impl Writer {
             tracing::error!("history: saving a batch failed: {e}");
         }
     }
+}
+
+/// An idempotency entry's expiry (Unix ms).
+fn expiry(v: &[u8]) -> u64 {
+    v.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// The position an unexpired idempotency entry recorded.
+fn seen(v: &[u8], now: u64) -> Option<StreamPosition> {
+    if expiry(v) <= now {
+        return None;
+    }
+    let offset = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let epoch = std::str::from_utf8(v.get(16..)?).ok()?;
+    Some(StreamPosition {
+        offset,
+        epoch: epoch.into(),
+    })
 }
 
 /// Drops what falls out of the history's size and age limits.

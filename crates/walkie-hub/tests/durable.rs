@@ -73,3 +73,32 @@ async fn a_file_that_is_not_a_database_is_refused() {
     let err = DurableBroker::open(dir.path()).unwrap_err();
     assert!(matches!(err, OpenError::Database { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn an_idempotency_key_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = ChannelName::new("orders").unwrap();
+    let opts = PublishOptions {
+        idempotency_key: Some("order-9".into()),
+        ..kept()
+    };
+    let first = {
+        let broker = DurableBroker::open(dir.path()).unwrap();
+        broker
+            .publish(ch.clone(), NewPublication::text("paid"), opts.clone())
+            .await
+            .unwrap()
+    };
+    let broker = DurableBroker::open(dir.path()).unwrap();
+    let retry = broker
+        .publish(ch.clone(), NewPublication::text("paid"), opts)
+        .await
+        .unwrap();
+    assert!(
+        retry.suppressed,
+        "the retry after a restart is not saved again"
+    );
+    assert_eq!(retry.position, first.position);
+    let h = broker.history(ch, HistoryFilter::default()).await.unwrap();
+    assert_eq!(h.publications.len(), 1);
+}

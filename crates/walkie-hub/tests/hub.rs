@@ -17,7 +17,7 @@ fn kept(size: usize) -> PublishOptions {
     PublishOptions {
         history: Some(HistoryOptions {
             size,
-            ttl: Duration::from_secs(60),
+            ttl: Duration::from_secs(3600),
         }),
         ..PublishOptions::default()
     }
