@@ -63,6 +63,11 @@ struct Member {
     /// While joining: publications that arrived during the history read,
     /// queued after it without duplicates.
     joining: Option<Vec<Publication>>,
+    /// The latest offset queued, and its epoch: a publication the history
+    /// read already returned (an engine may deliver it after it became
+    /// readable) is not queued twice.
+    last: u64,
+    epoch: Arc<str>,
 }
 
 /// The subscribers of every channel on this node. Shared with the broker,
@@ -102,7 +107,7 @@ fn frame(
 }
 
 impl BrokerEvents for Dispatch {
-    fn handle_publication(&self, channel: &ChannelName, publication: &Publication, _epoch: &str) {
+    fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
         let Some(members) = self.members(channel) else {
             return;
         };
@@ -115,6 +120,15 @@ impl BrokerEvents for Dispatch {
             if let Some(joining) = &mut m.joining {
                 joining.push(publication.clone());
                 continue;
+            }
+            if publication.offset != 0 {
+                if *m.epoch == *epoch && publication.offset <= m.last {
+                    continue;
+                }
+                if *m.epoch != *epoch {
+                    m.epoch = epoch.into();
+                }
+                m.last = publication.offset;
             }
             let slot = match m.format {
                 Format::Raw => &mut raw,
@@ -352,6 +366,8 @@ impl Client {
                 queue: self.queue.clone(),
                 format,
                 joining: Some(Vec::new()),
+                last: 0,
+                epoch: "".into(),
             });
             members.len() == 1
         };
@@ -440,6 +456,8 @@ impl Client {
                 }
             }
         }
+        me.last = last;
+        me.epoch = history.position.epoch.clone();
         Ok(Subscribed {
             position: history.position,
             recovered,

@@ -279,3 +279,87 @@ async fn leaving_removes_the_subscriber() {
     drop(b);
     assert_eq!(hub.local_subscribers(&room), 0);
 }
+
+/// An engine that makes a publication readable in history before it
+/// delivers it (as the durable engine may): the subscriber that read it
+/// from history must not get it again from the live stream.
+#[tokio::test]
+async fn a_publication_read_from_history_and_then_delivered_is_queued_once() {
+    use std::sync::OnceLock;
+    use walkie_hub::{
+        BoxFuture, BrokerEvents, EngineError, History, HistoryFilter, Kind, Publication,
+        PublishResult,
+    };
+
+    #[derive(Default)]
+    struct Late {
+        events: OnceLock<Arc<dyn BrokerEvents>>,
+    }
+    fn publication(offset: u64) -> Publication {
+        Publication {
+            offset,
+            data: format!("m{offset}").into(),
+            kind: Kind::Text,
+            info: None,
+            time_ms: 0,
+            key: None,
+        }
+    }
+    impl Broker for Late {
+        fn set_events(&self, events: Arc<dyn BrokerEvents>) {
+            let _ = self.events.set(events);
+        }
+        fn subscribe(&self, _: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn unsubscribe(&self, _: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn publish(
+            &self,
+            _: ChannelName,
+            _: NewPublication,
+            _: PublishOptions,
+        ) -> BoxFuture<'_, Result<PublishResult, EngineError>> {
+            Box::pin(async { Err(EngineError::Stopped) })
+        }
+        fn history(
+            &self,
+            _: ChannelName,
+            _: HistoryFilter,
+        ) -> BoxFuture<'_, Result<History, EngineError>> {
+            Box::pin(async {
+                Ok(History {
+                    publications: vec![publication(1)],
+                    position: StreamPosition {
+                        offset: 1,
+                        epoch: "e".into(),
+                    },
+                })
+            })
+        }
+        fn remove_history(&self, _: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    let broker = Arc::new(Late::default());
+    let hub = Hub::new(broker.clone() as Arc<dyn Broker>);
+    let room = ch("rooms:late-delivery");
+    let mut c = hub.client(QueueLimits::default());
+    let since = StreamPosition {
+        offset: 0,
+        epoch: "e".into(),
+    };
+    let s = c
+        .subscribe(room.clone(), Format::Raw, Recover::Since(since))
+        .await
+        .unwrap();
+    assert!(s.recovered);
+    let events = broker.events.get().unwrap();
+    events.handle_publication(&room, &publication(1), "e");
+    events.handle_publication(&room, &publication(2), "e");
+    // A new epoch starts again from offset 1.
+    events.handle_publication(&room, &publication(1), "f");
+    assert_eq!(texts(&drain(&c).await), ["m1", "m2", "m1"]);
+}
