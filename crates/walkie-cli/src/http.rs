@@ -38,6 +38,17 @@ fn router(state: Arc<AppState>) -> Router {
                 )
             }),
         )
+        .route(
+            "/metrics",
+            get(
+                |axum::extract::State(state): axum::extract::State<Arc<AppState>>| async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        state.hub.metrics().render(),
+                    )
+                },
+            ),
+        )
         // Browsers ask for it on every page; no icon is better than a 404.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .merge(crate::api::routes())

@@ -44,3 +44,28 @@ where
 {
     let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(code, reason)).await;
 }
+
+/// Counts an open WebSocket connection in the node's metrics while alive.
+pub struct Counted(std::sync::Arc<walkie_hub::Metrics>);
+
+impl Counted {
+    pub fn new(metrics: &std::sync::Arc<walkie_hub::Metrics>) -> Self {
+        metrics
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted(metrics.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Counts a cut-off slow consumer.
+pub fn overflowed(metrics: &walkie_hub::Metrics) {
+    walkie_hub::Metrics::inc(&metrics.queue_overflows);
+}

@@ -137,6 +137,7 @@ where
                 };
                 return match closed {
                     QueueClosed::SlowConsumer => {
+                        crate::outbox::overflowed(state.hub.metrics());
                         close_within(ws, CloseCode::TRY_AGAIN_LATER, "slow consumer: reconnect").await;
                         "too slow: its queue overflowed".into()
                     }
@@ -148,6 +149,9 @@ where
             }
             next = ws.recv() => match next {
                 Some(Ok(message)) => {
+                    let metrics = state.hub.metrics();
+                    walkie_hub::Metrics::inc(&metrics.messages_in);
+                    metrics.bytes_in.fetch_add(message.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     let publication = match message {
                         Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
                         Message::Binary(b) => NewPublication::new(Kind::Binary, b),

@@ -519,6 +519,7 @@ where
         return;
     }
     let path = incoming.request().path().to_owned();
+    let _counted = crate::outbox::Counted::new(state.hub.metrics());
     match path.as_str() {
         "/" => handlers::chat(incoming, peer, &state).await,
         "/echo" => handlers::echo(incoming, peer, &state).await,

@@ -91,6 +91,9 @@ where
                     },
                     Err(why) => why,
                 };
+                if closed == QueueClosed::SlowConsumer {
+                    crate::outbox::overflowed(state.hub.metrics());
+                }
                 let (code, reason) = match closed {
                     QueueClosed::SlowConsumer => (CloseCode::TRY_AGAIN_LATER, "slow consumer: reconnect and recover"),
                     QueueClosed::Disconnected => (CloseCode(4009), "disconnected by the server"),

@@ -10,6 +10,7 @@ use walkie_proto::{Message, PreparedMessage, Utf8Bytes};
 use crate::channel::ChannelName;
 use crate::engine::{Broker, BrokerEvents, EngineError};
 use crate::memory::lock;
+use crate::metrics::Metrics;
 use crate::presence::{MemoryPresence, PresenceManager};
 use crate::publication::{
     History, HistoryFilter, Kind, NewPublication, Publication, PublishOptions, PublishResult,
@@ -75,6 +76,7 @@ struct Member {
 #[derive(Debug, Default)]
 struct Dispatch {
     channels: Mutex<HashMap<ChannelName, Arc<Mutex<Vec<Member>>>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatch {
@@ -112,6 +114,10 @@ impl BrokerEvents for Dispatch {
             return;
         };
         let mut members = lock(&members);
+        if publication.time_ms != 0 {
+            let ms = crate::publication::now_ms().saturating_sub(publication.time_ms);
+            self.metrics.observe_latency_ms(ms);
+        }
         // Framed once per format, on first use, and shared by every
         // subscriber of that format.
         let mut raw = None;
@@ -142,6 +148,7 @@ impl BrokerEvents for Dispatch {
                 message: message.clone(),
                 key: publication.key.clone(),
             });
+            Metrics::inc(&self.metrics.messages_out);
         }
     }
 }
@@ -195,6 +202,11 @@ impl Hub {
         &self.broker
     }
 
+    /// This node's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.dispatch.metrics
+    }
+
     /// Where presence is kept.
     pub fn presence(&self) -> &Arc<dyn PresenceManager> {
         &self.presence
@@ -239,7 +251,11 @@ impl Hub {
         publication: NewPublication,
         options: PublishOptions,
     ) -> Result<PublishResult, EngineError> {
-        self.broker.publish(channel, publication, options).await
+        let r = self.broker.publish(channel, publication, options).await?;
+        if !r.suppressed {
+            Metrics::inc(&self.dispatch.metrics.published);
+        }
+        Ok(r)
     }
 
     /// Reads a channel's history.
@@ -265,7 +281,13 @@ impl Hub {
         };
         let empty = {
             let mut m = lock(members);
+            let before = m.len();
             m.retain(|m| m.client != client);
+            let gone = (before - m.len()) as i64;
+            self.dispatch
+                .metrics
+                .subscriptions
+                .fetch_sub(gone, Ordering::Relaxed);
             m.is_empty()
         };
         if empty {
@@ -371,6 +393,11 @@ impl Client {
             });
             members.len() == 1
         };
+        self.hub
+            .dispatch
+            .metrics
+            .subscriptions
+            .fetch_add(1, Ordering::Relaxed);
         self.channels.push(channel.clone());
         let joined = async {
             if first {

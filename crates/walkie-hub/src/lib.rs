@@ -20,6 +20,7 @@
 //!   [`MemoryPresence`].
 //! - [`protocol`]: the Walkie protocol's wire format.
 //! - [`Session`] (`session.rs`): one Walkie protocol connection, no I/O.
+//! - [`Metrics`] (`metrics.rs`): counters for `/metrics`.
 //! - [`backend`]: what the HTTP API does for trusted backends.
 //! - [`conformance`]: the tests every engine must pass.
 //! - `stream.rs`: in-memory stream bookkeeping the engines share.
@@ -33,6 +34,7 @@ mod durable;
 mod engine;
 mod hub;
 mod memory;
+mod metrics;
 mod presence;
 pub mod protocol;
 mod publication;
@@ -47,6 +49,7 @@ pub use durable::{DATABASE_FILE, DurableBroker, OpenError};
 pub use engine::{BoxFuture, Broker, BrokerEvents, EngineError};
 pub use hub::{Client, Format, Hub, Recover, Subscribed};
 pub use memory::MemoryBroker;
+pub use metrics::Metrics;
 pub use presence::{ClientInfo, MemoryPresence, PresenceManager, PresenceStats};
 pub use publication::{
     DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, Kind, NewPublication,

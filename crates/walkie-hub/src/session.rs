@@ -15,6 +15,7 @@ use crate::auth::{AuthError, Identity, Verifier, channel_allowed};
 use crate::channel::ChannelName;
 use crate::config::{HubConfig, NamespaceConfig};
 use crate::hub::{Client, Format, Hub, Recover};
+use crate::metrics::Metrics;
 use crate::presence::{ClientInfo, PresenceStats};
 use crate::protocol::{self, Command, ErrorCode, Position, ReplyError};
 use crate::publication::{HistoryFilter, Kind, NewPublication, PublishOptions, StreamPosition};
@@ -220,8 +221,19 @@ impl Session {
     pub async fn handle_text(&mut self, text: &str, now: u64) -> Result<String, CloseReason> {
         let command = protocol::parse(text).map_err(|e| CloseReason::new(4000, e.0))?;
         let id = command.id;
+        let metrics = self.node.hub.metrics().clone();
+        Metrics::inc(&metrics.messages_in);
+        metrics
+            .bytes_in
+            .fetch_add(text.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let result = match command.method.as_str() {
-            "connect" => return self.connect(&command, now).await,
+            "connect" => {
+                let connected = self.connect(&command, now).await;
+                if connected.is_err() {
+                    Metrics::inc(&metrics.auth_failures);
+                }
+                return connected;
+            }
             _ if self.identity.is_none() => Err(err(ErrorCode::NotConnected, "send connect first")),
             "subscribe" => self.subscribe(&command, now).await,
             "unsubscribe" => self.unsubscribe(&command).await,
@@ -238,7 +250,15 @@ impl Session {
         };
         Ok(match result {
             Ok(v) => protocol::reply(id, v),
-            Err(e) => protocol::reply_error(id, &e),
+            Err(e) => {
+                if matches!(
+                    e.code,
+                    ErrorCode::Unauthorized | ErrorCode::PermissionDenied | ErrorCode::TokenExpired
+                ) {
+                    Metrics::inc(&metrics.auth_failures);
+                }
+                protocol::reply_error(id, &e)
+            }
         })
     }
 

@@ -1,0 +1,60 @@
+//! `GET /metrics`: Prometheus counters that move with what happens.
+
+mod common;
+
+#[path = "common/proto.rs"]
+mod proto;
+
+use common::{Server, http_exchange, within};
+use serde_json::json;
+
+fn value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+async fn metrics(server: &Server) -> String {
+    let r = http_exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    r.body
+}
+
+#[tokio::test]
+async fn counters_follow_connections_publications_and_deliveries() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let before = metrics(&server).await;
+        assert_eq!(value(&before, "walkie_connections"), 0.0);
+        let (mut a, _) = proto::connected(server.port, None).await;
+        let (mut b, _) = proto::connected(server.port, None).await;
+        a.ok("subscribe", json!({"channel": "m"})).await;
+        b.ok("subscribe", json!({"channel": "m"})).await;
+        a.ok("publish", json!({"channel": "m", "data": 1})).await;
+        a.publication().await;
+        b.publication().await;
+        let text = metrics(&server).await;
+        assert_eq!(value(&text, "walkie_connections"), 2.0);
+        assert_eq!(value(&text, "walkie_subscriptions"), 2.0);
+        assert!(value(&text, "walkie_publications_total") >= 1.0);
+        assert!(value(&text, "walkie_messages_out_total") >= 2.0);
+        assert!(value(&text, "walkie_messages_in_total") >= 5.0);
+        assert!(value(&text, "walkie_publish_to_delivery_seconds_count") >= 1.0);
+        drop(b);
+        a.ok("unsubscribe", json!({"channel": "m"})).await;
+        for _ in 0..50 {
+            let text = metrics(&server).await;
+            if value(&text, "walkie_connections") == 1.0
+                && value(&text, "walkie_subscriptions") == 0.0
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("gauges did not come down:\n{}", metrics(&server).await);
+    })
+    .await;
+}

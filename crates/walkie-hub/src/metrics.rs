@@ -1,0 +1,148 @@
+//! Counters for `/metrics` (Prometheus text format). Atomics only: the hot
+//! paths add to them without locks.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Upper bounds of the publish-to-delivery histogram, in milliseconds.
+const BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+
+/// A node's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open WebSocket connections (all endpoints).
+    pub connections: AtomicI64,
+    /// Subscriptions on this node (rooms and protocol).
+    pub subscriptions: AtomicI64,
+    /// Messages received from clients.
+    pub messages_in: AtomicU64,
+    /// Messages queued to clients (one per subscriber).
+    pub messages_out: AtomicU64,
+    /// Payload bytes received from clients.
+    pub bytes_in: AtomicU64,
+    /// Publications accepted by the engine.
+    pub published: AtomicU64,
+    /// Connections cut off because their queue overflowed.
+    pub queue_overflows: AtomicU64,
+    /// Refused tokens and permission checks.
+    pub auth_failures: AtomicU64,
+    /// Publish-to-delivery histogram: counts per bucket (the last is +Inf).
+    latency: [AtomicU64; BUCKETS_MS.len() + 1],
+    latency_sum_ms: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds one to a counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a publish-to-delivery time.
+    pub fn observe_latency_ms(&self, ms: u64) {
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(BUCKETS_MS.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut one = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP walkie_{name} {help}\n# TYPE walkie_{name} {kind}\nwalkie_{name} {value}"
+            );
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        one(
+            "connections",
+            "gauge",
+            "Open WebSocket connections.",
+            self.connections.load(Ordering::Relaxed).to_string(),
+        );
+        one(
+            "subscriptions",
+            "gauge",
+            "Channel subscriptions on this node.",
+            self.subscriptions.load(Ordering::Relaxed).to_string(),
+        );
+        one(
+            "messages_in_total",
+            "counter",
+            "Messages received from clients.",
+            get(&self.messages_in),
+        );
+        one(
+            "bytes_in_total",
+            "counter",
+            "Payload bytes received from clients.",
+            get(&self.bytes_in),
+        );
+        one(
+            "messages_out_total",
+            "counter",
+            "Messages queued to subscribers.",
+            get(&self.messages_out),
+        );
+        one(
+            "publications_total",
+            "counter",
+            "Publications accepted.",
+            get(&self.published),
+        );
+        one(
+            "queue_overflows_total",
+            "counter",
+            "Clients cut off because they read too slowly.",
+            get(&self.queue_overflows),
+        );
+        one(
+            "auth_failures_total",
+            "counter",
+            "Refused tokens and permission checks.",
+            get(&self.auth_failures),
+        );
+        let name = "walkie_publish_to_delivery_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from publish to queueing for a subscriber.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS_MS.iter().enumerate() {
+            cumulative += self.latency[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1000.0
+            );
+        }
+        cumulative += self.latency[BUCKETS_MS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.latency_sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        Metrics::inc(&m.published);
+        m.observe_latency_ms(0);
+        m.observe_latency_ms(3);
+        m.observe_latency_ms(99_999);
+        let text = m.render();
+        assert!(text.contains("walkie_publications_total 1\n"), "{text}");
+        assert!(text.contains("walkie_publish_to_delivery_seconds_bucket{le=\"0.001\"} 1\n"));
+        assert!(text.contains("walkie_publish_to_delivery_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("walkie_publish_to_delivery_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("walkie_publish_to_delivery_seconds_count 3\n"));
+    }
+}
