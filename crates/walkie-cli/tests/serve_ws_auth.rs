@@ -251,3 +251,86 @@ fn a_bad_config_file_is_refused_naming_the_setting() {
     assert!(run.stderr.contains("--config"), "{}", run.stderr);
     assert!(run.stderr.contains("history_ttl"), "{}", run.stderr);
 }
+
+/// RS256 and ES256 tokens, checked with a public key from the config file;
+/// a token signed with another algorithm's key is refused.
+#[tokio::test]
+async fn public_key_tokens_rs256_and_es256() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (setting, public, private, alg) in [
+        (
+            "rsa_public_key",
+            "rsa-public.pem",
+            "rsa-private.pem",
+            jsonwebtoken::Algorithm::RS256,
+        ),
+        (
+            "ecdsa_public_key",
+            "ec-public.pem",
+            "ec-private.pem",
+            jsonwebtoken::Algorithm::ES256,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("walkie.toml");
+        let key_path = fixtures.join(public);
+        std::fs::write(
+            &config,
+            format!(
+                "[auth]\n{setting} = {:?}\n[default]\n",
+                key_path.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let server = Server::start(&["--config", config.to_str().unwrap()]);
+        let pem = std::fs::read(fixtures.join(private)).unwrap();
+        let key = match alg {
+            jsonwebtoken::Algorithm::RS256 => {
+                jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap()
+            }
+            _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+        };
+        let signed = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(alg),
+            &json!({"sub": "7", "exp": now() + 600}),
+            &key,
+        )
+        .unwrap();
+        within(10, async {
+            let (_, result) = proto::connected(server.port, Some(&signed)).await;
+            assert_eq!(result["user"], "7", "{alg:?}");
+            // An HS256 token is not accepted by a public-key server.
+            let mut c = proto::open(server.port).await;
+            let hs = token("anything", json!({"sub": "7"}));
+            c.send_raw(&json!({"id": 1, "connect": {"token": hs}}).to_string())
+                .await;
+            assert_eq!(c.closed().await, Some(4001), "{alg:?}");
+        })
+        .await;
+    }
+}
+
+#[test]
+fn an_unreadable_public_key_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walkie.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nrsa_public_key = \"/nonexistent/key.pem\"\n",
+    )
+    .unwrap();
+    let run = common::run_walkie(
+        [
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+        None,
+        Duration::from_secs(10),
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("rsa_public_key"), "{}", run.stderr);
+}
