@@ -165,6 +165,18 @@ export async function runTests(body, { ms = 120_000 } = {}) {
   process.exitCode = checks.failed > 0 ? 1 : 0;
 }
 
+/** A port nothing listens on right now. */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
 /** Collects the page's console errors and uncaught exceptions. */
 export function collectErrors(page) {
   const errors = [];
@@ -228,10 +240,10 @@ function walkieEnv() {
  * BROWSER_TEST_OUT/walkie-<name>.log, and waits until `GET /` answers 200.
  * Returns { pid, stop() }.
  */
-export async function startWalkie(port, name = String(port)) {
+export async function startWalkie(port, name = String(port), extraArgs = []) {
   const log = join(outDir(), `walkie-${name}.log`);
   const fd = openSync(log, 'a');
-  const args = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', join(outDir(), `data-${name}`)];
+  const args = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', join(outDir(), `data-${name}`), ...extraArgs];
   const child = spawn(env('WALKIE_BIN'), args, {
     stdio: ['ignore', fd, fd],
     env: walkieEnv(),

@@ -72,6 +72,21 @@ pub struct ConnectArgs {
     /// Accept any server certificate for wss:// (local tests only).
     #[arg(short = 'k', long)]
     pub insecure: bool,
+
+    /// Speak the Walkie protocol (URL: the server's /ws) and subscribe to
+    /// this channel (repeatable). Each publication is printed as a JSON
+    /// line; stdin lines are published to the first channel (as JSON when
+    /// they parse, as a string otherwise). Reconnects and recovers by itself.
+    #[arg(short = 's', long = "subscribe", value_name = "CHANNEL")]
+    pub subscribe: Vec<String>,
+
+    /// With --subscribe: replay the last N messages of each channel first.
+    #[arg(long, value_name = "N", requires = "subscribe")]
+    pub history: Option<usize>,
+
+    /// With --subscribe: a JWT to connect with.
+    #[arg(long, env = "WALKIE_TOKEN", requires = "subscribe")]
+    pub token: Option<String>,
 }
 
 fn client_config(args: &ConnectArgs) -> Result<ClientConfig, String> {
@@ -117,6 +132,9 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    if !args.subscribe.is_empty() {
+        return ExitCode::from(channels(&args, config).await);
+    }
     let mut ws = match walkie::connect_with(&args.url, &config).await {
         Ok((ws, _)) => ws,
         Err(walkie::Error::InvalidUrl(e)) => {
@@ -217,4 +235,107 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// `walkie connect --subscribe`: the Walkie protocol through the library's
+/// client. Exits after --count publications, or once stdin ended and every
+/// line was acknowledged (with --no-stdin and no --count: until Ctrl-C or a
+/// final close).
+async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
+    use walkie_hub::client::{Client, ClientEvent, Options, SubscribeOptions};
+
+    if let Err(e) = walkie::WsUrl::parse(&args.url) {
+        eprintln!("walkie connect: invalid URL {e}");
+        return exit::USAGE;
+    }
+    let mut options = Options::new(args.url.clone());
+    options.token = args.token.clone();
+    options.websocket = config;
+    let (client, mut events) = Client::start(options);
+    for channel in &args.subscribe {
+        let sub = SubscribeOptions {
+            history: args.history,
+            token: None,
+        };
+        if client.subscribe(channel, sub).await.is_err() {
+            return exit::CONNECT;
+        }
+    }
+    let target = args.subscribe[0].clone();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = !args.no_stdin;
+    let mut received = 0usize;
+    let mut acks = tokio::task::JoinSet::new();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut ever_connected = false;
+    let connect_deadline = tokio::time::Instant::now() + args.timeout;
+    let code = loop {
+        if args.count.is_some_and(|n| received >= n) {
+            break exit::OK;
+        }
+        if args.count.is_none() && !stdin_open && !args.no_stdin && acks.is_empty() {
+            break exit::OK;
+        }
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => {
+                    let line = line.trim_end_matches('\r').to_owned();
+                    let data = serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line));
+                    let (c, ch) = (client.clone(), target.clone());
+                    acks.spawn(async move { c.publish(&ch, data).await });
+                }
+                Ok(None) => {
+                    stdin_open = false;
+                    deadline = Some(tokio::time::Instant::now() + args.timeout);
+                }
+                Err(e) => {
+                    eprintln!("walkie connect: reading stdin: {e}");
+                    break exit::USAGE;
+                }
+            },
+            Some(done) = acks.join_next(), if !acks.is_empty() => {
+                if let Ok(Err(e)) = done {
+                    eprintln!("walkie connect: publish failed: {e}");
+                    break exit::CLOSED;
+                }
+            }
+            event = events.recv() => match event {
+                Some(ClientEvent::Publication { channel, offset, data, .. }) => {
+                    let line = serde_json::json!({"channel": channel, "offset": offset, "data": data});
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                    received += 1;
+                }
+                Some(ClientEvent::Connected { .. }) => ever_connected = true,
+                Some(ClientEvent::SubscribeFailed { channel, error }) => {
+                    eprintln!("walkie connect: cannot subscribe to {channel}: {error}");
+                    break exit::CLOSED;
+                }
+                Some(ClientEvent::RecoveryFailed { channel }) => {
+                    eprintln!("walkie connect: {channel}: messages were missed while disconnected (history did not cover the gap)");
+                }
+                Some(ClientEvent::Disconnected { code, reason, reconnecting }) => {
+                    eprintln!("walkie connect: disconnected ({code} {reason}){}", if reconnecting { "; reconnecting" } else { "" });
+                    if !reconnecting {
+                        break if ever_connected { exit::CLOSED } else { exit::CONNECT };
+                    }
+                }
+                Some(_) => {}
+                None => break exit::CLOSED,
+            },
+            () = sleep_until(deadline) => {
+                eprintln!("walkie connect: timed out after {:?} with {received} message(s)", args.timeout);
+                break exit::TIMEOUT;
+            }
+            () = tokio::time::sleep_until(connect_deadline), if !ever_connected => {
+                eprintln!("walkie connect: {}: not connected within {:?}", args.url, args.timeout);
+                break exit::CONNECT;
+            }
+        }
+    };
+    client.stop();
+    // Let the close frame go out.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    code
 }

@@ -25,6 +25,23 @@ use walkie::Incoming;
 use crate::serve::AppState;
 
 const CHAT_PAGE: &str = include_str!("../../../web/index.html");
+const WALKIE_JS: &str = include_str!("../../../web/walkie.js");
+const WALKIE_DTS: &str = include_str!("../../../web/walkie.d.ts");
+
+/// The demo pages, by name (`/demos/NAME`).
+const DEMOS: &[(&str, &str)] = &[
+    ("chat", include_str!("../../../web/demos/chat.html")),
+    (
+        "notifications",
+        include_str!("../../../web/demos/notifications.html"),
+    ),
+    ("scores", include_str!("../../../web/demos/scores.html")),
+    ("game", include_str!("../../../web/demos/game.html")),
+    (
+        "dashboard",
+        include_str!("../../../web/demos/dashboard.html"),
+    ),
+];
 
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -38,6 +55,37 @@ fn router(state: Arc<AppState>) -> Router {
                 )
             }),
         )
+        .route(
+            "/walkie.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    WALKIE_JS,
+                )
+            }),
+        )
+        .route(
+            "/walkie.d.ts",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    WALKIE_DTS,
+                )
+            }),
+        )
+        .route(
+            "/demos/{name}",
+            get(
+                |axum::extract::Path(name): axum::extract::Path<String>| async move {
+                    let page = name.strip_suffix(".html").unwrap_or(&name);
+                    match DEMOS.iter().find(|(n, _)| *n == page) {
+                        Some((_, html)) => Html(*html).into_response(),
+                        None => (StatusCode::NOT_FOUND, "no such demo\n").into_response(),
+                    }
+                },
+            ),
+        )
+        .route("/demo/token", get(demo_token))
         .route(
             "/metrics",
             get(
@@ -54,6 +102,61 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(crate::api::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n").into_response() })
         .with_state(state)
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    user: String,
+}
+
+/// `GET /demo/token?user=ID`: a token for any user, signed with the secret
+/// of this run. Only without a configuration file (development); 404
+/// otherwise.
+async fn demo_token(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    query: Result<axum::extract::Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    let Some(secret) = &state.demo_secret else {
+        return (
+            StatusCode::NOT_FOUND,
+            "demo tokens are off when walkie runs with --config\n",
+        )
+            .into_response();
+    };
+    let Some(axum::extract::Query(q)) = query.ok().filter(|q| {
+        !q.user.is_empty()
+            && q.user.len() <= 64
+            && q.user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "give ?user= with 1 to 64 letters, digits, - or _\n",
+        )
+            .into_response();
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    let claims = serde_json::json!({"sub": q.user, "exp": exp, "info": {"name": q.user}});
+    match jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    ) {
+        Ok(token) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{}\n", serde_json::json!({ "token": token })),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot sign: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// Serves one HTTP request on a connection whose head was already read.

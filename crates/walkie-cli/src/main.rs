@@ -12,10 +12,13 @@
 //! - `api.rs`: the HTTP API for backends (`/api/publish`, ...).
 //! - `connect.rs`: `walkie connect`: a terminal client that works in pipes.
 //! - `publish.rs`: `walkie publish`: a message through the HTTP API.
+//! - `dashboard.rs`: the server's metrics and log tail, published for the
+//!   dashboard demo.
 //! - `units.rs`: parsing sizes and durations given on the command line.
 
 mod api;
 mod connect;
+mod dashboard;
 mod handlers;
 mod http;
 mod outbox;
@@ -59,14 +62,18 @@ fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_env("WALKIE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(dashboard::LogTail);
     if json {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
 }
 

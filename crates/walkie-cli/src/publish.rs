@@ -35,6 +35,11 @@ pub struct PublishArgs {
     #[arg(long)]
     pub idempotency_key: Option<String>,
 
+    /// The state key, for namespaces whose slow clients skip to the latest
+    /// message per key (`overflow = "latest_per_key"`).
+    #[arg(long)]
+    pub key: Option<String>,
+
     /// Give up after this long.
     #[arg(long, short = 't', default_value = "10s", value_parser = crate::units::parse_duration)]
     pub timeout: Duration,
@@ -68,6 +73,9 @@ pub async fn run(args: PublishArgs) -> ExitCode {
     let mut body = json!({"channel": args.channel, "data": data});
     if let Some(k) = &args.idempotency_key {
         body["idempotency_key"] = json!(k);
+    }
+    if let Some(k) = &args.key {
+        body["key"] = json!(k);
     }
     let call = post(
         authority,

@@ -156,6 +156,8 @@ pub struct AppState {
     /// The HTTP API's key (`--api-key`, else `auth.api_key`); no API
     /// without one.
     pub api_key: Option<String>,
+    /// Without a configuration file: the secret /demo/token signs with.
+    pub demo_secret: Option<String>,
     pub rooms: RoomSettings,
 }
 
@@ -253,13 +255,22 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let hub_config = match load_hub_config(args.config.as_deref()) {
+    let mut hub_config = match load_hub_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("walkie: {e}");
             return ExitCode::from(2);
         }
     };
+    // Without a configuration file the server runs for development: every
+    // channel is open, and /demo/token hands out tokens signed with a
+    // secret made up for this run, so that the demo pages can show user
+    // channels. A configuration file turns both off.
+    let demo_secret = args.config.is_none().then(|| {
+        let secret = format!("{:032x}", rand::random::<u128>());
+        hub_config.auth.hmac_secret = Some(secret.clone());
+        secret
+    });
     let verifier = match Verifier::new(&hub_config.auth) {
         Ok(v) => v,
         Err(e) => {
@@ -326,6 +337,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         hub,
         node,
         api_key,
+        demo_secret,
         rooms: args.room_settings(),
     });
     let tracker = TaskTracker::new();
@@ -367,6 +379,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
     }
 
+    let dashboard_on = state.node.config.namespaces.contains_key("dashboard");
+    main_rt.spawn(crate::dashboard::run(
+        state.hub.clone(),
+        dashboard_on,
+        state.shutdown.clone(),
+    ));
     main_rt.block_on(async {
         shutdown_signal().await;
         info!(

@@ -145,16 +145,65 @@ impl NamespaceConfig {
 }
 
 impl Default for HubConfig {
-    /// With no configuration file: anonymous connections, and an open
-    /// default namespace and `rooms` namespace (where rooms by URL live).
+    /// With no configuration file: anonymous connections, an open default
+    /// namespace, and the namespaces the demo pages use: `rooms` (where rooms
+    /// by URL live) and `chat` (open), `notifications` (user channels that
+    /// backends publish to), `scores` (state: the latest per key for slow
+    /// clients), `game` (positions: no history) and `dashboard` (the
+    /// server's own metrics and logs).
     fn default() -> Self {
+        let open = NamespaceConfig::open;
+        let namespaces = [
+            ("rooms", open()),
+            ("chat", open()),
+            (
+                "notifications",
+                NamespaceConfig {
+                    history_size: 20,
+                    allow_publish: false,
+                    presence: false,
+                    join_leave: false,
+                    ..open()
+                },
+            ),
+            (
+                "scores",
+                NamespaceConfig {
+                    history_size: 10,
+                    overflow: OverflowPolicy::LatestPerKey,
+                    join_leave: false,
+                    ..open()
+                },
+            ),
+            (
+                "game",
+                NamespaceConfig {
+                    history_size: 0,
+                    overflow: OverflowPolicy::LatestPerKey,
+                    max_message_size: 1024,
+                    ..open()
+                },
+            ),
+            (
+                "dashboard",
+                NamespaceConfig {
+                    history_size: 120,
+                    allow_publish: false,
+                    join_leave: false,
+                    ..open()
+                },
+            ),
+        ];
         HubConfig {
             auth: AuthConfig {
                 anonymous: true,
                 ..AuthConfig::default()
             },
-            default: Some(NamespaceConfig::open()),
-            namespaces: HashMap::from([("rooms".to_owned(), NamespaceConfig::open())]),
+            default: Some(open()),
+            namespaces: namespaces
+                .into_iter()
+                .map(|(name, ns)| (name.to_owned(), ns))
+                .collect(),
         }
     }
 }

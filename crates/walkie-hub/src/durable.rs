@@ -358,6 +358,29 @@ impl Broker for DurableBroker {
         options: PublishOptions,
     ) -> BoxFuture<'_, Result<PublishResult, EngineError>> {
         Box::pin(async move {
+            if options.history.is_none() && options.idempotency_key.is_none() {
+                // Nothing to save: deliver at once instead of waiting for
+                // the next commit (positions, presence events).
+                let db = self.db.clone();
+                let ch = channel.clone();
+                let filter = HistoryFilter {
+                    since: None,
+                    limit: Some(0),
+                    reverse: false,
+                };
+                let read = tokio::task::spawn_blocking(move || Self::read(&db, &ch, filter))
+                    .await
+                    .map_err(|e| storage(format!("history read failed: {e}")))??;
+                let epoch: Arc<str> = read.map_or_else(|| "".into(), |h| h.position.epoch);
+                let publication = new.at(0);
+                if let Some(events) = self.events.get() {
+                    events.handle_publication(&channel, &publication, &epoch);
+                }
+                return Ok(PublishResult {
+                    position: StreamPosition { offset: 0, epoch },
+                    suppressed: false,
+                });
+            }
             let (reply, rx) = oneshot::channel();
             self.send(Request::Publish {
                 channel,

@@ -50,7 +50,9 @@ pub trait BrokerEvents: Send + Sync + 'static {
 ///   same order, and a publication is delivered only once it is saved.
 /// - **Offsets without gaps.** Within one epoch, the publications kept in
 ///   history have offsets 1, 2, 3, ... in publish order. A publication
-///   without history has offset 0 and does not move the stream.
+///   without history has offset 0 and does not move the stream; it is not
+///   ordered against saved publications still being written (a join event
+///   may overtake a message published just before it).
 /// - **Epochs.** A stream's epoch is fixed from the first time the channel
 ///   is read or published to, and changes only when its history is lost
 ///   (removed, expired entirely, or not durable across a restart); the

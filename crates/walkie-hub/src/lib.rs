@@ -21,6 +21,8 @@
 //! - [`protocol`]: the Walkie protocol's wire format.
 //! - [`Session`] (`session.rs`): one Walkie protocol connection, no I/O.
 //! - [`Metrics`] (`metrics.rs`): counters for `/metrics`.
+//! - [`client`]: a Rust client of the Walkie protocol that reconnects and
+//!   recovers by itself.
 //! - [`backend`]: what the HTTP API does for trusted backends.
 //! - [`conformance`]: the tests every engine must pass.
 //! - `stream.rs`: in-memory stream bookkeeping the engines share.
@@ -28,6 +30,7 @@
 pub mod auth;
 pub mod backend;
 mod channel;
+pub mod client;
 mod config;
 pub mod conformance;
 mod durable;
@@ -53,7 +56,7 @@ pub use metrics::Metrics;
 pub use presence::{ClientInfo, MemoryPresence, PresenceManager, PresenceStats};
 pub use publication::{
     DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, Kind, NewPublication,
-    Publication, PublishOptions, PublishResult, StreamPosition,
+    Publication, PublishOptions, PublishResult, StreamPosition, now_ms,
 };
 pub use queue::{OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued};
 pub use session::{

@@ -47,6 +47,35 @@ impl Metrics {
         self.latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
     }
 
+    /// The histogram's counts per bucket (the last is +Inf), for deltas.
+    pub fn latency_counts(&self) -> [u64; BUCKETS_MS.len() + 1] {
+        std::array::from_fn(|i| self.latency[i].load(Ordering::Relaxed))
+    }
+
+    /// The bucket bound (ms) below which `q` (0..1) of `counts` fall;
+    /// `None` without observations. The last bucket reports twice the
+    /// largest bound.
+    pub fn quantile_ms(counts: &[u64; BUCKETS_MS.len() + 1], q: f64) -> Option<u64> {
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(
+                    BUCKETS_MS
+                        .get(i)
+                        .copied()
+                        .unwrap_or(BUCKETS_MS[BUCKETS_MS.len() - 1] * 2),
+                );
+            }
+        }
+        None
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(2048);

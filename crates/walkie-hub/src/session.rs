@@ -292,6 +292,15 @@ impl Session {
         if identity.expires_at.is_some_and(|exp| exp <= now) {
             return Err(CloseReason::new(4002, "token expired"));
         }
+        let mut identity = identity;
+        if identity.info.is_none() {
+            // Shown to others in presence and join/leave, for clients whose
+            // token carries no `info` (anonymous ones, say).
+            if let Some(name) = params.name.as_deref().filter(|n| !n.is_empty()) {
+                let name: String = name.chars().take(64).collect();
+                identity.info = Some(Bytes::from(json!({ "name": name }).to_string()));
+            }
+        }
         self.client.set_user(&identity.user);
         let mut result = json!({
             "client": self.client.id(),
