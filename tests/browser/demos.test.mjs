@@ -158,7 +158,10 @@ await runTests(
     await checks.check('the page comes back by itself with every missed message, once each, in order', async () => {
       await connected(alice);
       const want = missed.map((t) => 'api' + t);
-      await waitUntil(async () => want.every((w) => (await messages(alice)).includes(w)), 15_000, 'missed messages');
+      await waitUntil(async () => {
+        const seen = await messages(alice);
+        return want.every((w) => seen.includes(w));
+      }, 15_000, 'missed messages');
       await sleep(500);
       const got = (await messages(alice)).filter((m) => m.startsWith('apimissed'));
       if (JSON.stringify(got) !== JSON.stringify(want)) throw new Error(`got ${JSON.stringify(got)}`);
