@@ -92,6 +92,15 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_DATA_DIR", conflicts_with = "in_memory")]
     pub data_dir: Option<PathBuf>,
 
+    /// An external engine shared by several walkie nodes:
+    /// redis://HOST:PORT/DB (history, pub/sub and presence in Redis).
+    #[arg(long, env = "WALKIE_ENGINE", conflicts_with_all = ["in_memory", "data_dir"])]
+    pub engine: Option<String>,
+
+    /// Prefix of every key and channel the engine uses in Redis.
+    #[arg(long, env = "WALKIE_ENGINE_PREFIX", default_value = "walkie:")]
+    pub engine_prefix: String,
+
     /// Keep history in memory only: nothing is written to disk, and history
     /// is lost on restart.
     #[arg(long, env = "WALKIE_IN_MEMORY")]
@@ -176,10 +185,25 @@ impl ServeArgs {
         }
     }
 
-    /// The engine: history in the data directory, or in memory.
-    fn broker(&self) -> Result<(Arc<dyn Broker>, String), String> {
+    /// The engine: an external one (--engine), history in the data
+    /// directory, or in memory; and presence, when the engine keeps it.
+    fn broker(&self, rt: &tokio::runtime::Runtime) -> Result<Engine, String> {
+        if let Some(url) = &self.engine {
+            if !url.starts_with("redis://") {
+                return Err(format!("--engine {url}: give redis://HOST:PORT"));
+            }
+            let broker = rt
+                .block_on(walkie_hub::RedisBroker::connect(url, &self.engine_prefix))
+                .map_err(|e| format!("--engine {url}: {e}"))?;
+            let presence = walkie_hub::RedisPresence::new(&broker, walkie_hub::PRESENCE_TTL);
+            return Ok((
+                Arc::new(broker),
+                Some(Arc::new(presence)),
+                format!("in Redis at {url}"),
+            ));
+        }
         if self.in_memory {
-            return Ok((Arc::new(MemoryBroker::new()), "in memory".into()));
+            return Ok((Arc::new(MemoryBroker::new()), None, "in memory".into()));
         }
         let dir = match &self.data_dir {
             Some(d) => d.clone(),
@@ -190,7 +214,7 @@ impl ServeArgs {
         match DurableBroker::open(&dir) {
             Ok(b) => {
                 let where_ = format!("in {}", b.path().display());
-                Ok((Arc::new(b), where_))
+                Ok((Arc::new(b), None, where_))
             }
             Err(e) => Err(format!(
                 "--data-dir: {e} (give another --data-dir, or --in-memory)"
@@ -198,6 +222,14 @@ impl ServeArgs {
         }
     }
 }
+
+/// The broker, the presence manager if the engine has one, and where
+/// history is kept (for the log).
+type Engine = (
+    Arc<dyn Broker>,
+    Option<Arc<dyn walkie_hub::PresenceManager>>,
+    String,
+);
 
 /// The hub's configuration from `--config`, or the built-in one.
 fn load_hub_config(path: Option<&std::path::Path>) -> Result<HubConfig, String> {
@@ -248,7 +280,20 @@ pub fn run(args: ServeArgs) -> ExitCode {
         },
         _ => None,
     };
-    let (broker, history_at) = match args.broker() {
+    let runtime = |name: &str| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(name)
+            .build()
+    };
+    let main_rt = match runtime("walkie-main") {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walkie: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (broker, presence, history_at) = match args.broker(&main_rt) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("walkie: {e}");
@@ -286,7 +331,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .api_key
         .clone()
         .or_else(|| hub_config.auth.api_key.clone());
-    let hub = Hub::new(broker);
+    let expiring_presence = presence.is_some();
+    let hub = match presence {
+        Some(p) => Hub::with_presence(broker, p),
+        None => Hub::new(broker),
+    };
     let node = Arc::new(Node {
         hub: hub.clone(),
         config: hub_config,
@@ -301,19 +350,6 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .workers
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let runtime = |name: &str| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .thread_name(name)
-            .build()
-    };
-    let main_rt = match runtime("walkie-main") {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("walkie: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let listeners = match main_rt.block_on(async { bind_all(args.bind, workers) }) {
         Ok(l) => l,
         Err(e) => {
@@ -380,6 +416,20 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
 
     let dashboard_on = state.node.config.namespaces.contains_key("dashboard");
+    if expiring_presence {
+        // Entries expire unless refreshed: a dead node's members go away.
+        let hub = state.hub.clone();
+        let shutdown = state.shutdown.clone();
+        main_rt.spawn(async move {
+            let mut tick = tokio::time::interval(walkie_hub::PRESENCE_TTL / 3);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => hub.refresh_presence().await,
+                }
+            }
+        });
+    }
     main_rt.spawn(crate::dashboard::run(
         state.hub.clone(),
         dashboard_on,

@@ -11,7 +11,7 @@ use crate::channel::ChannelName;
 use crate::engine::{Broker, BrokerEvents, EngineError};
 use crate::memory::lock;
 use crate::metrics::Metrics;
-use crate::presence::{MemoryPresence, PresenceManager};
+use crate::presence::{ClientInfo, MemoryPresence, PresenceManager};
 use crate::publication::{
     History, HistoryFilter, Kind, NewPublication, Publication, PublishOptions, PublishResult,
     StreamPosition,
@@ -168,6 +168,9 @@ pub struct Hub {
     users: Arc<Mutex<UserQueues>>,
     /// This node's random id, the prefix of its client ids.
     node: Arc<str>,
+    /// Presence entries of this node's connections, re-added periodically
+    /// for engines whose entries expire (see [`Hub::refresh_presence`]).
+    local_presence: Arc<Mutex<HashMap<(ChannelName, String), ClientInfo>>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -194,6 +197,43 @@ impl Hub {
             next_client: Arc::new(AtomicU64::new(1)),
             users: Arc::default(),
             node: format!("{:08x}", rand::random::<u32>()).into(),
+            local_presence: Arc::default(),
+        }
+    }
+
+    /// Adds a connection to a channel's presence (and remembers it for
+    /// refreshes).
+    pub async fn presence_add(
+        &self,
+        channel: ChannelName,
+        info: ClientInfo,
+    ) -> Result<(), EngineError> {
+        lock(&self.local_presence).insert((channel.clone(), info.client.clone()), info.clone());
+        self.presence.add(channel, info).await
+    }
+
+    /// Removes a connection from a channel's presence.
+    pub async fn presence_remove(
+        &self,
+        channel: ChannelName,
+        client: String,
+    ) -> Result<(), EngineError> {
+        lock(&self.local_presence).remove(&(channel.clone(), client.clone()));
+        self.presence.remove(channel, client).await
+    }
+
+    /// Adds every local presence entry again: with an engine whose entries
+    /// expire (Redis), call it well within the expiry, so that only a dead
+    /// node's entries disappear.
+    pub async fn refresh_presence(&self) {
+        let entries: Vec<((ChannelName, String), ClientInfo)> = lock(&self.local_presence)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((channel, _), info) in entries {
+            if let Err(e) = self.presence.add(channel.clone(), info).await {
+                tracing::warn!(%channel, "presence refresh failed: {e}");
+            }
         }
     }
 

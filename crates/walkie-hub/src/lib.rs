@@ -12,6 +12,8 @@
 //! - [`MemoryBroker`] (`memory.rs`): everything in memory.
 //! - [`DurableBroker`] (`durable.rs`): history in an embedded database
 //!   (redb), kept across restarts.
+//! - [`RedisBroker`] and [`RedisPresence`] (`redis_engine.rs`): Redis 7, for
+//!   several nodes acting as one.
 //! - [`Hub`] and [`Client`] (`hub.rs`): this node's subscribers; subscribe
 //!   with recovery; fan-out from one framed copy.
 //! - [`Queue`] (`queue.rs`): each connection's bounded outgoing queue and
@@ -31,6 +33,7 @@ pub mod auth;
 pub mod backend;
 mod channel;
 pub mod client;
+mod codec;
 mod config;
 pub mod conformance;
 mod durable;
@@ -42,6 +45,7 @@ mod presence;
 pub mod protocol;
 mod publication;
 mod queue;
+mod redis_engine;
 mod session;
 mod stream;
 
@@ -59,6 +63,7 @@ pub use publication::{
     Publication, PublishOptions, PublishResult, StreamPosition, now_ms,
 };
 pub use queue::{OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued};
+pub use redis_engine::{PRESENCE_TTL, RedisBroker, RedisPresence};
 pub use session::{
     CONNECT_TIMEOUT_SECS, CloseReason, MAX_HISTORY_LIMIT, MAX_SUBSCRIPTIONS, Node, Session,
 };

@@ -467,8 +467,7 @@ impl Session {
             let added = self
                 .node
                 .hub
-                .presence()
-                .add(channel.clone(), self.info())
+                .presence_add(channel.clone(), self.info())
                 .await;
             added.map_err(internal)?;
         }
@@ -507,8 +506,7 @@ impl Session {
             let removed = self
                 .node
                 .hub
-                .presence()
-                .remove(channel.clone(), self.client.id())
+                .presence_remove(channel.clone(), self.client.id())
                 .await;
             if let Err(e) = removed {
                 tracing::warn!(%channel, "presence not updated: {e}");

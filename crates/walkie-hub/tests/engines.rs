@@ -29,3 +29,55 @@ async fn memory_presence_conforms() {
     })
     .await;
 }
+
+/// The Redis engine against a real Redis: `WALKIE_TEST_REDIS` is its URL
+/// (`.ci/run` sets it); without it the test says it was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_engine_conforms() {
+    let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
+        skipped(
+            "redis_engine_conforms",
+            "WALKIE_TEST_REDIS=redis://127.0.0.1:6379",
+        );
+        return;
+    };
+    let prefix = format!("walkie-test-{:08x}:", rand_u32());
+    // One connection per check: each sets its own event handler.
+    let mut brokers = Vec::new();
+    for _ in 0..10 {
+        brokers.push(
+            walkie_hub::RedisBroker::connect(&url, &prefix)
+                .await
+                .unwrap(),
+        );
+    }
+    let first = brokers[0].clone();
+    let brokers = std::sync::Mutex::new(brokers);
+    conformance::run_all(|| Arc::new(brokers.lock().unwrap().pop().unwrap()) as Arc<dyn Broker>)
+        .await;
+    conformance::run_presence(|| {
+        Arc::new(walkie_hub::RedisPresence::new(
+            &first,
+            walkie_hub::PRESENCE_TTL,
+        )) as Arc<dyn walkie_hub::PresenceManager>
+    })
+    .await;
+}
+
+fn rand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id()
+}
+
+/// Says on the real stderr (not captured by the test harness, so it shows
+/// in every run) that a test needing a service was skipped.
+fn skipped(test: &str, how: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED {test}: no service configured; set {how} to run it"
+    );
+}

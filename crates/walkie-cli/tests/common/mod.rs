@@ -46,7 +46,7 @@ fn command(args: &[OsString], envs: &[(&str, &str)]) -> (Command, Option<tempfil
     }
     let chosen = args.iter().any(|a| {
         let a = a.to_string_lossy();
-        a == "--in-memory" || a.starts_with("--data-dir")
+        a == "--in-memory" || a.starts_with("--data-dir") || a.starts_with("--engine")
     }) || envs
         .iter()
         .any(|(k, _)| *k == "WALKIE_DATA_DIR" || *k == "WALKIE_IN_MEMORY");

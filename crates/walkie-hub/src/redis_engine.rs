@@ -1,0 +1,634 @@
+//! The Redis engine: pub/sub and history in Redis 7, so that several
+//! walkie nodes act as one.
+//!
+//! - A channel's history is a Redis stream whose entry ids are the offsets
+//!   (`N-1`); its epoch and latest offset live in a hash. Saving to history
+//!   and publishing happen in one Lua script: atomic per channel, offsets
+//!   without gaps, and any node can serve recovery.
+//! - Delivery is Redis pub/sub, subscribed only for channels with local
+//!   subscribers, over one multiplexed RESP3 connection that reconnects and
+//!   resubscribes by itself. After a reconnect, what was published
+//!   meanwhile is read back from history and delivered first, so that the
+//!   contract's "every publication exactly once, in order" holds across a
+//!   Redis restart (as far as history covers it).
+//! - Presence is a hash per channel with a per-entry expiry (a sorted set
+//!   of deadlines): entries of a node that died disappear once they expire.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind, Script, Value};
+use tokio::sync::mpsc;
+
+use crate::channel::ChannelName;
+use crate::codec::{decode, encode};
+use crate::engine::{BoxFuture, Broker, BrokerEvents, EngineError};
+use crate::memory::lock;
+use crate::presence::{ClientInfo, PresenceManager};
+use crate::publication::{
+    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
+    StreamPosition, new_epoch, now_ms,
+};
+
+/// How long presence entries live unless refreshed.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(60);
+
+const PUBLISH: &str = r"
+-- KEYS: meta, stream, idempotency key ('' for none)
+-- ARGV: history (0/1), size, ttl ms, meta ttl ms, pub/sub channel, body, idempotency ttl ms, fresh epoch
+if KEYS[3] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {seen, 1} end
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[8]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('DEL', KEYS[2])
+end
+local top = 0
+if ARGV[1] == '1' then
+  top = redis.call('HINCRBY', KEYS[1], 'top', 1)
+  redis.call('HSET', KEYS[1], 'ttl', ARGV[3])
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], top .. '-1', 'd', ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local position = top .. ':' .. epoch
+redis.call('PUBLISH', ARGV[5], position .. ':' .. ARGV[6])
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], position, 'PX', ARGV[7]) end
+return {position, 0}
+";
+
+const HISTORY: &str = r"
+-- KEYS: meta, stream
+-- ARGV: first id, count (-1: all), reverse (0/1), fresh epoch, meta ttl ms
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+local top = redis.call('HGET', KEYS[1], 'top')
+local entries = {}
+local count = tonumber(ARGV[2])
+if count ~= 0 then
+  if ARGV[3] == '1' then
+    if count > 0 then
+      entries = redis.call('XREVRANGE', KEYS[2], '+', ARGV[1], 'COUNT', count)
+    else
+      entries = redis.call('XREVRANGE', KEYS[2], '+', ARGV[1])
+    end
+  else
+    if count > 0 then
+      entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', count)
+    else
+      entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+')
+    end
+  end
+end
+return {top, epoch, entries, redis.call('HGET', KEYS[1], 'ttl') or '0'}
+";
+
+const REMOVE: &str = r"
+-- KEYS: meta, stream; ARGV: fresh epoch, meta ttl ms
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'top', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+const PRESENCE_GET: &str = r"
+-- KEYS: hash, deadlines; ARGV: now ms
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, c in ipairs(gone) do
+  redis.call('HDEL', KEYS[1], c)
+  redis.call('ZREM', KEYS[2], c)
+end
+return redis.call('HGETALL', KEYS[1])
+";
+
+/// What the push listener needs.
+struct Shared {
+    prefix: String,
+    events: OnceLock<Arc<dyn BrokerEvents>>,
+    /// Channels this node subscribed to, by pub/sub name.
+    subscribed: Mutex<HashMap<String, ChannelName>>,
+    /// The latest offset delivered per channel, and its epoch: what a
+    /// reconnect catches up from, and what duplicates are told by.
+    delivered: Mutex<HashMap<ChannelName, (Arc<str>, u64)>>,
+}
+
+/// Pub/sub, history and presence in Redis. See [`Broker`] for the contract.
+#[derive(Clone)]
+pub struct RedisBroker {
+    conn: ConnectionManager,
+    shared: Arc<Shared>,
+    publish: Arc<Script>,
+    history: Arc<Script>,
+    remove: Arc<Script>,
+    presence_get: Arc<Script>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.shared.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> EngineError {
+    EngineError::Unavailable(format!("redis: {e}"))
+}
+
+fn meta_ttl_ms(history_ttl: Duration) -> u64 {
+    // The epoch and offset outlive the messages, so that a client coming
+    // back after the history expired learns that it cannot recover rather
+    // than starting again silently; a day more, at least.
+    let ms = u64::try_from(history_ttl.as_millis()).unwrap_or(u64::MAX / 4);
+    ms.saturating_mul(2).max(24 * 3600 * 1000)
+}
+
+fn bytes_of(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn int_of(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => std::str::from_utf8(bytes_of(other)?).ok()?.parse().ok(),
+    }
+}
+
+/// `"offset:epoch"`.
+fn parse_position(s: &[u8]) -> Option<StreamPosition> {
+    let s = std::str::from_utf8(s).ok()?;
+    let (offset, epoch) = s.split_once(':')?;
+    Some(StreamPosition {
+        offset: offset.parse().ok()?,
+        epoch: epoch.into(),
+    })
+}
+
+/// Stream entries `[[id, [field, value]], ...]` as publications.
+fn entries(v: &Value) -> Result<Vec<Publication>, EngineError> {
+    let corrupt = || EngineError::Storage("unexpected stream entry from redis".into());
+    let Value::Array(list) = v else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for entry in list {
+        let Value::Array(parts) = entry else {
+            return Err(corrupt());
+        };
+        let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
+            return Err(corrupt());
+        };
+        let id = std::str::from_utf8(bytes_of(id).ok_or_else(corrupt)?).map_err(|_| corrupt())?;
+        let offset: u64 = id
+            .split('-')
+            .next()
+            .and_then(|o| o.parse().ok())
+            .ok_or_else(corrupt)?;
+        let body = fields.get(1).and_then(bytes_of).ok_or_else(corrupt)?;
+        out.push(decode(offset, body)?);
+    }
+    Ok(out)
+}
+
+impl RedisBroker {
+    /// Connects to `url` (`redis://host:port/db`); keys start with `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, EngineError> {
+        let info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| EngineError::Unavailable(format!("{url}: {e}")))?;
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(unavailable)?;
+        let (tx, rx) = mpsc::unbounded_channel::<PushInfo>();
+        let config = ConnectionManagerConfig::new()
+            .set_push_sender(tx)
+            .set_automatic_resubscription()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unavailable)?;
+        let shared = Arc::new(Shared {
+            prefix: prefix.to_owned(),
+            events: OnceLock::new(),
+            subscribed: Mutex::default(),
+            delivered: Mutex::default(),
+        });
+        let broker = RedisBroker {
+            conn,
+            shared,
+            publish: Arc::new(Script::new(PUBLISH)),
+            history: Arc::new(Script::new(HISTORY)),
+            remove: Arc::new(Script::new(REMOVE)),
+            presence_get: Arc::new(Script::new(PRESENCE_GET)),
+        };
+        tokio::spawn(broker.clone().listen(rx));
+        Ok(broker)
+    }
+
+    fn key(&self, kind: &str, channel: &str) -> String {
+        format!("{}{kind}:{channel}", self.shared.prefix)
+    }
+
+    /// Handles pushes: messages are delivered; after a disconnection the
+    /// next subscription confirmation triggers a catch-up from history.
+    async fn listen(self, mut rx: mpsc::UnboundedReceiver<PushInfo>) {
+        let mut behind = false;
+        while let Some(push) = rx.recv().await {
+            match push.kind {
+                PushKind::Disconnection => {
+                    tracing::warn!("redis engine: connection lost; reconnecting");
+                    behind = true;
+                }
+                PushKind::Subscribe if behind => {
+                    behind = false;
+                    tracing::info!("redis engine: reconnected; catching up from history");
+                    self.catch_up().await;
+                }
+                PushKind::Message => {
+                    let (Some(name), Some(payload)) = (
+                        push.data.first().and_then(bytes_of),
+                        push.data.get(1).and_then(bytes_of),
+                    ) else {
+                        continue;
+                    };
+                    let name = String::from_utf8_lossy(name).into_owned();
+                    self.deliver_raw(&name, payload);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Delivers one pub/sub message `offset:epoch:body`.
+    fn deliver_raw(&self, pubsub: &str, payload: &[u8]) {
+        let Some(channel) = lock(&self.shared.subscribed).get(pubsub).cloned() else {
+            return;
+        };
+        let mut parts = payload.splitn(3, |b| *b == b':');
+        let (Some(offset), Some(epoch), Some(body)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        let (Some(offset), Ok(epoch)) = (
+            std::str::from_utf8(offset)
+                .ok()
+                .and_then(|o| o.parse::<u64>().ok()),
+            std::str::from_utf8(epoch),
+        ) else {
+            return;
+        };
+        let Ok(publication) = decode(offset, body) else {
+            return;
+        };
+        self.deliver(&channel, &publication, epoch);
+    }
+
+    /// Hands a publication to the hub once: saved ones in offset order,
+    /// skipping any the catch-up delivered already.
+    fn deliver(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
+        if publication.offset != 0 {
+            let mut delivered = lock(&self.shared.delivered);
+            let last = delivered
+                .entry(channel.clone())
+                .or_insert_with(|| (epoch.into(), 0));
+            if *last.0 == *epoch && publication.offset <= last.1 {
+                return;
+            }
+            *last = (epoch.into(), publication.offset);
+        }
+        if let Some(events) = self.shared.events.get() {
+            events.handle_publication(channel, publication, epoch);
+        }
+    }
+
+    /// After a reconnect: delivers what each subscribed channel saved while
+    /// the pub/sub connection was down.
+    async fn catch_up(&self) {
+        let channels: Vec<ChannelName> = lock(&self.shared.subscribed).values().cloned().collect();
+        for channel in channels {
+            let since = lock(&self.shared.delivered).get(&channel).cloned();
+            let filter = HistoryFilter {
+                since: since.as_ref().map(|(_, o)| *o),
+                limit: None,
+                reverse: false,
+            };
+            match self.read_history(&channel, filter).await {
+                Ok(h) => {
+                    if since
+                        .as_ref()
+                        .is_some_and(|(e, _)| **e != *h.position.epoch)
+                    {
+                        tracing::warn!(%channel, "redis engine: history lost while disconnected (new epoch)");
+                    }
+                    for p in &h.publications {
+                        self.deliver(&channel, p, &h.position.epoch);
+                    }
+                }
+                Err(e) => tracing::warn!(%channel, "redis engine: catch-up failed: {e}"),
+            }
+        }
+    }
+
+    async fn read_history(
+        &self,
+        channel: &ChannelName,
+        filter: HistoryFilter,
+    ) -> Result<History, EngineError> {
+        let first = format!("{}-1", filter.since.unwrap_or(0).saturating_add(1));
+        let count: i64 = match filter.limit {
+            None => -1,
+            Some(n) => i64::try_from(n).unwrap_or(i64::MAX),
+        };
+        let (first, reverse) = if filter.reverse {
+            // XREVRANGE + <end>: `first` is the lower bound here too.
+            (first, "1")
+        } else {
+            (first, "0")
+        };
+        let mut conn = self.conn.clone();
+        let v: Value = self
+            .history
+            .key(self.key("m", channel.as_str()))
+            .key(self.key("s", channel.as_str()))
+            .arg(first)
+            .arg(count)
+            .arg(reverse)
+            .arg(&*new_epoch())
+            .arg(meta_ttl_ms(Duration::from_secs(24 * 3600)))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(parts) = v else {
+            return Err(EngineError::Storage(
+                "unexpected history reply from redis".into(),
+            ));
+        };
+        let top = parts.first().and_then(int_of).unwrap_or(0);
+        let epoch: Arc<str> = parts
+            .get(1)
+            .and_then(bytes_of)
+            .map(|b| String::from_utf8_lossy(b).into())
+            .unwrap_or_else(|| "".into());
+        let mut publications = parts.get(2).map(entries).transpose()?.unwrap_or_default();
+        // Entries past their TTL (the stream key itself expires only when
+        // nothing was published for a whole TTL).
+        let ttl_ms = parts.get(3).and_then(int_of).unwrap_or(0);
+        if ttl_ms > 0 {
+            let oldest_kept = now_ms().saturating_sub(ttl_ms);
+            publications.retain(|p| p.time_ms >= oldest_kept);
+        }
+        Ok(History {
+            publications,
+            position: StreamPosition { offset: top, epoch },
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    fn set_events(&self, events: Arc<dyn BrokerEvents>) {
+        let _ = self.shared.events.set(events);
+    }
+
+    fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let name = self.key("p", channel.as_str());
+            lock(&self.shared.subscribed).insert(name.clone(), channel);
+            let mut conn = self.conn.clone();
+            conn.subscribe(&name).await.map_err(unavailable)
+        })
+    }
+
+    fn unsubscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let name = self.key("p", channel.as_str());
+            lock(&self.shared.subscribed).remove(&name);
+            lock(&self.shared.delivered).remove(&channel);
+            let mut conn = self.conn.clone();
+            conn.unsubscribe(&name).await.map_err(unavailable)
+        })
+    }
+
+    fn publish(
+        &self,
+        channel: ChannelName,
+        new: NewPublication,
+        options: PublishOptions,
+    ) -> BoxFuture<'_, Result<PublishResult, EngineError>> {
+        Box::pin(async move {
+            let publication = new.at(0);
+            let body = encode(&publication);
+            let (history, size, ttl) = match options.history {
+                Some(h) => (1, h.size.max(1), h.ttl),
+                None => (0, 1, Duration::from_secs(1)),
+            };
+            let idem = match &options.idempotency_key {
+                Some(k) => self.key("i", &format!("{}:{k}", channel.as_str())),
+                None => String::new(),
+            };
+            let mut conn = self.conn.clone();
+            let v: Value = self
+                .publish
+                .key(self.key("m", channel.as_str()))
+                .key(self.key("s", channel.as_str()))
+                .key(idem)
+                .arg(history)
+                .arg(size)
+                .arg(
+                    u64::try_from(ttl.as_millis())
+                        .unwrap_or(u64::MAX / 4)
+                        .max(1),
+                )
+                .arg(meta_ttl_ms(ttl))
+                .arg(self.key("p", channel.as_str()))
+                .arg(body)
+                .arg(u64::try_from(options.idempotency_ttl().as_millis()).unwrap_or(u64::MAX / 4))
+                .arg(&*new_epoch())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let bad = || EngineError::Storage("unexpected publish reply from redis".into());
+            let Value::Array(parts) = v else {
+                return Err(bad());
+            };
+            let position = parts
+                .first()
+                .and_then(bytes_of)
+                .and_then(parse_position)
+                .ok_or_else(bad)?;
+            let suppressed = parts.get(1).and_then(int_of) == Some(1);
+            Ok(PublishResult {
+                position,
+                suppressed,
+            })
+        })
+    }
+
+    fn history(
+        &self,
+        channel: ChannelName,
+        filter: HistoryFilter,
+    ) -> BoxFuture<'_, Result<History, EngineError>> {
+        Box::pin(async move { self.read_history(&channel, filter).await })
+    }
+
+    fn remove_history(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let _: Value = self
+                .remove
+                .key(self.key("m", channel.as_str()))
+                .key(self.key("s", channel.as_str()))
+                .arg(&*new_epoch())
+                .arg(meta_ttl_ms(Duration::from_secs(24 * 3600)))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+}
+
+/// Presence in Redis, with per-entry expiry. See [`PresenceManager`].
+#[derive(Clone)]
+pub struct RedisPresence {
+    broker: RedisBroker,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPresence")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPresence {
+    /// Presence on the broker's connection; entries live `ttl` unless added
+    /// again.
+    pub fn new(broker: &RedisBroker, ttl: Duration) -> Self {
+        RedisPresence {
+            broker: broker.clone(),
+            ttl,
+        }
+    }
+}
+
+fn info_json(info: &ClientInfo) -> String {
+    serde_json::json!({
+        "user": info.user,
+        "info": info.info.as_ref().and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok()),
+    })
+    .to_string()
+}
+
+impl PresenceManager for RedisPresence {
+    fn add(
+        &self,
+        channel: ChannelName,
+        info: ClientInfo,
+    ) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let b = &self.broker;
+            let (hash, zset) = (b.key("ph", channel.as_str()), b.key("pz", channel.as_str()));
+            let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(60_000);
+            let mut conn = b.conn.clone();
+            redis::pipe()
+                .atomic()
+                .hset(&hash, &info.client, info_json(&info))
+                .ignore()
+                .zadd(&zset, &info.client, now_ms() + ttl_ms)
+                .ignore()
+                .pexpire(&hash, (ttl_ms * 2) as i64)
+                .ignore()
+                .pexpire(&zset, (ttl_ms * 2) as i64)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn remove(
+        &self,
+        channel: ChannelName,
+        client: String,
+    ) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let b = &self.broker;
+            let mut conn = b.conn.clone();
+            redis::pipe()
+                .atomic()
+                .hdel(b.key("ph", channel.as_str()), &client)
+                .ignore()
+                .zrem(b.key("pz", channel.as_str()), &client)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn presence(
+        &self,
+        channel: ChannelName,
+    ) -> BoxFuture<'_, Result<HashMap<String, ClientInfo>, EngineError>> {
+        Box::pin(async move {
+            let b = &self.broker;
+            let mut conn = b.conn.clone();
+            let v: Value = b
+                .presence_get
+                .key(b.key("ph", channel.as_str()))
+                .key(b.key("pz", channel.as_str()))
+                .arg(now_ms())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let pairs: Vec<(&[u8], &[u8])> = match &v {
+                Value::Map(m) => m
+                    .iter()
+                    .filter_map(|(k, v)| Some((bytes_of(k)?, bytes_of(v)?)))
+                    .collect(),
+                Value::Array(a) => a
+                    .chunks(2)
+                    .filter_map(|kv| Some((bytes_of(kv.first()?)?, bytes_of(kv.get(1)?)?)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let mut out = HashMap::new();
+            for (client, json) in pairs {
+                let client = String::from_utf8_lossy(client).into_owned();
+                let v: serde_json::Value = serde_json::from_slice(json).unwrap_or_default();
+                let info = ClientInfo {
+                    client: client.clone(),
+                    user: v["user"].as_str().unwrap_or("").to_owned(),
+                    info: v
+                        .get("info")
+                        .filter(|i| !i.is_null())
+                        .map(|i| Bytes::from(i.to_string())),
+                };
+                out.insert(client, info);
+            }
+            Ok(out)
+        })
+    }
+}
