@@ -1,0 +1,272 @@
+//! Scale-out's promise: three `walkie serve` nodes on one Redis; clients
+//! spread over them drop their connections at random and come back (to
+//! any node) with recovery, while a backend publishes numbered messages
+//! through the API of whichever node answers; one node is killed with
+//! SIGKILL mid-run and its clients move to the others. Every client ends
+//! with every message of every channel, in order, exactly once. Needs
+//! `WALKIE_TEST_REDIS` (`.ci/run` sets it); skipped without it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Server;
+use serde_json::{Value, json};
+use walkie::{ClientConfig, CloseCode, Message};
+
+const CHANNELS: [&str; 3] = ["chaos:a", "chaos:b", "chaos:c"];
+const PER_CHANNEL: u64 = 400;
+const CLIENTS: usize = 6;
+const KEY: &str = "chaos-key";
+
+/// A tiny deterministic generator, so that a failure can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Publishes through the HTTP API of the first node that accepts it,
+/// retrying with the same idempotency key (kept in Redis: shared by every
+/// node) while nodes fail.
+async fn publish(ports: &[u16], channel: &str, n: u64) {
+    let body = json!({"channel": channel, "data": n, "idempotency_key": format!("{channel}-{n}")})
+        .to_string();
+    let request = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: apikey {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for attempt_no in 0.. {
+        let port = ports[(n as usize + attempt_no) % ports.len()];
+        let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
+                .await
+                .ok()?;
+            let raw = common::read_all(&mut tcp, Duration::from_secs(5)).await;
+            common::HttpResponse::parse(&raw)
+        })
+        .await;
+        if let Ok(Some(r)) = attempt {
+            if r.status == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "could not publish {channel} {n} for 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Where a client stands in one channel.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    offset: u64,
+    epoch: String,
+    data: Vec<u64>,
+    /// (offset, data, session) of each message, for the failure message.
+    log: Vec<(u64, u64, u64)>,
+    sessions: u64,
+}
+
+/// One client session: connects, subscribes (recovering where it can),
+/// reads until told to drop. Returns false if it could not connect.
+async fn session(port: u16, seen: &mut HashMap<&'static str, Seen>, drop_after: u64) -> bool {
+    let mut config = ClientConfig::default();
+    config.protocols = vec!["walkie.v1".into()];
+    let Ok((mut ws, _)) = walkie::connect_with(&format!("ws://127.0.0.1:{port}/ws"), &config).await
+    else {
+        return false;
+    };
+    let mut id = 0u64;
+    let mut send = |ws_text: Value| {
+        id += 1;
+        let mut v = ws_text;
+        v["id"] = json!(id);
+        v.to_string()
+    };
+    if ws.send(send(json!({"connect": {}}))).await.is_err() {
+        return false;
+    }
+    for ch in CHANNELS {
+        seen.get_mut(ch).unwrap().sessions += 1;
+        let s = &seen[ch];
+        let params = if s.epoch.is_empty() {
+            json!({"channel": ch})
+        } else {
+            json!({"channel": ch, "recover": true, "offset": s.offset, "epoch": s.epoch})
+        };
+        if ws.send(send(json!({"subscribe": params}))).await.is_err() {
+            return false;
+        }
+    }
+    let mut received = 0u64;
+    while received < drop_after {
+        let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout(Duration::from_secs(2), ws.recv()).await
+        else {
+            // Quiet (the publisher is done or restarting) or closed: end
+            // this session; the caller reconnects.
+            return true;
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if let Some(err) = v.get("error") {
+            panic!("command failed: {err}");
+        }
+        if let Some(result) = v.get("result") {
+            // A subscribe reply: learn the epoch (and, without recovery, the start).
+            if result.get("history").is_some() {
+                let idx = v["id"].as_u64().unwrap() as usize - 2;
+                let s = seen.get_mut(CHANNELS[idx]).unwrap();
+                if s.epoch.is_empty() {
+                    s.epoch = result["epoch"].as_str().unwrap().to_owned();
+                    s.offset = result["offset"].as_u64().unwrap();
+                } else {
+                    assert_eq!(
+                        result["recovered"], true,
+                        "recovery failed in {}: {v}",
+                        CHANNELS[idx]
+                    );
+                }
+            }
+            continue;
+        }
+        if let Some(p) = v.get("pub") {
+            let ch = CHANNELS
+                .iter()
+                .find(|c| **c == p["channel"].as_str().unwrap())
+                .unwrap();
+            let s = seen.get_mut(ch).unwrap();
+            s.offset = p["offset"].as_u64().unwrap();
+            s.data.push(p["data"].as_u64().unwrap());
+            let session_no = s.sessions;
+            s.log.push((s.offset, *s.data.last().unwrap(), session_no));
+            received += 1;
+        }
+    }
+    // Dropped abruptly half the time, closed politely otherwise.
+    if drop_after % 2 == 0 {
+        let _ = ws.close(CloseCode::NORMAL, "").await;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_gets_every_message_once_when_a_node_dies() {
+    let Ok(redis) = std::env::var("WALKIE_TEST_REDIS") else {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIPPED chaos_multinode: no Redis configured; set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("chaos.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nanonymous = true\n[namespaces.chaos]\nhistory_size = 5000\nanonymous = true\n",
+    )
+    .unwrap();
+    let prefix = format!(
+        "walkie-chaos-{}-{}:",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
+    let args = vec![
+        "serve".to_owned(),
+        "--bind".into(),
+        "127.0.0.1:0".into(),
+        "--config".into(),
+        config.to_str().unwrap().into(),
+        "--engine".into(),
+        redis.clone(),
+        "--engine-prefix".into(),
+        prefix,
+        "--api-key".into(),
+        KEY.into(),
+    ];
+    let mut nodes: Vec<Server> = (0..3).map(|_| Server::spawn(args.clone(), &[])).collect();
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let done = Arc::new(AtomicBool::new(false));
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let done = done.clone();
+        let ports = ports.clone();
+        clients.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
+            let mut seen: HashMap<&'static str, Seen> =
+                CHANNELS.iter().map(|c| (*c, Seen::default())).collect();
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let complete = seen.values().all(|s| s.data.len() as u64 >= PER_CHANNEL);
+                if complete && done.load(Ordering::Relaxed) {
+                    return seen;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "client {c} did not finish: {:?}",
+                    seen.values().map(|s| s.data.len()).collect::<Vec<_>>()
+                );
+                let drop_after = 1 + rng.next(150);
+                // Each session on some node; a dead node's port refuses.
+                let port = ports[rng.next(ports.len() as u64) as usize];
+                if !session(port, &mut seen, drop_after).await {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    // Let every client subscribe before the first message.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for n in 1..=PER_CHANNEL {
+        for ch in CHANNELS {
+            publish(&ports, ch, n).await;
+        }
+        if n == PER_CHANNEL / 2 {
+            // No goodbye: the node and its connections just vanish.
+            nodes[1].signal("KILL");
+            assert!(
+                nodes[1].wait_exit(Duration::from_secs(10)).is_some(),
+                "no exit on SIGKILL"
+            );
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    for (c, client) in clients.into_iter().enumerate() {
+        let seen = client.await.unwrap_or_else(|e| panic!("client {c}: {e}"));
+        for ch in CHANNELS {
+            let got = &seen[ch].data;
+            if got.len() as u64 != PER_CHANNEL {
+                let mut dups = Vec::new();
+                for w in seen[ch].log.windows(2) {
+                    if w[1].1 <= w[0].1 {
+                        dups.push(w.to_vec());
+                    }
+                }
+                panic!(
+                    "client {c}, {ch}: {} messages; out of order: {dups:?}",
+                    got.len()
+                );
+            }
+            assert!(
+                got.iter().copied().eq(1..=PER_CHANNEL),
+                "client {c}, {ch}: not 1..={PER_CHANNEL} in order: {got:?}"
+            );
+        }
+    }
+}
