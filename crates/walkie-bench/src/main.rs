@@ -6,12 +6,15 @@
 //!   counting of replies (independent of walkie-proto).
 //! - `load.rs`: one load run: many connections on one thread, closed loop or
 //!   fixed rate, latency in an HDR histogram.
+//! - `fanout.rs`: one publisher and many subscribers in one room, at a fixed
+//!   publish rate: deliveries, losses, publish-to-delivery latency.
 //! - `idle.rs`: many idle connections, held while the suite reads memory.
 //! - `procfs.rs`: a server's CPU time and resident memory from /proc.
 //! - `peers.rs`: the servers compared, how each is built and started.
 //! - `suite.rs`: every case against every peer, pinned cores, medians,
 //!   the Markdown table.
 
+mod fanout;
 mod idle;
 mod load;
 mod peers;
@@ -41,6 +44,9 @@ enum Command {
     Suite(SuiteArgs),
     /// Load one server: echo messages and measure throughput and latency.
     Load(LoadArgs),
+    /// Fan-out: one publisher and many subscribers in one room; measure
+    /// deliveries, losses and publish-to-delivery latency.
+    Fanout(FanoutArgs),
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +130,42 @@ struct LoadArgs {
     idle: bool,
 }
 
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    /// The server's address.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// The WebSocket path of the room (every connection to it is a member).
+    #[arg(long, default_value = "/rooms/fanout")]
+    path: String,
+    /// Subscriber connections (the publisher is one more).
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Messages published per second, at a fixed rate.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Message size in bytes (16 to 65535: the first 16 carry a sequence
+    /// number and the send time).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Unmeasured warm-up, after every connection is open.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Measured time.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// After the window, time given to the window's messages still in
+    /// flight before the missing ones count as lost.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    grace: Duration,
+    /// Local source addresses, e.g. 127.0.0.2-127.0.0.41.
+    #[arg(long, value_parser = parse_sources)]
+    sources: Option<Sources>,
+    /// Print `start` / `end` lines around the measured window.
+    #[arg(long)]
+    announce: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Sources(Vec<IpAddr>);
 
@@ -199,6 +241,77 @@ fn run_load(args: LoadArgs) -> ExitCode {
         announce: args.announce,
     };
     let outcome = runtime.block_on(load::run(spec));
+    println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
+    ExitCode::SUCCESS
+}
+
+/// Checks the fan-out flags; the error names the flag.
+fn fanout_spec(args: FanoutArgs) -> Result<fanout::Spec, String> {
+    if !(1..=100_000).contains(&args.subscribers) {
+        return Err(format!(
+            "--subscribers {}: give 1 to 100000",
+            args.subscribers
+        ));
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 1_000_000.0) {
+        return Err(format!(
+            "--rate {}: give a rate above 0 and at most 1000000 messages/s",
+            args.rate
+        ));
+    }
+    if !(16..=65_535).contains(&args.size) {
+        return Err(format!(
+            "--size {}: give 16 to 65535 bytes (the first 16 carry the sequence number and send time)",
+            args.size
+        ));
+    }
+    if args.duration.is_zero() {
+        return Err("--duration must be more than 0".into());
+    }
+    if !args.path.starts_with('/') {
+        return Err(format!("--path `{}`: a path starts with /", args.path));
+    }
+    Ok(fanout::Spec {
+        addr: args.addr,
+        path: args.path,
+        subscribers: args.subscribers,
+        rate: args.rate,
+        size: args.size,
+        warmup: args.warmup,
+        duration: args.duration,
+        grace: args.grace,
+        sources: args.sources.map(|s| s.0).unwrap_or_default(),
+        announce: args.announce,
+    })
+}
+
+fn run_fanout(args: FanoutArgs) -> ExitCode {
+    let spec = match fanout_spec(args) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("walkie-bench fanout: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let fd_limit = procfs::raise_fd_limit();
+    if fd_limit < spec.subscribers as u64 + 64 {
+        eprintln!(
+            "walkie-bench fanout: --subscribers {}: the open-file limit is {fd_limit}",
+            spec.subscribers
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walkie-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(fanout::run(spec));
     println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
     ExitCode::SUCCESS
 }
@@ -293,5 +406,6 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Load(args) => run_load(args),
         Command::Suite(args) => run_suite(args),
+        Command::Fanout(args) => run_fanout(args),
     }
 }

@@ -1,7 +1,8 @@
 //! The servers the suite compares: how to build and start each one.
 //!
-//! Every peer is an echo server taking `PORT [deflate]`; `bench/README.md`
-//! documents each one's version and settings.
+//! Every peer is an echo server taking `PORT [deflate]`; some also have a
+//! fan-out server taking `PORT` (every connection is a member of one room).
+//! `bench/README.md` documents each one's version and settings.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,8 @@ pub struct Peer {
     pub label: &'static str,
     /// The program and its arguments before `PORT [deflate]`.
     program: Program,
+    /// The fan-out server, if this peer has one.
+    fanout: Option<Program>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,46 +39,55 @@ pub fn all() -> Vec<Peer> {
             name: "walkie",
             label: "walkie (this repo)",
             program: Program::Walkie,
+            fanout: Some(Program::Walkie),
         },
         Peer {
             name: "uws",
             label: "uWebSockets (uWS.js)",
             program: Program::Node("uws-echo.js"),
+            fanout: Some(Program::Node("uws-fanout.js")),
         },
         Peer {
             name: "fastwebsockets",
             label: "fastwebsockets",
             program: Program::RustPeer("fastwebsockets-echo"),
+            fanout: None,
         },
         Peer {
             name: "yawc",
             label: "yawc",
             program: Program::RustPeer("yawc-echo"),
+            fanout: None,
         },
         Peer {
             name: "tungstenite",
             label: "tokio-tungstenite",
             program: Program::RustPeer("tungstenite-echo"),
+            fanout: None,
         },
         Peer {
             name: "tokio-websockets",
             label: "tokio-websockets",
             program: Program::RustPeer("tokio-websockets-echo"),
+            fanout: None,
         },
         Peer {
             name: "ws",
             label: "Node ws",
             program: Program::Node("ws-echo.js"),
+            fanout: Some(Program::Node("ws-fanout.js")),
         },
         Peer {
             name: "python",
             label: "Python websockets",
             program: Program::Python("websockets-echo.py"),
+            fanout: None,
         },
         Peer {
             name: "reflector",
             label: "raw byte reflector (no protocol)",
             program: Program::RustPeer("reflector"),
+            fanout: None,
         },
     ]
 }
@@ -94,41 +106,32 @@ impl Paths {
 }
 
 impl Peer {
-    /// The command that starts this peer on `port`, pinned to `cpu`.
+    /// The command that starts this peer's echo server on `port`, pinned
+    /// to `cpu`.
     pub fn command(&self, paths: &Paths, port: u16, deflate: bool, cpu: usize) -> Command {
-        let mut cmd = Command::new("taskset");
-        cmd.arg("-c").arg(cpu.to_string());
-        let root = &paths.root;
-        match &self.program {
-            Program::Walkie => {
-                cmd.arg(root.join("target/release/walkie"))
-                    .args(["serve", "--bind"])
-                    .arg(format!("127.0.0.1:{port}"))
-                    // Echo keeps no history; several benchmark servers may
-                    // run at once.
-                    .arg("--in-memory");
-                if !deflate {
-                    cmd.arg("--no-deflate");
-                }
-                cmd.env("WALKIE_LOG", "warn");
-                return cmd;
-            }
-            Program::RustPeer(bin) => {
-                cmd.arg(root.join("bench/peers/target/release").join(bin));
-            }
-            Program::Node(script) => {
-                cmd.arg("node").arg(root.join("bench/node").join(script));
-            }
-            Program::Python(script) => {
-                cmd.arg(paths.venv_python())
-                    .arg(root.join("bench/python").join(script));
-            }
+        program_command(&self.program, paths, port, deflate, cpu)
+    }
+
+    /// Whether this peer has a fan-out server.
+    pub fn has_fanout(&self) -> bool {
+        self.fanout.is_some()
+    }
+
+    /// The command that starts this peer's fan-out server on `port`, pinned
+    /// to `cpu`; `None` if it has none.
+    pub fn fanout_command(&self, paths: &Paths, port: u16, cpu: usize) -> Option<Command> {
+        let program = self.fanout.as_ref()?;
+        let mut cmd = program_command(program, paths, port, false, cpu);
+        if let Program::Walkie = program {
+            // A room at /rooms/fanout is the fan-out: keep one message of
+            // history (the least there is), and queues long enough that
+            // they are not what limits a subscriber (an overflow
+            // disconnects it, 1013).
+            cmd.args(["--room-history", "1"])
+                .args(["--client-queue", "100000"])
+                .args(["--client-queue-bytes", "64M"]);
         }
-        cmd.arg(port.to_string());
-        if deflate {
-            cmd.arg("deflate");
-        }
-        cmd
+        Some(cmd)
     }
 
     /// What must exist before this peer can start, for the build step.
@@ -140,6 +143,49 @@ impl Peer {
             Program::Python(_) => Need::Python,
         }
     }
+}
+
+/// The command that starts `program` on `port`, pinned to `cpu`.
+fn program_command(
+    program: &Program,
+    paths: &Paths,
+    port: u16,
+    deflate: bool,
+    cpu: usize,
+) -> Command {
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c").arg(cpu.to_string());
+    let root = &paths.root;
+    match program {
+        Program::Walkie => {
+            cmd.arg(root.join("target/release/walkie"))
+                .args(["serve", "--bind"])
+                .arg(format!("127.0.0.1:{port}"))
+                // Echo keeps no history; several benchmark servers may
+                // run at once.
+                .arg("--in-memory");
+            if !deflate {
+                cmd.arg("--no-deflate");
+            }
+            cmd.env("WALKIE_LOG", "warn");
+            return cmd;
+        }
+        Program::RustPeer(bin) => {
+            cmd.arg(root.join("bench/peers/target/release").join(bin));
+        }
+        Program::Node(script) => {
+            cmd.arg("node").arg(root.join("bench/node").join(script));
+        }
+        Program::Python(script) => {
+            cmd.arg(paths.venv_python())
+                .arg(root.join("bench/python").join(script));
+        }
+    }
+    cmd.arg(port.to_string());
+    if deflate {
+        cmd.arg("deflate");
+    }
+    cmd
 }
 
 /// A build step.

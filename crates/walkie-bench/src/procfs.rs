@@ -23,6 +23,31 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
     Ok((field(14)? + field(15)?) / ticks)
 }
 
+/// CPU time the whole machine spent busy (everything but idle and I/O
+/// wait, interrupts included), all cores together, in seconds: what other
+/// processes did during a run shows as the excess over the server's and
+/// the load generator's own time.
+pub fn machine_busy_seconds() -> io::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| io::Error::other("no cpu line in /proc/stat"))?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return Err(io::Error::other("malformed /proc/stat"));
+    }
+    // user nice system idle iowait irq softirq steal
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(busy / ticks)
+}
+
 /// Resident set size of `pid`, in bytes.
 pub fn rss_bytes(pid: u32) -> io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -60,5 +85,6 @@ mod tests {
         let pid = std::process::id();
         assert!(super::cpu_seconds(pid).unwrap() >= 0.0);
         assert!(super::rss_bytes(pid).unwrap() > 0);
+        assert!(super::machine_busy_seconds().unwrap() > 0.0);
     }
 }

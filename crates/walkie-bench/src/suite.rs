@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::fanout::FanoutOutcome;
 use crate::idle::IdleOutcome;
 use crate::load::{Mode, Outcome};
 use crate::peers::{self, Paths, Peer};
@@ -30,6 +31,10 @@ pub enum Kind {
     },
     /// Idle connections; the figure of merit is resident memory per connection.
     Idle { conns: usize },
+    /// One publisher, `subscribers` members of one room, `rate` messages
+    /// published per second; the figures of merit are deliveries per
+    /// second, losses, latency and the server's CPU per delivery.
+    Fanout { subscribers: usize, rate: f64 },
 }
 
 /// One case of the suite.
@@ -108,6 +113,22 @@ pub fn cases() -> Vec<Case> {
             kind: load(100, 32, closed, true, false),
         },
         Case {
+            id: "fanout-1k",
+            title: "fan-out, 1 publisher x 1000 subscribers, 64 B at 1500 msg/s (1.5M deliveries/s offered)",
+            kind: Kind::Fanout {
+                subscribers: 1000,
+                rate: 1500.0,
+            },
+        },
+        Case {
+            id: "fanout-10k",
+            title: "fan-out, 1 publisher x 10000 subscribers, 64 B at 100 msg/s (1M deliveries/s offered)",
+            kind: Kind::Fanout {
+                subscribers: 10_000,
+                rate: 100.0,
+            },
+        },
+        Case {
             id: "idle-10k",
             title: "RSS per idle connection, 10k connections",
             kind: Kind::Idle { conns: 10_000 },
@@ -143,6 +164,17 @@ pub struct RunResult {
     pub p999_us: f64,
     pub cpu_us_per_msg: Option<f64>,
     pub rss_per_conn: Option<f64>,
+    /// Fan-out: deliveries of the window's messages that never arrived,
+    /// out of `expected`.
+    pub lost: Option<u64>,
+    pub expected: Option<u64>,
+    /// Fan-out: messages published per second in the window.
+    pub publish_rate: Option<f64>,
+    /// Fan-out: share of its core the load generator used in the window.
+    pub load_cpu: Option<f64>,
+    /// Fan-out: cores' worth of CPU that other processes used in the window
+    /// (the machine's busy time less the server's and the generator's).
+    pub other_cpu: Option<f64>,
     pub connected: usize,
     pub errors: u64,
     pub first_error: Option<String>,
@@ -176,15 +208,30 @@ fn free_port() -> std::io::Result<u16> {
 
 fn start(peer: &Peer, s: &Settings, deflate: bool) -> Result<Server, String> {
     let port = free_port().map_err(|e| e.to_string())?;
+    let cmd = peer.command(&s.paths, port, deflate, s.server_cpu);
+    spawn(peer, s, cmd, port, if deflate { "-deflate" } else { "" })
+}
+
+/// Starts `peer`'s fan-out server, fresh.
+fn start_fanout(peer: &Peer, s: &Settings) -> Result<Server, String> {
+    let port = free_port().map_err(|e| e.to_string())?;
+    let cmd = peer
+        .fanout_command(&s.paths, port, s.server_cpu)
+        .ok_or("not supported by this peer")?;
+    spawn(peer, s, cmd, port, "-fanout")
+}
+
+fn spawn(
+    peer: &Peer,
+    s: &Settings,
+    mut cmd: Command,
+    port: u16,
+    log: &str,
+) -> Result<Server, String> {
     let logs = s.paths.out.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(logs.join(format!(
-        "{}{}.log",
-        peer.name,
-        if deflate { "-deflate" } else { "" }
-    )))
-    .map_err(|e| e.to_string())?;
-    let mut cmd = peer.command(&s.paths, port, deflate, s.server_cpu);
+    let log = std::fs::File::create(logs.join(format!("{}{log}.log", peer.name)))
+        .map_err(|e| e.to_string())?;
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);
@@ -218,14 +265,20 @@ fn start(peer: &Peer, s: &Settings, deflate: bool) -> Result<Server, String> {
 }
 
 fn load_command(s: &Settings, addr: SocketAddr) -> Command {
+    bench_command(s, "load", addr, "/echo")
+}
+
+/// `walkie-bench SUBCOMMAND --addr ADDR --path PATH`, pinned to the load
+/// generator's core.
+fn bench_command(s: &Settings, subcommand: &str, addr: SocketAddr, path: &str) -> Command {
     let mut cmd = Command::new("taskset");
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("walkie-bench"));
     cmd.arg("-c").arg(s.load_cpu.to_string()).arg(exe);
-    cmd.arg("load")
+    cmd.arg(subcommand)
         .arg("--addr")
         .arg(addr.to_string())
         .arg("--path")
-        .arg("/echo");
+        .arg(path);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -293,13 +346,111 @@ fn run_load(s: &Settings, server: &Server, kind: Kind) -> Result<RunResult, Stri
         cpu_us_per_msg: cpu_used
             .filter(|_| cpu && o.messages > 0)
             .map(|c| c * 1e6 / o.messages as f64),
-        rss_per_conn: None,
         connected: o.connected,
         errors: o.errors,
         first_error: o.first_error.or_else(|| {
             (deflate && o.deflate_accepted < o.connected)
                 .then(|| "server did not accept permessage-deflate".into())
         }),
+        ..RunResult::default()
+    })
+}
+
+/// Time the fan-out gives messages still in flight when its window closes.
+const FANOUT_GRACE: Duration = Duration::from_secs(3);
+
+/// One fan-out run against a fresh server: samples the server's CPU over
+/// exactly the measured window.
+fn run_fanout(
+    s: &Settings,
+    peer: &Peer,
+    subscribers: usize,
+    rate: f64,
+    fd_limit: u64,
+) -> Result<RunResult, String> {
+    if !peer.has_fanout() {
+        return Err("not supported by this peer".into());
+    }
+    if fd_limit < subscribers as u64 + 1000 {
+        return Err(format!(
+            "skipped: this machine's open-file limit ({fd_limit}) is below {subscribers} connections"
+        ));
+    }
+    let server = start_fanout(peer, s)?;
+    let mut cmd = bench_command(s, "fanout", server.addr, "/rooms/fanout");
+    // Spread over source addresses so ephemeral ports never run out
+    // (10,000 connections per run, each leaving a TIME_WAIT).
+    cmd.args([
+        "--subscribers",
+        &subscribers.to_string(),
+        "--rate",
+        &rate.to_string(),
+        "--size",
+        "64",
+        "--sources",
+        "127.0.0.2-127.0.0.41",
+        "--announce",
+    ]);
+    cmd.args(["--warmup", &format!("{}ms", s.warmup.as_millis())]);
+    cmd.args(["--duration", &format!("{}ms", s.duration.as_millis())]);
+    cmd.args(["--grace", &format!("{}ms", FANOUT_GRACE.as_millis())]);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the load generator: {e}"))?;
+    let pid = server.child.id();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut cpu_start = None;
+    let mut cpu_used = None;
+    let (mut busy_start, mut busy) = (None, None);
+    let mut outcome: Option<FanoutOutcome> = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        match line.trim() {
+            "start" => {
+                cpu_start = procfs::cpu_seconds(pid).ok();
+                busy_start = procfs::machine_busy_seconds().ok();
+            }
+            "end" => {
+                cpu_used = match (cpu_start, procfs::cpu_seconds(pid).ok()) {
+                    (Some(a), Some(b)) => Some(b - a),
+                    _ => None,
+                };
+                busy = match (busy_start, procfs::machine_busy_seconds().ok()) {
+                    (Some(a), Some(b)) => Some(b - a),
+                    _ => None,
+                };
+            }
+            json => outcome = serde_json::from_str(json).ok(),
+        }
+    }
+    let _ = child.wait();
+    drop(server);
+    let o = outcome.ok_or("the load generator printed no result")?;
+    // A quantile among the lost deliveries is beyond the grace period:
+    // infinite here (null in results.json, "> 3 s" in the table).
+    let beyond = |q: Option<f64>| q.unwrap_or(f64::INFINITY);
+    Ok(RunResult {
+        rate: o.rate,
+        p50_us: beyond(o.p50_us),
+        p99_us: beyond(o.p99_us),
+        p999_us: beyond(o.p999_us),
+        cpu_us_per_msg: cpu_used
+            .filter(|_| o.deliveries > 0)
+            .map(|c| c * 1e6 / o.deliveries as f64),
+        lost: Some(o.lost),
+        expected: Some(o.expected),
+        publish_rate: Some(o.publish_rate),
+        load_cpu: o.load_cpu,
+        other_cpu: match (busy, cpu_used, o.load_cpu) {
+            (Some(b), Some(c), Some(l)) if o.seconds > 0.0 => {
+                Some((b / o.seconds - c / o.seconds - l).max(0.0))
+            }
+            _ => None,
+        },
+        connected: o.connected,
+        errors: o.errors,
+        first_error: o.first_error,
+        ..RunResult::default()
     })
 }
 
@@ -414,6 +565,21 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
             }
         }
     }
+    // Fan-out: a fresh server per run (its rooms and queues start empty),
+    // interleaved across peers like the rest.
+    for case in &s.cases {
+        let Kind::Fanout { subscribers, rate } = case.kind else {
+            continue;
+        };
+        for i in 0..s.runs {
+            for peer in &s.peers {
+                bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
+                let outcome = run_fanout(s, peer, subscribers, rate, fd_limit);
+                outcomes.push((slot(case, peer), outcome));
+                bar.inc(1);
+            }
+        }
+    }
     for case in s
         .cases
         .iter()
@@ -491,7 +657,12 @@ pub fn report(s: &Settings, results: &[CaseResult]) -> String {
         results.iter().map(|r| ((r.case, r.peer), r)).collect();
     for case in &s.cases {
         out.push_str(&format!("\n### {} (`{}`)\n\n", case.title, case.id));
+        if let Kind::Fanout { .. } = case.kind {
+            fanout_table(&mut out, s, case, &by);
+            continue;
+        }
         let (figure, unit): (&str, fn(&RunResult) -> Option<f64>) = match case.kind {
+            Kind::Fanout { .. } => continue,
             Kind::Idle { .. } => ("KB per connection", |r| r.rss_per_conn.map(|b| b / 1024.0)),
             Kind::Load { cpu: true, .. } => ("server CPU us/msg", |r| r.cpu_us_per_msg),
             Kind::Load { .. } => ("msgs/s", |r| Some(r.rate)),
@@ -564,3 +735,110 @@ pub fn report(s: &Settings, results: &[CaseResult]) -> String {
     }
     out
 }
+
+/// Errors of a peer's runs, for the end of its row.
+fn errors_note(runs: &[RunResult]) -> String {
+    let errors: u64 = runs.iter().map(|x| x.errors).sum();
+    if errors > 0 || runs.iter().any(|x| x.first_error.is_some()) {
+        let first = runs
+            .iter()
+            .find_map(|x| x.first_error.clone())
+            .unwrap_or_default();
+        format!(" {errors} error(s): {first}")
+    } else {
+        String::new()
+    }
+}
+
+/// A fan-out case's table: deliveries per second, losses, latency, the
+/// server's CPU per delivery (both with ratios to walkie), and how busy
+/// the load generator was.
+fn fanout_table(
+    out: &mut String,
+    s: &Settings,
+    case: &Case,
+    by: &BTreeMap<(&str, &str), &CaseResult>,
+) {
+    let rate = |r: &RunResult| Some(r.rate);
+    let cpu = |r: &RunResult| r.cpu_us_per_msg;
+    let ours = |f: fn(&RunResult) -> Option<f64>| {
+        by.get(&(case.id, "walkie"))
+            .and_then(|r| stat(&r.runs, f))
+            .map(|(m, _)| m)
+    };
+    let (our_rate, our_cpu) = (ours(rate), ours(cpu));
+    let ratio = |m: f64, o: Option<f64>| {
+        o.filter(|o| *o > 0.0)
+            .map(|o| format!("{:.2}x", m / o))
+            .unwrap_or_else(|| "-".into())
+    };
+    out.push_str(
+        "| peer | deliveries/s (median) | spread | vs walkie | lost | p50 | p99 | p99.9 | server CPU us/delivery | vs walkie | published/s | load gen CPU |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for peer in &s.peers {
+        let Some(r) = by.get(&(case.id, peer.name)) else {
+            continue;
+        };
+        if r.runs.is_empty() {
+            let why = r.skipped.clone().unwrap_or_else(|| "no result".into());
+            out.push_str(&format!(
+                "| {} | - | - | - | | | | | | | | | {why}\n",
+                peer.label
+            ));
+            continue;
+        }
+        let med = |f: &dyn Fn(&RunResult) -> Option<f64>| stat(&r.runs, f).map(|(m, _)| m);
+        let (m, spread) = stat(&r.runs, rate).unwrap_or((f64::NAN, 0.0));
+        let lost = match (
+            med(&|x| x.lost.map(|l| l as f64)),
+            med(&|x| x.expected.map(|e| e as f64)),
+        ) {
+            (Some(l), Some(e)) if e > 0.0 => format!("{l:.0} ({:.1}%)", l * 100.0 / e),
+            (Some(l), _) => format!("{l:.0}"),
+            _ => "-".into(),
+        };
+        let us = |f: fn(&RunResult) -> f64| {
+            med(&|x| Some(f(x))).map_or("-".into(), |v| {
+                if v.is_finite() {
+                    fmt_us(v)
+                } else {
+                    format!("> {} s", FANOUT_GRACE.as_secs())
+                }
+            })
+        };
+        let c = med(&cpu);
+        out.push_str(&format!(
+            "| {} | {} | ±{:.0}% | {} | {lost} | {} | {} | {} | {} | {} | {} | {} |",
+            peer.label,
+            fmt_num(m),
+            spread * 50.0,
+            ratio(m, our_rate),
+            us(|x| x.p50_us),
+            us(|x| x.p99_us),
+            us(|x| x.p999_us),
+            c.map_or("-".into(), fmt_num),
+            c.map_or("-".into(), |c| ratio(c, our_cpu)),
+            med(&|x| x.publish_rate).map_or("-".into(), fmt_num),
+            med(&|x| x.load_cpu).map_or("-".into(), |l| format!("{:.0}%", l * 100.0)),
+        ));
+        out.push_str(&errors_note(&r.runs));
+        if let Some(other) = r
+            .runs
+            .iter()
+            .filter_map(|x| x.other_cpu)
+            .max_by(f64::total_cmp)
+            .filter(|o| *o > NOISY)
+        {
+            out.push_str(&format!(
+                " (noisy: other processes used up to {:.0}% of a core during a run)",
+                other * 100.0
+            ));
+        }
+        out.push('\n');
+    }
+}
+
+/// Other processes' CPU (cores) during a fan-out window above which the
+/// table flags the run as noisy.
+const NOISY: f64 = 0.15;

@@ -187,6 +187,156 @@ impl FrameCounter {
     }
 }
 
+/// What [`TagReader`] found in received bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A complete data message of at least 16 bytes: the sequence number and
+    /// send time that the fan-out publisher wrote in its first 16 bytes.
+    Tagged { seq: u64, sent_ns: u64 },
+    /// A complete data message shorter than 16 bytes (not ours).
+    Untagged,
+    /// A ping, with its payload (to be answered with a pong).
+    Ping(&'a [u8]),
+    /// A close frame, with its status code if it had one.
+    Close(Option<u16>),
+}
+
+/// Like [`FrameCounter`], but keeps the first 16 payload bytes of each data
+/// message (and the payload of control frames): what a fan-out subscriber
+/// needs, for little more than header-only parsing. Assumes unmasked
+/// server frames that are not fragmented (the fan-out messages are small).
+#[derive(Debug)]
+pub struct TagReader {
+    /// A partial header carried over from the previous read.
+    head: [u8; 14],
+    head_len: usize,
+    /// Inside a frame's payload.
+    in_frame: bool,
+    opcode: u8,
+    fin: bool,
+    /// Payload bytes of the current frame still to come.
+    remaining: u64,
+    /// Payload bytes to keep, and those kept so far.
+    want: usize,
+    got: usize,
+    kept: [u8; 125],
+}
+
+impl Default for TagReader {
+    fn default() -> Self {
+        Self {
+            head: [0; 14],
+            head_len: 0,
+            in_frame: false,
+            opcode: 0,
+            fin: false,
+            remaining: 0,
+            want: 0,
+            got: 0,
+            kept: [0; 125],
+        }
+    }
+}
+
+impl TagReader {
+    /// Feeds received bytes; calls `on` for every frame completed by them.
+    pub fn feed(&mut self, mut data: &[u8], mut on: impl FnMut(Event<'_>)) {
+        loop {
+            if !self.in_frame {
+                if data.is_empty() {
+                    return;
+                }
+                let (fin, opcode, len) = if self.head_len == 0 {
+                    match parse_header(data) {
+                        Some((fin, opcode, len, hlen)) => {
+                            data = &data[hlen..];
+                            (fin, opcode, len)
+                        }
+                        None => {
+                            // Shorter than the longest header: it fits.
+                            self.head[..data.len()].copy_from_slice(data);
+                            self.head_len = data.len();
+                            return;
+                        }
+                    }
+                } else {
+                    let old = self.head_len;
+                    let take = (14 - old).min(data.len());
+                    self.head[old..old + take].copy_from_slice(&data[..take]);
+                    match parse_header(&self.head[..old + take]) {
+                        Some((fin, opcode, len, hlen)) => {
+                            data = &data[hlen - old..];
+                            self.head_len = 0;
+                            (fin, opcode, len)
+                        }
+                        None => {
+                            self.head_len = old + take;
+                            return;
+                        }
+                    }
+                };
+                self.in_frame = true;
+                self.fin = fin;
+                self.opcode = opcode;
+                self.remaining = len;
+                self.got = 0;
+                self.want = match opcode {
+                    0..=2 if fin && len >= 16 => 16,
+                    8..=10 => len.min(125) as usize,
+                    _ => 0,
+                };
+            }
+            if self.got < self.want {
+                let take = (self.want - self.got).min(data.len());
+                self.kept[self.got..self.got + take].copy_from_slice(&data[..take]);
+                self.got += take;
+                self.remaining -= take as u64;
+                data = &data[take..];
+            }
+            let skip = (data.len() as u64).min(self.remaining);
+            self.remaining -= skip;
+            data = &data[skip as usize..];
+            if self.remaining > 0 {
+                return;
+            }
+            self.in_frame = false;
+            match self.opcode {
+                0..=2 if self.fin => on(if self.want == 16 {
+                    let k = &self.kept;
+                    let word = |i: usize| {
+                        let mut w = [0u8; 8];
+                        w.copy_from_slice(&k[i..i + 8]);
+                        u64::from_le_bytes(w)
+                    };
+                    Event::Tagged {
+                        seq: word(0),
+                        sent_ns: word(8),
+                    }
+                } else {
+                    Event::Untagged
+                }),
+                8 => on(Event::Close(
+                    (self.got >= 2).then(|| u16::from_be_bytes([self.kept[0], self.kept[1]])),
+                )),
+                9 => on(Event::Ping(&self.kept[..self.got])),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Writes `seq` and `sent_ns` into the first 16 payload bytes of `frame`,
+/// a frame built by [`masked_frame`] with `key`, whose payload starts at
+/// `at`: the tag [`TagReader`] reads back.
+pub fn write_tag(frame: &mut [u8], at: usize, key: [u8; 4], seq: u64, sent_ns: u64) {
+    let mut tag = [0u8; 16];
+    tag[..8].copy_from_slice(&seq.to_le_bytes());
+    tag[8..].copy_from_slice(&sent_ns.to_le_bytes());
+    for (i, (dst, b)) in frame[at..at + 16].iter_mut().zip(tag).enumerate() {
+        *dst = b ^ key[i % 4];
+    }
+}
+
 /// (fin, opcode, payload length, header length), or `None` if incomplete.
 fn parse_header(b: &[u8]) -> Option<(bool, u8, u64, usize)> {
     if b.len() < 2 {
@@ -244,6 +394,65 @@ mod tests {
             let mut c = FrameCounter::default();
             let total: u64 = stream.chunks(split).map(|ch| c.feed(ch).messages).sum();
             assert_eq!(total, 6, "split {split}");
+        }
+    }
+    fn unmask(frame: &[u8], key: [u8; 4]) -> Vec<u8> {
+        // A client frame as the server would relay it: unmasked, no key.
+        let mut f = frame.to_vec();
+        f[1] &= 0x7f;
+        let hl = match f[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        let payload: Vec<u8> = f[hl + 4..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ key[i % 4])
+            .collect();
+        f.truncate(hl);
+        f.extend(payload);
+        f
+    }
+
+    #[test]
+    fn reads_tags_and_control_frames_across_any_split() {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        let mut stream = Vec::new();
+        let mut expect = Vec::new();
+        for (i, len) in [64usize, 16, 300, 70_000, 64].into_iter().enumerate() {
+            let mut f = masked_frame(2, false, &vec![9u8; len], key);
+            let at = f.len() - len;
+            write_tag(&mut f, at, key, i as u64 + 7, 1_000_000 + i as u64);
+            stream.extend(unmask(&f, key));
+            expect.push(format!("tag {} {}", i + 7, 1_000_000 + i));
+            if i == 1 {
+                stream.extend(server_frame(b"short"));
+                expect.push("untagged".into());
+                let mut ping = server_frame(b"hi");
+                ping[0] = 0x89;
+                stream.extend(ping);
+                expect.push("ping hi".into());
+            }
+        }
+        let mut close = server_frame(&[0x03, 0xf5, b'x']);
+        close[0] = 0x88;
+        stream.extend(close);
+        expect.push("close Some(1013)".into());
+        for split in 1..40 {
+            let mut r = TagReader::default();
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(split) {
+                r.feed(chunk, |e| {
+                    seen.push(match e {
+                        Event::Tagged { seq, sent_ns } => format!("tag {seq} {sent_ns}"),
+                        Event::Untagged => "untagged".into(),
+                        Event::Ping(p) => format!("ping {}", String::from_utf8_lossy(p)),
+                        Event::Close(c) => format!("close {c:?}"),
+                    });
+                });
+            }
+            assert_eq!(seen, expect, "split {split}");
         }
     }
 }
