@@ -74,16 +74,14 @@ async fn sigint_closes_clients_with_1001_and_exits_0() {
 
 #[tokio::test]
 async fn sigterm_with_no_clients_exits_0_at_once() {
-    let mut server = Server::start(&[]);
+    // With nothing to close, it must not sit out its (long) shutdown
+    // deadline; the margin is wide so that a loaded machine cannot fail it.
+    let mut server = Server::start(&["--shutdown-timeout", "60s"]);
     let start = Instant::now();
     server.signal("TERM");
     let status = server
-        .wait_exit(Duration::from_secs(5))
-        .expect("still running 5 s after SIGTERM");
+        .wait_exit(Duration::from_secs(30))
+        .expect("still running 30 s after SIGTERM: it waited for the shutdown deadline");
     assert!(status.success(), "exit status {status}");
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "took {:?} to exit with no clients",
-        start.elapsed()
-    );
+    eprintln!("exited {:?} after SIGTERM", start.elapsed());
 }
