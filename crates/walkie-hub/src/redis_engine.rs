@@ -146,6 +146,23 @@ fn unavailable(e: redis::RedisError) -> EngineError {
     EngineError::Unavailable(format!("redis: {e}"))
 }
 
+/// How long one Redis request may take, reconnecting included, before the
+/// caller gets an error instead of waiting (a publish while Redis is down
+/// fails fast; the connection keeps trying in the background).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs a Redis request with [`REQUEST_TIMEOUT`].
+async fn bounded<T>(
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(EngineError::Unavailable(
+            "redis: no answer within 3 s".into(),
+        )),
+    }
+}
+
 fn meta_ttl_ms(history_ttl: Duration) -> u64 {
     // The epoch and offset outlive the messages, so that a client coming
     // back after the history expired learns that it cannot recover rather
@@ -365,18 +382,18 @@ impl RedisBroker {
             (first, "0")
         };
         let mut conn = self.conn.clone();
-        let v: Value = self
-            .history
-            .key(self.key("m", channel.as_str()))
-            .key(self.key("s", channel.as_str()))
-            .arg(first)
-            .arg(count)
-            .arg(reverse)
-            .arg(&*new_epoch())
-            .arg(meta_ttl_ms(Duration::from_secs(24 * 3600)))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let v: Value = bounded(
+            self.history
+                .key(self.key("m", channel.as_str()))
+                .key(self.key("s", channel.as_str()))
+                .arg(first)
+                .arg(count)
+                .arg(reverse)
+                .arg(&*new_epoch())
+                .arg(meta_ttl_ms(Duration::from_secs(24 * 3600)))
+                .invoke_async(&mut conn),
+        )
+        .await?;
         let Value::Array(parts) = v else {
             return Err(EngineError::Storage(
                 "unexpected history reply from redis".into(),
@@ -413,7 +430,7 @@ impl Broker for RedisBroker {
             let name = self.key("p", channel.as_str());
             lock(&self.shared.subscribed).insert(name.clone(), channel);
             let mut conn = self.conn.clone();
-            conn.subscribe(&name).await.map_err(unavailable)
+            bounded(conn.subscribe(&name)).await
         })
     }
 
@@ -423,7 +440,7 @@ impl Broker for RedisBroker {
             lock(&self.shared.subscribed).remove(&name);
             lock(&self.shared.delivered).remove(&channel);
             let mut conn = self.conn.clone();
-            conn.unsubscribe(&name).await.map_err(unavailable)
+            bounded(conn.unsubscribe(&name)).await
         })
     }
 
@@ -445,26 +462,29 @@ impl Broker for RedisBroker {
                 None => String::new(),
             };
             let mut conn = self.conn.clone();
-            let v: Value = self
-                .publish
-                .key(self.key("m", channel.as_str()))
-                .key(self.key("s", channel.as_str()))
-                .key(idem)
-                .arg(history)
-                .arg(size)
-                .arg(
-                    u64::try_from(ttl.as_millis())
-                        .unwrap_or(u64::MAX / 4)
-                        .max(1),
-                )
-                .arg(meta_ttl_ms(ttl))
-                .arg(self.key("p", channel.as_str()))
-                .arg(body)
-                .arg(u64::try_from(options.idempotency_ttl().as_millis()).unwrap_or(u64::MAX / 4))
-                .arg(&*new_epoch())
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let v: Value = bounded(
+                self.publish
+                    .key(self.key("m", channel.as_str()))
+                    .key(self.key("s", channel.as_str()))
+                    .key(idem)
+                    .arg(history)
+                    .arg(size)
+                    .arg(
+                        u64::try_from(ttl.as_millis())
+                            .unwrap_or(u64::MAX / 4)
+                            .max(1),
+                    )
+                    .arg(meta_ttl_ms(ttl))
+                    .arg(self.key("p", channel.as_str()))
+                    .arg(body)
+                    .arg(
+                        u64::try_from(options.idempotency_ttl().as_millis())
+                            .unwrap_or(u64::MAX / 4),
+                    )
+                    .arg(&*new_epoch())
+                    .invoke_async(&mut conn),
+            )
+            .await?;
             let bad = || EngineError::Storage("unexpected publish reply from redis".into());
             let Value::Array(parts) = v else {
                 return Err(bad());
@@ -493,15 +513,15 @@ impl Broker for RedisBroker {
     fn remove_history(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let _: Value = self
-                .remove
-                .key(self.key("m", channel.as_str()))
-                .key(self.key("s", channel.as_str()))
-                .arg(&*new_epoch())
-                .arg(meta_ttl_ms(Duration::from_secs(24 * 3600)))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let _: Value = bounded(
+                self.remove
+                    .key(self.key("m", channel.as_str()))
+                    .key(self.key("s", channel.as_str()))
+                    .arg(&*new_epoch())
+                    .arg(meta_ttl_ms(Duration::from_secs(24 * 3600)))
+                    .invoke_async(&mut conn),
+            )
+            .await?;
             Ok(())
         })
     }
@@ -552,19 +572,20 @@ impl PresenceManager for RedisPresence {
             let (hash, zset) = (b.key("ph", channel.as_str()), b.key("pz", channel.as_str()));
             let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(60_000);
             let mut conn = b.conn.clone();
-            redis::pipe()
-                .atomic()
-                .hset(&hash, &info.client, info_json(&info))
-                .ignore()
-                .zadd(&zset, &info.client, now_ms() + ttl_ms)
-                .ignore()
-                .pexpire(&hash, (ttl_ms * 2) as i64)
-                .ignore()
-                .pexpire(&zset, (ttl_ms * 2) as i64)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
+            bounded(
+                redis::pipe()
+                    .atomic()
+                    .hset(&hash, &info.client, info_json(&info))
+                    .ignore()
+                    .zadd(&zset, &info.client, now_ms() + ttl_ms)
+                    .ignore()
+                    .pexpire(&hash, (ttl_ms * 2) as i64)
+                    .ignore()
+                    .pexpire(&zset, (ttl_ms * 2) as i64)
+                    .ignore()
+                    .query_async::<()>(&mut conn),
+            )
+            .await
         })
     }
 
@@ -576,15 +597,16 @@ impl PresenceManager for RedisPresence {
         Box::pin(async move {
             let b = &self.broker;
             let mut conn = b.conn.clone();
-            redis::pipe()
-                .atomic()
-                .hdel(b.key("ph", channel.as_str()), &client)
-                .ignore()
-                .zrem(b.key("pz", channel.as_str()), &client)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
+            bounded(
+                redis::pipe()
+                    .atomic()
+                    .hdel(b.key("ph", channel.as_str()), &client)
+                    .ignore()
+                    .zrem(b.key("pz", channel.as_str()), &client)
+                    .ignore()
+                    .query_async::<()>(&mut conn),
+            )
+            .await
         })
     }
 
@@ -595,14 +617,14 @@ impl PresenceManager for RedisPresence {
         Box::pin(async move {
             let b = &self.broker;
             let mut conn = b.conn.clone();
-            let v: Value = b
-                .presence_get
-                .key(b.key("ph", channel.as_str()))
-                .key(b.key("pz", channel.as_str()))
-                .arg(now_ms())
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let v: Value = bounded(
+                b.presence_get
+                    .key(b.key("ph", channel.as_str()))
+                    .key(b.key("pz", channel.as_str()))
+                    .arg(now_ms())
+                    .invoke_async(&mut conn),
+            )
+            .await?;
             let pairs: Vec<(&[u8], &[u8])> = match &v {
                 Value::Map(m) => m
                     .iter()
