@@ -111,6 +111,11 @@ export class Subscription extends EventTarget {
       if (body.offset > 0 && this.offset !== null && body.offset <= this.offset) return;
       if (body.offset > 0) this.offset = body.offset;
       this.dispatchEvent(event('publication', body));
+    } else if (kind === 'epoch') {
+      // History was lost: offsets start again in a new epoch.
+      this.dispatchEvent(event('recovery_failed', { offset: this.offset, epoch: this.epoch }));
+      this.offset = 0;
+      this.epoch = body.epoch;
     } else if (kind === 'unsubscribe') {
       this.subscribed = false;
       this.dispatchEvent(event('error', new WalkieError(body.code, body.reason)));
@@ -375,7 +380,7 @@ export class Walkie extends EventTarget {
       else item.resolve(msg.result);
       return;
     }
-    for (const kind of ['pub', 'join', 'leave', 'unsubscribe']) {
+    for (const kind of ['pub', 'join', 'leave', 'unsubscribe', 'epoch']) {
       const body = msg[kind];
       if (!body) continue;
       const sub = this._subs.get(body.channel);

@@ -122,9 +122,16 @@ async fn a_node_reconnects_to_a_restarted_redis_by_itself() {
             "log:\n{}",
             node.log_text()
         );
-        // The client stayed connected and gets new messages again.
+        // The client stayed connected and gets new messages again, told
+        // first that the channel's history was lost (Redis kept nothing).
+        let notice = c.push().await;
+        assert!(
+            notice.get("epoch").is_some(),
+            "expected an epoch push, got {notice}"
+        );
         let p = c.publication().await;
         assert_eq!(p["data"], "after", "{p}");
+        assert_eq!(p["offset"], 1, "offsets start again in the new epoch");
         assert!(c.close_code().is_none());
     })
     .await;

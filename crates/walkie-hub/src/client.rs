@@ -612,6 +612,13 @@ impl Task {
                 data,
                 info: p.get("info").cloned(),
             });
+        } else if let Some(e) = v.get("epoch") {
+            // History was lost: offsets start again in a new epoch.
+            let channel = e["channel"].as_str().unwrap_or("").to_owned();
+            if let Some(sub) = self.subs.get_mut(&channel) {
+                sub.position = Some((0, e["epoch"].as_str().unwrap_or("").to_owned()));
+                self.emit(ClientEvent::RecoveryFailed { channel });
+            }
         } else if let Some(j) = v.get("join") {
             self.emit(ClientEvent::Join {
                 channel: j["channel"].as_str().unwrap_or("").to_owned(),

@@ -132,6 +132,15 @@ impl BrokerEvents for Dispatch {
                     continue;
                 }
                 if *m.epoch != *epoch {
+                    if !m.epoch.is_empty() && m.format == Format::Json {
+                        // History was lost (a new epoch): tell the client,
+                        // so that it starts counting offsets again.
+                        let notice = serde_json::json!({"epoch": {"channel": channel.as_str(), "epoch": epoch}});
+                        m.queue.push(Queued {
+                            message: PreparedMessage::new(Message::text(notice.to_string())),
+                            key: None,
+                        });
+                    }
                     m.epoch = epoch.into();
                 }
                 m.last = publication.offset;
