@@ -134,6 +134,34 @@ await runTests(
       await two.close();
     });
 
+    await checks.check('walkie.js refreshes an expiring token without reconnecting', async () => {
+      const p = await context.newPage();
+      await p.goto(`${base}/demos/notifications?user=7`);
+      const result = await p.evaluate(async () => {
+        const { Walkie } = await import('/walkie.js');
+        let fetches = 0;
+        const getToken = async () => {
+          fetches++;
+          const r = await fetch('/demo/token?user=7&ttl=3');
+          return (await r.json()).token;
+        };
+        const w = new Walkie(`ws://${location.host}/ws`, { getToken });
+        const closes = [];
+        w.addEventListener('disconnected', (e) => closes.push(e.detail.code));
+        w.connect();
+        // Two token lifetimes: without a refresh the server closes with 4002.
+        await new Promise((resolve) => setTimeout(resolve, 7000));
+        const state = w.state;
+        w.disconnect();
+        return { state, fetches, closes };
+      });
+      await p.close();
+      if (result.state !== 'connected' || result.closes.length > 0 || result.fetches < 3) {
+        throw new Error(JSON.stringify(result));
+      }
+      return `${result.fetches} tokens fetched, no reconnect`;
+    });
+
     await checks.check('the chat pages loaded with no console error', async () => {
       await sleep(300);
       const errors = [...aliceErrors, ...bobErrors];

@@ -9,6 +9,7 @@
 //   WALKIE_PIDFILE    every walkie a test starts is appended here, so that the
 //                     script's exit trap stops it too
 //   BROWSER_TEST_OUT  where screenshots and walkie logs go
+//   BROWSER_TEST_RUN  a scratch directory, removed at exit (walkie data dirs)
 
 import { spawn } from 'node:child_process';
 import { appendFileSync, mkdirSync, openSync, closeSync } from 'node:fs';
@@ -243,7 +244,10 @@ function walkieEnv() {
 export async function startWalkie(port, name = String(port), extraArgs = []) {
   const log = join(outDir(), `walkie-${name}.log`);
   const fd = openSync(log, 'a');
-  const args = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', join(outDir(), `data-${name}`), ...extraArgs];
+  // History lives in the run's scratch directory (removed by the script at
+  // exit), so that a rerun starts from empty channels.
+  const scratch = process.env.BROWSER_TEST_RUN || join(tmpdir(), `walkie-browser-${process.pid}`);
+  const args = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', join(scratch, `data-${name}`), ...extraArgs];
   const child = spawn(env('WALKIE_BIN'), args, {
     stdio: ['ignore', fd, fd],
     env: walkieEnv(),

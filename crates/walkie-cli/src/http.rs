@@ -107,9 +107,11 @@ fn router(state: Arc<AppState>) -> Router {
 #[derive(serde::Deserialize)]
 struct TokenQuery {
     user: String,
+    /// Seconds until the token expires (2 to 86400; default 3600).
+    ttl: Option<u64>,
 }
 
-/// `GET /demo/token?user=ID`: a token for any user, signed with the secret
+/// `GET /demo/token?user=ID[&ttl=SECONDS]`: a token for any user, signed with the secret
 /// of this run. Only without a configuration file (development); 404
 /// otherwise.
 async fn demo_token(
@@ -139,7 +141,7 @@ async fn demo_token(
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-        + 3600;
+        + q.ttl.unwrap_or(3600).clamp(2, 86_400);
     let claims = serde_json::json!({"sub": q.user, "exp": exp, "info": {"name": q.user}});
     match jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
