@@ -93,11 +93,15 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
 
     /// An external engine shared by several walkie nodes:
-    /// redis://HOST:PORT/DB (history, pub/sub and presence in Redis).
+    /// redis://HOST:PORT/DB (history, pub/sub and presence in Redis), or
+    /// nats://HOST:PORT (history in JetStream, a stream per channel;
+    /// delivery over NATS; presence in a key-value bucket).
     #[arg(long, env = "WALKIE_ENGINE", conflicts_with_all = ["in_memory", "data_dir"])]
     pub engine: Option<String>,
 
-    /// Prefix of every key and channel the engine uses in Redis.
+    /// Prefix of every key and channel the engine uses in Redis, and of
+    /// every subject, stream and bucket in NATS (there, characters other
+    /// than letters, digits, - and _ become _).
     #[arg(long, env = "WALKIE_ENGINE_PREFIX", default_value = "walkie:")]
     pub engine_prefix: String,
 
@@ -189,8 +193,21 @@ impl ServeArgs {
     /// directory, or in memory; and presence, when the engine keeps it.
     fn broker(&self, rt: &tokio::runtime::Runtime) -> Result<Engine, String> {
         if let Some(url) = &self.engine {
+            if url.starts_with("nats://") {
+                let broker = rt
+                    .block_on(walkie_hub::NatsBroker::connect(url, &self.engine_prefix))
+                    .map_err(|e| format!("--engine {url}: {e}"))?;
+                let presence = walkie_hub::NatsPresence::new(&broker, walkie_hub::PRESENCE_TTL);
+                return Ok((
+                    Arc::new(broker),
+                    Some(Arc::new(presence)),
+                    format!("in NATS JetStream at {url}"),
+                ));
+            }
             if !url.starts_with("redis://") {
-                return Err(format!("--engine {url}: give redis://HOST:PORT"));
+                return Err(format!(
+                    "--engine {url}: give redis://HOST:PORT or nats://HOST:PORT"
+                ));
             }
             let broker = rt
                 .block_on(walkie_hub::RedisBroker::connect(url, &self.engine_prefix))

@@ -1,7 +1,8 @@
-//! Several `walkie serve` nodes on one Redis act as one: clients on
-//! different nodes share channels, history and presence, and the publish
-//! API works on any node. Needs `WALKIE_TEST_REDIS` (`.ci/run` sets it);
-//! without it the tests say they were skipped.
+//! Several `walkie serve` nodes on one Redis, or on one NATS, act as one:
+//! clients on different nodes share channels, history and presence, and
+//! the publish API works on any node. Needs `WALKIE_TEST_REDIS` and
+//! `WALKIE_TEST_NATS` (`.ci/run` sets them); without them the tests say
+//! they were skipped.
 
 mod common;
 
@@ -28,32 +29,105 @@ fn node(url: &str, prefix: &str) -> Server {
     Server::start(&["--engine", url, "--engine-prefix", prefix, "--api-key", "k"])
 }
 
+fn nats() -> Option<String> {
+    let url = std::env::var("WALKIE_TEST_NATS").ok();
+    if url.is_none() {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIPPED multinode: no NATS configured; set WALKIE_TEST_NATS=nats://127.0.0.1:4222 to run it"
+        );
+    }
+    url
+}
+
+fn publish_request(body: &serde_json::Value) -> String {
+    let body = body.to_string();
+    format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: apikey k\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 #[tokio::test]
 async fn clients_on_different_nodes_share_channels_history_and_presence() {
     let Some(url) = redis() else { return };
     let prefix = format!("walkie-test-{}:", std::process::id());
-    let one = node(&url, &prefix);
-    let two = node(&url, &prefix);
+    share_channels_history_and_presence(&url, &prefix).await;
+}
+
+/// The same on NATS JetStream; then an idempotency key used on one node
+/// is a duplicate on the other. Deletes its streams and buckets at the end,
+/// even when it fails.
+#[tokio::test]
+async fn nats_nodes_share_channels_history_and_presence() {
+    let Some(url) = nats() else { return };
+    let prefix = format!(
+        "walkie-test-{}-{:08x}:",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let run = {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        tokio::spawn(async move {
+            let (one, two) = share_channels_history_and_presence(&url, &prefix).await;
+            within(30, async {
+                let body = json!({"channel": "chat:idem", "data": "once", "idempotency_key": "k1"});
+                let first = http_exchange(one.port, publish_request(&body).as_bytes()).await;
+                let again = http_exchange(two.port, publish_request(&body).as_bytes()).await;
+                assert_eq!((first.status, again.status), (200, 200));
+                let first: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+                let again: serde_json::Value = serde_json::from_str(&again.body).unwrap();
+                assert_eq!(first["duplicate"], false);
+                assert_eq!(again["duplicate"], true, "{again}");
+                assert_eq!(
+                    (&first["offset"], &first["epoch"]),
+                    (&again["offset"], &again["epoch"])
+                );
+            })
+            .await;
+        })
+    };
+    let outcome = run.await;
+    let broker = walkie_hub::NatsBroker::connect(&url, &prefix)
+        .await
+        .unwrap();
+    let deleted = broker.delete_all().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    assert!(deleted >= 2, "a stream per channel: {deleted}");
+}
+
+/// Two nodes on the engine at `url`; returns them, still running.
+async fn share_channels_history_and_presence(url: &str, prefix: &str) -> (Server, Server) {
+    let one = node(url, prefix);
+    let two = node(url, prefix);
     within(30, async {
         let (mut a, _) = proto::connected(one.port, None).await;
         let (mut b, _) = proto::connected(two.port, None).await;
         a.ok("subscribe", json!({"channel": "chat:multi"})).await;
         b.ok("subscribe", json!({"channel": "chat:multi"})).await;
-        let r = b.ok("publish", json!({"channel": "chat:multi", "data": "from node two"})).await;
+        let r = b
+            .ok(
+                "publish",
+                json!({"channel": "chat:multi", "data": "from node two"}),
+            )
+            .await;
         assert_eq!(r["offset"], 1);
         assert_eq!(a.publication().await["data"], "from node two");
         assert_eq!(b.publication().await["data"], "from node two");
         // The API of node one reaches node two's client.
-        let body = json!({"channel": "chat:multi", "data": "from the API"}).to_string();
-        let request = format!(
-            "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: apikey k\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        let request = publish_request(&json!({"channel": "chat:multi", "data": "from the API"}));
+        assert_eq!(
+            http_exchange(one.port, request.as_bytes()).await.status,
+            200
         );
-        assert_eq!(http_exchange(one.port, request.as_bytes()).await.status, 200);
         assert_eq!(b.publication().await["data"], "from the API");
         assert_eq!(a.publication().await["data"], "from the API");
         // Presence is the union of both nodes.
-        let stats = a.ok("presence_stats", json!({"channel": "chat:multi"})).await;
+        let stats = a
+            .ok("presence_stats", json!({"channel": "chat:multi"}))
+            .await;
         assert_eq!(stats["clients"], 2);
         // History from either node.
         let h = a.ok("history", json!({"channel": "chat:multi"})).await;
@@ -66,8 +140,11 @@ async fn clients_on_different_nodes_share_channels_history_and_presence() {
                 break;
             }
         }
-        let stats = a.ok("presence_stats", json!({"channel": "chat:multi"})).await;
+        let stats = a
+            .ok("presence_stats", json!({"channel": "chat:multi"}))
+            .await;
         assert_eq!(stats["clients"], 1);
     })
     .await;
+    (one, two)
 }

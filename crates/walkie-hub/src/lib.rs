@@ -14,6 +14,8 @@
 //!   (redb), kept across restarts.
 //! - [`RedisBroker`] and [`RedisPresence`] (`redis_engine.rs`): Redis 7, for
 //!   several nodes acting as one.
+//! - [`NatsBroker`] and [`NatsPresence`] (`nats_engine.rs`): NATS
+//!   JetStream, for several nodes acting as one.
 //! - [`Hub`] and [`Client`] (`hub.rs`): this node's subscribers; subscribe
 //!   with recovery; fan-out from one framed copy.
 //! - [`Queue`] (`queue.rs`): each connection's bounded outgoing queue and
@@ -41,6 +43,7 @@ mod engine;
 mod hub;
 mod memory;
 mod metrics;
+mod nats_engine;
 mod presence;
 pub mod protocol;
 mod publication;
@@ -57,6 +60,7 @@ pub use engine::{BoxFuture, Broker, BrokerEvents, EngineError};
 pub use hub::{Client, Format, Hub, Recover, Subscribed};
 pub use memory::MemoryBroker;
 pub use metrics::Metrics;
+pub use nats_engine::{NatsBroker, NatsPresence};
 pub use presence::{ClientInfo, MemoryPresence, PresenceManager, PresenceStats};
 pub use publication::{
     DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, Kind, NewPublication,

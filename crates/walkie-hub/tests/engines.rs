@@ -64,6 +64,43 @@ async fn redis_engine_conforms() {
     .await;
 }
 
+/// The NATS engine against a real NATS server with JetStream:
+/// `WALKIE_TEST_NATS` is its URL (`.ci/run` sets it); without it the test
+/// says it was skipped. Everything it makes is deleted at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_engine_conforms() {
+    let Ok(url) = std::env::var("WALKIE_TEST_NATS") else {
+        skipped(
+            "nats_engine_conforms",
+            "WALKIE_TEST_NATS=nats://127.0.0.1:4222",
+        );
+        return;
+    };
+    let prefix = format!("walkie-test-{:08x}:", rand_u32());
+    // One connection per check: each sets its own event handler.
+    let mut brokers = Vec::new();
+    for _ in 0..10 {
+        brokers.push(
+            walkie_hub::NatsBroker::connect(&url, &prefix)
+                .await
+                .unwrap(),
+        );
+    }
+    let first = brokers[0].clone();
+    let brokers = std::sync::Mutex::new(brokers);
+    conformance::run_all(|| Arc::new(brokers.lock().unwrap().pop().unwrap()) as Arc<dyn Broker>)
+        .await;
+    conformance::run_presence(|| {
+        Arc::new(walkie_hub::NatsPresence::new(
+            &first,
+            walkie_hub::PRESENCE_TTL,
+        )) as Arc<dyn walkie_hub::PresenceManager>
+    })
+    .await;
+    let deleted = first.delete_all().await.unwrap();
+    assert!(deleted >= 10, "one stream per channel used: {deleted}");
+}
+
 fn rand_u32() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

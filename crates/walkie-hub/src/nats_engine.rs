@@ -1,0 +1,1179 @@
+//! The NATS engine: history in JetStream, delivery over NATS, presence in
+//! a key-value bucket, so that several walkie nodes act as one.
+//!
+//! # Design
+//!
+//! - **One stream per channel.** The issue asked for one stream per
+//!   namespace with offsets from stream sequences, but the [`Broker`]
+//!   contract (and the conformance suite) wants offsets 1, 2, 3... without
+//!   gaps *per channel*, and channels sharing a stream share its sequence:
+//!   each one's messages would have gaps. So each channel has its
+//!   own stream, and the stream sequence *is* the offset: saving and
+//!   numbering are one step in JetStream, atomic per channel, with no
+//!   script and no counter of our own.
+//! - **Names.** A channel's messages are published to
+//!   `<prefix>.m.<hex of the channel name>` (hex: channel names may hold
+//!   `.`, `*` or `>`, which are special in subjects). Its stream is found by
+//!   that subject; the stream's name is `<prefix><hex>-<epoch>` (the hex
+//!   cut short for long names; only the epoch has to be unique). `<prefix>`
+//!   is `--engine-prefix` with every character other than a letter, a
+//!   digit, `-` and `_` replaced by `_`.
+//! - **Epochs.** The epoch is a random part of the stream's name, fixed
+//!   when the stream is created: the first read or publish creates it,
+//!   [`Broker::remove_history`] deletes it and creates another, and a
+//!   stream deleted by an operator is created again under a new epoch. A
+//!   publish acknowledgement names the stream that saved the message, so a
+//!   node whose cached name is stale (another node removed the history)
+//!   still returns the right epoch.
+//! - **Limits.** `max_msgs` is the history size; `max_age` is the longer of
+//!   the history TTL and the idempotency TTL (JetStream wants the duplicate
+//!   window within `max_age`). Reads drop messages older than the history
+//!   TTL by their publication time, so a TTL shorter than the duplicate
+//!   window, or than JetStream's age check interval, still holds. The
+//!   limits in effect are kept in the stream's description; a publish that
+//!   brings other limits updates the stream first.
+//! - **Idempotency.** A publish with an idempotency key sets `Nats-Msg-Id`
+//!   (the key in hex); the stream's duplicate window is the idempotency
+//!   TTL. A duplicate is not saved, and its acknowledgement gives the first
+//!   one's sequence. A publish without history has no stream to dedup it,
+//!   so its keys go to a key-value bucket (`<prefix>idem`).
+//! - **Delivery.** Each stream republishes what it saves (JetStream's
+//!   `RePublish`) to `<prefix>.d.<hex>`, with its stream name, sequence and
+//!   previous sequence in headers; a publication without history (offset 0:
+//!   presence joins and leaves, game positions) is published on that same
+//!   subject over core NATS. A node subscribes to that subject only for
+//!   channels with local subscribers, and delivers each channel from one
+//!   task: in order, and each saved publication once (dedup by offset and
+//!   epoch). A sequence that skips ahead of the previous one (a message
+//!   dropped on the way, or sent while the connection was down) is read
+//!   back from the stream before the newer one is delivered, and after a
+//!   reconnect each channel catches up from its stream, as the Redis engine
+//!   does from its history.
+//! - **Presence** is a key-value bucket (`<prefix>presence`) whose entries
+//!   expire after [`PRESENCE_TTL`](crate::PRESENCE_TTL) unless put again;
+//!   each node's refresh task puts its own entries again
+//!   ([`Hub::refresh_presence`](crate::Hub::refresh_presence)), so a dead
+//!   node's members go away by themselves. Keys are `<hex channel>.<hex
+//!   client>`; a channel's presence is read with a short-lived ordered
+//!   consumer over `<hex channel>.*`, last value per key.
+//!
+//! # Limits
+//!
+//! - A stream per channel that was ever read or published to: JetStream has
+//!   no expiry for whole streams, so empty streams of old channels stay
+//!   until deleted (deleting one is safe: it is created again under a new
+//!   epoch). Fine for thousands of channels, not for millions.
+//! - Streams and buckets are created with one replica; for a clustered
+//!   JetStream, raise their replicas with the `nats` CLI (removing a
+//!   channel's history keeps its stream's replicas).
+//! - History is read one message per request (32 in flight): fine for the
+//!   hundreds of messages a channel keeps, slow for very long histories.
+//! - Limits are cached per node: when nodes publish to one channel with
+//!   different history sizes or TTLs, a node that applied its own does not
+//!   see that another changed them.
+//! - Idempotency keys live in the stream's duplicate window, so they are
+//!   forgotten when the history is removed (the memory and Redis engines
+//!   keep them). Keys of publications without history are remembered for at
+//!   most an hour.
+//! - A publication must fit in the server's `max_payload` (1 MB by
+//!   default), headers included.
+//! - Needs NATS 2.9 or later with JetStream enabled.
+
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::sync::{OnceCell, watch};
+use tokio::task::JoinHandle;
+
+use crate::channel::ChannelName;
+use crate::codec::{decode, encode};
+use crate::engine::{BoxFuture, Broker, BrokerEvents, EngineError};
+use crate::memory::lock;
+use crate::presence::{ClientInfo, PresenceManager};
+use crate::publication::{
+    DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, NewPublication, Publication, PublishOptions,
+    PublishResult, StreamPosition, now_ms,
+};
+
+/// How long one NATS request may take before the caller gets an error
+/// (the connection keeps trying in the background).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Stream reads in flight at once for one history read.
+const READ_AHEAD: usize = 32;
+
+/// How long keys of publications without history are remembered at most.
+const LIVE_KEYS_TTL: Duration = Duration::from_secs(3600);
+
+/// How many channels' streams a node remembers.
+const MAX_KNOWN_STREAMS: usize = 100_000;
+
+/// Longest stream name we make (JetStream keeps each stream in a directory
+/// named after it).
+const MAX_STREAM_NAME: usize = 200;
+
+/// A channel's history limits, as kept in its stream's description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Limits {
+    size: i64,
+    ttl_ms: u64,
+    dedup_ms: u64,
+}
+
+impl Limits {
+    fn of(options: &PublishOptions) -> Option<Limits> {
+        let h = options.history?;
+        Some(Limits {
+            size: i64::try_from(h.size.max(1)).unwrap_or(i64::MAX),
+            ttl_ms: millis(h.ttl).max(1),
+            dedup_ms: millis(options.idempotency_ttl()).max(1000),
+        })
+    }
+
+    /// For a stream created by a read, before any publish says more.
+    fn initial() -> Limits {
+        Limits {
+            size: 1,
+            ttl_ms: 0,
+            dedup_ms: millis(DEFAULT_IDEMPOTENCY_TTL),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4)
+}
+
+/// What the stream's description holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Description {
+    walkie_channel: String,
+    #[serde(flatten)]
+    limits: Limits,
+}
+
+/// The limits a stream was given by a publish (`None`: only read so far,
+/// or not ours).
+fn limits_of(config: &stream::Config) -> Option<Limits> {
+    let d: Description = serde_json::from_str(config.description.as_deref()?).ok()?;
+    (d.limits.ttl_ms > 0).then_some(d.limits)
+}
+
+fn hex(s: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len() * 2);
+    for b in s {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+fn unhex(s: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// The epoch in a stream's name: what follows its last `-`.
+fn epoch_of(stream: &str) -> &str {
+    stream.rsplit('-').next().unwrap_or(stream)
+}
+
+/// Something went wrong in a request: the stream is gone (read the
+/// channel's stream again), or the engine failed.
+enum Fail {
+    Gone,
+    Engine(EngineError),
+}
+
+impl From<EngineError> for Fail {
+    fn from(e: EngineError) -> Self {
+        Fail::Engine(e)
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(format!("nats: {e}"))
+}
+
+fn is_code(e: &jetstream::Error, code: jetstream::ErrorCode) -> bool {
+    e.error_code() == code
+}
+
+/// Whether creating or updating a stream failed with one of `codes`.
+fn refused(e: &jetstream::context::CreateStreamError, codes: &[jetstream::ErrorCode]) -> bool {
+    matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
+        if codes.contains(&j.error_code()))
+}
+
+fn stream_gone(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if is_code(&j, jetstream::ErrorCode::STREAM_NOT_FOUND))
+}
+
+/// Runs a request with [`REQUEST_TIMEOUT`] (for calls that have none of
+/// their own).
+async fn bounded<T, E: std::fmt::Display>(
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(EngineError::Unavailable(format!(
+            "nats: no answer within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// What is known of a channel's stream on this node.
+#[derive(Debug, Clone)]
+struct Known {
+    stream: String,
+    /// The limits it was given (`None`: created by a read).
+    limits: Option<Limits>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// The prefix, made safe for subjects, stream and bucket names.
+    token: String,
+    events: OnceLock<Arc<dyn BrokerEvents>>,
+    /// Each channel's stream, as last seen.
+    streams: Mutex<HashMap<ChannelName, Known>>,
+    /// The delivery task of each channel this node subscribed to.
+    local: Mutex<HashMap<ChannelName, JoinHandle<()>>>,
+    /// Bumped on every reconnect: each delivery task then catches up.
+    reconnects: watch::Sender<u64>,
+    /// Idempotency keys of publications without history.
+    live_keys: OnceCell<kv::Store>,
+}
+
+/// Pub/sub, history and idempotency in NATS JetStream. See [`Broker`] for
+/// the contract and the module documentation for the design.
+#[derive(Clone)]
+pub struct NatsBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NatsBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBroker")
+            .field("prefix", &self.inner.token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `prefix` with what subjects and stream names cannot hold replaced.
+fn token(prefix: &str) -> String {
+    let t: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if t.is_empty() { "walkie".into() } else { t }
+}
+
+impl NatsBroker {
+    /// Connects to `url` (`nats://host:port`, or several separated by
+    /// commas); subjects, streams and buckets start with `prefix` (made
+    /// safe: see the module documentation). Fails if the server is down or
+    /// has no JetStream.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, EngineError> {
+        let servers: Vec<async_nats::ServerAddr> = url
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| EngineError::Unavailable(format!("{url}: {e}")))?;
+        let (reconnects, _) = watch::channel(0u64);
+        let notify = reconnects.clone();
+        let was_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client = async_nats::ConnectOptions::new()
+            .name("walkie")
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let notify = notify.clone();
+                let was_down = was_down.clone();
+                async move {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            was_down.store(true, Relaxed);
+                            tracing::warn!("nats engine: connection lost; reconnecting");
+                        }
+                        async_nats::Event::Connected if was_down.swap(false, Relaxed) => {
+                            tracing::info!("nats engine: reconnected; catching up from streams");
+                            notify.send_modify(|n| *n += 1);
+                        }
+                        async_nats::Event::SlowConsumer(_) => {
+                            tracing::warn!("nats engine: slow consumer; messages dropped will be read back from streams");
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .connect(servers)
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("{url}: {e}")))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .build(client.clone());
+        // The account's JetStream info (parsed loosely: its fields vary
+        // across server versions), to fail now if JetStream is off.
+        let account: serde_json::Value = js
+            .request("INFO", "")
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("{url}: JetStream: {e}")))?;
+        if let Some(e) = account.get("error") {
+            return Err(EngineError::Unavailable(format!("{url}: JetStream: {e}")));
+        }
+        Ok(NatsBroker {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                token: token(prefix),
+                events: OnceLock::new(),
+                streams: Mutex::default(),
+                local: Mutex::default(),
+                reconnects,
+                live_keys: OnceCell::new(),
+            }),
+        })
+    }
+
+    /// Deletes every stream and bucket under this broker's prefix: all
+    /// channels' history, presence and idempotency keys. For tests, and for
+    /// retiring a prefix. Returns how many streams it deleted.
+    pub async fn delete_all(&self) -> Result<usize, EngineError> {
+        let i = &self.inner;
+        let ours = format!("{}.m.", i.token);
+        let mut names = Vec::new();
+        let mut streams = i.js.streams();
+        while let Some(info) = streams.next().await {
+            let info = info.map_err(unavailable)?;
+            if info
+                .config
+                .subjects
+                .first()
+                .is_some_and(|s| s.starts_with(&ours))
+            {
+                names.push(info.config.name);
+            }
+        }
+        for name in &names {
+            let _ = i.js.delete_stream(name).await;
+        }
+        for bucket in [i.bucket("presence"), i.bucket("idem")] {
+            let _ = i.js.delete_key_value(bucket).await;
+        }
+        lock(&i.streams).clear();
+        Ok(names.len())
+    }
+}
+
+impl Inner {
+    fn saved_subject(&self, channel: &ChannelName) -> String {
+        format!("{}.m.{}", self.token, hex(channel.as_str().as_bytes()))
+    }
+
+    fn delivery_subject(&self, channel: &ChannelName) -> String {
+        format!("{}.d.{}", self.token, hex(channel.as_str().as_bytes()))
+    }
+
+    fn bucket(&self, what: &str) -> String {
+        format!("{}{what}", self.token)
+    }
+
+    fn new_stream_name(&self, channel: &ChannelName) -> String {
+        let mut h = hex(channel.as_str().as_bytes());
+        h.truncate(MAX_STREAM_NAME.saturating_sub(self.token.len() + 17));
+        format!("{}{h}-{:016x}", self.token, rand::random::<u64>())
+    }
+
+    fn stream_config(&self, name: String, channel: &ChannelName, l: Limits) -> stream::Config {
+        let description = Description {
+            walkie_channel: channel.as_str().to_owned(),
+            limits: l,
+        };
+        stream::Config {
+            name,
+            description: serde_json::to_string(&description).ok(),
+            subjects: vec![self.saved_subject(channel)],
+            max_messages: l.size,
+            max_age: Duration::from_millis(l.ttl_ms.max(l.dedup_ms)),
+            duplicate_window: Duration::from_millis(l.dedup_ms),
+            republish: Some(stream::Republish {
+                source: self.saved_subject(channel),
+                destination: self.delivery_subject(channel),
+                headers_only: false,
+            }),
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            discard: stream::DiscardPolicy::Old,
+            retention: stream::RetentionPolicy::Limits,
+            ..Default::default()
+        }
+    }
+
+    /// A key-value bucket whose entries expire `max_age` after their
+    /// latest put, made (or given that `max_age`) if needed. Its stream is
+    /// made here rather than by `create_key_value`, which reads account
+    /// fields that NATS 2.9 does not send.
+    async fn open_bucket(
+        &self,
+        bucket: String,
+        max_age: Duration,
+    ) -> Result<kv::Store, EngineError> {
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        match self.js.create_stream(&config).await {
+            Ok(_) => {}
+            Err(e) if refused(&e, &[jetstream::ErrorCode::STREAM_NAME_EXIST]) => {
+                self.js.update_stream(&config).await.map_err(unavailable)?;
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.js.get_key_value(bucket).await.map_err(unavailable)
+    }
+
+    /// Caches a channel's stream (forgetting all once there are many: each
+    /// is found again with one request).
+    fn remember(&self, channel: &ChannelName, stream: String, limits: Option<Limits>) -> Known {
+        let known = Known { stream, limits };
+        let mut streams = lock(&self.streams);
+        if streams.len() >= MAX_KNOWN_STREAMS {
+            streams.clear();
+        }
+        streams.insert(channel.clone(), known.clone());
+        known
+    }
+
+    fn forget(&self, channel: &ChannelName) {
+        lock(&self.streams).remove(channel);
+    }
+
+    /// The channel's stream, created if there is none, with `want`'s
+    /// limits applied if given.
+    async fn ensure(
+        &self,
+        channel: &ChannelName,
+        want: Option<Limits>,
+    ) -> Result<Known, EngineError> {
+        if let Some(k) = lock(&self.streams).get(channel) {
+            if want.is_none() || k.limits == want {
+                return Ok(k.clone());
+            }
+        }
+        let subject = self.saved_subject(channel);
+        for _ in 0..4 {
+            match self.js.stream_by_subject(subject.clone()).await {
+                Ok(name) => {
+                    let info = match self.js.get_stream(&name).await {
+                        Ok(s) => s.cached_info().clone(),
+                        Err(e) if stream_gone(&e) => continue,
+                        Err(e) => return Err(unavailable(e)),
+                    };
+                    let mut limits = limits_of(&info.config);
+                    if let Some(w) = want {
+                        if limits != Some(w) {
+                            let mut config = self.stream_config(name.clone(), channel, w);
+                            // Keep what we do not set (placement, replicas).
+                            config.num_replicas = info.config.num_replicas;
+                            config.placement = info.config.placement.clone();
+                            config.storage = info.config.storage;
+                            match self.js.update_stream(&config).await {
+                                Ok(_) => {}
+                                Err(e)
+                                    if refused(&e, &[jetstream::ErrorCode::STREAM_NOT_FOUND]) =>
+                                {
+                                    continue;
+                                }
+                                Err(e) => return Err(unavailable(e)),
+                            }
+                            limits = Some(w);
+                        }
+                    }
+                    return Ok(self.remember(channel, name, limits));
+                }
+                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                    let name = self.new_stream_name(channel);
+                    let config = self.stream_config(
+                        name.clone(),
+                        channel,
+                        want.unwrap_or(Limits::initial()),
+                    );
+                    match self.js.create_stream(config).await {
+                        // A server older than 2.9 ignores RePublish: nothing
+                        // would be delivered.
+                        Ok(s) if s.cached_info().config.republish.is_none() => {
+                            let _ = self.js.delete_stream(&name).await;
+                            return Err(EngineError::Unavailable(
+                                "nats: the server does not republish (NATS 2.9 or later needed)"
+                                    .into(),
+                            ));
+                        }
+                        Ok(_) => return Ok(self.remember(channel, name, want)),
+                        // Another node created it meanwhile: use theirs.
+                        Err(e)
+                            if refused(
+                                &e,
+                                &[
+                                    jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP,
+                                    jetstream::ErrorCode::STREAM_NAME_EXIST,
+                                ],
+                            ) => {}
+                        Err(e) => return Err(unavailable(e)),
+                    }
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(EngineError::Unavailable(format!(
+            "nats: the stream of {channel} keeps changing"
+        )))
+    }
+
+    /// Publications `range` of a stream, skipping those no longer kept.
+    async fn fetch(
+        &self,
+        stream: &str,
+        range: RangeInclusive<u64>,
+    ) -> Result<Vec<Publication>, Fail> {
+        let handle = self
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| Fail::Engine(unavailable(e)))?;
+        let handle = &handle;
+        let results: Vec<_> = futures_util::stream::iter(range)
+            .map(|seq| async move { handle.get_raw_message(seq).await })
+            .buffered(READ_AHEAD)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            match r {
+                Ok(m) => out.push(decode(m.sequence, &m.payload)?),
+                Err(e) => match e.kind() {
+                    stream::RawMessageErrorKind::NoMessageFound => {}
+                    stream::RawMessageErrorKind::JetStream(j)
+                        if is_code(&j, jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                    {
+                        return Err(Fail::Gone);
+                    }
+                    _ => return Err(Fail::Engine(unavailable(e))),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a channel's history from its stream.
+    async fn read(&self, stream: &str, filter: HistoryFilter) -> Result<History, Fail> {
+        let info = match self.js.get_stream(stream).await {
+            Ok(s) => s.cached_info().clone(),
+            Err(e) if stream_gone(&e) => return Err(Fail::Gone),
+            Err(e) => return Err(Fail::Engine(unavailable(e))),
+        };
+        let last = info.state.last_sequence;
+        let position = StreamPosition {
+            offset: last,
+            epoch: epoch_of(stream).into(),
+        };
+        let first = if info.state.messages == 0 {
+            last + 1
+        } else {
+            info.state.first_sequence
+        };
+        let oldest_kept = limits_of(&info.config).map(|l| now_ms().saturating_sub(l.ttl_ms));
+        let fresh = |p: &Publication| oldest_kept.is_none_or(|t| p.time_ms >= t);
+        let limit = filter
+            .limit
+            .map_or(u64::MAX, |n| u64::try_from(n).unwrap_or(u64::MAX));
+        let lo = first.max(filter.since.unwrap_or(0).saturating_add(1));
+        let mut publications = Vec::new();
+        if limit > 0 && lo <= last {
+            if filter.reverse {
+                // Messages expire oldest first: the newest `limit` kept are
+                // the newest `limit` sequences, less the expired ones.
+                let lo = lo.max(last.saturating_sub(limit - 1));
+                publications = self.fetch(stream, lo..=last).await?;
+                publications.retain(fresh);
+                publications.reverse();
+            } else {
+                let mut next = lo;
+                while (publications.len() as u64) < limit && next <= last {
+                    let want = (limit - publications.len() as u64).min(256);
+                    let hi = last.min(next + want - 1);
+                    let mut got = self.fetch(stream, next..=hi).await?;
+                    got.retain(fresh);
+                    publications.extend(got);
+                    next = hi + 1;
+                }
+            }
+        }
+        Ok(History {
+            publications,
+            position,
+        })
+    }
+
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        filter: HistoryFilter,
+    ) -> Result<History, EngineError> {
+        for _ in 0..3 {
+            let known = self.ensure(channel, None).await?;
+            match self.read(&known.stream, filter).await {
+                Ok(h) => return Ok(h),
+                Err(Fail::Gone) => self.forget(channel),
+                Err(Fail::Engine(e)) => return Err(e),
+            }
+        }
+        Err(EngineError::Unavailable(format!(
+            "nats: the stream of {channel} keeps changing"
+        )))
+    }
+
+    /// Whether `key` was used on `channel` (without history) within `ttl`;
+    /// remembers it if not.
+    async fn live_key_seen(
+        &self,
+        channel: &ChannelName,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<bool, EngineError> {
+        let store = self
+            .live_keys
+            .get_or_try_init(|| self.open_bucket(self.bucket("idem"), LIVE_KEYS_TTL))
+            .await?;
+        let k = format!(
+            "{}.{}",
+            hex(channel.as_str().as_bytes()),
+            hex(key.as_bytes())
+        );
+        let now = now_ms();
+        let until = Bytes::from((now + millis(ttl.min(LIVE_KEYS_TTL))).to_string());
+        match store.create(&k, until.clone()).await {
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        let Some(entry) = store.entry(k.clone()).await.map_err(unavailable)? else {
+            return Ok(true);
+        };
+        let deadline: u64 = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if entry.operation == kv::Operation::Put && deadline > now {
+            return Ok(true);
+        }
+        match store.update(&k, until, entry.revision).await {
+            Ok(_) => Ok(false),
+            // Someone claimed it just now.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(true),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        new: NewPublication,
+        options: &PublishOptions,
+    ) -> Result<PublishResult, EngineError> {
+        let body = Bytes::from(encode(&new.at(0)));
+        let Some(want) = Limits::of(options) else {
+            // Without history: core NATS, on the delivery subject.
+            let known = self.ensure(channel, None).await?;
+            let position = StreamPosition {
+                offset: 0,
+                epoch: epoch_of(&known.stream).into(),
+            };
+            if let Some(key) = &options.idempotency_key {
+                if self
+                    .live_key_seen(channel, key, options.idempotency_ttl())
+                    .await?
+                {
+                    return Ok(PublishResult {
+                        position,
+                        suppressed: true,
+                    });
+                }
+            }
+            bounded(self.client.publish(self.delivery_subject(channel), body)).await?;
+            return Ok(PublishResult {
+                position,
+                suppressed: false,
+            });
+        };
+        let subject = self.saved_subject(channel);
+        for _ in 0..3 {
+            let known = self.ensure(channel, Some(want)).await?;
+            let mut message = jetstream::message::PublishMessage::build().payload(body.clone());
+            if let Some(key) = &options.idempotency_key {
+                message = message.message_id(hex(key.as_bytes()));
+            }
+            let ack = match self.js.send_publish(subject.clone(), message).await {
+                Ok(pending) => pending.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(ack) => {
+                    if ack.stream != known.stream {
+                        // The history was removed and the stream made
+                        // again (by another node): give it our limits.
+                        self.forget(channel);
+                        if let Err(e) = self.ensure(channel, Some(want)).await {
+                            tracing::warn!(%channel, "nats engine: cannot set history limits: {e}");
+                        }
+                    }
+                    return Ok(PublishResult {
+                        position: StreamPosition {
+                            offset: ack.sequence,
+                            epoch: epoch_of(&ack.stream).into(),
+                        },
+                        suppressed: ack.duplicate,
+                    });
+                }
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                    self.forget(channel);
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(EngineError::Unavailable(format!(
+            "nats: the stream of {channel} keeps changing"
+        )))
+    }
+
+    async fn remove_history(&self, channel: &ChannelName) -> Result<(), EngineError> {
+        let mut config = self.stream_config(String::new(), channel, Limits::initial());
+        let mut limits = None;
+        match self.js.stream_by_subject(self.saved_subject(channel)).await {
+            Ok(name) => {
+                if let Ok(s) = self.js.get_stream(&name).await {
+                    let old = &s.cached_info().config;
+                    limits = limits_of(old);
+                    if let Some(l) = limits {
+                        config = self.stream_config(String::new(), channel, l);
+                    }
+                    // What an operator may have changed.
+                    config.num_replicas = old.num_replicas;
+                    config.placement = old.placement.clone();
+                    config.storage = old.storage;
+                }
+                match self.js.delete_stream(&name).await {
+                    Ok(_) => {}
+                    Err(e) if stream_gone(&e) => {}
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+            Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.forget(channel);
+        // A new stream now, so that the next read sees the new epoch (if a
+        // publish made one meanwhile, that one is just as new).
+        config.name = self.new_stream_name(channel);
+        match self.js.create_stream(&config).await {
+            Ok(_) => {
+                self.remember(channel, config.name, limits);
+                Ok(())
+            }
+            Err(e) if refused(&e, &[jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP]) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn emit(
+        &self,
+        channel: &ChannelName,
+        p: &Publication,
+        epoch: &str,
+        at: &mut Option<(String, u64)>,
+    ) {
+        if p.offset != 0 {
+            if let Some((e, last)) = at {
+                if e == epoch && p.offset <= *last {
+                    return;
+                }
+            }
+            *at = Some((epoch.to_owned(), p.offset));
+        }
+        if let Some(events) = self.events.get() {
+            events.handle_publication(channel, p, epoch);
+        }
+    }
+
+    /// Delivers saved publications `after+1..=upto` of `stream` that were
+    /// not delivered.
+    async fn fill(
+        &self,
+        channel: &ChannelName,
+        stream: &str,
+        after: u64,
+        upto: u64,
+        at: &mut Option<(String, u64)>,
+    ) {
+        match self.fetch(stream, after + 1..=upto).await {
+            Ok(missed) => {
+                for p in &missed {
+                    self.emit(channel, p, epoch_of(stream), at);
+                }
+            }
+            Err(Fail::Gone) => {}
+            Err(Fail::Engine(e)) => {
+                tracing::warn!(%channel, "nats engine: cannot read back missed messages: {e}");
+            }
+        }
+    }
+
+    /// One message on a channel's delivery subject.
+    async fn on_message(
+        &self,
+        channel: &ChannelName,
+        m: async_nats::Message,
+        at: &mut Option<(String, u64)>,
+    ) {
+        let header = |name: async_nats::HeaderName| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let seq = header(async_nats::header::NATS_SEQUENCE).and_then(|s| s.parse::<u64>().ok());
+        let Some(seq) = seq else {
+            // Without history: offset 0, not ordered against saved ones.
+            if let Ok(p) = decode(0, &m.payload) {
+                let epoch = at.as_ref().map(|(e, _)| e.clone()).unwrap_or_default();
+                self.emit(channel, &p, &epoch, at);
+            }
+            return;
+        };
+        let Some(stream) = header(async_nats::header::NATS_STREAM) else {
+            return;
+        };
+        let epoch = epoch_of(&stream).to_owned();
+        let previous = header(async_nats::header::NATS_LAST_SEQUENCE)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(seq.saturating_sub(1));
+        match at.clone() {
+            Some((e, last)) if e == epoch => {
+                if seq <= last {
+                    return;
+                }
+                if previous > last {
+                    self.fill(channel, &stream, last, previous, at).await;
+                }
+            }
+            // A new stream (the history was removed): what it saved before
+            // this one was missed.
+            Some(_) if previous > 0 => self.fill(channel, &stream, 0, previous, at).await,
+            // The first since subscribing: the hub read history itself.
+            _ => {}
+        }
+        match decode(seq, &m.payload) {
+            Ok(p) => self.emit(channel, &p, &epoch, at),
+            Err(e) => tracing::warn!(%channel, "nats engine: {e}"),
+        }
+    }
+
+    /// After a reconnect: delivers what the channel saved meanwhile.
+    async fn catch_up(&self, channel: &ChannelName, at: &mut Option<(String, u64)>) {
+        self.forget(channel);
+        let since = at.as_ref().map(|(_, last)| *last);
+        let filter = HistoryFilter {
+            since,
+            limit: None,
+            reverse: false,
+        };
+        let mut h = match self.history(channel, filter).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(%channel, "nats engine: catch-up failed: {e}");
+                return;
+            }
+        };
+        if at.as_ref().is_some_and(|(e, _)| **e != *h.position.epoch) {
+            tracing::warn!(%channel, "nats engine: history removed while disconnected (new epoch)");
+            let filter = HistoryFilter {
+                since: None,
+                ..filter
+            };
+            match self.history(channel, filter).await {
+                Ok(all) => h = all,
+                Err(e) => {
+                    tracing::warn!(%channel, "nats engine: catch-up failed: {e}");
+                    return;
+                }
+            }
+        }
+        for p in &h.publications {
+            self.emit(channel, p, &h.position.epoch, at);
+        }
+    }
+}
+
+/// Delivers one channel to the hub, until unsubscribed.
+async fn deliver(
+    inner: Arc<Inner>,
+    channel: ChannelName,
+    mut subscriber: async_nats::Subscriber,
+    mut reconnects: watch::Receiver<u64>,
+) {
+    // The latest saved publication delivered: its epoch and offset.
+    let mut at: Option<(String, u64)> = None;
+    loop {
+        tokio::select! {
+            m = subscriber.next() => match m {
+                Some(m) => inner.on_message(&channel, m, &mut at).await,
+                None => return,
+            },
+            changed = reconnects.changed() => match changed {
+                Ok(()) => inner.catch_up(&channel, &mut at).await,
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+impl Broker for NatsBroker {
+    fn set_events(&self, events: Arc<dyn BrokerEvents>) {
+        let _ = self.inner.events.set(events);
+    }
+
+    fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let i = &self.inner;
+            if lock(&i.local).contains_key(&channel) {
+                return Ok(());
+            }
+            let subscriber = bounded(i.client.subscribe(i.delivery_subject(&channel))).await?;
+            // Subscribed meanwhile: dropping this subscriber unsubscribes.
+            if let std::collections::hash_map::Entry::Vacant(e) = lock(&i.local).entry(channel) {
+                let task = tokio::spawn(deliver(
+                    i.clone(),
+                    e.key().clone(),
+                    subscriber,
+                    i.reconnects.subscribe(),
+                ));
+                e.insert(task);
+            }
+            Ok(())
+        })
+    }
+
+    fn unsubscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        // Ending the task drops its subscriber, which unsubscribes.
+        if let Some(task) = lock(&self.inner.local).remove(&channel) {
+            task.abort();
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn publish(
+        &self,
+        channel: ChannelName,
+        publication: NewPublication,
+        options: PublishOptions,
+    ) -> BoxFuture<'_, Result<PublishResult, EngineError>> {
+        Box::pin(async move { self.inner.publish(&channel, publication, &options).await })
+    }
+
+    fn history(
+        &self,
+        channel: ChannelName,
+        filter: HistoryFilter,
+    ) -> BoxFuture<'_, Result<History, EngineError>> {
+        Box::pin(async move { self.inner.history(&channel, filter).await })
+    }
+
+    fn remove_history(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move { self.inner.remove_history(&channel).await })
+    }
+}
+
+/// Presence in a NATS key-value bucket whose entries expire unless put
+/// again. See [`PresenceManager`].
+#[derive(Clone)]
+pub struct NatsPresence {
+    broker: NatsBroker,
+    ttl: Duration,
+    store: Arc<OnceCell<kv::Store>>,
+}
+
+impl std::fmt::Debug for NatsPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsPresence")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsPresence {
+    /// Presence on the broker's connection; entries live `ttl` unless added
+    /// again. The bucket is made on first use.
+    pub fn new(broker: &NatsBroker, ttl: Duration) -> Self {
+        NatsPresence {
+            broker: broker.clone(),
+            ttl,
+            store: Arc::default(),
+        }
+    }
+
+    async fn store(&self) -> Result<&kv::Store, EngineError> {
+        let i = &self.broker.inner;
+        self.store
+            .get_or_try_init(|| i.open_bucket(i.bucket("presence"), self.ttl))
+            .await
+    }
+}
+
+/// Runs its closure when dropped.
+struct DropGuard<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for DropGuard<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+fn presence_key(channel: &ChannelName, client: &str) -> String {
+    format!(
+        "{}.{}",
+        hex(channel.as_str().as_bytes()),
+        hex(client.as_bytes())
+    )
+}
+
+impl PresenceManager for NatsPresence {
+    fn add(
+        &self,
+        channel: ChannelName,
+        info: ClientInfo,
+    ) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let store = self.store().await?;
+            let value = serde_json::json!({
+                "user": info.user,
+                "info": info.info.as_ref().and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok()),
+            });
+            store
+                .put(
+                    presence_key(&channel, &info.client),
+                    value.to_string().into(),
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn remove(
+        &self,
+        channel: ChannelName,
+        client: String,
+    ) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            let store = self.store().await?;
+            store
+                .delete(presence_key(&channel, &client))
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn presence(
+        &self,
+        channel: ChannelName,
+    ) -> BoxFuture<'_, Result<HashMap<String, ClientInfo>, EngineError>> {
+        Box::pin(async move {
+            let store = self.store().await?;
+            let prefix = format!("{}{}.", store.prefix, hex(channel.as_str().as_bytes()));
+            let consumer = store
+                .stream
+                .create_consumer(consumer::push::OrderedConfig {
+                    deliver_subject: self.broker.inner.client.new_inbox(),
+                    filter_subject: format!("{prefix}*"),
+                    deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                    replay_policy: consumer::ReplayPolicy::Instant,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            // Deleted once read, rather than left to expire.
+            let (name, stream) = (consumer.cached_info().name.clone(), store.stream.clone());
+            let _cleanup = DropGuard(Some(move || {
+                tokio::spawn(async move { stream.delete_consumer(&name).await });
+            }));
+            let mut out = HashMap::new();
+            if consumer.cached_info().num_pending == 0 {
+                return Ok(out);
+            }
+            let mut messages = consumer.messages().await.map_err(unavailable)?;
+            let read = async {
+                while let Some(m) = messages.next().await {
+                    let m = m.map_err(unavailable)?;
+                    let pending = m.info().map_or(0, |i| i.pending);
+                    let op = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("KV-Operation"))
+                        .map(|v| v.as_str().to_owned());
+                    let client = m.subject.strip_prefix(prefix.as_str()).and_then(unhex);
+                    if let (None, Some(client)) = (op, client) {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&m.payload).unwrap_or_default();
+                        let info = ClientInfo {
+                            client: client.clone(),
+                            user: v["user"].as_str().unwrap_or("").to_owned(),
+                            info: v
+                                .get("info")
+                                .filter(|i| !i.is_null())
+                                .map(|i| Bytes::from(i.to_string())),
+                        };
+                        out.insert(client, info);
+                    }
+                    if pending == 0 {
+                        break;
+                    }
+                }
+                Ok::<_, EngineError>(())
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
+                Ok(r) => r.map(|()| out),
+                Err(_) => Err(EngineError::Unavailable(
+                    "nats: presence not read within 3 s".into(),
+                )),
+            }
+        })
+    }
+}
