@@ -163,16 +163,48 @@ async fn session(port: u16, seen: &mut HashMap<&'static str, Seen>, drop_after: 
     true
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_client_gets_every_message_once_when_a_node_dies() {
-    let Ok(redis) = std::env::var("WALKIE_TEST_REDIS") else {
+/// The engine's URL from `var`, or `None` after saying the test is skipped.
+fn engine(var: &str, example: &str, test: &str) -> Option<String> {
+    let url = std::env::var(var).ok();
+    if url.is_none() {
         use std::io::Write as _;
         let _ = writeln!(
             std::io::stderr().lock(),
-            "SKIPPED chaos_multinode: no Redis configured; set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it"
+            "SKIPPED {test}: no engine configured; set {var}={example} to run it"
         );
-        return;
-    };
+    }
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_every_client_gets_every_message_once_when_a_node_dies() {
+    if let Some(url) = engine(
+        "WALKIE_TEST_REDIS",
+        "redis://127.0.0.1:6379",
+        "chaos_multinode (redis)",
+    ) {
+        node_dies(url, "walkie-chaos-").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nats_every_client_gets_every_message_once_when_a_node_dies() {
+    if let Some(url) = engine(
+        "WALKIE_TEST_NATS",
+        "nats://127.0.0.1:4222",
+        "chaos_multinode (nats)",
+    ) {
+        let prefix = node_dies(url.clone(), "walkiechaos").await;
+        // Leave nothing behind in the shared NATS.
+        if let Ok(broker) = walkie_hub::NatsBroker::connect(&url, &prefix).await {
+            let _ = broker.delete_all().await;
+        }
+    }
+}
+
+/// Runs the scenario; returns the engine prefix it used.
+async fn node_dies(engine_url: String, prefix_base: &str) -> String {
+    let redis = engine_url;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("chaos.toml");
     std::fs::write(
@@ -180,11 +212,19 @@ async fn every_client_gets_every_message_once_when_a_node_dies() {
         "[auth]\nanonymous = true\n[namespaces.chaos]\nhistory_size = 5000\nanonymous = true\n",
     )
     .unwrap();
-    let prefix = format!(
-        "walkie-chaos-{}-{}:",
+    let unique = format!(
+        "{}{:x}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
     );
+    let prefix = if prefix_base.ends_with('-') {
+        format!("{prefix_base}{unique}:")
+    } else {
+        format!("{prefix_base}{unique}")
+    };
     let args = vec![
         "serve".to_owned(),
         "--bind".into(),
@@ -194,7 +234,7 @@ async fn every_client_gets_every_message_once_when_a_node_dies() {
         "--engine".into(),
         redis.clone(),
         "--engine-prefix".into(),
-        prefix,
+        prefix.clone(),
         "--api-key".into(),
         KEY.into(),
     ];
@@ -269,4 +309,5 @@ async fn every_client_gets_every_message_once_when_a_node_dies() {
             );
         }
     }
+    prefix
 }
