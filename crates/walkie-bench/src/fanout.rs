@@ -43,7 +43,9 @@ const READ_BUFFER: usize = 256 * 1024;
 /// One fan-out run.
 #[derive(Debug, Clone)]
 pub struct Spec {
-    pub addr: SocketAddr,
+    /// The servers: connections (subscribers, then the publisher) are
+    /// spread over them in turn (several nodes of one cluster).
+    pub addrs: Vec<SocketAddr>,
     pub path: String,
     pub subscribers: usize,
     /// Messages published per second.
@@ -176,7 +178,8 @@ async fn measure(spec: Spec, shared: Rc<Shared>) -> FanoutOutcome {
     let mut pending = Vec::with_capacity(spec.subscribers + 1);
     for i in 0..=spec.subscribers {
         let source = (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
-        let (gate, addr, path) = (gate.clone(), spec.addr, spec.path.clone());
+        let addr = spec.addrs[i % spec.addrs.len()];
+        let (gate, path) = (gate.clone(), spec.path.clone());
         pending.push(tokio::task::spawn_local(async move {
             let attempt = async {
                 let _permit = gate.acquire().await;

@@ -132,9 +132,10 @@ struct LoadArgs {
 
 #[derive(Debug, Args)]
 struct FanoutArgs {
-    /// The server's address.
-    #[arg(long)]
-    addr: SocketAddr,
+    /// The server's address; several (comma-separated) for nodes of one
+    /// cluster: the connections are spread over them in turn.
+    #[arg(long, value_delimiter = ',', required = true)]
+    addr: Vec<SocketAddr>,
     /// The WebSocket path of the room (every connection to it is a member).
     #[arg(long, default_value = "/rooms/fanout")]
     path: String,
@@ -272,7 +273,7 @@ fn fanout_spec(args: FanoutArgs) -> Result<fanout::Spec, String> {
         return Err(format!("--path `{}`: a path starts with /", args.path));
     }
     Ok(fanout::Spec {
-        addr: args.addr,
+        addrs: args.addr,
         path: args.path,
         subscribers: args.subscribers,
         rate: args.rate,

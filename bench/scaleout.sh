@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Scale-out figures: deliveries per second and publish-to-delivery latency
+# through 1 and 3 walkie nodes on each engine (Redis, NATS JetStream), with
+# the engine's own CPU, measured by `walkie-bench fanout` (its connections,
+# the publisher's included, spread over the nodes in turn).
+#
+#   bench/scaleout.sh [SUBSCRIBERS] [RATE] [SECONDS]     # defaults 300 1000 5
+#
+# Needs Redis on 127.0.0.1:6379 and NATS (JetStream) on 127.0.0.1:4222, or
+# WALKIE_TEST_REDIS / WALKIE_TEST_NATS. Every walkie node is pinned to core 0
+# and the load generator to core 1 (as in the suite); the engine runs where
+# the system put it, and its CPU is read from /proc over the measured window.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+subs=${1:-300}
+rate=${2:-1000}
+secs=${3:-5}
+redis=${WALKIE_TEST_REDIS:-redis://127.0.0.1:6379}
+nats=${WALKIE_TEST_NATS:-nats://127.0.0.1:4222}
+cargo build --release -q -p walkie-cli -p walkie-bench
+bin=target/release
+out=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$out"; }
+trap cleanup EXIT
+
+cpu_of() { # total CPU seconds of a pid
+  awk '{ printf "%.3f\n", ($14 + $15) / 100 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+run() { # engine-name engine-url nodes engine-pid
+  local name=$1 url=$2 nodes=$3 epid=$4 addrs=() i port
+  local prefix="bench$RANDOM"
+  for ((i = 0; i < nodes; i++)); do
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    WALKIE_LOG=warn taskset -c 0 "$bin/walkie" serve --bind "127.0.0.1:$port" --engine "$url" \
+      --engine-prefix "$prefix" --no-deflate --client-queue 100000 --client-queue-bytes 64M >"$out/node$i.log" 2>&1 &
+    pids+=($!)
+    addrs+=("127.0.0.1:$port")
+  done
+  sleep 1.5
+  local list; list=$(IFS=,; echo "${addrs[*]}")
+  local c0; c0=$(cpu_of "$epid")
+  local json
+  json=$(taskset -c 1 "$bin/walkie-bench" fanout --addr "$list" --path /rooms/scaleout \
+    --subscribers "$subs" --rate "$rate" --warmup 2s --duration "${secs}s")
+  local c1; c1=$(cpu_of "$epid")
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pids=()
+  python3 - "$name" "$nodes" "$c0" "$c1" "$secs" "$json" <<'PY'
+import json, sys
+name, nodes, c0, c1, secs, raw = sys.argv[1:]
+o = json.loads(raw)
+engine_cpu = (float(c1) - float(c0)) / (float(secs) + 2)  # window plus warm-up: an upper bound
+ms = lambda us: "-" if us is None else f"{us/1000:.1f} ms"
+print(f"| {name} | {nodes} | {o['rate']/1000:.0f}k | {o['lost']} | {ms(o['p50_us'])} | {ms(o['p99_us'])} | {engine_cpu*100:.0f}% |")
+PY
+}
+
+redis_pid=$(pgrep -x redis-server | head -1)
+nats_pid=$(pgrep -x nats-server | head -1)
+echo "walkie-bench fanout: $subs subscribers spread over the nodes, $rate msg/s of 64 B, ${secs}s measured"
+echo
+echo "| engine | nodes | deliveries/s | lost | p50 | p99 | engine CPU (of one core) |"
+echo "|---|---|---|---|---|---|---|"
+for n in 1 3; do run redis "$redis" "$n" "$redis_pid"; done
+for n in 1 3; do run nats "$nats" "$n" "$nats_pid"; done
