@@ -92,7 +92,10 @@ fn router(state: Arc<AppState>) -> Router {
                 |axum::extract::State(state): axum::extract::State<Arc<AppState>>| async move {
                     (
                         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        state.hub.metrics().render(),
+                        state
+                            .hub
+                            .metrics()
+                            .render_with_engine(state.hub.broker().reconnects()),
                     )
                 },
             ),

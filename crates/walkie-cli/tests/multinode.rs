@@ -129,6 +129,13 @@ async fn share_channels_history_and_presence(url: &str, prefix: &str) -> (Server
             .ok("presence_stats", json!({"channel": "chat:multi"}))
             .await;
         assert_eq!(stats["clients"], 2);
+        // One entry per user, however many connections on however many
+        // nodes (both clients are the anonymous user here).
+        let presence = a.ok("presence", json!({"channel": "chat:multi"})).await;
+        assert_eq!(presence["clients"].as_object().unwrap().len(), 2);
+        let users = presence["users"].as_object().unwrap();
+        assert_eq!(users.len(), 1, "{presence}");
+        assert_eq!(users[""]["clients"], 2, "{presence}");
         // History from either node.
         let h = a.ok("history", json!({"channel": "chat:multi"})).await;
         assert_eq!(h["publications"].as_array().unwrap().len(), 2);

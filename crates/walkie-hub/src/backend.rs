@@ -234,11 +234,7 @@ pub async fn presence(node: &Node, c: ChannelOnly, stats: bool) -> Result<Value,
         let s = PresenceStats::of(&clients);
         return Ok(json!({"clients": s.clients, "users": s.users}));
     }
-    let map: serde_json::Map<String, Value> = clients
-        .into_iter()
-        .map(|(id, info)| (id, info.to_json()))
-        .collect();
-    Ok(json!({ "clients": map }))
+    Ok(crate::presence::presence_json(clients))
 }
 
 /// Closes every connection of a user on this node (close code 4009).

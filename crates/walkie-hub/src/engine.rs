@@ -98,4 +98,10 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Drops a channel's history; its stream starts over in a new epoch.
     fn remove_history(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>>;
+
+    /// How many times the engine's connection was lost and came back (for
+    /// `/metrics`); 0 for engines inside the process.
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }

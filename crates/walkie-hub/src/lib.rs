@@ -61,7 +61,7 @@ pub use hub::{Client, Format, Hub, Recover, Subscribed};
 pub use memory::MemoryBroker;
 pub use metrics::Metrics;
 pub use nats_engine::{NatsBroker, NatsPresence};
-pub use presence::{ClientInfo, MemoryPresence, PresenceManager, PresenceStats};
+pub use presence::{ClientInfo, MemoryPresence, PresenceManager, PresenceStats, presence_json};
 pub use publication::{
     DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, Kind, NewPublication,
     Publication, PublishOptions, PublishResult, StreamPosition, now_ms,

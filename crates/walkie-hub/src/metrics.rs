@@ -78,6 +78,11 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.render_with_engine(0)
+    }
+
+    /// The exposition, with the engine's reconnection count.
+    pub fn render_with_engine(&self, engine_reconnects: u64) -> String {
         let mut out = String::with_capacity(2048);
         let mut one = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(
@@ -133,6 +138,12 @@ impl Metrics {
             "counter",
             "Refused tokens and permission checks.",
             get(&self.auth_failures),
+        );
+        one(
+            "engine_reconnects_total",
+            "counter",
+            "Times the engine connection (Redis, NATS) was lost and restored.",
+            engine_reconnects.to_string(),
         );
         let name = "walkie_publish_to_delivery_seconds";
         let _ = writeln!(

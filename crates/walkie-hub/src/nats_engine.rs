@@ -964,6 +964,10 @@ async fn deliver(
 }
 
 impl Broker for NatsBroker {
+    fn reconnects(&self) -> u64 {
+        *self.inner.reconnects.borrow()
+    }
+
     fn set_events(&self, events: Arc<dyn BrokerEvents>) {
         let _ = self.inner.events.set(events);
     }

@@ -36,6 +36,31 @@ impl ClientInfo {
     }
 }
 
+/// A presence reply: `clients` (by connection id) and `users`: one entry
+/// per user however many connections (tabs, nodes) it has, with its info
+/// and its number of connections. Anonymous connections are under `""`.
+pub fn presence_json(clients: HashMap<String, ClientInfo>) -> serde_json::Value {
+    let mut users = serde_json::Map::new();
+    for info in clients.values() {
+        let entry = users.entry(info.user.clone()).or_insert_with(|| {
+            let mut e = info.to_json();
+            if let Some(o) = e.as_object_mut() {
+                o.remove("client");
+                o.insert("clients".into(), 0.into());
+            }
+            e
+        });
+        if let Some(n) = entry.get("clients").and_then(serde_json::Value::as_u64) {
+            entry["clients"] = (n + 1).into();
+        }
+    }
+    let clients: serde_json::Map<String, serde_json::Value> = clients
+        .into_iter()
+        .map(|(id, info)| (id, info.to_json()))
+        .collect();
+    serde_json::json!({ "clients": clients, "users": users })
+}
+
 /// Presence counts: connections and distinct users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PresenceStats {

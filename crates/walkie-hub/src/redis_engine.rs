@@ -114,6 +114,8 @@ return redis.call('HGETALL', KEYS[1])
 
 /// What the push listener needs.
 struct Shared {
+    /// Reconnections so far, for `/metrics`.
+    reconnects: std::sync::atomic::AtomicU64,
     prefix: String,
     events: OnceLock<Arc<dyn BrokerEvents>>,
     /// Channels this node subscribed to, by pub/sub name.
@@ -244,6 +246,7 @@ impl RedisBroker {
             .await
             .map_err(unavailable)?;
         let shared = Arc::new(Shared {
+            reconnects: std::sync::atomic::AtomicU64::new(0),
             prefix: prefix.to_owned(),
             events: OnceLock::new(),
             subscribed: Mutex::default(),
@@ -278,6 +281,9 @@ impl RedisBroker {
                 PushKind::Subscribe if behind => {
                     behind = false;
                     tracing::info!("redis engine: reconnected; catching up from history");
+                    self.shared
+                        .reconnects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.catch_up().await;
                 }
                 PushKind::Message => {
@@ -421,6 +427,12 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
+    fn reconnects(&self) -> u64 {
+        self.shared
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn set_events(&self, events: Arc<dyn BrokerEvents>) {
         let _ = self.shared.events.set(events);
     }

@@ -662,11 +662,7 @@ impl Session {
             let s = PresenceStats::of(&clients);
             return Ok(json!({"clients": s.clients, "users": s.users}));
         }
-        let map: serde_json::Map<String, Value> = clients
-            .into_iter()
-            .map(|(id, info)| (id, info.to_json()))
-            .collect();
-        Ok(json!({ "clients": map }))
+        Ok(crate::presence::presence_json(clients))
     }
 
     fn refresh(&mut self, command: &Command, now: u64) -> Reply {
