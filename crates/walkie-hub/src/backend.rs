@@ -17,11 +17,12 @@ use crate::session::{MAX_HISTORY_LIMIT, Node};
 /// Most channels in one broadcast.
 pub const MAX_BROADCAST: usize = 1000;
 
-fn err(code: ErrorCode, message: impl Into<String>) -> ReplyError {
+pub(crate) fn err(code: ErrorCode, message: impl Into<String>) -> ReplyError {
     ReplyError::new(code, message)
 }
 
-fn internal(e: impl std::fmt::Display) -> ReplyError {
+/// An engine failure, logged; the client is told only to retry.
+pub(crate) fn internal(e: impl std::fmt::Display) -> ReplyError {
     tracing::warn!("engine failed: {e}");
     err(ErrorCode::Internal, "internal error; try again")
 }
@@ -76,7 +77,14 @@ pub struct Disconnect {
     pub user: String,
 }
 
-fn channel(node: &Node, name: &str) -> Result<(ChannelName, NamespaceConfig), ReplyError> {
+/// Longest idempotency key and state key, in bytes.
+pub(crate) const MAX_KEY_LEN: usize = 64;
+
+/// The channel and its namespace, or 102.
+pub(crate) fn channel(
+    node: &Node,
+    name: &str,
+) -> Result<(ChannelName, NamespaceConfig), ReplyError> {
     let channel = ChannelName::new(name)
         .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{name}`: {e}")))?;
     let ns = node.config.namespace(&channel).cloned().ok_or_else(|| {
@@ -92,18 +100,35 @@ fn channel(node: &Node, name: &str) -> Result<(ChannelName, NamespaceConfig), Re
 /// Publishes to one channel.
 pub async fn publish(node: &Node, p: Publish) -> Result<Value, ReplyError> {
     let (channel, ns) = channel(node, &p.channel)?;
+    publish_in(node, channel, &ns, p, None).await
+}
+
+/// Publishes to a channel already resolved (and, for clients, checked),
+/// with the publisher's `info` if known: the namespace's limits apply.
+pub(crate) async fn publish_in(
+    node: &Node,
+    channel: ChannelName,
+    ns: &NamespaceConfig,
+    p: Publish,
+    info: Option<Bytes>,
+) -> Result<Value, ReplyError> {
     for (name, key) in [("idempotency_key", &p.idempotency_key), ("key", &p.key)] {
-        if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 64) {
+        if key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
+        {
             return Err(err(
                 ErrorCode::BadRequest,
-                format!("{name} has 1 to 64 bytes"),
+                format!("publish: {name} has 1 to {MAX_KEY_LEN} bytes"),
             ));
         }
     }
     if p.key.is_some() && ns.overflow != crate::OverflowPolicy::LatestPerKey {
         return Err(err(
             ErrorCode::BadRequest,
-            format!("`key` is for namespaces with overflow = \"latest_per_key\", not {channel}"),
+            format!(
+                "publish: `key` is for namespaces with overflow = \"latest_per_key\", not {channel}"
+            ),
         ));
     }
     let data = p.data.to_string();
@@ -120,7 +145,7 @@ pub async fn publish(node: &Node, p: Publish) -> Result<Value, ReplyError> {
     let publication = NewPublication {
         data: Bytes::from(data),
         kind: Kind::Json,
-        info: None,
+        info,
         key: p.key.map(Into::into),
     };
     let options = PublishOptions {
@@ -168,6 +193,17 @@ pub async fn broadcast(node: &Node, b: Broadcast) -> Result<Value, ReplyError> {
 /// A channel's history.
 pub async fn history(node: &Node, h: History) -> Result<Value, ReplyError> {
     let (channel, ns) = channel(node, &h.channel)?;
+    history_in(node, channel, &ns, h).await
+}
+
+/// A resolved channel's history. An offset from another epoch means
+/// nothing in this one: it is ignored.
+pub(crate) async fn history_in(
+    node: &Node,
+    channel: ChannelName,
+    ns: &NamespaceConfig,
+    h: History,
+) -> Result<Value, ReplyError> {
     if ns.history().is_none() {
         return Err(err(
             ErrorCode::NotAvailable,
@@ -218,6 +254,16 @@ pub async fn history(node: &Node, h: History) -> Result<Value, ReplyError> {
 /// Who is in a channel (`stats`: only the counts).
 pub async fn presence(node: &Node, c: ChannelOnly, stats: bool) -> Result<Value, ReplyError> {
     let (channel, ns) = channel(node, &c.channel)?;
+    presence_in(node, channel, &ns, stats).await
+}
+
+/// A resolved channel's presence.
+pub(crate) async fn presence_in(
+    node: &Node,
+    channel: ChannelName,
+    ns: &NamespaceConfig,
+    stats: bool,
+) -> Result<Value, ReplyError> {
     if !ns.presence {
         return Err(err(
             ErrorCode::NotAvailable,

@@ -12,13 +12,14 @@ use serde_json::{Value, json};
 use walkie_proto::{Message, PreparedMessage};
 
 use crate::auth::{AuthError, Identity, Verifier, channel_allowed};
+use crate::backend::{self, err, internal};
 use crate::channel::ChannelName;
 use crate::config::{HubConfig, NamespaceConfig};
 use crate::hub::{Client, Format, Hub, Recover};
 use crate::metrics::Metrics;
-use crate::presence::{ClientInfo, PresenceStats};
-use crate::protocol::{self, Command, ErrorCode, Position, ReplyError};
-use crate::publication::{HistoryFilter, Kind, NewPublication, PublishOptions, StreamPosition};
+use crate::presence::ClientInfo;
+use crate::protocol::{self, Command, ErrorCode, ReplyError};
+use crate::publication::{Kind, NewPublication, PublishOptions, StreamPosition};
 use crate::queue::{QueueLimits, Queued};
 
 /// Most subscriptions per connection.
@@ -27,8 +28,6 @@ pub const MAX_SUBSCRIPTIONS: usize = 256;
 pub const MAX_HISTORY_LIMIT: usize = 1000;
 /// Seconds a connection has to send `connect`.
 pub const CONNECT_TIMEOUT_SECS: u64 = 10;
-/// Longest idempotency key and state key, in bytes.
-const MAX_KEY_LEN: usize = 64;
 
 /// What sessions of one node share.
 #[derive(Debug)]
@@ -89,24 +88,10 @@ pub struct Session {
 
 type Reply = Result<Value, ReplyError>;
 
-fn err(code: ErrorCode, message: impl Into<String>) -> ReplyError {
-    ReplyError::new(code, message)
-}
-
-fn internal(e: impl std::fmt::Display) -> ReplyError {
-    tracing::warn!("engine failed: {e}");
-    err(ErrorCode::Internal, "internal error; try again")
-}
-
 #[derive(Deserialize)]
 struct ConnectParams {
     token: Option<String>,
     name: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ChannelParams {
-    channel: String,
 }
 
 #[derive(Deserialize)]
@@ -118,23 +103,6 @@ struct SubscribeParams {
     epoch: Option<String>,
     history: Option<usize>,
     token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct PublishParams {
-    channel: String,
-    data: Value,
-    idempotency_key: Option<String>,
-    key: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct HistoryParams {
-    channel: String,
-    since: Option<Position>,
-    limit: Option<usize>,
-    #[serde(default)]
-    reverse: bool,
 }
 
 #[derive(Deserialize)]
@@ -335,21 +303,7 @@ impl Session {
 
     /// The channel and its namespace, or 102.
     fn channel(&self, name: &str) -> Result<(ChannelName, NamespaceConfig), ReplyError> {
-        let channel = ChannelName::new(name)
-            .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{name}`: {e}")))?;
-        let ns = self
-            .node
-            .config
-            .namespace(&channel)
-            .cloned()
-            .ok_or_else(|| {
-                let which = channel.namespace().unwrap_or("(default)");
-                err(
-                    ErrorCode::UnknownChannel,
-                    format!("no namespace `{which}` on this server"),
-                )
-            })?;
-        Ok((channel, ns))
+        backend::channel(&self.node, name)
     }
 
     /// Checks what every channel operation needs: anonymous access and the
@@ -518,7 +472,7 @@ impl Session {
     }
 
     async fn unsubscribe(&mut self, command: &Command) -> Reply {
-        let p: ChannelParams = command.params()?;
+        let p: backend::ChannelOnly = command.params()?;
         let channel = ChannelName::new(&p.channel)
             .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{}`: {e}", p.channel)))?;
         if !self.subs.contains_key(&channel) {
@@ -532,7 +486,7 @@ impl Session {
     }
 
     async fn publish(&mut self, command: &Command) -> Reply {
-        let p: PublishParams = command.params()?;
+        let p: backend::Publish = command.params()?;
         let (channel, ns) = self.channel(&p.channel)?;
         if !ns.allow_publish {
             return Err(err(
@@ -541,128 +495,23 @@ impl Session {
             ));
         }
         self.may_read(&channel, &ns)?;
-        for (name, key) in [("idempotency_key", &p.idempotency_key), ("key", &p.key)] {
-            if key
-                .as_ref()
-                .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
-            {
-                return Err(err(
-                    ErrorCode::BadRequest,
-                    format!("publish: {name} has 1 to {MAX_KEY_LEN} bytes"),
-                ));
-            }
-        }
-        if p.key.is_some() && ns.overflow != crate::OverflowPolicy::LatestPerKey {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!(
-                    "publish: `key` is for namespaces with overflow = \"latest_per_key\", not {channel}"
-                ),
-            ));
-        }
-        let data = p.data.to_string();
-        if data.len() > ns.max_message_size {
-            return Err(err(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "{} bytes; {channel} takes at most {}",
-                    data.len(),
-                    ns.max_message_size
-                ),
-            ));
-        }
         let info = json!({"user": self.identity().user, "client": self.client.id()});
-        let publication = NewPublication {
-            data: Bytes::from(data),
-            kind: Kind::Json,
-            info: Some(Bytes::from(info.to_string())),
-            key: p.key.map(Into::into),
-        };
-        let options = PublishOptions {
-            history: ns.history(),
-            idempotency_key: p.idempotency_key,
-            ..PublishOptions::default()
-        };
-        let r = self
-            .node
-            .hub
-            .publish(channel, publication, options)
-            .await
-            .map_err(internal)?;
-        let mut result = position(&r.position);
-        result["duplicate"] = json!(r.suppressed);
-        Ok(result)
+        let info = Some(Bytes::from(info.to_string()));
+        backend::publish_in(&self.node, channel, &ns, p, info).await
     }
 
     async fn history(&mut self, command: &Command) -> Reply {
-        let p: HistoryParams = command.params()?;
+        let p: backend::History = command.params()?;
         let (channel, ns) = self.channel(&p.channel)?;
-        if ns.history().is_none() {
-            return Err(err(
-                ErrorCode::NotAvailable,
-                format!("{channel} keeps no history"),
-            ));
-        }
         self.may_read(&channel, &ns)?;
-        let limit = p.limit.unwrap_or(MAX_HISTORY_LIMIT).min(MAX_HISTORY_LIMIT);
-        // An offset from another epoch means nothing in this one.
-        let current = self
-            .node
-            .hub
-            .history(
-                channel.clone(),
-                HistoryFilter {
-                    since: None,
-                    limit: Some(0),
-                    reverse: false,
-                },
-            )
-            .await
-            .map_err(internal)?;
-        let since = p
-            .since
-            .filter(|s| *s.epoch == *current.position.epoch)
-            .map(|s| s.offset);
-        let h = self
-            .node
-            .hub
-            .history(
-                channel,
-                HistoryFilter {
-                    since,
-                    limit: Some(limit),
-                    reverse: p.reverse,
-                },
-            )
-            .await
-            .map_err(internal)?;
-        let mut result = position(&h.position);
-        result["publications"] = h.publications.iter().map(protocol::history_entry).collect();
-        Ok(result)
+        backend::history_in(&self.node, channel, &ns, p).await
     }
 
     async fn presence(&mut self, command: &Command, stats: bool) -> Reply {
-        let p: ChannelParams = command.params()?;
+        let p: backend::ChannelOnly = command.params()?;
         let (channel, ns) = self.channel(&p.channel)?;
-        if !ns.presence {
-            return Err(err(
-                ErrorCode::NotAvailable,
-                format!("{channel} keeps no presence"),
-            ));
-        }
         self.may_read(&channel, &ns)?;
-        let clients = self
-            .node
-            .hub
-            .presence()
-            .presence(channel)
-            .await
-            .map_err(internal)?;
-        if stats {
-            let s = PresenceStats::of(&clients);
-            return Ok(json!({"clients": s.clients, "users": s.users}));
-        }
-        Ok(crate::presence::presence_json(clients))
+        backend::presence_in(&self.node, channel, &ns, stats).await
     }
 
     fn refresh(&mut self, command: &Command, now: u64) -> Reply {
