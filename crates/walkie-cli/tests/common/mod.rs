@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::ffi::OsString;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
