@@ -122,6 +122,7 @@ impl BrokerEvents for Dispatch {
         // subscriber of that format.
         let mut raw = None;
         let mut json = None;
+        let mut delivered = 0u64;
         for m in members.iter_mut() {
             if let Some(joining) = &mut m.joining {
                 joining.push(publication.clone());
@@ -157,8 +158,12 @@ impl BrokerEvents for Dispatch {
                 message: message.clone(),
                 key: publication.key.clone(),
             });
-            Metrics::inc(&self.metrics.messages_out);
+            delivered += 1;
         }
+        // One shared counter update per publication, not per subscriber.
+        self.metrics
+            .messages_out
+            .fetch_add(delivered, Ordering::Relaxed);
     }
 }
 
