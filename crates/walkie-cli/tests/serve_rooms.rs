@@ -190,7 +190,10 @@ async fn bad_room_paths_get_a_400_that_says_why() {
 /// getting every message.
 #[tokio::test]
 async fn a_member_that_reads_nothing_is_cut_off_and_the_others_are_not() {
-    let server = Server::start(&["--client-queue", "64", "--client-queue-bytes", "256K"]);
+    // Limits small enough that the member reading nothing overflows within
+    // the run (32 MB sent), large enough (128 messages of 16 KiB) that the
+    // member that does read is not cut off when the machine is busy.
+    let server = Server::start(&["--client-queue", "256", "--client-queue-bytes", "2M"]);
     within(60, async {
         let mut slow = RawWs::connect(server.port, "/rooms/busy", "").await;
         let mut reader = join(&server, "/rooms/busy").await;
