@@ -110,7 +110,7 @@ async fn call(
         "history" => backend::history(node, parse(&method, &body)?).await?,
         "presence" => backend::presence(node, parse(&method, &body)?, false).await?,
         "presence_stats" => backend::presence(node, parse(&method, &body)?, true).await?,
-        "disconnect" => backend::disconnect(node, parse(&method, &body)?)?,
+        "disconnect" => backend::disconnect(node, parse(&method, &body)?).await?,
         other => {
             return Err(ReplyError::new(
                 ErrorCode::MethodNotFound,

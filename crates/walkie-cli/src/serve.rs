@@ -353,6 +353,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Some(p) => Hub::with_presence(broker, p),
         None => Hub::new(broker),
     };
+    // On a shared engine, an API `disconnect` on any node reaches the
+    // connections of every node through the control channel.
+    if expiring_presence {
+        if let Err(e) = main_rt.block_on(hub.listen_control()) {
+            eprintln!("walkie: --engine: cannot subscribe to the control channel: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let node = Arc::new(Node {
         hub: hub.clone(),
         config: hub_config,

@@ -155,3 +155,90 @@ async fn share_channels_history_and_presence(url: &str, prefix: &str) -> (Server
     .await;
     (one, two)
 }
+
+/// Two nodes sharing an HS256 secret, so that one token works on both.
+fn nodes_with_users(url: &str, prefix: &str) -> (Server, Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walkie.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nhmac_secret = \"multinode\"\napi_key = \"k\"\n\n[namespaces.chat]\npresence = true\nallow_publish = true\n",
+    )
+    .unwrap();
+    let args = [
+        "--engine",
+        url,
+        "--engine-prefix",
+        prefix,
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    (Server::start(&args), Server::start(&args), dir)
+}
+
+/// The API's `disconnect`, called on node one, closes the user's
+/// connections on both nodes (4009), and no one else's.
+async fn disconnect_reaches_every_node(url: &str, prefix: &str) {
+    let (one, two, _dir) = nodes_with_users(url, prefix);
+    let alice = proto::token(
+        "multinode",
+        json!({"sub": "alice", "exp": proto::now() + 600}),
+    );
+    let bob = proto::token(
+        "multinode",
+        json!({"sub": "bob", "exp": proto::now() + 600}),
+    );
+    within(30, async {
+        let (mut on_one, _) = proto::connected(one.port, Some(&alice)).await;
+        let (mut on_two, _) = proto::connected(two.port, Some(&alice)).await;
+        let (mut other, _) = proto::connected(two.port, Some(&bob)).await;
+        for c in [&mut on_one, &mut on_two, &mut other] {
+            c.ok("subscribe", json!({"channel": "chat:kick"})).await;
+        }
+        let body = json!({"user": "alice"}).to_string();
+        let request = format!(
+            "POST /api/disconnect HTTP/1.1\r\nHost: x\r\nAuthorization: apikey k\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = http_exchange(one.port, request.as_bytes()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let r: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(r["disconnected"], 1, "counted on the node called: {r}");
+        assert_eq!(on_one.closed().await, Some(4009));
+        assert_eq!(on_two.closed().await, Some(4009));
+        // Bob, on the node that got the control message, is still served.
+        other.ok("publish", json!({"channel": "chat:kick", "data": "still here"}))
+            .await;
+        assert_eq!(other.publication().await["data"], "still here");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn api_disconnect_reaches_every_redis_node() {
+    let Some(url) = redis() else { return };
+    let prefix = format!("walkie-test-{}-kick:", std::process::id());
+    disconnect_reaches_every_node(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn api_disconnect_reaches_every_nats_node() {
+    let Some(url) = nats() else { return };
+    let prefix = format!(
+        "walkie-test-{}-{:08x}-kick:",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let outcome = tokio::spawn({
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move { disconnect_reaches_every_node(&url, &prefix).await }
+    })
+    .await;
+    let broker = walkie_hub::NatsBroker::connect(&url, &prefix)
+        .await
+        .unwrap();
+    broker.delete_all().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -283,10 +283,17 @@ pub(crate) async fn presence_in(
     Ok(crate::presence::presence_json(clients))
 }
 
-/// Closes every connection of a user on this node (close code 4009).
-pub fn disconnect(node: &Node, d: Disconnect) -> Result<Value, ReplyError> {
+/// Closes every connection of a user (close code 4009): on this node at
+/// once, on the other nodes of a shared engine through its control
+/// channel. Returns how many were closed on this node.
+pub async fn disconnect(node: &Node, d: Disconnect) -> Result<Value, ReplyError> {
     if d.user.is_empty() {
         return Err(err(ErrorCode::BadRequest, "give a user"));
     }
-    Ok(json!({ "disconnected": node.hub.disconnect_user(&d.user) }))
+    let n = node
+        .hub
+        .disconnect_user_everywhere(&d.user)
+        .await
+        .map_err(internal)?;
+    Ok(json!({ "disconnected": n }))
 }

@@ -225,6 +225,11 @@ impl HubConfig {
                     "namespaces.{name}: a namespace name is non-empty, without `:`, `#` or spaces"
                 )));
             }
+            if name.starts_with('$') {
+                return Err(ConfigError(format!(
+                    "namespaces.{name}: names starting with `$` are reserved for walkie's own channels"
+                )));
+            }
         }
         let keys = [
             self.auth.hmac_secret.is_some(),
@@ -365,6 +370,7 @@ mod tests {
             ("[namespaces.a]\nhistory_ttl = \"soon\"", "history_ttl"),
             ("[namespaces.a]\noverflow = \"drop\"", "latest_per_key"),
             ("[namespaces.a]\nhistroy_size = 1", "histroy_size"),
+            ("[namespaces.\"$walkie\"]", "reserved"),
             ("[auth]\nhmac_secret = \"\"", "hmac_secret"),
             (
                 "[auth]\nhmac_secret = \"a\"\nrsa_public_key = \"k.pem\"",

@@ -71,17 +71,61 @@ struct Member {
     epoch: Arc<str>,
 }
 
+/// The channel on which nodes tell each other what to do (disconnect a
+/// user). Every hub subscribes to it ([`Hub::listen_control`]); clients and
+/// the API cannot reach it: no namespace can be named `$walkie`.
+pub const CONTROL_CHANNEL: &str = "$walkie:control";
+
+/// A message on [`CONTROL_CHANNEL`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Control {
+    /// The node that sent it (which already acted on it).
+    node: String,
+    /// Close every connection of this user.
+    disconnect: String,
+}
+
 /// The subscribers of every channel on this node. Shared with the broker,
 /// which calls it for each publication.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Dispatch {
     channels: Mutex<HashMap<ChannelName, Arc<Mutex<Vec<Member>>>>>,
     metrics: Arc<Metrics>,
+    /// Connected users' queues, to disconnect a user from every node's
+    /// API call. Weak: a connection that ends takes its entry with it.
+    users: Mutex<UserQueues>,
+    /// This node's random id, the prefix of its client ids.
+    node: Arc<str>,
 }
 
 impl Dispatch {
     fn members(&self, channel: &ChannelName) -> Option<Arc<Mutex<Vec<Member>>>> {
         lock(&self.channels).get(channel).cloned()
+    }
+
+    /// Closes every connection of `user` on this node; returns how many.
+    fn disconnect_user(&self, user: &str) -> usize {
+        let queues = lock(&self.users).remove(user).unwrap_or_default();
+        let mut n = 0;
+        for (_, queue) in queues {
+            if let Some(q) = queue.upgrade() {
+                q.close(crate::queue::QueueClosed::Disconnected);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Acts on a message from another node.
+    fn handle_control(&self, publication: &Publication) {
+        match serde_json::from_slice::<Control>(&publication.data) {
+            Ok(c) if *c.node == *self.node => {}
+            Ok(c) => {
+                let n = self.disconnect_user(&c.disconnect);
+                tracing::info!(user = %c.disconnect, from = %c.node, connections = n, "user disconnected by another node");
+            }
+            Err(e) => tracing::warn!("ignored a malformed control message: {e}"),
+        }
     }
 }
 
@@ -111,6 +155,9 @@ fn frame(
 impl BrokerEvents for Dispatch {
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
         let Some(members) = self.members(channel) else {
+            if channel.as_str() == CONTROL_CHANNEL {
+                self.handle_control(publication);
+            }
             return;
         };
         let mut members = lock(&members);
@@ -177,11 +224,6 @@ pub struct Hub {
     presence: Arc<dyn PresenceManager>,
     dispatch: Arc<Dispatch>,
     next_client: Arc<AtomicU64>,
-    /// Connected users' queues, to disconnect a user from every node's
-    /// API call. Weak: a connection that ends takes its entry with it.
-    users: Arc<Mutex<UserQueues>>,
-    /// This node's random id, the prefix of its client ids.
-    node: Arc<str>,
     /// Presence entries of this node's connections, re-added periodically
     /// for engines whose entries expire (see [`Hub::refresh_presence`]).
     local_presence: Arc<Mutex<HashMap<(ChannelName, String), ClientInfo>>>,
@@ -202,17 +244,29 @@ impl Hub {
 
     /// A hub over `broker` and `presence`.
     pub fn with_presence(broker: Arc<dyn Broker>, presence: Arc<dyn PresenceManager>) -> Hub {
-        let dispatch = Arc::new(Dispatch::default());
+        let dispatch = Arc::new(Dispatch {
+            channels: Mutex::default(),
+            metrics: Arc::default(),
+            users: Mutex::default(),
+            node: format!("{:08x}", rand::random::<u32>()).into(),
+        });
         broker.set_events(dispatch.clone());
         Hub {
             broker,
             presence,
             dispatch,
             next_client: Arc::new(AtomicU64::new(1)),
-            users: Arc::default(),
-            node: format!("{:08x}", rand::random::<u32>()).into(),
             local_presence: Arc::default(),
         }
+    }
+
+    /// Subscribes this node to [`CONTROL_CHANNEL`], so that
+    /// [`Hub::disconnect_user_everywhere`] called on another node reaches
+    /// this node's connections. Call once at start, on a shared engine.
+    pub async fn listen_control(&self) -> Result<(), EngineError> {
+        self.broker
+            .subscribe(ChannelName::new(CONTROL_CHANNEL).expect("a valid name"))
+            .await
     }
 
     /// Adds a connection to a channel's presence (and remembers it for
@@ -282,20 +336,33 @@ impl Hub {
     ///
     /// [`QueueClosed::Disconnected`]: crate::QueueClosed::Disconnected
     pub fn disconnect_user(&self, user: &str) -> usize {
-        let queues = lock(&self.users).remove(user).unwrap_or_default();
-        let mut n = 0;
-        for (_, queue) in queues {
-            if let Some(q) = queue.upgrade() {
-                q.close(crate::queue::QueueClosed::Disconnected);
-                n += 1;
-            }
-        }
-        n
+        self.dispatch.disconnect_user(user)
     }
 
-    /// Connections on this node.
+    /// Closes every connection of `user` on this node, and tells every
+    /// other node listening on [`CONTROL_CHANNEL`] to close theirs; returns
+    /// how many were closed on this node. The others close theirs as soon
+    /// as the engine delivers the message (no reply is awaited).
+    pub async fn disconnect_user_everywhere(&self, user: &str) -> Result<usize, EngineError> {
+        let n = self.disconnect_user(user);
+        let control = Control {
+            node: self.dispatch.node.to_string(),
+            disconnect: user.to_owned(),
+        };
+        let data = serde_json::to_vec(&control).expect("serializable");
+        self.broker
+            .publish(
+                ChannelName::new(CONTROL_CHANNEL).expect("a valid name"),
+                NewPublication::new(Kind::Json, data),
+                PublishOptions::default(),
+            )
+            .await?;
+        Ok(n)
+    }
+
+    /// Users with connections on this node.
     pub fn connected_users(&self) -> usize {
-        lock(&self.users).len()
+        lock(&self.dispatch.users).len()
     }
 
     /// Publishes to a channel.
@@ -377,7 +444,7 @@ pub struct Client {
 impl Client {
     /// Its id, unique across nodes: the node's id and a counter.
     pub fn id(&self) -> String {
-        format!("{}-{}", self.hub.node, self.id)
+        format!("{}-{}", self.hub.dispatch.node, self.id)
     }
 
     /// The hub it belongs to.
@@ -389,7 +456,7 @@ impl Client {
     /// [`Hub::disconnect_user`] reaches it.
     pub fn set_user(&mut self, user: &str) {
         self.unset_user();
-        let mut users = lock(&self.hub.users);
+        let mut users = lock(&self.hub.dispatch.users);
         users
             .entry(user.to_owned())
             .or_default()
@@ -401,7 +468,7 @@ impl Client {
         let Some(user) = self.user.take() else {
             return;
         };
-        let mut users = lock(&self.hub.users);
+        let mut users = lock(&self.hub.dispatch.users);
         if let Some(list) = users.get_mut(&user) {
             list.retain(|(id, _)| *id != self.id);
             if list.is_empty() {
