@@ -94,8 +94,9 @@ pub struct ServeArgs {
 
     /// An external engine shared by several walkie nodes:
     /// redis://HOST:PORT/DB (history, pub/sub and presence in Redis), or
-    /// nats://HOST:PORT (history in JetStream, a stream per channel;
-    /// delivery over NATS; presence in a key-value bucket).
+    /// nats://HOST:PORT[?replicas=N] (history in JetStream, a stream per
+    /// channel with N replicas, default 1; delivery over NATS; presence in
+    /// a key-value bucket; streams empty for an hour are deleted).
     #[arg(long, env = "WALKIE_ENGINE", conflicts_with_all = ["in_memory", "data_dir"])]
     pub engine: Option<String>,
 
@@ -198,6 +199,7 @@ impl ServeArgs {
                     .block_on(walkie_hub::NatsBroker::connect(url, &self.engine_prefix))
                     .map_err(|e| format!("--engine {url}: {e}"))?;
                 let presence = walkie_hub::NatsPresence::new(&broker, walkie_hub::PRESENCE_TTL);
+                rt.spawn(delete_idle_streams(broker.clone()));
                 return Ok((
                     Arc::new(broker),
                     Some(Arc::new(presence)),
@@ -624,6 +626,25 @@ where
             let message =
                 format!("no WebSocket endpoint at {path} (try /, /echo, /ws or /rooms/NAME)");
             incoming.reject(404, &message).await;
+        }
+    }
+}
+
+/// How often a NATS node looks for streams of idle channels.
+const IDLE_STREAM_CHECK: Duration = Duration::from_secs(600);
+/// How long a channel's stream must have been empty to be deleted.
+const IDLE_STREAM_AGE: Duration = Duration::from_secs(3600);
+
+/// Deletes, every [`IDLE_STREAM_CHECK`], the NATS streams that have held
+/// nothing for [`IDLE_STREAM_AGE`], so that channels used once do not keep
+/// a stream forever.
+async fn delete_idle_streams(broker: walkie_hub::NatsBroker) {
+    let mut tick = tokio::time::interval(IDLE_STREAM_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = broker.delete_idle_streams(IDLE_STREAM_AGE).await {
+            tracing::warn!("nats engine: cannot delete idle streams: {e}");
         }
     }
 }

@@ -60,12 +60,16 @@
 //! # Limits
 //!
 //! - A stream per channel that was ever read or published to: JetStream has
-//!   no expiry for whole streams, so empty streams of old channels stay
-//!   until deleted (deleting one is safe: it is created again under a new
-//!   epoch). Fine for thousands of channels, not for millions.
-//! - Streams and buckets are created with one replica; for a clustered
-//!   JetStream, raise their replicas with the `nats` CLI (removing a
-//!   channel's history keeps its stream's replicas).
+//!   no expiry for whole streams, so a channel's stream stays while it is
+//!   used, and [`NatsBroker::delete_idle_streams`] (run every 10 minutes by
+//!   `walkie serve`) deletes those that have held nothing for a while
+//!   (their history expired: the next publish starts a new epoch, as the
+//!   contract says). Fine for many thousands of active channels, not for
+//!   millions.
+//! - Streams and buckets are made with the replicas the URL asks for
+//!   (`nats://host:4222?replicas=3` on a clustered JetStream; default 1).
+//!   A stream whose limits change keeps the replicas it has, so an
+//!   operator may also raise them with the `nats` CLI.
 //! - History is read one message per request (32 in flight): fine for the
 //!   hundreds of messages a channel keeps, slow for very long histories.
 //! - Limits are cached per node: when nodes publish to one channel with
@@ -254,6 +258,8 @@ struct Inner {
     reconnects: watch::Sender<u64>,
     /// Idempotency keys of publications without history.
     live_keys: OnceCell<kv::Store>,
+    /// Replicas of every stream and bucket made (`?replicas=N`).
+    replicas: usize,
 }
 
 /// Pub/sub, history and idempotency in NATS JetStream. See [`Broker`] for
@@ -269,6 +275,24 @@ impl std::fmt::Debug for NatsBroker {
             .field("prefix", &self.inner.token)
             .finish_non_exhaustive()
     }
+}
+
+/// Splits `?replicas=N` (1 to 5, default 1) off the engine's URL.
+fn replicas(url: &str) -> Result<(&str, usize), EngineError> {
+    let Some((servers, query)) = url.split_once('?') else {
+        return Ok((url, 1));
+    };
+    let bad = || {
+        EngineError::Unavailable(format!(
+            "{url}: the only option is `?replicas=N`, N from 1 to 5 (JetStream's limit)"
+        ))
+    };
+    let n = query
+        .strip_prefix("replicas=")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| (1..=5).contains(n))
+        .ok_or_else(bad)?;
+    Ok((servers, n))
 }
 
 /// `prefix` with what subjects and stream names cannot hold replaced.
@@ -288,10 +312,11 @@ fn token(prefix: &str) -> String {
 
 impl NatsBroker {
     /// Connects to `url` (`nats://host:port`, or several separated by
-    /// commas); subjects, streams and buckets start with `prefix` (made
+    /// commas, optionally followed by `?replicas=N`); subjects, streams and buckets start with `prefix` (made
     /// safe: see the module documentation). Fails if the server is down or
     /// has no JetStream.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, EngineError> {
+        let (url, replicas) = replicas(url)?;
         let servers: Vec<async_nats::ServerAddr> = url
             .split(',')
             .map(|s| s.trim().parse())
@@ -349,8 +374,56 @@ impl NatsBroker {
                 local: Mutex::default(),
                 reconnects,
                 live_keys: OnceCell::new(),
+                replicas,
             }),
         })
+    }
+
+    /// Deletes the streams of channels whose history has been empty for at
+    /// least `idle` (every message expired, or none ever saved): JetStream
+    /// never removes a whole stream by itself. Deleting one is what expiry
+    /// means anyway: the channel's next publish starts a new epoch. Safe
+    /// to run on several nodes at once. Returns how many it deleted.
+    pub async fn delete_idle_streams(&self, idle: Duration) -> Result<usize, EngineError> {
+        let i = &self.inner;
+        let ours = format!("{}.m.", i.token);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        let idle = idle.as_secs() as i64;
+        let mut names = Vec::new();
+        let mut streams = i.js.streams();
+        while let Some(info) = streams.next().await {
+            let info = info.map_err(unavailable)?;
+            let last = info
+                .state
+                .last_timestamp
+                .unix_timestamp()
+                .max(info.created.unix_timestamp());
+            if info.state.messages == 0
+                && now - last >= idle
+                && info
+                    .config
+                    .subjects
+                    .first()
+                    .is_some_and(|s| s.starts_with(&ours))
+            {
+                names.push(info.config.name);
+            }
+        }
+        let mut deleted = 0;
+        for name in &names {
+            if i.js.delete_stream(name).await.is_ok() {
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            // Forget cached names: the next use finds (or makes) the stream.
+            lock(&i.streams).clear();
+            tracing::info!(deleted, "nats engine: deleted the streams of idle channels");
+        }
+        Ok(deleted)
     }
 
     /// Deletes every stream and bucket under this broker's prefix: all
@@ -420,7 +493,7 @@ impl Inner {
                 headers_only: false,
             }),
             storage: stream::StorageType::File,
-            num_replicas: 1,
+            num_replicas: self.replicas,
             discard: stream::DiscardPolicy::Old,
             retention: stream::RetentionPolicy::Limits,
             ..Default::default()
@@ -442,7 +515,7 @@ impl Inner {
             max_messages_per_subject: 1,
             max_age,
             storage: stream::StorageType::File,
-            num_replicas: 1,
+            num_replicas: self.replicas,
             allow_rollup: true,
             deny_delete: true,
             allow_direct: true,

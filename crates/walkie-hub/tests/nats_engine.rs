@@ -326,3 +326,80 @@ async fn a_node_catches_up_on_what_it_missed_while_cut_off() {
     })
     .await;
 }
+
+/// Streams whose history expired entirely (or that never held anything)
+/// are deleted; a stream still holding messages is kept, and the deleted
+/// channel's next publish starts a new epoch at offset 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_idle_channels_are_deleted() {
+    let Some(url) = nats("streams_of_idle_channels_are_deleted") else {
+        return;
+    };
+    let prefix = prefix();
+    let (u, p) = (url.clone(), prefix.clone());
+    with_cleanup(&url, &prefix, async move {
+        let (broker, _) = node(&u, &p).await;
+        let short = PublishOptions {
+            history: Some(HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(1),
+            }),
+            idempotency_ttl: Duration::from_secs(1),
+            ..PublishOptions::default()
+        };
+        let expiring = ChannelName::new("chat:expiring").unwrap();
+        let kept_ch = ChannelName::new("chat:kept").unwrap();
+        let read_only = ChannelName::new("chat:read-only").unwrap();
+        let first = broker
+            .publish(expiring.clone(), NewPublication::text("gone soon"), short)
+            .await
+            .unwrap();
+        broker
+            .publish(kept_ch.clone(), NewPublication::text("stays"), kept())
+            .await
+            .unwrap();
+        broker.history(read_only.clone(), all()).await.unwrap();
+        // Nothing is idle yet for an hour.
+        assert_eq!(
+            broker
+                .delete_idle_streams(Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0
+        );
+        // Wait until JetStream has expired the message.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let h = broker.history(expiring.clone(), all()).await.unwrap();
+            if h.publications.is_empty()
+                && broker.delete_idle_streams(Duration::ZERO).await.unwrap() >= 1
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never expired");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let after = broker
+            .publish(expiring.clone(), NewPublication::text("back"), kept())
+            .await
+            .unwrap();
+        assert_eq!(after.position.offset, 1);
+        assert_ne!(after.position.epoch, first.position.epoch);
+        let h = broker.history(kept_ch.clone(), all()).await.unwrap();
+        assert_eq!(h.publications.len(), 1, "a stream with messages is kept");
+    })
+    .await;
+}
+
+/// `?replicas=N` is checked before connecting: a clear error names it.
+#[tokio::test]
+async fn a_bad_replicas_option_is_refused() {
+    for url in [
+        "nats://127.0.0.1:1?replicas=0",
+        "nats://127.0.0.1:1?replicas=6",
+        "nats://127.0.0.1:1?replica=3",
+    ] {
+        let e = NatsBroker::connect(url, "x").await.unwrap_err().to_string();
+        assert!(e.contains("replicas=N"), "{url}: {e}");
+    }
+}
