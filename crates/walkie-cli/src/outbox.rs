@@ -1,6 +1,8 @@
 //! Writing a connection's hub queue to its socket, shared by the rooms and
 //! the Walkie protocol endpoints.
 
+use std::future::Future as _;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -27,9 +29,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     for queued in batch.drain(..) {
+        let mut fed = std::pin::pin!(ws.feed_prepared(&queued.message));
+        // The common case: the socket's buffer has room and the message is
+        // queued at once, without arming a wait on the queue's closing (a
+        // lock and a waiter per message).
+        let first = fed
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()));
+        if let Poll::Ready(r) = first {
+            r.map_err(Sent::Failed)?;
+            continue;
+        }
         tokio::select! {
             biased;
-            fed = ws.feed_prepared(&queued.message) => fed.map_err(Sent::Failed)?,
+            r = &mut fed => r.map_err(Sent::Failed)?,
             why = queue.closed() => return Err(Sent::Closed(why)),
         }
     }
