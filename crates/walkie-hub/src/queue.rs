@@ -1,8 +1,8 @@
 //! Each connection's bounded outgoing queue, and what happens when a slow
 //! consumer fills it.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
 use tokio::sync::Notify;
 use walkie_proto::PreparedMessage;
@@ -64,9 +64,14 @@ pub enum QueueClosed {
 
 #[derive(Debug, Default)]
 struct State {
-    items: VecDeque<Queued>,
+    /// In order. A `Vec` rather than a deque: it is only ever emptied whole,
+    /// by swapping it with the connection's (empty) batch.
+    items: Vec<Queued>,
     bytes: usize,
     closed: Option<QueueClosed>,
+    /// The connection's task waiting in `pop_all`, woken by the next push
+    /// (kept under the same lock: one lock per push, no separate notifier).
+    waiting: Option<Waker>,
 }
 
 /// A connection's outgoing queue: the hub pushes, the connection's task
@@ -74,8 +79,6 @@ struct State {
 #[derive(Debug)]
 pub struct Queue {
     state: Mutex<State>,
-    /// Wakes the connection's task waiting in `pop_all`.
-    ready: Notify,
     /// Wakes everyone waiting in `closed`, once.
     closing: Notify,
     limits: QueueLimits,
@@ -86,7 +89,6 @@ impl Queue {
     pub fn new(limits: QueueLimits) -> Self {
         Queue {
             state: Mutex::default(),
-            ready: Notify::new(),
             closing: Notify::new(),
             limits,
         }
@@ -112,25 +114,30 @@ impl Queue {
             };
             match replaced {
                 Some(i) => {
-                    if let Some(old) = s.items.remove(i) {
-                        s.bytes -= old.message.message().len();
-                    }
+                    let old = s.items.remove(i);
+                    s.bytes -= old.message.message().len();
                 }
                 None => {
                     s.items.clear();
                     s.bytes = 0;
                     s.closed = Some(QueueClosed::SlowConsumer);
+                    let waiting = s.waiting.take();
                     drop(s);
-                    self.ready.notify_one();
+                    if let Some(w) = waiting {
+                        w.wake();
+                    }
                     self.closing.notify_waiters();
                     return false;
                 }
             }
         }
         s.bytes += size;
-        s.items.push_back(item);
+        s.items.push(item);
+        let waiting = s.waiting.take();
         drop(s);
-        self.ready.notify_one();
+        if let Some(w) = waiting {
+            w.wake();
+        }
         true
     }
 
@@ -142,8 +149,11 @@ impl Queue {
             s.items.clear();
             s.bytes = 0;
         }
+        let waiting = s.waiting.take();
         drop(s);
-        self.ready.notify_one();
+        if let Some(w) = waiting {
+            w.wake();
+        }
         self.closing.notify_waiters();
     }
 
@@ -164,24 +174,33 @@ impl Queue {
     }
 
     /// Waits for messages and moves all of them into `out` (in order), or
-    /// says why the queue closed.
+    /// says why the queue closed. Cancel-safe: nothing is taken until it
+    /// resolves.
     pub async fn pop_all(&self, out: &mut Vec<Queued>) -> Result<(), QueueClosed> {
-        loop {
-            {
-                let mut s = lock(&self.state);
-                if let Some(why) = s.closed {
-                    return Err(why);
-                }
-                if !s.items.is_empty() {
-                    out.extend(s.items.drain(..));
-                    s.bytes = 0;
-                    return Ok(());
-                }
+        std::future::poll_fn(|cx| {
+            let mut s = lock(&self.state);
+            if let Some(why) = s.closed {
+                return Poll::Ready(Err(why));
             }
-            // `notify_one` stores a permit when nobody waits, so a push
-            // between the check above and this wait is not missed.
-            self.ready.notified().await;
-        }
+            if s.items.is_empty() {
+                // Registered under the lock that pushes take: a push after
+                // this check finds the waker.
+                match &mut s.waiting {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    slot => *slot = Some(cx.waker().clone()),
+                }
+                return Poll::Pending;
+            }
+            if out.is_empty() {
+                // Swap buffers: no element is moved.
+                std::mem::swap(&mut s.items, out);
+            } else {
+                out.append(&mut s.items);
+            }
+            s.bytes = 0;
+            Poll::Ready(Ok(()))
+        })
+        .await
     }
 
     /// Messages waiting.
