@@ -1,5 +1,6 @@
 //! The fan-out load: one publisher and many subscribers in one room, on one
-//! thread. The publisher sends small binary messages at a fixed rate, each
+//! thread (or the subscribers spread over several, the publisher on the
+//! first). The publisher sends small binary messages at a fixed rate, each
 //! carrying a sequence number and its send time in its first 16 bytes;
 //! every subscriber reads frame headers and those 16 bytes only, and
 //! records publish-to-delivery latency.
@@ -10,6 +11,8 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Barrier;
 
 use crate::load::open;
 use crate::procfs;
@@ -90,27 +94,55 @@ pub struct FanoutOutcome {
     pub p999_us: Option<f64>,
     pub max_us: Option<f64>,
     /// Share of one core this load generator used in the window (1.0: it
-    /// was saturated, and latency includes its own lateness).
+    /// was saturated, and latency includes its own lateness). With several
+    /// threads, the busiest thread's share of its core (usually the first
+    /// one's, which also runs the publisher).
     pub load_cpu: Option<f64>,
+    /// With several threads: the CPU the whole generator used in the
+    /// window, in cores (all its threads together). Absent with one
+    /// thread, where it is `load_cpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_cores: Option<f64>,
     /// Connections that failed (connect, handshake, reset, close).
     pub errors: u64,
     pub first_error: Option<String>,
 }
 
-struct Shared {
+/// What every thread of a run shares: the time base of the send times,
+/// the publisher's sequence numbers and the measured window.
+struct Common {
     /// Send times are nanoseconds since this instant.
     epoch: Instant,
-    measuring: Cell<bool>,
+    measuring: AtomicBool,
     /// The publisher stops once this is set.
-    stop_publishing: Cell<bool>,
-    /// Errors after this are the run's own teardown, not counted.
-    stop: Cell<bool>,
-    /// The next sequence number the publisher will use.
-    next_seq: Cell<u64>,
+    stop_publishing: AtomicBool,
+    /// The next sequence number the publisher will use (the publisher
+    /// alone writes it).
+    next_seq: AtomicU64,
     /// The measured window's messages: `first_seq..end_seq` (`u64::MAX`
     /// until the window opens, respectively closes).
-    first_seq: Cell<u64>,
-    end_seq: Cell<u64>,
+    first_seq: AtomicU64,
+    end_seq: AtomicU64,
+}
+
+impl Common {
+    fn new() -> Self {
+        Common {
+            epoch: Instant::now(),
+            measuring: AtomicBool::new(false),
+            stop_publishing: AtomicBool::new(false),
+            next_seq: AtomicU64::new(0),
+            first_seq: AtomicU64::new(u64::MAX),
+            end_seq: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+/// One thread's state (no locks).
+struct Shared {
+    common: Arc<Common>,
+    /// Errors after this are the run's own teardown, not counted.
+    stop: Cell<bool>,
     /// Deliveries that arrived in the window.
     arrived: Cell<u64>,
     /// Deliveries of the window's messages.
@@ -132,8 +164,53 @@ impl Shared {
     }
 
     fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64
+        self.common
+            .epoch
+            .elapsed()
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64
     }
+}
+
+/// One thread's place in a run with several threads.
+struct Part {
+    /// The thread's number; thread 0 runs the publisher and the window.
+    index: usize,
+    /// Index of the thread's first subscriber among all of them.
+    first: usize,
+    /// Subscribers of all threads together.
+    total: usize,
+    /// Every thread waits here once its connections are open.
+    opened: Arc<Barrier>,
+    /// Every thread waits here until thread 0 has closed the window.
+    closed: Arc<Barrier>,
+    /// The threads, for their CPU clocks: each adds itself before
+    /// `opened`.
+    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+}
+
+/// What one thread counted.
+struct Tally {
+    connected: usize,
+    /// Deliveries that arrived in the window.
+    deliveries: u64,
+    /// Deliveries of the window's messages this thread's subscribers
+    /// should get, and did get by the end of the grace period.
+    expected: u64,
+    received: u64,
+    latency: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// The measured window, as thread 0 saw it.
+struct Window {
+    seconds: f64,
+    published: u64,
+    /// The process's CPU seconds in the window.
+    cpu: Option<f64>,
+    /// Each thread's CPU seconds in the window (several threads only).
+    thread_cpu: Vec<Option<f64>>,
 }
 
 fn announce(on: bool, what: &str) {
@@ -147,36 +224,195 @@ fn announce(on: bool, what: &str) {
 
 /// Runs the fan-out on the current thread and returns what it measured.
 pub async fn run(spec: Spec) -> FanoutOutcome {
+    let (tally, window) = run_part(spec, Arc::new(Common::new()), None).await;
+    finish(vec![tally], &window.unwrap_or_default(), 1)
+}
+
+/// Runs the fan-out with its subscribers spread over `threads` threads,
+/// each with its own single-threaded runtime; the publisher and the
+/// measured window are thread 0's. Send times count from one instant that
+/// every thread shares. Merges what the threads measured.
+pub fn run_threads(spec: Spec, threads: usize) -> io::Result<FanoutOutcome> {
+    let threads = threads.clamp(1, spec.subscribers.max(1));
+    // Every runtime is built before any thread starts, so that none can
+    // fail while the others wait for it at a barrier.
+    let runtimes = (0..threads)
+        .map(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let common = Arc::new(Common::new());
+    let (opened, closed) = (
+        Arc::new(Barrier::new(threads)),
+        Arc::new(Barrier::new(threads)),
+    );
+    let pthreads = Arc::new(Mutex::new(Vec::with_capacity(threads)));
+    let mut first = 0;
+    let mut handles = Vec::with_capacity(threads);
+    for (t, runtime) in runtimes.into_iter().enumerate() {
+        let subscribers = crate::load::share(spec.subscribers, threads, t);
+        let mut part_spec = spec.clone();
+        part_spec.subscribers = subscribers;
+        part_spec.announce = spec.announce && t == 0;
+        let part = Part {
+            index: t,
+            first,
+            total: spec.subscribers,
+            opened: opened.clone(),
+            closed: closed.clone(),
+            threads: pthreads.clone(),
+        };
+        first += subscribers;
+        let common = common.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("fanout-{t}"))
+                .spawn(move || runtime.block_on(run_part(part_spec, common, Some(part))))?,
+        );
+    }
+    let mut tallies = Vec::with_capacity(threads);
+    let mut window = None;
+    for h in handles {
+        let (tally, w) = h
+            .join()
+            .map_err(|_| io::Error::other("a fan-out thread panicked"))?;
+        tallies.push(tally);
+        window = window.or(w);
+    }
+    Ok(finish(tallies, &window.unwrap_or_default(), threads))
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            seconds: f64::NAN,
+            published: 0,
+            cpu: None,
+            thread_cpu: Vec::new(),
+        }
+    }
+}
+
+/// The outcome from the threads' tallies and the window: counts summed,
+/// losses counted per thread (each thread's subscribers against the
+/// window's messages), latency from the merged histograms.
+fn finish(tallies: Vec<Tally>, window: &Window, threads: usize) -> FanoutOutcome {
+    let mut h = new_histogram();
+    let (mut connected, mut deliveries, mut expected, mut received, mut lost, mut errors) =
+        (0, 0, 0, 0, 0, 0);
+    let mut first_error = None;
+    for t in tallies {
+        let _ = h.add(&t.latency);
+        connected += t.connected;
+        deliveries += t.deliveries;
+        expected += t.expected;
+        received += t.received;
+        lost += t.expected.saturating_sub(t.received);
+        errors += t.errors;
+        first_error = first_error.or(t.first_error);
+    }
+    let seconds = window.seconds;
+    let us = |q: f64| quantile_us(&h, q, expected, received);
+    let busiest = window
+        .thread_cpu
+        .iter()
+        .map(|c| c.map(|c| c / seconds))
+        .try_fold(0.0f64, |m, c| c.map(|c| m.max(c)));
+    FanoutOutcome {
+        connected,
+        published: window.published,
+        publish_rate: window.published as f64 / seconds,
+        deliveries,
+        seconds,
+        rate: deliveries as f64 / seconds,
+        expected,
+        received,
+        lost,
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+        max_us: (received > 0 && lost == 0).then(|| h.max() as f64 / 1000.0),
+        load_cpu: if threads > 1 {
+            busiest
+        } else {
+            window.cpu.map(|c| c / seconds)
+        },
+        load_cores: window.cpu.filter(|_| threads > 1).map(|c| c / seconds),
+        errors,
+        first_error,
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// CPU time `thread` has used, in seconds.
+fn thread_cpu_seconds(thread: libc::pthread_t) -> Option<f64> {
+    let mut clock: libc::clockid_t = 0;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `thread` is alive (it waits at a barrier for the caller
+    // until the window closes) and both pointers are valid for writes.
+    unsafe {
+        if libc::pthread_getcpuclockid(thread, &mut clock) != 0
+            || libc::clock_gettime(clock, &mut ts) != 0
+        {
+            return None;
+        }
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+}
+
+/// Every thread's CPU seconds so far.
+fn threads_cpu(part: Option<&Part>) -> Vec<Option<f64>> {
+    part.map(|p| {
+        p.threads
+            .lock()
+            .map(|t| t.iter().map(|&t| thread_cpu_seconds(t)).collect())
+            .unwrap_or_default()
+    })
+    .unwrap_or_default()
+}
+
+/// Runs the fan-out, or one thread's part of it, on the current thread;
+/// returns what it counted, and the window if it ran it.
+async fn run_part(spec: Spec, common: Arc<Common>, part: Option<Part>) -> (Tally, Option<Window>) {
     let shared = Rc::new(Shared {
-        epoch: Instant::now(),
-        measuring: Cell::new(false),
-        stop_publishing: Cell::new(false),
+        common,
         stop: Cell::new(false),
-        next_seq: Cell::new(0),
-        first_seq: Cell::new(u64::MAX),
-        end_seq: Cell::new(u64::MAX),
         arrived: Cell::new(0),
         received: Cell::new(0),
-        latency: RefCell::new(
-            Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds"),
-        ),
+        latency: RefCell::new(new_histogram()),
         buf: RefCell::new(vec![0; READ_BUFFER]),
         errors: Cell::new(0),
         first_error: RefCell::new(None),
     });
     let local = tokio::task::LocalSet::new();
-    let outcome = local.run_until(measure(spec, shared)).await;
+    let outcome = local.run_until(measure(spec, shared, part)).await;
     // Dropping the tasks closes every connection.
     drop(local);
     outcome
 }
 
-async fn measure(spec: Spec, shared: Rc<Shared>) -> FanoutOutcome {
+async fn measure(spec: Spec, shared: Rc<Shared>, part: Option<Part>) -> (Tally, Option<Window>) {
+    let common = shared.common.clone();
+    let (first, total) = part
+        .as_ref()
+        .map_or((0, spec.subscribers), |p| (p.first, p.total));
+    let runs_window = part.as_ref().is_none_or(|p| p.index == 0);
     // Subscribers first, then the publisher; bounded concurrency, so a
-    // slow accept loop is not flooded with SYNs.
+    // slow accept loop is not flooded with SYNs. Indices are the run's,
+    // so that every thread spreads over the addresses and sources alike;
+    // the publisher comes after every subscriber.
     let gate = Rc::new(tokio::sync::Semaphore::new(CONNECTING));
     let mut pending = Vec::with_capacity(spec.subscribers + 1);
-    for i in 0..=spec.subscribers {
+    let publisher_index = runs_window.then_some(total);
+    for i in (first..first + spec.subscribers).chain(publisher_index) {
         let source = (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
         let addr = spec.addrs[i % spec.addrs.len()];
         let (gate, path) = (gate.clone(), spec.path.clone());
@@ -193,7 +429,7 @@ async fn measure(spec: Spec, shared: Rc<Shared>) -> FanoutOutcome {
             }
         }));
     }
-    let publisher = pending.pop();
+    let publisher = if runs_window { pending.pop() } else { None };
     let mut connected = 0;
     for task in pending {
         match task.await {
@@ -224,6 +460,53 @@ async fn measure(spec: Spec, shared: Rc<Shared>) -> FanoutOutcome {
         },
         None => None,
     };
+    if let Some(part) = &part {
+        if let Ok(mut threads) = part.threads.lock() {
+            // SAFETY: pthread_self has no preconditions.
+            threads.push(unsafe { libc::pthread_self() });
+        }
+        part.opened.wait().await;
+    }
+    let window = if runs_window {
+        Some(run_window(&spec, &shared, part.as_ref(), publisher).await)
+    } else {
+        None
+    };
+    if let Some(part) = &part {
+        part.closed.wait().await;
+    }
+
+    let published =
+        common.end_seq.load(Ordering::Acquire) - common.first_seq.load(Ordering::Acquire);
+    let expected = connected as u64 * published;
+    // Grace: wait for what is still in flight, or until all has arrived.
+    let deadline = Instant::now() + spec.grace;
+    while shared.received.get() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shared.stop.set(true);
+
+    let tally = Tally {
+        connected,
+        deliveries: shared.arrived.get(),
+        expected,
+        received: shared.received.get(),
+        latency: shared.latency.replace(new_histogram()),
+        errors: shared.errors.get(),
+        first_error: shared.first_error.borrow().clone(),
+    };
+    (tally, window)
+}
+
+/// Thread 0's part: starts the publisher, lets the warm-up pass, runs the
+/// measured window and stops the publisher.
+async fn run_window(
+    spec: &Spec,
+    shared: &Rc<Shared>,
+    part: Option<&Part>,
+    publisher: Option<(TcpStream, Vec<u8>)>,
+) -> Window {
+    let common = &shared.common;
     tokio::time::sleep(SETTLE).await;
     if let Some((stream, leftover)) = publisher {
         let (reader, writer) = stream.into_split();
@@ -244,48 +527,33 @@ async fn measure(spec: Spec, shared: Rc<Shared>) -> FanoutOutcome {
     tokio::time::sleep(spec.warmup).await;
     announce(spec.announce, "start");
     let cpu0 = procfs::cpu_seconds(std::process::id()).ok();
-    shared.first_seq.set(shared.next_seq.get());
-    shared.measuring.set(true);
+    let threads0 = threads_cpu(part);
+    common
+        .first_seq
+        .store(common.next_seq.load(Ordering::Relaxed), Ordering::Release);
+    common.measuring.store(true, Ordering::Release);
     let t0 = Instant::now();
     tokio::time::sleep(spec.duration).await;
     let t1 = Instant::now();
-    shared.measuring.set(false);
-    shared.end_seq.set(shared.next_seq.get());
-    shared.stop_publishing.set(true);
+    common.measuring.store(false, Ordering::Release);
+    common
+        .end_seq
+        .store(common.next_seq.load(Ordering::Relaxed), Ordering::Release);
+    common.stop_publishing.store(true, Ordering::Release);
     let cpu1 = procfs::cpu_seconds(std::process::id()).ok();
+    let threads1 = threads_cpu(part);
     announce(spec.announce, "end");
 
-    let seconds = (t1 - t0).as_secs_f64();
-    let published = shared.end_seq.get() - shared.first_seq.get();
-    let expected = connected as u64 * published;
-    // Grace: wait for what is still in flight, or until all has arrived.
-    let deadline = Instant::now() + spec.grace;
-    while shared.received.get() < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    shared.stop.set(true);
-
-    let received = shared.received.get();
-    let deliveries = shared.arrived.get();
-    let h = shared.latency.borrow();
-    let us = |q: f64| quantile_us(&h, q, expected, received);
-    FanoutOutcome {
-        connected,
-        published,
-        publish_rate: published as f64 / seconds,
-        deliveries,
-        seconds,
-        rate: deliveries as f64 / seconds,
-        expected,
-        received,
-        lost: expected.saturating_sub(received),
-        p50_us: us(0.5),
-        p99_us: us(0.99),
-        p999_us: us(0.999),
-        max_us: (received > 0 && received >= expected).then(|| h.max() as f64 / 1000.0),
-        load_cpu: cpu0.zip(cpu1).map(|(a, b)| (b - a) / seconds),
-        errors: shared.errors.get(),
-        first_error: shared.first_error.borrow().clone(),
+    Window {
+        seconds: (t1 - t0).as_secs_f64(),
+        published: common.end_seq.load(Ordering::Relaxed)
+            - common.first_seq.load(Ordering::Relaxed),
+        cpu: cpu0.zip(cpu1).map(|(a, b)| b - a),
+        thread_cpu: threads0
+            .iter()
+            .zip(&threads1)
+            .map(|(a, b)| a.zip(*b).map(|(a, b)| b - a))
+            .collect(),
     }
 }
 
@@ -318,15 +586,16 @@ async fn publish(
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut out = Vec::with_capacity(template.len() * 64);
     let mut next = Instant::now();
-    while !shared.stop_publishing.get() {
+    let common = &shared.common;
+    while !common.stop_publishing.load(Ordering::Acquire) {
         tokio::time::sleep_until(next.into()).await;
         out.clear();
         let now = Instant::now();
         let sent_ns = shared.now_ns();
         let mut n = 0;
         while next <= now && n < MAX_BATCH {
-            let seq = shared.next_seq.get();
-            shared.next_seq.set(seq + 1);
+            let seq = common.next_seq.load(Ordering::Relaxed);
+            common.next_seq.store(seq + 1, Ordering::Relaxed);
             let start = out.len();
             out.extend_from_slice(&template);
             write_tag(&mut out[start..], at, PUBLISH_KEY, seq, sent_ns);
@@ -399,7 +668,11 @@ fn on_bytes(
         return Ok(());
     }
     let now = shared.now_ns();
-    let (first, end) = (shared.first_seq.get(), shared.end_seq.get());
+    let common = &shared.common;
+    let (first, end) = (
+        common.first_seq.load(Ordering::Acquire),
+        common.end_seq.load(Ordering::Acquire),
+    );
     let mut latency = shared.latency.borrow_mut();
     let (mut arrived, mut received) = (0u64, 0u64);
     // Messages published together have the same send time: record each
@@ -440,7 +713,7 @@ fn on_bytes(
     if run > 0 {
         latency.saturating_record_n(last, run);
     }
-    if shared.measuring.get() {
+    if common.measuring.load(Ordering::Acquire) {
         shared.arrived.set(shared.arrived.get() + arrived);
     }
     shared.received.set(shared.received.get() + received);
@@ -465,5 +738,45 @@ mod tests {
         assert!((99_900.0..=100_100.0).contains(&p50), "{p50}");
         assert_eq!(quantile_us(&h, 0.99, 200, 100), None);
         assert_eq!(quantile_us(&h, 0.5, 100, 0), None);
+    }
+
+    #[test]
+    fn threads_merge_with_losses_counted_per_thread() {
+        let tally = |connected: usize, received: u64, ms: u64| {
+            let mut latency = new_histogram();
+            latency.record_n(ms * 1_000_000, received).unwrap();
+            Tally {
+                connected,
+                deliveries: received,
+                expected: connected as u64 * 10,
+                received,
+                latency,
+                errors: 0,
+                first_error: None,
+            }
+        };
+        let window = Window {
+            seconds: 2.0,
+            published: 10,
+            cpu: Some(1.2),
+            thread_cpu: vec![Some(0.8), Some(0.4)],
+        };
+        // 10 messages to 3 + 2 subscribers; the second thread lost 5.
+        let o = finish(vec![tally(3, 30, 1), tally(2, 15, 2)], &window, 2);
+        assert_eq!(
+            (o.connected, o.expected, o.received, o.lost),
+            (5, 50, 45, 5)
+        );
+        assert_eq!(o.deliveries, 45);
+        assert_eq!(o.max_us, None);
+        assert_eq!(o.p99_us, None);
+        let p50 = o.p50_us.unwrap();
+        assert!((990.0..=1010.0).contains(&p50), "{p50}");
+        assert_eq!(o.load_cpu, Some(0.4));
+        assert_eq!(o.load_cores, Some(0.6));
+        // One thread: load_cpu is the process's, and no load_cores.
+        let o = finish(vec![tally(3, 30, 1)], &window, 1);
+        assert_eq!((o.lost, o.load_cpu, o.load_cores), (0, Some(0.6), None));
+        assert!(o.max_us.is_some());
     }
 }

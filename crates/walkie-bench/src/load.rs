@@ -1,10 +1,13 @@
 //! The load generator: many connections on one thread, pre-encoded frames,
-//! header-only parsing of replies, latency in an HDR histogram.
+//! header-only parsing of replies, latency in an HDR histogram. With
+//! several threads, each runs that on its share of the connections and the
+//! results are merged.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -120,29 +123,143 @@ pub async fn open(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<T
     Ok(stream)
 }
 
+/// One thread's place in a run with several threads.
+struct Part {
+    /// Index of this thread's first connection among all of them.
+    first: usize,
+    /// Connections of all threads together.
+    total: usize,
+    /// Every thread waits here once its connections are open, so that all
+    /// start together.
+    start: Arc<tokio::sync::Barrier>,
+}
+
 /// Runs the load on the current thread and returns what it measured.
 pub async fn run(spec: Spec) -> Outcome {
+    let (outcome, _) = run_part(spec, None).await;
+    outcome
+}
+
+/// Runs the load on `threads` threads, each with its own single-threaded
+/// runtime and its share of the connections (and of a fixed rate), all
+/// starting together once every connection is open; merges what they
+/// measured. Only the first thread announces the window.
+pub fn run_threads(spec: Spec, threads: usize) -> std::io::Result<Outcome> {
+    let threads = threads.clamp(1, spec.conns.max(1));
+    // Every runtime is built before any thread starts, so that none can
+    // fail while the others wait for it at the start barrier.
+    let runtimes = (0..threads)
+        .map(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let start = Arc::new(tokio::sync::Barrier::new(threads));
+    let mut first = 0;
+    let mut handles = Vec::with_capacity(threads);
+    for (t, runtime) in runtimes.into_iter().enumerate() {
+        let conns = share(spec.conns, threads, t);
+        let mut part_spec = spec.clone();
+        part_spec.conns = conns;
+        part_spec.announce = spec.announce && t == 0;
+        if let Mode::FixedRate { per_second } = spec.mode {
+            part_spec.mode = Mode::FixedRate {
+                per_second: per_second * conns as f64 / spec.conns as f64,
+            };
+        }
+        let part = Part {
+            first,
+            total: spec.conns,
+            start: start.clone(),
+        };
+        first += conns;
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("load-{t}"))
+                .spawn(move || runtime.block_on(run_part(part_spec, Some(part))))?,
+        );
+    }
+    let parts = handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| std::io::Error::other("a load thread panicked"))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(merge(parts))
+}
+
+/// Thread `t`'s share of `n` things split as evenly as possible over
+/// `threads` threads.
+pub fn share(n: usize, threads: usize, t: usize) -> usize {
+    n / threads + usize::from(t < n % threads)
+}
+
+/// One outcome from the threads' outcomes and latency histograms: counts
+/// summed, the window's length the mean of the threads' (they start
+/// together and last as long), latency from the merged histogram.
+fn merge(parts: Vec<(Outcome, Histogram<u64>)>) -> Outcome {
+    let mut h = new_histogram();
+    let mut total = Outcome::default();
+    let threads = parts.len().max(1);
+    for (o, part_h) in parts {
+        let _ = h.add(&part_h);
+        total.connected += o.connected;
+        total.deflate_accepted += o.deflate_accepted;
+        total.messages += o.messages;
+        total.errors += o.errors;
+        total.seconds += o.seconds / threads as f64;
+        if total.first_error.is_none() {
+            total.first_error = o.first_error;
+        }
+    }
+    summarize(total, &h)
+}
+
+/// Fills in the rate and the latency quantiles.
+fn summarize(mut o: Outcome, h: &Histogram<u64>) -> Outcome {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    o.rate = o.messages as f64 / o.seconds;
+    o.p50_us = us(0.5);
+    o.p99_us = us(0.99);
+    o.p999_us = us(0.999);
+    o.max_us = h.max() as f64 / 1000.0;
+    o
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Runs the load, or one thread's part of it, on the current thread;
+/// returns what it measured and its latency histogram.
+async fn run_part(spec: Spec, part: Option<Part>) -> (Outcome, Histogram<u64>) {
     let shared = Rc::new(Shared {
         measuring: Cell::new(false),
         stop: Cell::new(false),
         messages: Cell::new(0),
         errors: Cell::new(0),
         first_error: RefCell::new(None),
-        latency: RefCell::new(
-            Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid histogram bounds"),
-        ),
+        latency: RefCell::new(new_histogram()),
         deflate_accepted: Cell::new(0),
     });
     let payload: Vec<u8> = (0..spec.size).map(|i| b'a' + (i % 26) as u8).collect();
     let local = tokio::task::LocalSet::new();
     let connected = Rc::new(Cell::new(0usize));
+    let (first, total) = part
+        .as_ref()
+        .map_or((0, spec.conns), |p| (p.first, p.total));
+    // Connections still opening, and the signal that none is left.
+    let opening = Rc::new(Cell::new(spec.conns));
+    let opened = Rc::new(tokio::sync::Notify::new());
     let outcome = local
         .run_until(async {
             // Connect with bounded concurrency, so a slow accept loop is not
             // flooded with SYNs.
             let gate = Rc::new(tokio::sync::Semaphore::new(256));
             let ready = Rc::new(tokio::sync::Barrier::new(spec.conns + 1));
-            for i in 0..spec.conns {
+            for i in (first..).take(spec.conns) {
                 let (shared, spec, payload, gate, ready, connected) = (
                     shared.clone(),
                     spec.clone(),
@@ -151,6 +268,7 @@ pub async fn run(spec: Spec) -> Outcome {
                     ready.clone(),
                     connected.clone(),
                 );
+                let (opening, opened) = (opening.clone(), opened.clone());
                 tokio::task::spawn_local(async move {
                     let source =
                         (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
@@ -160,16 +278,28 @@ pub async fn run(spec: Spec) -> Outcome {
                     if conn.is_some() {
                         connected.set(connected.get() + 1);
                     }
+                    opening.set(opening.get() - 1);
+                    if opening.get() == 0 {
+                        opened.notify_one();
+                    }
                     // Everyone starts together, once every connection is open.
                     ready.wait().await;
                     if let Some((stream, leftover, deflate)) = conn {
+                        let slot = (i, total);
                         if let Err(e) =
-                            drive(stream, leftover, deflate, &spec, &payload, i, &shared).await
+                            drive(stream, leftover, deflate, &spec, &payload, slot, &shared).await
                         {
                             shared.error(e);
                         }
                     }
                 });
+            }
+            if let Some(part) = &part {
+                // Every thread's connections open, then all start together.
+                // The wait is async: this thread's connections keep
+                // connecting meanwhile.
+                opened.notified().await;
+                part.start.wait().await;
             }
             ready.wait().await;
             tokio::time::sleep(spec.warmup).await;
@@ -181,22 +311,17 @@ pub async fn run(spec: Spec) -> Outcome {
             shared.measuring.set(false);
             announce(spec.announce, "end");
             shared.stop.set(true);
-            let seconds = (t1 - t0).as_secs_f64();
-            let h = shared.latency.borrow();
-            let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-            Outcome {
+            let h = shared.latency.replace(new_histogram());
+            let outcome = Outcome {
                 connected: connected.get(),
                 deflate_accepted: shared.deflate_accepted.get(),
                 messages: m1 - m0,
-                seconds,
-                rate: (m1 - m0) as f64 / seconds,
-                p50_us: us(0.5),
-                p99_us: us(0.99),
-                p999_us: us(0.999),
-                max_us: h.max() as f64 / 1000.0,
+                seconds: (t1 - t0).as_secs_f64(),
                 errors: shared.errors.get(),
                 first_error: shared.first_error.borrow().clone(),
-            }
+                ..Outcome::default()
+            };
+            (summarize(outcome, &h), h)
         })
         .await;
     drop(local);
@@ -234,14 +359,15 @@ async fn connect(
     }
 }
 
-/// Sends and receives on one connection until the run stops.
+/// Sends and receives on one connection until the run stops; `(index,
+/// total)`: the connection's place among all the run's connections.
 async fn drive(
     mut stream: TcpStream,
     leftover: Vec<u8>,
     deflate: bool,
     spec: &Spec,
     payload: &[u8],
-    index: usize,
+    (index, total): (usize, usize),
     shared: &Shared,
 ) -> std::io::Result<()> {
     let key = (index as u32).wrapping_mul(2_654_435_761).to_be_bytes();
@@ -305,7 +431,7 @@ async fn drive(
         Mode::FixedRate { per_second } => {
             let interval = Duration::from_secs_f64(spec.conns as f64 / per_second);
             // Spread the connections' first sends over one interval.
-            let mut next = Instant::now() + interval.mul_f64(index as f64 / spec.conns as f64);
+            let mut next = Instant::now() + interval.mul_f64(index as f64 / total as f64);
             while !shared.stop.get() {
                 tokio::select! {
                     () = tokio::time::sleep_until(next.into()) => {
@@ -335,4 +461,42 @@ async fn drive(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_even_and_add_up() {
+        for (n, threads) in [(100, 1), (100, 3), (7, 4), (1000, 15), (3, 3)] {
+            let shares: Vec<usize> = (0..threads).map(|t| share(n, threads, t)).collect();
+            assert_eq!(shares.iter().sum::<usize>(), n);
+            let (lo, hi) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{shares:?}");
+        }
+    }
+
+    #[test]
+    fn merging_sums_counts_and_histograms() {
+        let part = |messages: u64, ms: u64, error: Option<&str>| {
+            let mut h = new_histogram();
+            h.record_n(ms * 1_000_000, messages).unwrap();
+            let o = Outcome {
+                connected: 50,
+                messages,
+                seconds: 2.0,
+                errors: u64::from(error.is_some()),
+                first_error: error.map(str::to_owned),
+                ..Outcome::default()
+            };
+            (o, h)
+        };
+        let o = merge(vec![part(300, 1, None), part(100, 9, Some("reset"))]);
+        assert_eq!((o.connected, o.messages, o.errors), (100, 400, 1));
+        assert_eq!(o.first_error.as_deref(), Some("reset"));
+        assert!((o.rate - 200.0).abs() < 1e-9);
+        assert!((0.99..=1.01).contains(&(o.p50_us / 1000.0)), "{}", o.p50_us);
+        assert!((8.9..=9.1).contains(&(o.p99_us / 1000.0)), "{}", o.p99_us);
+    }
 }

@@ -76,6 +76,11 @@ struct SuiteArgs {
     /// The core the load generator is pinned to.
     #[arg(long, default_value_t = 1)]
     load_cpu: usize,
+    /// The cores the load generator is pinned to instead, as `taskset -c`
+    /// takes them (e.g. 1-15): it then runs one thread per core, so that
+    /// it is not the bottleneck on a many-core machine.
+    #[arg(long, conflicts_with = "load_cpu")]
+    load_cpus: Option<String>,
     /// Where logs and results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -128,6 +133,10 @@ struct LoadArgs {
     /// Open the connections and hold them idle until stdin closes.
     #[arg(long)]
     idle: bool,
+    /// Threads, each with its share of the connections (and of `--rate`),
+    /// all starting together; their results are merged.
+    #[arg(long, default_value_t = 1, conflicts_with = "idle", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +174,10 @@ struct FanoutArgs {
     /// Print `start` / `end` lines around the measured window.
     #[arg(long)]
     announce: bool,
+    /// Threads to spread the subscribers over (the publisher runs on the
+    /// first); their results are merged.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -241,7 +254,18 @@ fn run_load(args: LoadArgs) -> ExitCode {
         sources,
         announce: args.announce,
     };
-    let outcome = runtime.block_on(load::run(spec));
+    let outcome = if args.threads > 1 {
+        drop(runtime);
+        match load::run_threads(spec, usize::from(args.threads)) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("walkie-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        runtime.block_on(load::run(spec))
+    };
     println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
     ExitCode::SUCCESS
 }
@@ -287,6 +311,7 @@ fn fanout_spec(args: FanoutArgs) -> Result<fanout::Spec, String> {
 }
 
 fn run_fanout(args: FanoutArgs) -> ExitCode {
+    let threads = usize::from(args.threads);
     let spec = match fanout_spec(args) {
         Ok(spec) => spec,
         Err(e) => {
@@ -301,6 +326,18 @@ fn run_fanout(args: FanoutArgs) -> ExitCode {
             spec.subscribers
         );
         return ExitCode::from(2);
+    }
+    if threads > 1 {
+        return match fanout::run_threads(spec, threads) {
+            Ok(outcome) => {
+                println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("walkie-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -354,6 +391,25 @@ fn run_suite(args: SuiteArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let load_cpus = args
+        .load_cpus
+        .clone()
+        .unwrap_or_else(|| args.load_cpu.to_string());
+    let load_threads = match suite::cpu_list(&load_cpus) {
+        Ok(cpus) => {
+            if cpus.contains(&args.server_cpu) {
+                eprintln!(
+                    "walkie-bench: warning: the load generator's cpus ({load_cpus}) include the server's ({})",
+                    args.server_cpu
+                );
+            }
+            cpus.len()
+        }
+        Err(e) => {
+            eprintln!("walkie-bench: --load-cpus {e}");
+            return ExitCode::from(2);
+        }
+    };
     let out = root.join(&args.out);
     let _ = std::fs::create_dir_all(&out);
     let settings = suite::Settings {
@@ -371,7 +427,8 @@ fn run_suite(args: SuiteArgs) -> ExitCode {
             args.duration
         },
         server_cpu: args.server_cpu,
-        load_cpu: args.load_cpu,
+        load_cpus,
+        load_threads,
         paths: peers::Paths {
             root,
             out: out.clone(),
@@ -386,9 +443,17 @@ fn run_suite(args: SuiteArgs) -> ExitCode {
         }
     };
     let report = suite::report(&settings, &results);
+    let load = if settings.load_threads > 1 {
+        format!(
+            "cpus {} ({} threads)",
+            settings.load_cpus, settings.load_threads
+        )
+    } else {
+        format!("cpu {}", settings.load_cpus)
+    };
     let header = format!(
-        "walkie-bench suite: server on cpu {}, load on cpu {}, {} run(s) of {:?} after {:?} warm-up; median, spread = ±half the range\n",
-        settings.server_cpu, settings.load_cpu, settings.runs, settings.duration, settings.warmup
+        "walkie-bench suite: server on cpu {}, load on {load}, {} run(s) of {:?} after {:?} warm-up; median, spread = ±half the range\n",
+        settings.server_cpu, settings.runs, settings.duration, settings.warmup
     );
     println!("{header}{report}");
     let _ = std::fs::write(out.join("report.md"), format!("{header}{report}"));

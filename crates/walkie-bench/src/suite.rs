@@ -1,5 +1,6 @@
 //! The suite: every case against every peer, the server pinned to one core
-//! and the load generator to another, medians of several runs, one table.
+//! and the load generator to another (or to several, one thread each),
+//! medians of several runs, one table.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -150,7 +151,12 @@ pub struct Settings {
     pub warmup: Duration,
     pub duration: Duration,
     pub server_cpu: usize,
-    pub load_cpu: usize,
+    /// The cores the load generator is pinned to, as `taskset -c` takes
+    /// them (`1`, `1-15`, `1,3,5-7`).
+    pub load_cpus: String,
+    /// The load generator's threads: one per core of `load_cpus` (the idle
+    /// cases keep one).
+    pub load_threads: usize,
     pub paths: Paths,
     pub build: bool,
 }
@@ -170,7 +176,8 @@ pub struct RunResult {
     pub expected: Option<u64>,
     /// Fan-out: messages published per second in the window.
     pub publish_rate: Option<f64>,
-    /// Fan-out: share of its core the load generator used in the window.
+    /// Fan-out: share of its core the load generator used in the window
+    /// (with several threads, the busiest thread's share of its core).
     pub load_cpu: Option<f64>,
     /// Fan-out: cores' worth of CPU that other processes used in the window
     /// (the machine's busy time less the server's and the generator's).
@@ -269,11 +276,11 @@ fn load_command(s: &Settings, addr: SocketAddr) -> Command {
 }
 
 /// `walkie-bench SUBCOMMAND --addr ADDR --path PATH`, pinned to the load
-/// generator's core.
+/// generator's cores.
 fn bench_command(s: &Settings, subcommand: &str, addr: SocketAddr, path: &str) -> Command {
     let mut cmd = Command::new("taskset");
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("walkie-bench"));
-    cmd.arg("-c").arg(s.load_cpu.to_string()).arg(exe);
+    cmd.arg("-c").arg(&s.load_cpus).arg(exe);
     cmd.arg(subcommand)
         .arg("--addr")
         .arg(addr.to_string())
@@ -283,6 +290,13 @@ fn bench_command(s: &Settings, subcommand: &str, addr: SocketAddr, path: &str) -
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     cmd
+}
+
+/// Adds `--threads N` where the load generator has several cores.
+fn threads_arg(s: &Settings, cmd: &mut Command) {
+    if s.load_threads > 1 {
+        cmd.args(["--threads", &s.load_threads.to_string()]);
+    }
 }
 
 /// Runs one load case against a running server; samples the server's CPU
@@ -315,6 +329,7 @@ fn run_load(s: &Settings, server: &Server, kind: Kind) -> Result<RunResult, Stri
     if deflate {
         cmd.arg("--deflate");
     }
+    threads_arg(s, &mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start the load generator: {e}"))?;
@@ -394,6 +409,7 @@ fn run_fanout(
     cmd.args(["--warmup", &format!("{}ms", s.warmup.as_millis())]);
     cmd.args(["--duration", &format!("{}ms", s.duration.as_millis())]);
     cmd.args(["--grace", &format!("{}ms", FANOUT_GRACE.as_millis())]);
+    threads_arg(s, &mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start the load generator: {e}"))?;
@@ -441,7 +457,8 @@ fn run_fanout(
         expected: Some(o.expected),
         publish_rate: Some(o.publish_rate),
         load_cpu: o.load_cpu,
-        other_cpu: match (busy, cpu_used, o.load_cpu) {
+        // The generator's whole CPU: with several threads, all of them.
+        other_cpu: match (busy, cpu_used, o.load_cores.or(o.load_cpu)) {
             (Some(b), Some(c), Some(l)) if o.seconds > 0.0 => {
                 Some((b / o.seconds - c / o.seconds - l).max(0.0))
             }
@@ -499,6 +516,29 @@ fn run_idle(s: &Settings, peer: &Peer, conns: usize, fd_limit: u64) -> Result<Ru
         first_error: outcome.first_error,
         ..RunResult::default()
     })
+}
+
+/// The CPUs of a `taskset -c` list (`1`, `1-15`, `1,3,5-7`), sorted and
+/// each once, or why it is not one.
+pub fn cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for item in list.split(',') {
+        let item = item.trim();
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        let parse = |x: &str| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{list}`: expected CPUs like 1-15 or 1,3,5-7"))
+        };
+        let (a, b) = (parse(a)?, parse(b)?);
+        if b < a || b - a > 4096 {
+            return Err(format!("`{list}`: `{item}` is not a range low-high"));
+        }
+        cpus.extend(a..=b);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
 }
 
 /// Runs the whole suite; returns every result.
@@ -842,3 +882,19 @@ fn fanout_table(
 /// Other processes' CPU (cores) during a fan-out window above which the
 /// table flags the run as noisy.
 const NOISY: f64 = 0.15;
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list;
+
+    #[test]
+    fn cpu_lists_count_every_cpu_once() {
+        assert_eq!(cpu_list("1").unwrap(), vec![1]);
+        assert_eq!(cpu_list("1-15").unwrap().len(), 15);
+        assert_eq!(cpu_list("1,3,5-7").unwrap(), vec![1, 3, 5, 6, 7]);
+        assert_eq!(cpu_list("2-3,3").unwrap(), vec![2, 3]);
+        assert!(cpu_list("").is_err());
+        assert!(cpu_list("5-1").is_err());
+        assert!(cpu_list("a").is_err());
+    }
+}
