@@ -33,9 +33,7 @@ where
         // The common case: the socket's buffer has room and the message is
         // queued at once, without arming a wait on the queue's closing (a
         // lock and a waiter per message).
-        let first = fed
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()));
+        let first = fed.as_mut().poll(&mut Context::from_waker(Waker::noop()));
         if let Poll::Ready(r) = first {
             r.map_err(Sent::Failed)?;
             continue;

@@ -351,6 +351,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .clone()
         .or_else(|| hub_config.auth.api_key.clone());
     let expiring_presence = presence.is_some();
+    let external_engine = expiring_presence;
     let hub = match presence {
         Some(p) => Hub::with_presence(broker, p),
         None => Hub::new(broker),
@@ -425,6 +426,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
             .name(format!("walkie-{i}"))
             .spawn(move || {
                 rt.block_on(async move {
+                    if i == 0 && external_engine {
+                        // The engine's client runs on the main thread:
+                        // fan out from a worker, where the subscribers are.
+                        state.hub.deliver_here();
+                    }
                     match TcpListener::from_std(listener) {
                         Ok(listener) => accept_loop(listener, &state, &tracker, tls).await,
                         Err(e) => error!("worker {i}: {e}"),

@@ -210,7 +210,13 @@ async fn a_member_that_reads_nothing_is_cut_off_and_the_others_are_not() {
         };
         let receive = async {
             for i in 0..total {
-                let m = next(&mut reader).await;
+                // History is durable: on a busy disk one group commit's
+                // fsync can hold delivery up for seconds.
+                let m = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("message {i}: nothing within 30 s"))
+                    .expect("connection ended")
+                    .expect("connection failed");
                 assert_eq!(m.len(), payload.len(), "message {i}");
             }
         };

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use walkie_proto::{Message, PreparedMessage, Utf8Bytes};
 
@@ -96,6 +96,9 @@ struct Dispatch {
     users: Mutex<UserQueues>,
     /// This node's random id, the prefix of its client ids.
     node: Arc<str>,
+    /// Where publications go when an engine delivers them from its own
+    /// thread (see [`Hub::deliver_here`]).
+    home: OnceLock<tokio::sync::mpsc::UnboundedSender<Forwarded>>,
 }
 
 impl Dispatch {
@@ -152,8 +155,28 @@ fn frame(
     Some(PreparedMessage::new(message))
 }
 
+/// A publication handed to the delivery task (see [`Hub::deliver_here`]).
+type Forwarded = (ChannelName, Publication, Arc<str>);
+
 impl BrokerEvents for Dispatch {
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
+        if let Some(home) = self.home.get() {
+            // Every publication takes this one path once it is set, so the
+            // order per channel holds.
+            if home
+                .send((channel.clone(), publication.clone(), epoch.into()))
+                .is_ok()
+            {
+                return;
+            }
+        }
+        self.deliver(channel, publication, epoch);
+    }
+}
+
+impl Dispatch {
+    /// Queues a publication for every local subscriber of `channel`.
+    fn deliver(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
         let Some(members) = self.members(channel) else {
             if channel.as_str() == CONTROL_CHANNEL {
                 self.handle_control(publication);
@@ -249,6 +272,7 @@ impl Hub {
             metrics: Arc::default(),
             users: Mutex::default(),
             node: format!("{:08x}", rand::random::<u32>()).into(),
+            home: OnceLock::new(),
         });
         broker.set_events(dispatch.clone());
         Hub {
@@ -258,6 +282,32 @@ impl Hub {
             next_client: Arc::new(AtomicU64::new(1)),
             local_presence: Arc::default(),
         }
+    }
+
+    /// From now on, publications are queued for subscribers by a task on
+    /// the current runtime (call it from within one), whatever thread the
+    /// engine delivers them on. For engines whose client runs on a thread
+    /// of its own (Redis, NATS): waking a thousand subscribers' tasks from
+    /// their own thread is one cheap local wake each, where a wake from
+    /// another thread costs a cross-thread hand-off each. The first call
+    /// wins; later calls do nothing.
+    pub fn deliver_here(&self) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Forwarded>();
+        if self.dispatch.home.set(tx).is_err() {
+            return;
+        }
+        let dispatch = Arc::downgrade(&self.dispatch);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(64);
+            while rx.recv_many(&mut batch, 64).await > 0 {
+                let Some(dispatch) = dispatch.upgrade() else {
+                    return;
+                };
+                for (channel, publication, epoch) in batch.drain(..) {
+                    dispatch.deliver(&channel, &publication, &epoch);
+                }
+            }
+        });
     }
 
     /// Subscribes this node to [`CONTROL_CHANNEL`], so that

@@ -363,3 +363,45 @@ async fn a_publication_read_from_history_and_then_delivered_is_queued_once() {
     events.handle_publication(&room, &publication(1), "f");
     assert_eq!(texts(&drain(&c).await), ["m1", "m2", "m1"]);
 }
+
+/// With `deliver_here`, publications made on other threads are queued for
+/// subscribers by the task on this runtime: all of them, in order.
+#[tokio::test]
+async fn deliver_here_keeps_every_publication_in_order() {
+    let hub = hub();
+    hub.deliver_here();
+    let room = ch("rooms:home");
+    let mut c = hub.client(QueueLimits::default());
+    c.subscribe(room.clone(), Format::Raw, Recover::Nothing)
+        .await
+        .unwrap();
+    let (h, r) = (hub.clone(), room.clone());
+    // Another OS thread with its own runtime publishes (the memory engine
+    // calls the hub on the publisher's thread).
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for i in 0..200 {
+                publish(&h, &r, &format!("m{i}"), 1000).await;
+            }
+        });
+    })
+    .join()
+    .unwrap();
+    // Nothing was queued on the publisher's thread: the delivery task on
+    // this (single-threaded) runtime has not run yet.
+    assert!(c.queue().is_empty(), "delivered on the publisher's thread");
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        let mut batch = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.queue().pop_all(&mut batch))
+            .await
+            .expect("nothing delivered within 5 s")
+            .unwrap();
+        got.extend(texts(&batch));
+    }
+    let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want);
+}
