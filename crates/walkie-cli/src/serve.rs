@@ -106,6 +106,12 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_ENGINE_PREFIX", default_value = "walkie:")]
     pub engine_prefix: String,
 
+    /// With --engine: how long a node's presence entries live in the engine
+    /// unless the node refreshes them (it does every third of this); the
+    /// members of a node that dies disappear from presence within it.
+    #[arg(long, env = "WALKIE_PRESENCE_TTL", default_value = "60s", value_parser = parse_presence_ttl, requires = "engine")]
+    pub presence_ttl: Duration,
+
     /// Keep history in memory only: nothing is written to disk, and history
     /// is lost on restart.
     #[arg(long, env = "WALKIE_IN_MEMORY")]
@@ -198,7 +204,7 @@ impl ServeArgs {
                 let broker = rt
                     .block_on(walkie_hub::NatsBroker::connect(url, &self.engine_prefix))
                     .map_err(|e| format!("--engine {url}: {e}"))?;
-                let presence = walkie_hub::NatsPresence::new(&broker, walkie_hub::PRESENCE_TTL);
+                let presence = walkie_hub::NatsPresence::new(&broker, self.presence_ttl);
                 rt.spawn(delete_idle_streams(broker.clone()));
                 return Ok((
                     Arc::new(broker),
@@ -214,7 +220,7 @@ impl ServeArgs {
             let broker = rt
                 .block_on(walkie_hub::RedisBroker::connect(url, &self.engine_prefix))
                 .map_err(|e| format!("--engine {url}: {e}"))?;
-            let presence = walkie_hub::RedisPresence::new(&broker, walkie_hub::PRESENCE_TTL);
+            let presence = walkie_hub::RedisPresence::new(&broker, self.presence_ttl);
             return Ok((
                 Arc::new(broker),
                 Some(Arc::new(presence)),
@@ -460,7 +466,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         let hub = state.hub.clone();
         let shutdown = state.shutdown.clone();
         main_rt.spawn(async move {
-            let mut tick = tokio::time::interval(walkie_hub::PRESENCE_TTL / 3);
+            let mut tick = tokio::time::interval(args.presence_ttl / 3);
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -659,4 +665,13 @@ async fn delete_idle_streams(broker: walkie_hub::NatsBroker) {
             tracing::warn!("nats engine: cannot delete idle streams: {e}");
         }
     }
+}
+
+/// `--presence-ttl`: a duration of at least a second.
+fn parse_presence_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("`{s}`: at least 1s"));
+    }
+    Ok(d)
 }

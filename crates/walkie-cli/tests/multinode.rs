@@ -242,3 +242,86 @@ async fn api_disconnect_reaches_every_nats_node() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// A node killed with SIGKILL cannot say its members left: its presence
+/// entries expire (`--presence-ttl`), while the surviving node's entries,
+/// refreshed, stay. Two tabs of one user on two nodes count as one user.
+async fn presence_forgets_a_killed_node(url: &str, prefix: &str) {
+    let args = [
+        "--engine",
+        url,
+        "--engine-prefix",
+        prefix,
+        "--presence-ttl",
+        "2s",
+    ];
+    let one = Server::start(&args);
+    let mut two = Server::start(&args);
+    within(40, async {
+        let (mut a, _) = proto::connected(one.port, None).await;
+        let (mut b, _) = proto::connected(two.port, None).await;
+        a.ok("subscribe", json!({"channel": "chat:alive"})).await;
+        b.ok("subscribe", json!({"channel": "chat:alive"})).await;
+        let stats = a
+            .ok("presence_stats", json!({"channel": "chat:alive"}))
+            .await;
+        assert_eq!(
+            (stats["clients"].as_u64(), stats["users"].as_u64()),
+            (Some(2), Some(1))
+        );
+        two.signal("KILL");
+        assert!(two.wait_exit(std::time::Duration::from_secs(5)).is_some());
+        let started = std::time::Instant::now();
+        loop {
+            let stats = a
+                .ok("presence_stats", json!({"channel": "chat:alive"}))
+                .await;
+            if stats["clients"] == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the killed node's member is still present: {stats}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        // Well past the TTL, the living node's member is still there.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let presence = a.ok("presence", json!({"channel": "chat:alive"})).await;
+        assert_eq!(
+            presence["clients"].as_object().unwrap().len(),
+            1,
+            "{presence}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_presence_forgets_a_killed_node() {
+    let Some(url) = redis() else { return };
+    let prefix = format!("walkie-test-{}-ttl:", std::process::id());
+    presence_forgets_a_killed_node(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn nats_presence_forgets_a_killed_node() {
+    let Some(url) = nats() else { return };
+    let prefix = format!(
+        "walkie-test-{}-{:08x}-ttl:",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let outcome = tokio::spawn({
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move { presence_forgets_a_killed_node(&url, &prefix).await }
+    })
+    .await;
+    let broker = walkie_hub::NatsBroker::connect(&url, &prefix)
+        .await
+        .unwrap();
+    broker.delete_all().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -92,7 +92,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         Driver {
             stream,
             conn,
-            timers: None,
+            timers: timer::current(),
             timer_at: None,
             timer_waker: None,
             write_high,
@@ -199,7 +199,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
 
             if let Some(deadline) = self.conn.poll_timeout() {
                 if self.poll_timer(deadline, cx).is_ready() {
-                    self.conn.handle_timeout(now());
+                    let now = self.clock();
+                    self.conn.handle_timeout(now);
                     continue;
                 }
             }
@@ -222,7 +223,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
             match poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
                 Poll::Ready(Ok(0)) => self.conn.handle_eof(),
-                Poll::Ready(Ok(_)) => self.conn.handle_read(now()),
+                Poll::Ready(Ok(_)) => {
+                    let now = self.clock();
+                    self.conn.handle_read(now);
+                }
                 Poll::Ready(Err(e)) => {
                     self.reported_end = true;
                     self.finished = true;
@@ -241,6 +245,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         }
     }
 
+    /// The time given to the protocol core: the runtime's coarse clock (see
+    /// `timer.rs`), or tokio's clock outside a runtime.
+    fn clock(&self) -> Instant {
+        self.timers.as_ref().map_or_else(now, |t| t.now())
+    }
+
     /// Whether `deadline` has passed; if not, makes sure the runtime's
     /// timers will wake this task by then.
     ///
@@ -249,7 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     /// and registers the new deadline. A registration happens only when no
     /// pending one would wake this task in time.
     fn poll_timer(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let now = now();
+        let now = self.clock();
         if deadline <= now {
             self.timer_at = None;
             return Poll::Ready(());

@@ -19,6 +19,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -50,10 +51,26 @@ impl Ord for Entry {
     }
 }
 
-/// The deadlines of one runtime's connections.
-#[derive(Default)]
+/// The deadlines of one runtime's connections, and its coarse clock.
 pub(crate) struct Timers {
     queue: Mutex<(BinaryHeap<Reverse<Entry>>, u64)>,
+    /// The clock connections read for every message: the time of the
+    /// latest tick, as nanoseconds after `base`. Reading it is one atomic
+    /// load, where the system clock can cost a system call (in some virtual
+    /// machines) several times per message. Deadlines are judged against it
+    /// too, so an entry that fired is always due by this clock.
+    base: Instant,
+    ticked: AtomicU64,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            queue: Mutex::default(),
+            base: crate::driver::now(),
+            ticked: AtomicU64::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for Timers {
@@ -67,6 +84,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Timers {
+    /// The time at the latest tick: at most [`TICK`] (and the ticker's own
+    /// lateness) behind the runtime's clock, and never going back.
+    pub(crate) fn now(&self) -> Instant {
+        self.base + Duration::from_nanos(self.ticked.load(Ordering::Relaxed))
+    }
+
+    fn set_now(&self, now: Instant) {
+        let nanos = now.saturating_duration_since(self.base).as_nanos();
+        self.ticked
+            .fetch_max(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     /// Wakes `waker` once `at` has passed (within one tick).
     pub(crate) fn register(&self, at: Instant, waker: Waker) {
         let mut q = lock(&self.queue);
@@ -113,7 +142,10 @@ pub(crate) fn current() -> Option<Arc<Timers>> {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             interval.tick().await;
-            ticking.fire(crate::driver::now());
+            let now = crate::driver::now();
+            // The clock first: whatever fires below is due by it.
+            ticking.set_now(now);
+            ticking.fire(now);
         }
     });
     Some(timers)
