@@ -399,6 +399,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .and_then(|l| l.local_addr().ok())
         .unwrap_or(args.bind);
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Listen for signals before saying we listen: a SIGTERM sent the
+    // moment the address is known must stop us gracefully, not kill us.
+    let signals = {
+        let _rt = main_rt.enter();
+        Signals::register()
+    };
     info!(
         "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME, the Walkie protocol at /ws; {workers} worker thread(s))"
     );
@@ -481,7 +487,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         state.shutdown.clone(),
     ));
     main_rt.block_on(async {
-        shutdown_signal().await;
+        signals.received().await;
         info!(
             "shutting down: closing {} connection(s) with 1001",
             tracker.len()
@@ -568,31 +574,64 @@ async fn accept_loop(
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            error!("cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
+/// SIGINT (Ctrl-C) and SIGTERM, registered with the OS when made.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Registers both; must run inside the runtime that will wait on them.
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let on = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    error!("cannot listen for {name}: {e}");
+                    None
+                }
+            };
+            Signals {
+                int: on(SignalKind::interrupt(), "Ctrl-C"),
+                term: on(SignalKind::terminate(), "SIGTERM"),
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("Ctrl-C received"),
-        () = term => info!("SIGTERM received"),
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Resolves on the first Ctrl-C or SIGTERM.
+    async fn received(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.int) => info!("Ctrl-C received"),
+                () = next(&mut self.term) => info!("SIGTERM received"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => info!("Ctrl-C received"),
+                Err(e) => {
+                    error!("cannot listen for Ctrl-C: {e}");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
     }
 }
 
