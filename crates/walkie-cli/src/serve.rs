@@ -205,6 +205,8 @@ impl ServeArgs {
                     .block_on(walkie_hub::NatsBroker::connect(url, &self.engine_prefix))
                     .map_err(|e| format!("--engine {url}: {e}"))?;
                 let presence = walkie_hub::NatsPresence::new(&broker, self.presence_ttl);
+                rt.block_on(presence.open())
+                    .map_err(|e| format!("--engine {url}: {e}"))?;
                 rt.spawn(delete_idle_streams(broker.clone()));
                 return Ok((
                     Arc::new(broker),

@@ -325,3 +325,28 @@ async fn nats_presence_forgets_a_killed_node() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// `?replicas=3` on a single NATS server (as `WALKIE_TEST_NATS` is in CI)
+/// cannot be honoured: `walkie serve` says so at start, exit code 2,
+/// instead of failing every publish later.
+#[test]
+fn nats_replicas_a_single_server_cannot_give_fail_at_start() {
+    let Some(url) = nats() else { return };
+    let prefix = format!("walkie-test-{}-replicas:", std::process::id());
+    let run = common::run_walkie(
+        [
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--engine",
+            &format!("{url}?replicas=3"),
+            "--engine-prefix",
+            &prefix,
+        ],
+        &[],
+        None,
+        std::time::Duration::from_secs(20),
+    );
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("replicas"), "{}", run.stderr);
+}

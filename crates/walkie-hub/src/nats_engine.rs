@@ -1124,6 +1124,13 @@ impl NatsPresence {
         }
     }
 
+    /// Makes (or opens) the presence bucket now: a server that cannot make
+    /// it (say, `?replicas=3` on a JetStream that is not clustered) fails
+    /// here, at start, rather than on the first presence call.
+    pub async fn open(&self) -> Result<(), EngineError> {
+        self.store().await.map(|_| ())
+    }
+
     async fn store(&self) -> Result<&kv::Store, EngineError> {
         let i = &self.broker.inner;
         self.store
