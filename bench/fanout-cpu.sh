@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One fan-out run at any rate, with the server's CPU sampled from /proc over
+# exactly the measured window (the suite's fan-out cases have fixed rates).
+#
+#   bench/fanout-cpu.sh PEER SUBSCRIBERS RATE     # PEER: walkie or uws
+#
+# The server is pinned to core 0 and the generator to core 1; needs
+# `cargo build --release -p walkie-cli -p walkie-bench` and, for uws,
+# `npm ci` in bench/node.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+peer=${1:?give walkie or uws}
+subs=${2:-1000}
+rate=${3:-1000}
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+case $peer in
+  walkie) WALKIE_LOG=warn taskset -c 0 target/release/walkie serve --bind "127.0.0.1:$port" --in-memory \
+            --no-deflate --room-history 1 --client-queue 100000 --client-queue-bytes 64M >/dev/null 2>&1 & ;;
+  uws) taskset -c 0 node bench/node/uws-fanout.js "$port" >/dev/null 2>&1 & ;;
+  *) echo "bench/fanout-cpu.sh: PEER is walkie or uws, not $peer" >&2; exit 2 ;;
+esac
+server=$!
+tmp=$(mktemp -d)
+trap 'kill $server 2>/dev/null; rm -rf "$tmp"' EXIT
+sleep 1.5
+cpu() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
+taskset -c 1 target/release/walkie-bench fanout --addr "127.0.0.1:$port" --path /rooms/fanout \
+  --subscribers "$subs" --rate "$rate" --size 64 --sources 127.0.0.2-127.0.0.41 \
+  --warmup 2s --duration 5s --announce |
+  while read -r line; do
+    case $line in
+      start) cpu >"$tmp/c0" ;;
+      end) cpu >"$tmp/c1" ;;
+      *) echo "$line" >"$tmp/out.json" ;;
+    esac
+  done
+python3 - "$peer" "$subs" "$rate" "$tmp" <<'PY'
+import json, sys
+peer, subs, rate, tmp = sys.argv[1:]
+o = json.load(open(f"{tmp}/out.json"))
+ticks = float(open(f"{tmp}/c1").read()) - float(open(f"{tmp}/c0").read())
+cpu = ticks / 100  # clock ticks of 10 ms
+ms = lambda us: "-" if us is None else f"{us / 1000:.1f} ms"
+print(f"{peer}: {subs} subscribers x {rate}/s: {o['rate'] / 1000:.0f}k deliveries/s, lost {o['lost']}, "
+      f"p50 {ms(o['p50_us'])}, p99 {ms(o['p99_us'])}, server core {cpu / o['seconds'] * 100:.0f}% busy, "
+      f"{cpu * 1e6 / max(1, o['deliveries']):.2f} us per delivery")
+PY
