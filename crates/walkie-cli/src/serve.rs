@@ -359,10 +359,6 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .clone()
         .or_else(|| hub_config.auth.api_key.clone());
     let expiring_presence = presence.is_some();
-    let deliver_on_worker = args
-        .engine
-        .as_deref()
-        .is_some_and(|e| e.starts_with("redis://"));
     let hub = match presence {
         Some(p) => Hub::with_presence(broker, p),
         None => Hub::new(broker),
@@ -443,12 +439,8 @@ pub fn run(args: ServeArgs) -> ExitCode {
             .name(format!("walkie-{i}"))
             .spawn(move || {
                 rt.block_on(async move {
-                    if i == 0 && deliver_on_worker {
-                        // The Redis engine's listener runs on the main
-                        // thread: fan out from a worker, where the
-                        // subscribers are. (The NATS engine delivers each
-                        // channel from a task on the worker that subscribed
-                        // it, so it needs no hop; one measured as a loss.)
+                    if i == 0 && state.hub.broker().delivers_from_own_thread() {
+                        // Fan out from a worker, where the subscribers are.
                         state.hub.deliver_here();
                     }
                     match TcpListener::from_std(listener) {

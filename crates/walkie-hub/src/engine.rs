@@ -104,4 +104,15 @@ pub trait Broker: Send + Sync + 'static {
     fn reconnects(&self) -> u64 {
         0
     }
+
+    /// Whether [`BrokerEvents`] is called from a thread of the engine's own
+    /// (its client's) rather than from the task that published or
+    /// subscribed. Queuing a publication for a thousand subscribers from
+    /// another thread costs a cross-thread wake each; such a node should
+    /// have its hub deliver from a worker ([`Hub::deliver_here`]).
+    ///
+    /// [`Hub::deliver_here`]: crate::Hub::deliver_here
+    fn delivers_from_own_thread(&self) -> bool {
+        false
+    }
 }

@@ -100,11 +100,11 @@ impl Hub {
 
     /// From now on, publications are queued for subscribers by a task on
     /// the current runtime (call it from within one), whatever thread the
-    /// engine delivers them on. For engines whose client runs on a thread
-    /// of its own (Redis, NATS): waking a thousand subscribers' tasks from
-    /// their own thread is one cheap local wake each, where a wake from
-    /// another thread costs a cross-thread hand-off each. The first call
-    /// wins; later calls do nothing.
+    /// engine delivers them on. For engines that deliver from a thread of
+    /// their own ([`Broker::delivers_from_own_thread`], Redis): waking a
+    /// thousand subscribers' tasks from their own thread is one cheap local
+    /// wake each, where a wake from another thread costs a cross-thread
+    /// hand-off each. The first call wins; later calls do nothing.
     pub fn deliver_here(&self) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Forwarded>();
         if self.dispatch.home.set(tx).is_err() {

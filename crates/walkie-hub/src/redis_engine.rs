@@ -427,6 +427,12 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
+    /// Pub/sub messages arrive on the connection's own task, wherever the
+    /// broker was connected (the main thread of `walkie serve`).
+    fn delivers_from_own_thread(&self) -> bool {
+        true
+    }
+
     fn reconnects(&self) -> u64 {
         self.shared
             .reconnects
