@@ -385,42 +385,24 @@ impl NatsBroker {
     /// means anyway: the channel's next publish starts a new epoch. Safe
     /// to run on several nodes at once. Returns how many it deleted.
     pub async fn delete_idle_streams(&self, idle: Duration) -> Result<usize, EngineError> {
-        let i = &self.inner;
-        let ours = format!("{}.m.", i.token);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs() as i64;
         let idle = idle.as_secs() as i64;
-        let mut names = Vec::new();
-        let mut streams = i.js.streams();
-        while let Some(info) = streams.next().await {
-            let info = info.map_err(unavailable)?;
-            let last = info
-                .state
-                .last_timestamp
-                .unix_timestamp()
-                .max(info.created.unix_timestamp());
-            if info.state.messages == 0
-                && now - last >= idle
-                && info
-                    .config
-                    .subjects
-                    .first()
-                    .is_some_and(|s| s.starts_with(&ours))
-            {
-                names.push(info.config.name);
-            }
-        }
-        let mut deleted = 0;
-        for name in &names {
-            if i.js.delete_stream(name).await.is_ok() {
-                deleted += 1;
-            }
-        }
+        let names = self
+            .inner
+            .our_streams(|info| {
+                let last = info
+                    .state
+                    .last_timestamp
+                    .unix_timestamp()
+                    .max(info.created.unix_timestamp());
+                info.state.messages == 0 && now - last >= idle
+            })
+            .await?;
+        let deleted = self.inner.delete_streams(&names).await;
         if deleted > 0 {
-            // Forget cached names: the next use finds (or makes) the stream.
-            lock(&i.streams).clear();
             tracing::info!(deleted, "nats engine: deleted the streams of idle channels");
         }
         Ok(deleted)
@@ -431,28 +413,53 @@ impl NatsBroker {
     /// retiring a prefix. Returns how many streams it deleted.
     pub async fn delete_all(&self) -> Result<usize, EngineError> {
         let i = &self.inner;
-        let ours = format!("{}.m.", i.token);
-        let mut names = Vec::new();
-        let mut streams = i.js.streams();
-        while let Some(info) = streams.next().await {
-            let info = info.map_err(unavailable)?;
-            if info
-                .config
-                .subjects
-                .first()
-                .is_some_and(|s| s.starts_with(&ours))
-            {
-                names.push(info.config.name);
-            }
-        }
-        for name in &names {
-            let _ = i.js.delete_stream(name).await;
-        }
+        let names = i.our_streams(|_| true).await?;
+        i.delete_streams(&names).await;
+        lock(&i.streams).clear();
         for bucket in [i.bucket("presence"), i.bucket("idem")] {
             let _ = i.js.delete_key_value(bucket).await;
         }
-        lock(&i.streams).clear();
         Ok(names.len())
+    }
+}
+
+impl Inner {
+    /// The names of this prefix's channel streams that `keep` selects.
+    async fn our_streams(
+        &self,
+        keep: impl Fn(&stream::Info) -> bool,
+    ) -> Result<Vec<String>, EngineError> {
+        let ours = format!("{}.m.", self.token);
+        let mut names = Vec::new();
+        let mut streams = self.js.streams();
+        while let Some(info) = streams.next().await {
+            let info = info.map_err(unavailable)?;
+            let mine = info
+                .config
+                .subjects
+                .first()
+                .is_some_and(|s| s.starts_with(&ours));
+            if mine && keep(&info) {
+                names.push(info.config.name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Deletes streams (one already gone counts as not deleted); if any
+    /// went, forgets every cached stream name: the next use finds, or
+    /// makes, the stream. Returns how many it deleted.
+    async fn delete_streams(&self, names: &[String]) -> usize {
+        let mut deleted = 0;
+        for name in names {
+            if self.js.delete_stream(name).await.is_ok() {
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            lock(&self.streams).clear();
+        }
+        deleted
     }
 }
 
