@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Server;
-use common::chaos::{CHANNELS, CLIENTS, KEY, PER_CHANNEL, Rng, Seen, publish, session};
+use common::chaos::{
+    CHANNELS, CLIENTS, KEY, PER_CHANNEL, Rng, Seen, assert_exact, publish, session,
+};
 
 /// The engine's URL from `var`, or `None` after saying the test is skipped.
 fn engine(var: &str, example: &str, test: &str) -> Option<String> {
@@ -142,25 +144,7 @@ async fn node_dies(engine_url: String, prefix_base: &str) -> String {
     done.store(true, Ordering::Relaxed);
     for (c, client) in clients.into_iter().enumerate() {
         let seen = client.await.unwrap_or_else(|e| panic!("client {c}: {e}"));
-        for ch in CHANNELS {
-            let got = &seen[ch].data;
-            if got.len() as u64 != PER_CHANNEL {
-                let mut dups = Vec::new();
-                for w in seen[ch].log.windows(2) {
-                    if w[1].1 <= w[0].1 {
-                        dups.push(w.to_vec());
-                    }
-                }
-                panic!(
-                    "client {c}, {ch}: {} messages; out of order: {dups:?}",
-                    got.len()
-                );
-            }
-            assert!(
-                got.iter().copied().eq(1..=PER_CHANNEL),
-                "client {c}, {ch}: not 1..={PER_CHANNEL} in order: {got:?}"
-            );
-        }
+        assert_exact(c, &seen);
     }
     prefix
 }

@@ -40,12 +40,35 @@ fn nats() -> Option<String> {
     url
 }
 
-fn publish_request(body: &serde_json::Value) -> String {
+/// `POST /api/METHOD` with the tests' API key.
+fn api_request(method: &str, body: &serde_json::Value) -> String {
     let body = body.to_string();
     format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: apikey k\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nAuthorization: apikey k\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// Runs `test` on the NATS at `url` under a fresh prefix, then deletes
+/// every stream and bucket under it, even when the test failed; returns
+/// how many streams it deleted.
+async fn on_nats<F, Fut>(url: &str, tag: &str, test: F) -> usize
+where
+    F: FnOnce(String, String) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let prefix = format!(
+        "walkie-test-{}-{:08x}-{tag}:",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let outcome = tokio::spawn(test(url.to_owned(), prefix.clone())).await;
+    let broker = walkie_hub::NatsBroker::connect(url, &prefix).await.unwrap();
+    let deleted = broker.delete_all().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    deleted
 }
 
 #[tokio::test]
@@ -61,40 +84,25 @@ async fn clients_on_different_nodes_share_channels_history_and_presence() {
 #[tokio::test]
 async fn nats_nodes_share_channels_history_and_presence() {
     let Some(url) = nats() else { return };
-    let prefix = format!(
-        "walkie-test-{}-{:08x}:",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let run = {
-        let (url, prefix) = (url.clone(), prefix.clone());
-        tokio::spawn(async move {
-            let (one, two) = share_channels_history_and_presence(&url, &prefix).await;
-            within(30, async {
-                let body = json!({"channel": "chat:idem", "data": "once", "idempotency_key": "k1"});
-                let first = http_exchange(one.port, publish_request(&body).as_bytes()).await;
-                let again = http_exchange(two.port, publish_request(&body).as_bytes()).await;
-                assert_eq!((first.status, again.status), (200, 200));
-                let first: serde_json::Value = serde_json::from_str(&first.body).unwrap();
-                let again: serde_json::Value = serde_json::from_str(&again.body).unwrap();
-                assert_eq!(first["duplicate"], false);
-                assert_eq!(again["duplicate"], true, "{again}");
-                assert_eq!(
-                    (&first["offset"], &first["epoch"]),
-                    (&again["offset"], &again["epoch"])
-                );
-            })
-            .await;
+    let deleted = on_nats(&url, "share", |url, prefix| async move {
+        let (one, two) = share_channels_history_and_presence(&url, &prefix).await;
+        within(30, async {
+            let body = json!({"channel": "chat:idem", "data": "once", "idempotency_key": "k1"});
+            let first = http_exchange(one.port, api_request("publish", &body).as_bytes()).await;
+            let again = http_exchange(two.port, api_request("publish", &body).as_bytes()).await;
+            assert_eq!((first.status, again.status), (200, 200));
+            let first: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+            let again: serde_json::Value = serde_json::from_str(&again.body).unwrap();
+            assert_eq!(first["duplicate"], false);
+            assert_eq!(again["duplicate"], true, "{again}");
+            assert_eq!(
+                (&first["offset"], &first["epoch"]),
+                (&again["offset"], &again["epoch"])
+            );
         })
-    };
-    let outcome = run.await;
-    let broker = walkie_hub::NatsBroker::connect(&url, &prefix)
-        .await
-        .unwrap();
-    let deleted = broker.delete_all().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+        .await;
+    })
+    .await;
     assert!(deleted >= 2, "a stream per channel: {deleted}");
 }
 
@@ -117,7 +125,10 @@ async fn share_channels_history_and_presence(url: &str, prefix: &str) -> (Server
         assert_eq!(a.publication().await["data"], "from node two");
         assert_eq!(b.publication().await["data"], "from node two");
         // The API of node one reaches node two's client.
-        let request = publish_request(&json!({"channel": "chat:multi", "data": "from the API"}));
+        let request = api_request(
+            "publish",
+            &json!({"channel": "chat:multi", "data": "from the API"}),
+        );
         assert_eq!(
             http_exchange(one.port, request.as_bytes()).await.status,
             200
@@ -195,11 +206,7 @@ async fn disconnect_reaches_every_node(url: &str, prefix: &str) {
         for c in [&mut on_one, &mut on_two, &mut other] {
             c.ok("subscribe", json!({"channel": "chat:kick"})).await;
         }
-        let body = json!({"user": "alice"}).to_string();
-        let request = format!(
-            "POST /api/disconnect HTTP/1.1\r\nHost: x\r\nAuthorization: apikey k\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let request = api_request("disconnect", &json!({"user": "alice"}));
         let r = http_exchange(one.port, request.as_bytes()).await;
         assert_eq!(r.status, 200, "{r:?}");
         let r: serde_json::Value = serde_json::from_str(&r.body).unwrap();
@@ -207,7 +214,11 @@ async fn disconnect_reaches_every_node(url: &str, prefix: &str) {
         assert_eq!(on_one.closed().await, Some(4009));
         assert_eq!(on_two.closed().await, Some(4009));
         // Bob, on the node that got the control message, is still served.
-        other.ok("publish", json!({"channel": "chat:kick", "data": "still here"}))
+        other
+            .ok(
+                "publish",
+                json!({"channel": "chat:kick", "data": "still here"}),
+            )
             .await;
         assert_eq!(other.publication().await["data"], "still here");
     })
@@ -224,23 +235,10 @@ async fn api_disconnect_reaches_every_redis_node() {
 #[tokio::test]
 async fn api_disconnect_reaches_every_nats_node() {
     let Some(url) = nats() else { return };
-    let prefix = format!(
-        "walkie-test-{}-{:08x}-kick:",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let outcome = tokio::spawn({
-        let (url, prefix) = (url.clone(), prefix.clone());
-        async move { disconnect_reaches_every_node(&url, &prefix).await }
+    on_nats(&url, "kick", |url, prefix| async move {
+        disconnect_reaches_every_node(&url, &prefix).await
     })
     .await;
-    let broker = walkie_hub::NatsBroker::connect(&url, &prefix)
-        .await
-        .unwrap();
-    broker.delete_all().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// A node killed with SIGKILL cannot say its members left: its presence
@@ -307,23 +305,10 @@ async fn redis_presence_forgets_a_killed_node() {
 #[tokio::test]
 async fn nats_presence_forgets_a_killed_node() {
     let Some(url) = nats() else { return };
-    let prefix = format!(
-        "walkie-test-{}-{:08x}-ttl:",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let outcome = tokio::spawn({
-        let (url, prefix) = (url.clone(), prefix.clone());
-        async move { presence_forgets_a_killed_node(&url, &prefix).await }
+    on_nats(&url, "ttl", |url, prefix| async move {
+        presence_forgets_a_killed_node(&url, &prefix).await
     })
     .await;
-    let broker = walkie_hub::NatsBroker::connect(&url, &prefix)
-        .await
-        .unwrap();
-    broker.delete_all().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// `?replicas=3` on a single NATS server (as `WALKIE_TEST_NATS` is in CI)

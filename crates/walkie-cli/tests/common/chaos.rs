@@ -76,6 +76,30 @@ pub struct Seen {
     pub sessions: u64,
 }
 
+/// Asserts that client `c` got every message of every channel once, in
+/// order; names what went wrong if not.
+pub fn assert_exact(c: usize, seen: &HashMap<&'static str, Seen>) {
+    for ch in CHANNELS {
+        let got = &seen[ch].data;
+        if got.len() as u64 != PER_CHANNEL {
+            let mut dups = Vec::new();
+            for w in seen[ch].log.windows(2) {
+                if w[1].1 <= w[0].1 {
+                    dups.push(w.to_vec());
+                }
+            }
+            panic!(
+                "client {c}, {ch}: {} messages; out of order: {dups:?}",
+                got.len()
+            );
+        }
+        assert!(
+            got.iter().copied().eq(1..=PER_CHANNEL),
+            "client {c}, {ch}: not 1..={PER_CHANNEL} in order: {got:?}"
+        );
+    }
+}
+
 /// One client session: connects, subscribes (recovering where it can),
 /// reads until told to drop. Returns false if it could not connect.
 pub async fn session(port: u16, seen: &mut HashMap<&'static str, Seen>, drop_after: u64) -> bool {
