@@ -49,19 +49,26 @@ fn all() -> HistoryFilter {
     HistoryFilter::default()
 }
 
-/// Runs `test` with a time limit, then deletes everything under `prefix`
-/// in NATS, then fails if the test did.
-async fn with_cleanup<F>(url: &str, prefix: &str, test: F)
+/// Runs `test` (given the NATS URL and a fresh prefix) with a time limit,
+/// then deletes everything under the prefix in NATS, then fails if the
+/// test did. Without `WALKIE_TEST_NATS`, says `name` was skipped.
+async fn on_nats<F, Fut>(name: &str, test: F)
 where
-    F: Future<Output = ()> + Send + 'static,
+    F: FnOnce(String, String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
+    let Some(url) = nats(name) else {
+        return;
+    };
+    let prefix = prefix();
+    let test = test(url.clone(), prefix.clone());
     let outcome = tokio::spawn(async move {
         tokio::time::timeout(Duration::from_secs(60), test)
             .await
             .expect("test timed out after 60 s");
     })
     .await;
-    let broker = NatsBroker::connect(url, prefix).await.unwrap();
+    let broker = NatsBroker::connect(&url, &prefix).await.unwrap();
     broker.delete_all().await.unwrap();
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
@@ -78,12 +85,7 @@ async fn node(url: &str, prefix: &str) -> (NatsBroker, Arc<Recorder>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_removed_by_another_node_starts_a_new_epoch_everywhere() {
-    let Some(url) = nats("history_removed_by_another_node") else {
-        return;
-    };
-    let prefix = prefix();
-    let (u, p) = (url.clone(), prefix.clone());
-    with_cleanup(&url, &prefix, async move {
+    on_nats("history_removed_by_another_node", |u, p| async move {
         let (one, seen) = node(&u, &p).await;
         let (two, _) = node(&u, &p).await;
         let ch = ChannelName::new("chat:removed").unwrap();
@@ -132,12 +134,7 @@ async fn history_removed_by_another_node_starts_a_new_epoch_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_names_special_in_subjects_are_kept_apart() {
-    let Some(url) = nats("channel_names_special_in_subjects") else {
-        return;
-    };
-    let prefix = prefix();
-    let (u, p) = (url.clone(), prefix.clone());
-    with_cleanup(&url, &prefix, async move {
+    on_nats("channel_names_special_in_subjects", |u, p| async move {
         let (broker, seen) = node(&u, &p).await;
         let long = format!("long:{}", "é".repeat(125));
         let names = [
@@ -174,12 +171,7 @@ async fn channel_names_special_in_subjects_are_kept_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_hold_without_history_across_nodes() {
-    let Some(url) = nats("idempotency_keys_hold_without_history") else {
-        return;
-    };
-    let prefix = prefix();
-    let (u, p) = (url.clone(), prefix.clone());
-    with_cleanup(&url, &prefix, async move {
+    on_nats("idempotency_keys_hold_without_history", |u, p| async move {
         let (one, seen) = node(&u, &p).await;
         let (two, _) = node(&u, &p).await;
         let ch = ChannelName::new("game:live").unwrap();
@@ -277,53 +269,51 @@ impl Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_catches_up_on_what_it_missed_while_cut_off() {
-    let Some(url) = nats("a_node_catches_up_on_what_it_missed_while_cut_off") else {
-        return;
-    };
-    let prefix = prefix();
-    let (u, p) = (url.clone(), prefix.clone());
-    with_cleanup(&url, &prefix, async move {
-        let proxy = Proxy::start(&u).await;
-        let (behind, seen) = node(&proxy.url(), &p).await;
-        let (publisher, _) = node(&u, &p).await;
-        let ch = ChannelName::new("chat:cut").unwrap();
-        behind.subscribe(ch.clone()).await.unwrap();
-        for i in 1..=3 {
-            publisher
-                .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                .await
-                .unwrap();
-        }
-        assert_eq!(seen.wait_for(&ch, 3).await.len(), 3);
-        proxy.cut.store(true, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for i in 4..=8 {
-            publisher
-                .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                .await
-                .unwrap();
-        }
-        assert_eq!(seen.on(&ch).len(), 3, "cut off: nothing arrives");
-        proxy.cut.store(false, Ordering::SeqCst);
-        // The reconnect's catch-up delivers what was missed, once each, in
-        // order, before what comes next.
-        let mut caught_up = Vec::new();
-        for _ in 0..4 {
-            caught_up = seen.wait_for(&ch, 8).await;
-            if caught_up.len() >= 8 {
-                break;
+    on_nats(
+        "a_node_catches_up_on_what_it_missed_while_cut_off",
+        |u, p| async move {
+            let proxy = Proxy::start(&u).await;
+            let (behind, seen) = node(&proxy.url(), &p).await;
+            let (publisher, _) = node(&u, &p).await;
+            let ch = ChannelName::new("chat:cut").unwrap();
+            behind.subscribe(ch.clone()).await.unwrap();
+            for i in 1..=3 {
+                publisher
+                    .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
+                    .await
+                    .unwrap();
             }
-        }
-        assert_eq!(caught_up.len(), 8, "caught up within 20 s");
-        publisher
-            .publish(ch.clone(), NewPublication::text("m9"), kept())
-            .await
-            .unwrap();
-        let delivered = seen.wait_for(&ch, 9).await;
-        let offsets: Vec<u64> = delivered.iter().map(|p| p.offset).collect();
-        assert_eq!(offsets, (1..=9).collect::<Vec<_>>());
-        assert_eq!(delivered[5].data, "m6".as_bytes());
-    })
+            assert_eq!(seen.wait_for(&ch, 3).await.len(), 3);
+            proxy.cut.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for i in 4..=8 {
+                publisher
+                    .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(seen.on(&ch).len(), 3, "cut off: nothing arrives");
+            proxy.cut.store(false, Ordering::SeqCst);
+            // The reconnect's catch-up delivers what was missed, once each, in
+            // order, before what comes next.
+            let mut caught_up = Vec::new();
+            for _ in 0..4 {
+                caught_up = seen.wait_for(&ch, 8).await;
+                if caught_up.len() >= 8 {
+                    break;
+                }
+            }
+            assert_eq!(caught_up.len(), 8, "caught up within 20 s");
+            publisher
+                .publish(ch.clone(), NewPublication::text("m9"), kept())
+                .await
+                .unwrap();
+            let delivered = seen.wait_for(&ch, 9).await;
+            let offsets: Vec<u64> = delivered.iter().map(|p| p.offset).collect();
+            assert_eq!(offsets, (1..=9).collect::<Vec<_>>());
+            assert_eq!(delivered[5].data, "m6".as_bytes());
+        },
+    )
     .await;
 }
 
@@ -332,12 +322,7 @@ async fn a_node_catches_up_on_what_it_missed_while_cut_off() {
 /// channel's next publish starts a new epoch at offset 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_of_idle_channels_are_deleted() {
-    let Some(url) = nats("streams_of_idle_channels_are_deleted") else {
-        return;
-    };
-    let prefix = prefix();
-    let (u, p) = (url.clone(), prefix.clone());
-    with_cleanup(&url, &prefix, async move {
+    on_nats("streams_of_idle_channels_are_deleted", |u, p| async move {
         let (broker, _) = node(&u, &p).await;
         let short = PublishOptions {
             history: Some(HistoryOptions {
