@@ -42,24 +42,16 @@ async fn redis_engine_conforms() {
         return;
     };
     let prefix = format!("walkie-test-{:08x}:", rand_u32());
-    // One connection per check: each sets its own event handler.
     let mut brokers = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..CHECKS {
         brokers.push(
             walkie_hub::RedisBroker::connect(&url, &prefix)
                 .await
                 .unwrap(),
         );
     }
-    let first = brokers[0].clone();
-    let brokers = std::sync::Mutex::new(brokers);
-    conformance::run_all(|| Arc::new(brokers.lock().unwrap().pop().unwrap()) as Arc<dyn Broker>)
-        .await;
-    conformance::run_presence(|| {
-        Arc::new(walkie_hub::RedisPresence::new(
-            &first,
-            walkie_hub::PRESENCE_TTL,
-        )) as Arc<dyn walkie_hub::PresenceManager>
+    conform(brokers, |b| {
+        Arc::new(walkie_hub::RedisPresence::new(b, walkie_hub::PRESENCE_TTL))
     })
     .await;
 }
@@ -77,9 +69,8 @@ async fn nats_engine_conforms() {
         return;
     };
     let prefix = format!("walkie-test-{:08x}:", rand_u32());
-    // One connection per check: each sets its own event handler.
     let mut brokers = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..CHECKS {
         brokers.push(
             walkie_hub::NatsBroker::connect(&url, &prefix)
                 .await
@@ -87,18 +78,29 @@ async fn nats_engine_conforms() {
         );
     }
     let first = brokers[0].clone();
-    let brokers = std::sync::Mutex::new(brokers);
-    conformance::run_all(|| Arc::new(brokers.lock().unwrap().pop().unwrap()) as Arc<dyn Broker>)
-        .await;
-    conformance::run_presence(|| {
-        Arc::new(walkie_hub::NatsPresence::new(
-            &first,
-            walkie_hub::PRESENCE_TTL,
-        )) as Arc<dyn walkie_hub::PresenceManager>
+    conform(brokers, |b| {
+        Arc::new(walkie_hub::NatsPresence::new(b, walkie_hub::PRESENCE_TTL))
     })
     .await;
     let deleted = first.delete_all().await.unwrap();
     assert!(deleted >= 10, "one stream per channel used: {deleted}");
+}
+
+/// Connections made for an engine's run: at least one per check of the
+/// suite, since each check sets its own event handler.
+const CHECKS: usize = 10;
+
+/// Runs the broker checks, one connection each, then the presence checks
+/// on the first connection.
+async fn conform<B: Broker + Clone>(
+    brokers: Vec<B>,
+    presence: impl Fn(&B) -> Arc<dyn walkie_hub::PresenceManager>,
+) {
+    let first = brokers[0].clone();
+    let brokers = std::sync::Mutex::new(brokers);
+    conformance::run_all(|| Arc::new(brokers.lock().unwrap().pop().unwrap()) as Arc<dyn Broker>)
+        .await;
+    conformance::run_presence(|| presence(&first)).await;
 }
 
 fn rand_u32() -> u32 {
