@@ -234,15 +234,6 @@ pub async fn run(spec: Spec) -> FanoutOutcome {
 /// every thread shares. Merges what the threads measured.
 pub fn run_threads(spec: Spec, threads: usize) -> io::Result<FanoutOutcome> {
     let threads = threads.clamp(1, spec.subscribers.max(1));
-    // Every runtime is built before any thread starts, so that none can
-    // fail while the others wait for it at a barrier.
-    let runtimes = (0..threads)
-        .map(|_| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        })
-        .collect::<io::Result<Vec<_>>>()?;
     let common = Arc::new(Common::new());
     let (opened, closed) = (
         Arc::new(Barrier::new(threads)),
@@ -250,9 +241,9 @@ pub fn run_threads(spec: Spec, threads: usize) -> io::Result<FanoutOutcome> {
     );
     let pthreads = Arc::new(Mutex::new(Vec::with_capacity(threads)));
     let mut first = 0;
-    let mut handles = Vec::with_capacity(threads);
-    for (t, runtime) in runtimes.into_iter().enumerate() {
-        let subscribers = crate::load::share(spec.subscribers, threads, t);
+    let mut jobs = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let subscribers = crate::threads::share(spec.subscribers, threads, t);
         let mut part_spec = spec.clone();
         part_spec.subscribers = subscribers;
         part_spec.announce = spec.announce && t == 0;
@@ -266,18 +257,13 @@ pub fn run_threads(spec: Spec, threads: usize) -> io::Result<FanoutOutcome> {
         };
         first += subscribers;
         let common = common.clone();
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("fanout-{t}"))
-                .spawn(move || runtime.block_on(run_part(part_spec, common, Some(part))))?,
-        );
+        jobs.push(move |rt: &tokio::runtime::Runtime| {
+            rt.block_on(run_part(part_spec, common, Some(part)))
+        });
     }
     let mut tallies = Vec::with_capacity(threads);
     let mut window = None;
-    for h in handles {
-        let (tally, w) = h
-            .join()
-            .map_err(|_| io::Error::other("a fan-out thread panicked"))?;
+    for (tally, w) in crate::threads::run("fanout", jobs)? {
         tallies.push(tally);
         window = window.or(w);
     }

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::threads::share;
 use crate::wire::{FrameCounter, deflate_alone, handshake, masked_frame};
 
 /// How messages are offered.
@@ -146,19 +147,10 @@ pub async fn run(spec: Spec) -> Outcome {
 /// measured. Only the first thread announces the window.
 pub fn run_threads(spec: Spec, threads: usize) -> std::io::Result<Outcome> {
     let threads = threads.clamp(1, spec.conns.max(1));
-    // Every runtime is built before any thread starts, so that none can
-    // fail while the others wait for it at the start barrier.
-    let runtimes = (0..threads)
-        .map(|_| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        })
-        .collect::<std::io::Result<Vec<_>>>()?;
     let start = Arc::new(tokio::sync::Barrier::new(threads));
     let mut first = 0;
-    let mut handles = Vec::with_capacity(threads);
-    for (t, runtime) in runtimes.into_iter().enumerate() {
+    let mut jobs = Vec::with_capacity(threads);
+    for t in 0..threads {
         let conns = share(spec.conns, threads, t);
         let mut part_spec = spec.clone();
         part_spec.conns = conns;
@@ -174,26 +166,10 @@ pub fn run_threads(spec: Spec, threads: usize) -> std::io::Result<Outcome> {
             start: start.clone(),
         };
         first += conns;
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("load-{t}"))
-                .spawn(move || runtime.block_on(run_part(part_spec, Some(part))))?,
-        );
+        jobs.push(move |rt: &tokio::runtime::Runtime| rt.block_on(run_part(part_spec, Some(part))));
     }
-    let parts = handles
-        .into_iter()
-        .map(|h| {
-            h.join()
-                .map_err(|_| std::io::Error::other("a load thread panicked"))
-        })
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let parts = crate::threads::run("load", jobs)?;
     Ok(merge(parts))
-}
-
-/// Thread `t`'s share of `n` things split as evenly as possible over
-/// `threads` threads.
-pub fn share(n: usize, threads: usize, t: usize) -> usize {
-    n / threads + usize::from(t < n % threads)
 }
 
 /// One outcome from the threads' outcomes and latency histograms: counts
@@ -466,16 +442,6 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shares_are_even_and_add_up() {
-        for (n, threads) in [(100, 1), (100, 3), (7, 4), (1000, 15), (3, 3)] {
-            let shares: Vec<usize> = (0..threads).map(|t| share(n, threads, t)).collect();
-            assert_eq!(shares.iter().sum::<usize>(), n);
-            let (lo, hi) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
-            assert!(hi - lo <= 1, "{shares:?}");
-        }
-    }
 
     #[test]
     fn merging_sums_counts_and_histograms() {

@@ -20,6 +20,7 @@ mod load;
 mod peers;
 mod procfs;
 mod suite;
+mod threads;
 mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
