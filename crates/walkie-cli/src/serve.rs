@@ -358,14 +358,15 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .api_key
         .clone()
         .or_else(|| hub_config.auth.api_key.clone());
-    let expiring_presence = presence.is_some();
+    // Redis or NATS: several nodes may share it.
+    let shared_engine = args.engine.is_some();
     let hub = match presence {
         Some(p) => Hub::with_presence(broker, p),
         None => Hub::new(broker),
     };
     // On a shared engine, an API `disconnect` on any node reaches the
     // connections of every node through the control channel.
-    if expiring_presence {
+    if shared_engine {
         if let Err(e) = main_rt.block_on(hub.listen_control()) {
             eprintln!("walkie: --engine: cannot subscribe to the control channel: {e}");
             return ExitCode::FAILURE;
@@ -461,7 +462,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
 
     let dashboard_on = state.node.config.namespaces.contains_key("dashboard");
-    if expiring_presence {
+    if shared_engine {
         // Entries expire unless refreshed: a dead node's members go away.
         let hub = state.hub.clone();
         let shutdown = state.shutdown.clone();
