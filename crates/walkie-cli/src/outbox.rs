@@ -1,8 +1,6 @@
 //! Writing a connection's hub queue to its socket, shared by the rooms and
 //! the Walkie protocol endpoints.
 
-use std::future::Future as _;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -22,26 +20,30 @@ pub enum Sent {
 /// then).
 pub async fn send_batch<S>(
     ws: &mut WebSocket<S>,
-    batch: &mut Vec<walkie_hub::Queued>,
+    batch: &mut Vec<walkie_hub::Entry>,
     queue: &walkie_hub::Queue,
 ) -> Result<(), Sent>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for queued in batch.drain(..) {
-        let mut fed = std::pin::pin!(ws.feed_prepared(&queued.message));
-        // The common case: the socket's buffer has room and the message is
-        // queued at once, without arming a wait on the queue's closing (a
-        // lock and a waiter per message).
-        let first = fed.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-        if let Poll::Ready(r) = first {
-            r.map_err(Sent::Failed)?;
-            continue;
-        }
-        tokio::select! {
-            biased;
-            r = &mut fed => r.map_err(Sent::Failed)?,
-            why = queue.closed() => return Err(Sent::Closed(why)),
+    for entry in batch.drain(..) {
+        // A shared batch is read in place: no message is cloned.
+        for queued in entry.messages() {
+            // The common case: the socket's buffer has room and the message
+            // is queued at once, without arming a wait on the queue's
+            // closing (a lock and a waiter per message).
+            if ws
+                .try_feed_prepared(&queued.message)
+                .map_err(Sent::Failed)?
+            {
+                continue;
+            }
+            let fed = ws.feed_prepared(&queued.message);
+            tokio::select! {
+                biased;
+                r = fed => r.map_err(Sent::Failed)?,
+                why = queue.closed() => return Err(Sent::Closed(why)),
+            }
         }
     }
     Ok(())

@@ -229,7 +229,10 @@ impl Hub {
         lock(&self.dispatch.users).len()
     }
 
-    /// Publishes to a channel.
+    /// Publishes to a channel. This node's subscribers get it from a task
+    /// on the current runtime, which queues every publication of the
+    /// channel made meanwhile in one batch (see `dispatch.rs`): a task
+    /// that publishes and then reads a subscriber's queue must yield first.
     pub async fn publish(
         &self,
         channel: ChannelName,
@@ -254,7 +257,9 @@ impl Hub {
 
     /// Subscribers of `channel` on this node.
     pub fn local_subscribers(&self, channel: &ChannelName) -> usize {
-        self.dispatch.members(channel).map_or(0, |m| lock(&m).len())
+        self.dispatch
+            .members(channel)
+            .map_or(0, |m| lock(&m).list.len())
     }
 
     /// Removes `client` from `channel`; tells the broker when this node has
@@ -266,14 +271,14 @@ impl Hub {
         };
         let empty = {
             let mut m = lock(members);
-            let before = m.len();
-            m.retain(|m| m.client != client);
-            let gone = (before - m.len()) as i64;
+            let before = m.list.len();
+            m.list.retain(|m| m.client != client);
+            let gone = (before - m.list.len()) as i64;
             self.dispatch
                 .metrics
                 .subscriptions
                 .fetch_sub(gone, Ordering::Relaxed);
-            m.is_empty()
+            m.list.is_empty()
         };
         if empty {
             channels.remove(channel);
@@ -368,7 +373,7 @@ impl Client {
             let mut channels = lock(&self.hub.dispatch.channels);
             let members = channels.entry(channel.clone()).or_default();
             let mut members = lock(members);
-            members.push(Member {
+            members.list.push(Member {
                 client: self.id,
                 queue: self.queue.clone(),
                 format,
@@ -376,7 +381,7 @@ impl Client {
                 last: 0,
                 epoch: "".into(),
             });
-            members.len() == 1
+            members.list.len() == 1
         };
         self.hub
             .dispatch
@@ -436,7 +441,7 @@ impl Client {
             return Err(EngineError::Stopped);
         };
         let mut members = lock(&members);
-        let Some(me) = members.iter_mut().find(|m| m.client == self.id) else {
+        let Some(me) = members.list.iter_mut().find(|m| m.client == self.id) else {
             return Err(EngineError::Stopped);
         };
         let mut last = match &recover {

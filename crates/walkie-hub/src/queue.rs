@@ -53,6 +53,25 @@ pub struct Queued {
     pub key: Option<Arc<str>>,
 }
 
+/// What a queue holds: one message, or a batch of messages shared by
+/// every subscriber that gets all of it (one fan-out batch is stored once,
+/// however many queues hold it).
+#[derive(Debug, Clone)]
+pub enum Entry {
+    One(Queued),
+    Shared(Arc<[Queued]>),
+}
+
+impl Entry {
+    /// The messages, in order.
+    pub fn messages(&self) -> &[Queued] {
+        match self {
+            Entry::One(q) => std::slice::from_ref(q),
+            Entry::Shared(batch) => batch,
+        }
+    }
+}
+
 /// Why a queue stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueClosed {
@@ -66,7 +85,9 @@ pub enum QueueClosed {
 struct State {
     /// In order. A `Vec` rather than a deque: it is only ever emptied whole,
     /// by swapping it with the connection's (empty) batch.
-    items: Vec<Queued>,
+    items: Vec<Entry>,
+    /// Messages in `items`.
+    count: usize,
     bytes: usize,
     closed: Option<QueueClosed>,
     /// The connection's task waiting in `pop_all`, woken by the next push
@@ -98,46 +119,101 @@ impl Queue {
     /// false if the queue is (now) closed.
     pub fn push(&self, item: Queued) -> bool {
         let mut s = lock(&self.state);
+        let open = self.push_locked(&mut s, item);
+        self.wake(s, open)
+    }
+
+    /// Queues every message of `items` (in order, leaving it empty) under
+    /// one lock and with one wake, as [`Queue::push`] would one by one.
+    /// Returns false if the queue is (now) closed.
+    pub fn push_all(&self, items: &mut Vec<Queued>) -> bool {
+        let mut s = lock(&self.state);
+        let mut open = true;
+        for item in items.drain(..) {
+            if open {
+                open = self.push_locked(&mut s, item);
+            }
+        }
+        self.wake(s, open)
+    }
+
+    /// Queues a shared batch of `bytes` payload bytes, under one lock and
+    /// with one wake, as [`Queue::push`] would message by message (and
+    /// message by message where it does not fit whole). Returns false if
+    /// the queue is (now) closed.
+    pub fn push_shared(&self, batch: &Arc<[Queued]>, bytes: usize) -> bool {
+        let mut s = lock(&self.state);
         if s.closed.is_some() {
             return false;
         }
-        let size = item.message.message().len();
-        let full = s.items.len() >= self.limits.messages
-            || (s.bytes + size > self.limits.bytes && !s.items.is_empty());
-        if full {
-            let replaced = match (&item.key, self.limits.policy) {
-                (Some(key), OverflowPolicy::LatestPerKey) => s
-                    .items
-                    .iter()
-                    .position(|q| q.key.as_deref() == Some(&**key)),
-                _ => None,
-            };
-            match replaced {
-                Some(i) => {
-                    let old = s.items.remove(i);
-                    s.bytes -= old.message.message().len();
-                }
-                None => {
-                    s.items.clear();
-                    s.bytes = 0;
-                    s.closed = Some(QueueClosed::SlowConsumer);
-                    let waiting = s.waiting.take();
-                    drop(s);
-                    if let Some(w) = waiting {
-                        w.wake();
-                    }
-                    self.closing.notify_waiters();
-                    return false;
-                }
+        let fits = s.count + batch.len() <= self.limits.messages
+            && (s.bytes + bytes <= self.limits.bytes || s.count == 0);
+        if fits {
+            s.count += batch.len();
+            s.bytes += bytes;
+            s.items.push(Entry::Shared(batch.clone()));
+            return self.wake(s, true);
+        }
+        let mut open = true;
+        for item in batch.iter() {
+            if open {
+                open = self.push_locked(&mut s, item.clone());
             }
         }
-        s.bytes += size;
-        s.items.push(item);
+        self.wake(s, open)
+    }
+
+    /// Wakes the connection's task after a push; `open` is what the push
+    /// returned.
+    fn wake(&self, mut s: std::sync::MutexGuard<'_, State>, open: bool) -> bool {
         let waiting = s.waiting.take();
         drop(s);
         if let Some(w) = waiting {
             w.wake();
         }
+        if !open {
+            self.closing.notify_waiters();
+        }
+        open
+    }
+
+    /// One push, under the lock; false if the queue is (now) closed.
+    fn push_locked(&self, s: &mut State, item: Queued) -> bool {
+        if s.closed.is_some() {
+            return false;
+        }
+        let size = item.message.message().len();
+        let full =
+            s.count >= self.limits.messages || (s.bytes + size > self.limits.bytes && s.count != 0);
+        if full {
+            let replaced = match (&item.key, self.limits.policy) {
+                (Some(key), OverflowPolicy::LatestPerKey) => {
+                    unshare(&mut s.items);
+                    s.items.iter().position(
+                        |e| matches!(e, Entry::One(q) if q.key.as_deref() == Some(&**key)),
+                    )
+                }
+                _ => None,
+            };
+            match replaced {
+                Some(i) => {
+                    if let Entry::One(old) = s.items.remove(i) {
+                        s.bytes -= old.message.message().len();
+                        s.count -= 1;
+                    }
+                }
+                None => {
+                    s.items.clear();
+                    s.count = 0;
+                    s.bytes = 0;
+                    s.closed = Some(QueueClosed::SlowConsumer);
+                    return false;
+                }
+            }
+        }
+        s.bytes += size;
+        s.count += 1;
+        s.items.push(Entry::One(item));
         true
     }
 
@@ -147,6 +223,7 @@ impl Queue {
         if s.closed.is_none() {
             s.closed = Some(why);
             s.items.clear();
+            s.count = 0;
             s.bytes = 0;
         }
         let waiting = s.waiting.take();
@@ -176,7 +253,7 @@ impl Queue {
     /// Waits for messages and moves all of them into `out` (in order), or
     /// says why the queue closed. Cancel-safe: nothing is taken until it
     /// resolves.
-    pub async fn pop_all(&self, out: &mut Vec<Queued>) -> Result<(), QueueClosed> {
+    pub async fn pop_all(&self, out: &mut Vec<Entry>) -> Result<(), QueueClosed> {
         std::future::poll_fn(|cx| {
             let mut s = lock(&self.state);
             if let Some(why) = s.closed {
@@ -197,6 +274,7 @@ impl Queue {
             } else {
                 out.append(&mut s.items);
             }
+            s.count = 0;
             s.bytes = 0;
             Poll::Ready(Ok(()))
         })
@@ -205,12 +283,26 @@ impl Queue {
 
     /// Messages waiting.
     pub fn len(&self) -> usize {
-        lock(&self.state).items.len()
+        lock(&self.state).count
     }
 
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Replaces every shared batch with its messages, for a replacement by
+/// key (state-like channels only).
+fn unshare(items: &mut Vec<Entry>) {
+    if items.iter().any(|e| matches!(e, Entry::Shared(_))) {
+        *items = items
+            .drain(..)
+            .flat_map(|e| match e {
+                Entry::One(q) => vec![Entry::One(q)],
+                Entry::Shared(b) => b.iter().cloned().map(Entry::One).collect(),
+            })
+            .collect();
     }
 }
 
@@ -224,6 +316,48 @@ mod tests {
             message: PreparedMessage::new(Message::text(text.to_owned())),
             key: key.map(Into::into),
         }
+    }
+
+    async fn pop_texts(q: &Queue) -> Vec<String> {
+        let mut out = Vec::new();
+        q.pop_all(&mut out).await.unwrap();
+        out.iter()
+            .flat_map(Entry::messages)
+            .map(|q| q.message.message().as_text().unwrap().to_owned())
+            .collect()
+    }
+
+    fn shared(texts: &[&str], key: Option<&str>) -> (Arc<[Queued]>, usize) {
+        let batch: Arc<[Queued]> = texts.iter().map(|t| item(t, key)).collect();
+        (batch, texts.iter().map(|t| t.len()).sum())
+    }
+
+    #[tokio::test]
+    async fn a_shared_batch_counts_each_of_its_messages() {
+        let q = Queue::new(limits(4, OverflowPolicy::Disconnect));
+        let (batch, bytes) = shared(&["a", "b", "c"], None);
+        assert!(q.push(item("0", None)));
+        assert!(q.push_shared(&batch, bytes));
+        assert_eq!(q.len(), 4);
+        assert_eq!(pop_texts(&q).await, ["0", "a", "b", "c"]);
+        // Three fit, the fourth would make five: the queue overflows after
+        // the messages that fitted, as one by one.
+        assert!(q.push(item("1", None)));
+        assert!(q.push(item("2", None)));
+        assert!(!q.push_shared(&batch, bytes));
+        let mut out = Vec::new();
+        assert_eq!(q.pop_all(&mut out).await, Err(QueueClosed::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn latest_per_key_replaces_inside_a_shared_batch() {
+        let q = Queue::new(limits(3, OverflowPolicy::LatestPerKey));
+        let (batch, bytes) = shared(&["x 1"], Some("x"));
+        assert!(q.push_shared(&batch, bytes));
+        assert!(q.push(item("y 1", Some("y"))));
+        assert!(q.push(item("z 1", Some("z"))));
+        assert!(q.push(item("x 2", Some("x"))));
+        assert_eq!(pop_texts(&q).await, ["y 1", "z 1", "x 2"]);
     }
 
     fn limits(messages: usize, policy: OverflowPolicy) -> QueueLimits {
@@ -265,13 +399,7 @@ mod tests {
         assert!(q.push(item("home 1", Some("home"))));
         assert!(q.push(item("away 1", Some("away"))));
         assert!(q.push(item("home 2", Some("home"))));
-        let mut out = Vec::new();
-        q.pop_all(&mut out).await.unwrap();
-        let texts: Vec<_> = out
-            .iter()
-            .map(|q| q.message.message().as_text().unwrap().to_owned())
-            .collect();
-        assert_eq!(texts, ["away 1", "home 2"]);
+        assert_eq!(pop_texts(&q).await, ["away 1", "home 2"]);
         assert!(q.push(item("a", Some("a"))));
         assert!(q.push(item("b", Some("b"))));
         assert!(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use walkie_hub::{
-    Broker, ChannelName, Client, Format, HistoryOptions, Hub, MemoryBroker, NewPublication,
+    Broker, ChannelName, Client, Entry, Format, HistoryOptions, Hub, MemoryBroker, NewPublication,
     PublishOptions, QueueClosed, QueueLimits, Queued, Recover, StreamPosition,
 };
 
@@ -28,11 +28,14 @@ fn ch(name: &str) -> ChannelName {
 }
 
 async fn drain(client: &Client) -> Vec<Queued> {
+    // Publications are queued by a task of their own (one batch per
+    // channel): let it run first.
+    tokio::task::yield_now().await;
     let mut out = Vec::new();
     if !client.queue().is_empty() {
         client.queue().pop_all(&mut out).await.unwrap();
     }
-    out
+    out.iter().flat_map(Entry::messages).cloned().collect()
 }
 
 fn texts(items: &[Queued]) -> Vec<String> {
@@ -206,7 +209,7 @@ async fn rejoining_under_load_loses_and_repeats_nothing() {
                     if popped.is_err() {
                         break;
                     }
-                    for q in items {
+                    for q in items.iter().flat_map(Entry::messages) {
                         let n: usize = q.message.message().as_text().unwrap().parse().unwrap();
                         got.push(n);
                     }
@@ -400,6 +403,7 @@ async fn deliver_here_keeps_every_publication_in_order() {
             .await
             .expect("nothing delivered within 5 s")
             .unwrap();
+        let batch: Vec<Queued> = batch.iter().flat_map(Entry::messages).cloned().collect();
         got.extend(texts(&batch));
     }
     let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();

@@ -128,14 +128,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         if self.finished {
             return Poll::Ready(Err(Error::Closed));
         }
-        while self.conn.data_to_send().len() >= self.write_high {
+        while !self.has_room()? {
             ready!(self.poll_write_out(cx))?;
         }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether fewer than `write_high` bytes are queued; if so, makes sure
+    /// the queue has a buffer to encode into. The check of `poll_ready`,
+    /// without writing.
+    pub(crate) fn has_room(&mut self) -> Result<bool> {
+        if self.finished {
+            return Err(Error::Closed);
+        }
         let out = self.conn.data_to_send();
+        if out.len() >= self.write_high {
+            return Ok(false);
+        }
         if !out.has_buffer() {
             out.provide_buffer(pool::take(READ_CHUNK));
         }
-        Poll::Ready(Ok(()))
+        Ok(true)
     }
 
     /// Flushes what is queued and shuts the transport down.

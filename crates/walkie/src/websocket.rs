@@ -101,6 +101,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         Ok(())
     }
 
+    /// Queues a prepared message at once if the write queue is under its
+    /// high-water mark, without waiting: `Ok(false)` means it was not
+    /// queued, and [`feed_prepared`] waits for room. For a connection that
+    /// queues many messages at a time (a subscriber's backlog).
+    ///
+    /// [`feed_prepared`]: WebSocket::feed_prepared
+    pub fn try_feed_prepared(&mut self, message: &PreparedMessage) -> Result<bool> {
+        if !self.driver.has_room()? {
+            return Ok(false);
+        }
+        self.driver.conn.send_prepared(message)?;
+        Ok(true)
+    }
+
     /// Writes everything queued.
     pub async fn flush(&mut self) -> Result<()> {
         poll_fn(|cx| self.driver.poll_write_out(cx)).await?;
