@@ -17,6 +17,27 @@ async fn join(server: &Server, path: &str) -> Ws {
     walkie::connect(&server.ws_url(path)).await.unwrap()
 }
 
+/// Waits until the server logged `n` joins of `room`: a connection's
+/// handshake completes before its subscription does, and a message sent in
+/// between is (rightly) not delivered to it.
+async fn joined(server: &Server, room: &str, n: usize) {
+    for _ in 0..500 {
+        let count = server
+            .log()
+            .iter()
+            .filter(|l| l.contains("joined room") && l.contains(room))
+            .count();
+        if count >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "{n} members did not join {room} within 10 s; log:\n{}",
+        server.log_text()
+    );
+}
+
 async fn next(ws: &mut Ws) -> Message {
     tokio::time::timeout(Duration::from_secs(5), ws.recv())
         .await
@@ -33,19 +54,7 @@ async fn members_see_each_others_messages_and_other_rooms_do_not() {
         let mut bob = join(&server, "/rooms/lobby").await;
         let mut carol = join(&server, "/rooms/elsewhere").await;
         // Both members are in once the server logged both joins.
-        assert!(server.wait_log(&["joined room", "lobby"]).is_some());
-        for _ in 0..50 {
-            if server
-                .log()
-                .iter()
-                .filter(|l| l.contains("joined room") && l.contains("lobby"))
-                .count()
-                >= 2
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        joined(&server, "lobby", 2).await;
 
         alice.send("hi from alice").await.unwrap();
         assert_eq!(next(&mut bob).await, Message::text("hi from alice"));
@@ -200,6 +209,10 @@ async fn a_member_that_reads_nothing_is_cut_off_and_the_others_are_not() {
         // The writer is a member too: its own copies are drained aside.
         let (mut echoes, mut writer) = join(&server, "/rooms/busy").await.split();
         let drain = tokio::spawn(async move { while let Some(Ok(_)) = echoes.recv().await {} });
+        // All three are members before the first message (under load a
+        // subscription can trail its handshake, and the reader would then
+        // rightly miss the first messages).
+        joined(&server, "busy", 3).await;
         let _ = slow.stream.flush().await;
         let payload = "x".repeat(16 * 1024);
         let total = 2000;
