@@ -1,11 +1,13 @@
 //! The WebSocket endpoints.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 use walkie::{CloseCode, Incoming, Message, WebSocket};
 
+use crate::outbox::Counted;
 use crate::serve::AppState;
 
 /// What an endpoint answers to one message; `None` answers nothing.
@@ -13,9 +15,13 @@ type Reply = fn(Message) -> Option<Message>;
 
 /// `/`: the seed's chat server. Every message is answered with
 /// `You said: <message>`; connects and disconnects are logged.
-pub async fn chat<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
+pub async fn chat<S>(
+    incoming: Incoming<S>,
+    peer: SocketAddr,
+    state: &Arc<AppState>,
+    counted: Counted,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(mut ws) = upgrade(incoming, peer, state).await else {
         return;
@@ -34,21 +40,37 @@ where
         }
         Some(Message::text(format!("You said: {text}")))
     }
-    run(&mut ws, peer, state, you_said).await;
-    info!(%peer, "Client disconnected");
+    let state = state.clone();
+    state.tracker.clone().spawn(async move {
+        run(&mut ws, &peer, &state, you_said).await;
+        info!(%peer, "Client disconnected");
+        drop(counted);
+    });
 }
 
 /// `/echo`: every message back unchanged, text as text, binary as binary.
-pub async fn echo<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
+pub async fn echo<S>(
+    incoming: Incoming<S>,
+    peer: SocketAddr,
+    state: &Arc<AppState>,
+    counted: Counted,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(mut ws) = upgrade(incoming, peer, state).await else {
         return;
     };
     debug!(%peer, "echo client connected");
-    run(&mut ws, peer, state, Some).await;
-    debug!(%peer, "echo client disconnected");
+    let state = state.clone();
+    // A task of its own for the connection's life: the task that ran the
+    // handshake keeps room for everything it held (the request, the
+    // routing), which an open connection no longer needs. Its first poll
+    // answers what arrived with the handshake.
+    state.tracker.clone().spawn(async move {
+        run(&mut ws, &peer, &state, Some).await;
+        debug!(%peer, "echo client disconnected");
+        drop(counted);
+    });
 }
 
 async fn upgrade<S>(
@@ -75,7 +97,7 @@ where
 /// Replies are queued with `feed`: a batch of messages that arrived in one
 /// read is answered in one write. The connection is borrowed, not moved:
 /// moving it into this future would store it twice in the task.
-async fn run<S>(ws: &mut WebSocket<S>, peer: SocketAddr, state: &AppState, reply: Reply)
+async fn run<S>(ws: &mut WebSocket<S>, peer: &SocketAddr, state: &AppState, reply: Reply)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

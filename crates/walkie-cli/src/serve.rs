@@ -179,6 +179,8 @@ pub struct AppState {
     /// Without a configuration file: the secret /demo/token signs with.
     pub demo_secret: Option<String>,
     pub rooms: RoomSettings,
+    /// Every connection's task, waited for on shutdown.
+    pub tracker: TaskTracker,
 }
 
 impl ServeArgs {
@@ -409,6 +411,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     );
     info!("history kept {history_at}");
 
+    let tracker = TaskTracker::new();
     let state = Arc::new(AppState {
         config,
         shutdown: CancellationToken::new(),
@@ -417,8 +420,8 @@ pub fn run(args: ServeArgs) -> ExitCode {
         api_key,
         demo_secret,
         rooms: args.room_settings(),
+        tracker: tracker.clone(),
     });
-    let tracker = TaskTracker::new();
     let mut threads = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let (state, tracker, tls) = (state.clone(), tracker.clone(), tls.clone());
@@ -666,12 +669,17 @@ where
         return;
     }
     let path = incoming.request().path().to_owned();
-    let _counted = crate::outbox::Counted::new(state.hub.metrics());
+    let counted = crate::outbox::Counted::new(state.hub.metrics());
     match path.as_str() {
-        "/" => handlers::chat(incoming, peer, &state).await,
-        "/echo" => handlers::echo(incoming, peer, &state).await,
-        "/ws" => Box::pin(ws::endpoint(incoming, peer, &state)).await,
+        // These two go on in a task of their own (see `handlers.rs`).
+        "/" => handlers::chat(incoming, peer, &state, counted).await,
+        "/echo" => handlers::echo(incoming, peer, &state, counted).await,
+        "/ws" => {
+            let _counted = counted;
+            Box::pin(ws::endpoint(incoming, peer, &state)).await;
+        }
         p if p.starts_with("/rooms/") => {
+            let _counted = counted;
             Box::pin(rooms::room(incoming, &p["/rooms/".len()..], peer, &state)).await;
         }
         path => {

@@ -129,10 +129,11 @@ pub struct Connection {
     /// Boxed: most connections do not compress, and this keeps them small.
     compression: Option<Box<Compression>>,
     out: Outgoing,
-    /// The close frame we sent, if any.
-    close_sent: Option<Option<CloseFrame>>,
+    /// The close frame we sent, if any. Boxed, as the next: only a
+    /// closing connection has one, and every open one is smaller for it.
+    close_sent: Option<Box<Option<CloseFrame>>>,
     /// The close frame the peer sent, if any.
-    close_received: Option<Option<CloseFrame>>,
+    close_received: Option<Box<Option<CloseFrame>>>,
     /// The transport's read side ended.
     eof: bool,
     /// The connection is over for good (failed, timed out, or finished).
@@ -232,12 +233,12 @@ impl Connection {
     /// The close frame the peer sent, once received (`Some(None)` if it had
     /// no status code).
     pub fn close_received(&self) -> Option<&Option<CloseFrame>> {
-        self.close_received.as_ref()
+        self.close_received.as_deref()
     }
 
     /// The close frame we sent, if any.
     pub fn close_sent(&self) -> Option<&Option<CloseFrame>> {
-        self.close_sent.as_ref()
+        self.close_sent.as_deref()
     }
 
     /// Bytes to write to the transport, as a [`bytes::Buf`]. Advance it by

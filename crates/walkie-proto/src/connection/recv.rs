@@ -302,7 +302,7 @@ impl Connection {
             let echo = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
             self.queue_close(echo);
         }
-        self.close_received = Some(frame.clone());
+        self.close_received = Some(Box::new(frame.clone()));
         if self.role == Role::Client {
             // Wait for the server to close TCP, but not forever.
             self.arm_close_deadline();

@@ -121,7 +121,7 @@ impl Connection {
             f.encode(&mut payload);
         }
         self.write_frame(OpCode::Close, false, Payload::Slice(&payload));
-        self.close_sent = Some(frame);
+        self.close_sent = Some(Box::new(frame));
     }
 
     fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
