@@ -1,7 +1,6 @@
 //! The WebSocket endpoints.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
@@ -15,12 +14,8 @@ type Reply = fn(Message) -> Option<Message>;
 
 /// `/`: the seed's chat server. Every message is answered with
 /// `You said: <message>`; connects and disconnects are logged.
-pub async fn chat<S>(
-    incoming: Incoming<S>,
-    peer: SocketAddr,
-    state: &Arc<AppState>,
-    counted: Counted,
-) where
+pub async fn chat<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState, counted: Counted)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(mut ws) = upgrade(incoming, peer, state).await else {
@@ -40,34 +35,28 @@ pub async fn chat<S>(
         }
         Some(Message::text(format!("You said: {text}")))
     }
-    let state = state.clone();
-    state.tracker.clone().spawn(async move {
-        run(&mut ws, &peer, &state, you_said).await;
+    state.tracker.spawn(async move {
+        run(&mut ws, &peer, &counted, you_said).await;
         info!(%peer, "Client disconnected");
         drop(counted);
     });
 }
 
 /// `/echo`: every message back unchanged, text as text, binary as binary.
-pub async fn echo<S>(
-    incoming: Incoming<S>,
-    peer: SocketAddr,
-    state: &Arc<AppState>,
-    counted: Counted,
-) where
+pub async fn echo<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState, counted: Counted)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(mut ws) = upgrade(incoming, peer, state).await else {
         return;
     };
     debug!(%peer, "echo client connected");
-    let state = state.clone();
     // A task of its own for the connection's life: the task that ran the
     // handshake keeps room for everything it held (the request, the
     // routing), which an open connection no longer needs. Its first poll
     // answers what arrived with the handshake.
-    state.tracker.clone().spawn(async move {
-        run(&mut ws, &peer, &state, Some).await;
+    state.tracker.spawn(async move {
+        run(&mut ws, &peer, &counted, Some).await;
         debug!(%peer, "echo client disconnected");
         drop(counted);
     });
@@ -94,7 +83,7 @@ where
 
 /// Answers messages until the connection ends or the server shuts down.
 ///
-/// Replies are queued with `feed`: a batch of messages that arrived in one
+/// Replies are queued with `feed_now`: a batch of messages that arrived in one
 /// read is answered in one write. The connection is borrowed, not moved:
 /// moving it into this future would store it twice in the task.
 async fn run<S>(ws: &mut WebSocket<S>, peer: &SocketAddr, state: &AppState, reply: Reply)
@@ -106,36 +95,55 @@ where
     let shutdown = state.shutdown.cancelled();
     tokio::pin!(shutdown);
     loop {
-        let next = tokio::select! {
-            // Shutdown first, so that a busy connection cannot starve it.
-            biased;
-            () = &mut shutdown => {
-                if let Err(e) = ws.close(CloseCode::GOING_AWAY, "server shutting down").await {
-                    debug!(%peer, "close on shutdown: {e}");
-                }
-                return;
-            }
-            next = ws.recv() => next,
-        };
-        match next {
-            Some(Ok(message)) => {
-                if let Some(answer) = reply(message) {
-                    if let Err(e) = ws.feed(answer).await {
-                        debug!(%peer, "send failed: {e}");
-                        return;
+        // The message is handled within this block, and the wait for room
+        // comes after it: nothing of the message is held across the wait,
+        // and the task is smaller for it.
+        let queued = {
+            let next = tokio::select! {
+                // Shutdown first, so that a busy connection cannot starve it.
+                biased;
+                () = &mut shutdown => None,
+                next = ws.recv() => Some(next),
+            };
+            let Some(next) = next else {
+                break;
+            };
+            match next {
+                Some(Ok(message)) => match reply(message) {
+                    Some(answer) => {
+                        if let Err(e) = ws.feed_now(answer) {
+                            debug!(%peer, "send failed: {e}");
+                            return;
+                        }
+                        true
                     }
+                    None => false,
+                },
+                Some(Err(e)) => {
+                    info!(%peer, "connection failed: {e}");
+                    return;
+                }
+                None => {
+                    if let Some(frame) = ws.close_frame() {
+                        debug!(%peer, "closed by client: {frame}");
+                    }
+                    return;
                 }
             }
-            Some(Err(e)) => {
-                info!(%peer, "connection failed: {e}");
-                return;
-            }
-            None => {
-                if let Some(frame) = ws.close_frame() {
-                    debug!(%peer, "closed by client: {frame}");
-                }
+        };
+        // Queued at once; a client that does not read is paused here.
+        if queued {
+            if let Err(e) = ws.ready().await {
+                debug!(%peer, "send failed: {e}");
                 return;
             }
         }
+    }
+    // Only shutdown leaves the loop this way.
+    if let Err(e) = ws
+        .close(CloseCode::GOING_AWAY, "server shutting down")
+        .await
+    {
+        debug!(%peer, "close on shutdown: {e}");
     }
 }

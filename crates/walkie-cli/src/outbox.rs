@@ -7,6 +7,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use walkie::{CloseCode, WebSocket};
 use walkie_hub::QueueClosed;
 
+use crate::serve::AppState;
+
 /// Why a batch was not all queued for writing.
 pub enum Sent {
     Failed(walkie::Error),
@@ -58,21 +60,35 @@ where
     let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(code, reason)).await;
 }
 
-/// Counts an open WebSocket connection in the node's metrics while alive.
-pub struct Counted(std::sync::Arc<walkie_hub::Metrics>);
+/// Counts an open WebSocket connection in the node's metrics while alive,
+/// and gives it the server's state: one pointer for both, as every byte
+/// of an idle connection's task counts.
+pub struct Counted(std::sync::Arc<AppState>);
 
 impl Counted {
-    pub fn new(metrics: &std::sync::Arc<walkie_hub::Metrics>) -> Self {
-        metrics
+    pub fn new(state: &std::sync::Arc<AppState>) -> Self {
+        state
+            .hub
+            .metrics()
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Counted(metrics.clone())
+        Counted(state.clone())
+    }
+}
+
+impl std::ops::Deref for Counted {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.0
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0
+            .hub
+            .metrics()
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }

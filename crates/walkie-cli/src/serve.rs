@@ -669,7 +669,7 @@ where
         return;
     }
     let path = incoming.request().path().to_owned();
-    let counted = crate::outbox::Counted::new(state.hub.metrics());
+    let counted = crate::outbox::Counted::new(&state);
     match path.as_str() {
         // These two go on in a task of their own (see `handlers.rs`).
         "/" => handlers::chat(incoming, peer, &state, counted).await,

@@ -1,6 +1,6 @@
 //! Settings for accepting and connecting.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use walkie_proto::{Config, DeflateConfig};
@@ -20,6 +20,9 @@ pub struct ServerConfig {
     /// Bytes queued for sending above which `send` and `feed` wait for the
     /// socket to drain (backpressure). Default: 64 KiB.
     pub write_buffer_high: usize,
+    /// `connection` as the connections share it: each holds a pointer, not
+    /// a copy. Made on the first accept; remade if `connection` changed.
+    shared: OnceLock<Arc<Config>>,
 }
 
 impl Default for ServerConfig {
@@ -29,6 +32,22 @@ impl Default for ServerConfig {
             deflate: Some(DeflateConfig::default()),
             handshake_timeout: Duration::from_secs(10),
             write_buffer_high: 64 * 1024,
+            shared: OnceLock::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The connection settings to give a new connection: one `Arc` shared
+    /// by every connection accepted with this configuration.
+    pub(crate) fn shared_connection(&self) -> Arc<Config> {
+        match self.shared.get() {
+            Some(c) if **c == self.connection => c.clone(),
+            Some(_) => Arc::new(self.connection.clone()),
+            None => self
+                .shared
+                .get_or_init(|| Arc::new(self.connection.clone()))
+                .clone(),
         }
     }
 }

@@ -106,7 +106,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Incoming<S> {
             (Some(params), Some(cfg)) => Some((params, cfg)),
             _ => None,
         };
-        let conn = Connection::new(Role::Server, config.connection.clone(), deflate, now());
+        let conn = Connection::new(Role::Server, config.shared_connection(), deflate, now());
         Ok(WebSocket::from_parts(
             self.stream,
             conn,

@@ -30,7 +30,8 @@ use crate::split::{WsReader, WsWriter, split};
 /// ```
 pub struct WebSocket<S> {
     driver: Driver<S>,
-    protocol: Option<String>,
+    /// Boxed `str`: 8 bytes less per connection than a `String`.
+    protocol: Option<Box<str>>,
 }
 
 impl<S> std::fmt::Debug for WebSocket<S> {
@@ -58,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
         WebSocket {
             driver: Driver::new(stream, conn, write_buffer_high),
-            protocol,
+            protocol: protocol.map(String::into_boxed_str),
         }
     }
 
@@ -89,6 +90,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         poll_fn(|cx| self.driver.poll_ready(cx)).await?;
         self.driver.conn.send(message.into())?;
         Ok(())
+    }
+
+    /// Queues a message at once, even over the high-water mark; follow it
+    /// with [`ready`] to wait for the socket to drain as [`feed`] would have
+    /// before queuing. The pair holds no message across the wait, so a
+    /// connection's task stays small (see `handlers.rs` in walkie-cli).
+    ///
+    /// [`ready`]: WebSocket::ready
+    /// [`feed`]: WebSocket::feed
+    pub fn feed_now(&mut self, message: impl Into<Message>) -> Result<()> {
+        // Errors once the connection is over; gives the queue a pooled
+        // buffer when it has none.
+        self.driver.has_room()?;
+        self.driver.conn.send(message.into())?;
+        Ok(())
+    }
+
+    /// Waits until fewer bytes than the high-water mark are queued: what
+    /// [`feed`] waits for before it queues.
+    ///
+    /// [`feed`]: WebSocket::feed
+    pub async fn ready(&mut self) -> Result<()> {
+        poll_fn(|cx| self.driver.poll_ready(cx)).await
     }
 
     /// Queues a message framed once for many connections, as [`feed`]
@@ -178,6 +202,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// The reader answers pings and runs the keepalive timer, so keep
     /// polling it.
     pub fn split(self) -> (WsReader<S>, WsWriter<S>) {
-        split(self.driver, self.protocol)
+        split(self.driver, self.protocol.map(String::from))
     }
 }

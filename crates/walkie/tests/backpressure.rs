@@ -75,6 +75,51 @@ async fn a_reader_that_resumes_gets_everything() {
     .await;
 }
 
+/// `feed_now` queues at once and `ready` then waits, as `feed` would have
+/// waited before queuing: a peer that reads nothing holds the sender at the
+/// high-water mark plus one message, and one that resumes gets everything.
+#[tokio::test]
+async fn feed_now_then_ready_waits_for_a_slow_reader_and_loses_nothing() {
+    within(20, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (blocked_tx, blocked_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = walkie::accept(tcp, &ServerConfig::default()).await.unwrap();
+            let mut blocked_tx = Some(blocked_tx);
+            for i in 0u32..2000 {
+                ws.feed_now(Message::binary(vec![(i % 251) as u8; 8 * 1024]))
+                    .unwrap();
+                if tokio::time::timeout(Duration::from_millis(200), ws.ready())
+                    .await
+                    .is_err()
+                {
+                    // The reader is not reading: say so, then wait for it.
+                    if let Some(tx) = blocked_tx.take() {
+                        let _ = tx.send(i);
+                    }
+                    ws.ready().await.unwrap();
+                }
+            }
+            ws.flush().await.unwrap();
+            let _ = ws.recv().await;
+        });
+        let mut ws = walkie::connect(&format!("ws://{addr}/")).await.unwrap();
+        let blocked_at = blocked_rx.await.expect("the sender never had to wait");
+        assert!(
+            blocked_at < 1999,
+            "all but the last message queued before any wait"
+        );
+        for i in 0u32..2000 {
+            let m = ws.recv().await.unwrap().unwrap();
+            assert_eq!(m.len(), 8 * 1024);
+            assert_eq!(m.as_bytes()[0], (i % 251) as u8, "message {i}");
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn raw_peer_that_stops_reading_cannot_grow_pong_backlog() {
     within(20, async {

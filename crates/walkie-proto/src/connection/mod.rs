@@ -28,6 +28,7 @@ mod timers;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -117,7 +118,8 @@ struct Compression {
 #[derive(Debug)]
 pub struct Connection {
     role: Role,
-    config: Config,
+    /// Shared with the server's other connections.
+    config: Arc<Config>,
     /// Received bytes not yet consumed by the decoder.
     read_buf: BytesMut,
     /// The frame whose payload is arriving.
@@ -139,7 +141,8 @@ pub struct Connection {
     /// The connection is over for good (failed, timed out, or finished).
     closed: bool,
     /// An error to report from the next `poll_event`.
-    pending_error: Option<Error>,
+    /// Boxed: rare, and every open connection is smaller for it.
+    pending_error: Option<Box<Error>>,
     timers: timers::Timers,
 }
 
@@ -147,9 +150,13 @@ impl Connection {
     /// A connection in the `Open` state. `deflate` holds the parameters
     /// negotiated in the handshake, if compression was agreed; `now` starts
     /// the keepalive clock.
+    ///
+    /// `config` may be a [`Config`] or an `Arc<Config>`: a server passes one
+    /// shared `Arc` to all its connections, which then hold a pointer to
+    /// their settings instead of a copy.
     pub fn new(
         role: Role,
-        config: Config,
+        config: impl Into<Arc<Config>>,
         deflate: Option<(DeflateParams, &DeflateConfig)>,
         now: Instant,
     ) -> Connection {
@@ -174,7 +181,7 @@ impl Connection {
         });
         Connection {
             role,
-            config,
+            config: config.into(),
             read_buf: BytesMut::new(),
             frame: None,
             message: None,

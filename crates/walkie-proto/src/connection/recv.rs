@@ -58,7 +58,7 @@ impl Connection {
     pub fn poll_event(&mut self) -> Result<Option<Event>, Error> {
         if let Some(err) = self.pending_error.take() {
             self.closed = true;
-            return Err(err);
+            return Err(*err);
         }
         if self.closed || self.close_received.is_some() {
             return Ok(None);
@@ -86,7 +86,7 @@ impl Connection {
             self.queue_close(Some(frame));
         }
         self.closed = true;
-        self.pending_error.get_or_insert(err);
+        self.pending_error.get_or_insert_with(|| Box::new(err));
         self.read_buf.clear();
         self.frame = None;
         self.message = None;

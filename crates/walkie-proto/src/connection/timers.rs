@@ -80,7 +80,8 @@ impl Connection {
                 // for the server's FIN: that is not an error.
                 let handshake_done = self.close_sent.is_some() && self.close_received.is_some();
                 if !(handshake_done && self.role == Role::Client) {
-                    self.pending_error.get_or_insert(Error::CloseTimeout);
+                    self.pending_error
+                        .get_or_insert_with(|| Box::new(Error::CloseTimeout));
                 }
             }
             return;
