@@ -76,11 +76,14 @@ pub(crate) struct Driver<S> {
     pub(crate) conn: Connection,
     /// The runtime's shared timers (see `timer.rs`), found on first use.
     timers: Option<Arc<Timers>>,
-    /// The earliest deadline registered with them, and the waker it wakes.
+    /// The earliest deadline registered with them, and the data pointer of
+    /// the waker it wakes (a pointer, not the waker: 8 bytes less for every
+    /// connection; a task's waker keeps its data pointer).
     timer_at: Option<Instant>,
-    timer_waker: Option<Waker>,
-    /// Bytes queued above which senders wait and reading pauses.
-    write_high: usize,
+    timer_task: usize,
+    /// Bytes queued above which senders wait and reading pauses; a `u32`
+    /// (4 GiB at most) to keep the connection small.
+    write_high: u32,
     /// The transport was shut down (or failed): nothing more to do.
     finished: bool,
     /// The end of the connection was reported to the reader.
@@ -94,8 +97,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             conn,
             timers: timer::current(),
             timer_at: None,
-            timer_waker: None,
-            write_high,
+            timer_task: 0,
+            write_high: u32::try_from(write_high).unwrap_or(u32::MAX),
             finished: false,
             reported_end: false,
         }
@@ -142,7 +145,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             return Err(Error::Closed);
         }
         let out = self.conn.data_to_send();
-        if out.len() >= self.write_high {
+        if out.len() >= self.write_high as usize {
             return Ok(false);
         }
         if !out.has_buffer() {
@@ -220,7 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
 
             // A peer that sends (pings, say) but never reads would make our
             // answers pile up: stop reading until they drain.
-            if write_pending && self.conn.data_to_send().len() >= self.write_high {
+            if write_pending && self.conn.data_to_send().len() >= self.write_high as usize {
                 return Poll::Pending;
             }
 
@@ -277,11 +280,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             self.timer_at = None;
             return Poll::Ready(());
         }
+        let task = cx.waker().data() as usize;
         let covered = self.timer_at.is_some_and(|t| t > now && t <= deadline)
-            && self
-                .timer_waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()));
+            && self.timer_task == task
+            && task != 0;
         if !covered {
             if self.timers.is_none() {
                 self.timers = timer::current();
@@ -289,7 +291,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             if let Some(timers) = &self.timers {
                 timers.register(deadline, cx.waker().clone());
                 self.timer_at = Some(deadline);
-                self.timer_waker = Some(cx.waker().clone());
+                self.timer_task = task;
             }
         }
         Poll::Pending

@@ -1,6 +1,7 @@
 //! [`WebSocket`]: an open connection over any async transport.
 
 use std::future::poll_fn;
+use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use walkie_proto::{CloseCode, CloseFrame, Connection, Event, Message, PreparedMessage, Role};
@@ -30,8 +31,10 @@ use crate::split::{WsReader, WsWriter, split};
 /// ```
 pub struct WebSocket<S> {
     driver: Driver<S>,
-    /// Boxed `str`: 8 bytes less per connection than a `String`.
-    protocol: Option<Box<str>>,
+    /// Boxed `String`: one pointer, 16 bytes less per connection than a
+    /// `String`; most connections have none.
+    #[allow(clippy::box_collection, reason = "one pointer where a String is three")]
+    protocol: Option<Box<String>>,
 }
 
 impl<S> std::fmt::Debug for WebSocket<S> {
@@ -59,7 +62,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
         WebSocket {
             driver: Driver::new(stream, conn, write_buffer_high),
-            protocol: protocol.map(String::into_boxed_str),
+            protocol: protocol.map(Box::new),
         }
     }
 
@@ -67,12 +70,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// (see [`WebSocket::close_frame`] for the peer's code), and an error if it
     /// failed; after either, it keeps returning `None`.
     pub async fn recv(&mut self) -> Option<Result<Message>> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The poll form of [`recv`](WebSocket::recv), for a hand-written
+    /// future: one that holds the connection and little else is smaller
+    /// than an `async fn` doing the same (see `handlers.rs` in walkie-cli).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
         loop {
-            match poll_fn(|cx| self.driver.poll_event(cx, None)).await {
-                Ok(Some(Event::Message(m))) => return Some(Ok(m)),
+            match ready!(self.driver.poll_event(cx, None)) {
+                Ok(Some(Event::Message(m))) => return Poll::Ready(Some(Ok(m))),
                 Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(e) => return Some(Err(e)),
+                Ok(None) => return Poll::Ready(None),
+                Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
     }
@@ -112,7 +122,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     ///
     /// [`feed`]: WebSocket::feed
     pub async fn ready(&mut self) -> Result<()> {
-        poll_fn(|cx| self.driver.poll_ready(cx)).await
+        poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    /// The poll form of [`ready`](WebSocket::ready).
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.driver.poll_ready(cx)
     }
 
     /// Queues a message framed once for many connections, as [`feed`]
@@ -156,19 +171,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Closes the connection: sends a close frame, discards messages until the
     /// peer answers (or `close_timeout` passes), and shuts the transport down.
     pub async fn close(&mut self, code: CloseCode, reason: &str) -> Result<()> {
+        self.start_close(code, reason)?;
+        poll_fn(|cx| self.poll_close(cx)).await
+    }
+
+    /// Queues a close frame: the first half of [`close`](WebSocket::close),
+    /// for a hand-written future, which then polls
+    /// [`poll_close`](WebSocket::poll_close). Closing twice is not an error.
+    pub fn start_close(&mut self, code: CloseCode, reason: &str) -> Result<()> {
         match self
             .driver
             .conn
             .send_close(now(), Some(CloseFrame::new(code, reason)))
         {
-            Ok(()) | Err(walkie_proto::SendError::Closing) => {}
-            Err(e) => return Err(e.into()),
+            Ok(()) | Err(walkie_proto::SendError::Closing) => Ok(()),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Discards messages until the closing handshake is over and the
+    /// transport is shut down: the second half of [`close`](WebSocket::close).
+    pub fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         loop {
-            match poll_fn(|cx| self.driver.poll_event(cx, None)).await {
+            match ready!(self.driver.poll_event(cx, None)) {
                 Ok(Some(_)) => continue,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e),
+                Ok(None) => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -180,7 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// The subprotocol negotiated in the handshake.
     pub fn protocol(&self) -> Option<&str> {
-        self.protocol.as_deref()
+        self.protocol.as_deref().map(String::as_str)
     }
 
     /// Whether permessage-deflate was negotiated.
@@ -202,6 +230,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// The reader answers pings and runs the keepalive timer, so keep
     /// polling it.
     pub fn split(self) -> (WsReader<S>, WsWriter<S>) {
-        split(self.driver, self.protocol.map(String::from))
+        split(self.driver, self.protocol.map(|p| *p))
     }
 }

@@ -131,19 +131,25 @@ pub struct Connection {
     /// Boxed: most connections do not compress, and this keeps them small.
     compression: Option<Box<Compression>>,
     out: Outgoing,
-    /// The close frame we sent, if any. Boxed, as the next: only a
-    /// closing connection has one, and every open one is smaller for it.
-    close_sent: Option<Box<Option<CloseFrame>>>,
-    /// The close frame the peer sent, if any.
-    close_received: Option<Box<Option<CloseFrame>>>,
+    /// The close frames and the error of a connection that is ending.
+    /// Boxed: an open connection has none, and is smaller for it.
+    ending: Option<Box<Ending>>,
     /// The transport's read side ended.
     eof: bool,
     /// The connection is over for good (failed, timed out, or finished).
     closed: bool,
-    /// An error to report from the next `poll_event`.
-    /// Boxed: rare, and every open connection is smaller for it.
-    pending_error: Option<Box<Error>>,
     timers: timers::Timers,
+}
+
+/// What only an ending connection has.
+#[derive(Debug, Default)]
+struct Ending {
+    /// The close frame we sent, if any.
+    close_sent: Option<Option<CloseFrame>>,
+    /// The close frame the peer sent, if any.
+    close_received: Option<Option<CloseFrame>>,
+    /// An error to report from the next `poll_event`.
+    pending_error: Option<Error>,
 }
 
 impl Connection {
@@ -188,11 +194,9 @@ impl Connection {
             utf8: Utf8Validator::new(),
             compression,
             out: Outgoing::default(),
-            close_sent: None,
-            close_received: None,
+            ending: None,
             eof: false,
             closed: false,
-            pending_error: None,
             timers: timers::Timers::new(now),
         }
     }
@@ -216,7 +220,7 @@ impl Connection {
     pub fn state(&self) -> State {
         if self.is_closed() {
             State::Closed
-        } else if self.close_sent.is_some() || self.close_received.is_some() {
+        } else if self.close_sent().is_some() || self.close_received().is_some() {
             State::Closing
         } else {
             State::Open
@@ -233,19 +237,24 @@ impl Connection {
         self.closed
             || self.eof
             || (self.role == Role::Server
-                && self.close_sent.is_some()
-                && self.close_received.is_some())
+                && self.close_sent().is_some()
+                && self.close_received().is_some())
     }
 
     /// The close frame the peer sent, once received (`Some(None)` if it had
     /// no status code).
     pub fn close_received(&self) -> Option<&Option<CloseFrame>> {
-        self.close_received.as_deref()
+        self.ending.as_ref().and_then(|e| e.close_received.as_ref())
     }
 
     /// The close frame we sent, if any.
     pub fn close_sent(&self) -> Option<&Option<CloseFrame>> {
-        self.close_sent.as_deref()
+        self.ending.as_ref().and_then(|e| e.close_sent.as_ref())
+    }
+
+    /// The ending state, created on first use.
+    fn ending_mut(&mut self) -> &mut Ending {
+        self.ending.get_or_insert_with(Box::default)
     }
 
     /// Bytes to write to the transport, as a [`bytes::Buf`]. Advance it by

@@ -36,7 +36,7 @@ impl Connection {
     /// Records that bytes were added to [`Connection::read_buffer`] at `now`.
     pub fn handle_read(&mut self, now: Instant) {
         self.timers.on_receive(now);
-        if self.close_received.is_some() || self.closed {
+        if self.close_received().is_some() || self.closed {
             // Nothing may follow the peer's close frame; after failing we
             // read nothing more.
             self.read_buf.clear();
@@ -56,11 +56,11 @@ impl Connection {
     /// over). An error is returned once; a close frame for it is already
     /// queued when the peer is still there to read it.
     pub fn poll_event(&mut self) -> Result<Option<Event>, Error> {
-        if let Some(err) = self.pending_error.take() {
+        if let Some(err) = self.ending.as_mut().and_then(|e| e.pending_error.take()) {
             self.closed = true;
-            return Err(*err);
+            return Err(err);
         }
-        if self.closed || self.close_received.is_some() {
+        if self.closed || self.close_received().is_some() {
             return Ok(None);
         }
         match self.decode() {
@@ -73,7 +73,9 @@ impl Connection {
             Err(e) => {
                 let frame = CloseFrame::new(e.close_code(), &e.to_string());
                 self.fail(Error::Protocol(e.clone()), frame);
-                self.pending_error = None;
+                if let Some(ending) = self.ending.as_mut() {
+                    ending.pending_error = None;
+                }
                 Err(Error::Protocol(e))
             }
         }
@@ -82,11 +84,11 @@ impl Connection {
     /// Fails the connection: queues `frame` unless a close was already
     /// sent, drops unread input, and records `err` for `poll_event`.
     pub(super) fn fail(&mut self, err: Error, frame: CloseFrame) {
-        if self.close_sent.is_none() && !self.eof {
+        if self.close_sent().is_none() && !self.eof {
             self.queue_close(Some(frame));
         }
         self.closed = true;
-        self.pending_error.get_or_insert_with(|| Box::new(err));
+        self.ending_mut().pending_error.get_or_insert(err);
         self.read_buf.clear();
         self.frame = None;
         self.message = None;
@@ -214,7 +216,7 @@ impl Connection {
     ) -> Result<Option<Event>, ProtocolError> {
         match h.opcode {
             OpCode::Ping => {
-                if self.close_sent.is_none() {
+                if self.close_sent().is_none() {
                     self.write_pong(&payload);
                 }
                 Ok(Some(Event::Ping(Bytes::copy_from_slice(&payload))))
@@ -297,12 +299,12 @@ impl Connection {
     /// Section 5.5.1: records the peer's close and answers it.
     fn receive_close(&mut self, payload: &[u8]) -> Result<Event, ProtocolError> {
         let frame = CloseFrame::parse(payload)?;
-        if self.close_sent.is_none() {
+        if self.close_sent().is_none() {
             // Echo the status code, as section 5.5.1 suggests.
             let echo = frame.as_ref().map(|f| CloseFrame::new(f.code, ""));
             self.queue_close(echo);
         }
-        self.close_received = Some(Box::new(frame.clone()));
+        self.ending_mut().close_received = Some(frame.clone());
         if self.role == Role::Client {
             // Wait for the server to close TCP, but not forever.
             self.arm_close_deadline();

@@ -48,7 +48,7 @@ impl Connection {
     /// compression without context takeover); otherwise the message is
     /// framed as by [`Connection::send`].
     pub fn send_prepared(&mut self, prepared: &PreparedMessage) -> Result<(), SendError> {
-        if self.close_sent.is_some() || self.closed {
+        if self.close_sent().is_some() || self.closed {
             return Err(SendError::Closing);
         }
         if self.role == Role::Client {
@@ -96,7 +96,7 @@ impl Connection {
     /// without a status) and starts the `close_timeout` deadline from `now`.
     /// Messages still arrive until the peer answers.
     pub fn send_close(&mut self, now: Instant, frame: Option<CloseFrame>) -> Result<(), SendError> {
-        if self.close_sent.is_some() || self.closed {
+        if self.close_sent().is_some() || self.closed {
             return Err(SendError::Closing);
         }
         if let Some(f) = &frame {
@@ -121,11 +121,11 @@ impl Connection {
             f.encode(&mut payload);
         }
         self.write_frame(OpCode::Close, false, Payload::Slice(&payload));
-        self.close_sent = Some(Box::new(frame));
+        self.ending_mut().close_sent = Some(frame);
     }
 
     fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
-        if self.close_sent.is_some() || self.closed {
+        if self.close_sent().is_some() || self.closed {
             return Err(SendError::Closing);
         }
         if payload.len() > MAX_CONTROL_PAYLOAD {
@@ -136,7 +136,7 @@ impl Connection {
     }
 
     fn send_data(&mut self, opcode: OpCode, payload: Payload<'_>) -> Result<(), SendError> {
-        if self.close_sent.is_some() || self.closed {
+        if self.close_sent().is_some() || self.closed {
             return Err(SendError::Closing);
         }
         let Some(c) = &mut self.compression else {

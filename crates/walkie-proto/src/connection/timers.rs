@@ -50,7 +50,7 @@ impl Connection {
             return None;
         }
         let t = &self.timers;
-        if self.close_sent.is_some() || self.close_received.is_some() {
+        if self.close_sent().is_some() || self.close_received().is_some() {
             // Keepalive stops once closing; only the close deadline remains.
             return t.close_deadline;
         }
@@ -78,15 +78,16 @@ impl Connection {
                 self.closed = true;
                 // A client whose close handshake finished was only waiting
                 // for the server's FIN: that is not an error.
-                let handshake_done = self.close_sent.is_some() && self.close_received.is_some();
+                let handshake_done = self.close_sent().is_some() && self.close_received().is_some();
                 if !(handshake_done && self.role == Role::Client) {
-                    self.pending_error
-                        .get_or_insert_with(|| Box::new(Error::CloseTimeout));
+                    self.ending_mut()
+                        .pending_error
+                        .get_or_insert(Error::CloseTimeout);
                 }
             }
             return;
         }
-        if self.close_sent.is_some() || self.close_received.is_some() {
+        if self.close_sent().is_some() || self.close_received().is_some() {
             return;
         }
         let t = self.timers;
