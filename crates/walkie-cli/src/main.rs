@@ -25,6 +25,7 @@ mod outbox;
 mod publish;
 mod rooms;
 mod serve;
+mod shutdown;
 mod units;
 mod ws;
 

@@ -20,6 +20,7 @@ use walkie_hub::{
 };
 
 use crate::rooms::RoomSettings;
+use crate::shutdown::ShutdownWakers;
 use crate::units::{Toggle, parse_duration, parse_optional_duration, parse_size};
 use crate::{handlers, http, rooms, ws};
 
@@ -169,6 +170,9 @@ impl ServeArgs {
 pub struct AppState {
     pub config: ServerConfig,
     pub shutdown: CancellationToken,
+    /// The chat and echo connections waiting for shutdown, woken with it
+    /// (a few bytes each where `shutdown.cancelled()` costs 72).
+    pub shutdown_wakers: ShutdownWakers,
     /// Channels and fan-out, shared by every worker thread.
     pub hub: Hub,
     /// What Walkie protocol sessions share: the hub, auth, namespaces.
@@ -415,6 +419,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let state = Arc::new(AppState {
         config,
         shutdown: CancellationToken::new(),
+        shutdown_wakers: ShutdownWakers::default(),
         hub,
         node,
         api_key,
@@ -491,6 +496,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             tracker.len()
         );
         state.shutdown.cancel();
+        state.shutdown_wakers.fire();
         tracker.close();
         if tokio::time::timeout(args.shutdown_timeout, tracker.wait())
             .await
