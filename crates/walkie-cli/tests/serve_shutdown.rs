@@ -85,3 +85,59 @@ async fn sigterm_with_no_clients_exits_0_at_once() {
     assert!(status.success(), "exit status {status}");
     eprintln!("exited {:?} after SIGTERM", start.elapsed());
 }
+
+#[tokio::test]
+async fn sigterm_ends_a_connection_paused_for_a_client_that_reads_nothing() {
+    // An echo client that sends and never reads: the server's answers fill
+    // the socket and its queue, and the connection pauses (it stops reading,
+    // or waits for room to queue an answer). Shutdown must still end it (our
+    // close frame cannot get through: after the close timeout, 10 s), not
+    // sit out the 60 s shutdown deadline.
+    let mut server = Server::start(&["--shutdown-timeout", "60s"]);
+    let mut ws = walkie::connect(&server.ws_url("/echo")).await.unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let flood = tokio::spawn(async move {
+        let payload = vec![7u8; 64 * 1024];
+        // Bounded: loopback buffers fill long before 64 MiB.
+        for _ in 0..1024 {
+            if ws.send(Message::binary(payload.clone())).await.is_err() {
+                return;
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        panic!("1024 messages of 64 KiB went through: the server never stopped reading");
+    });
+    // Paused: the count stops moving.
+    within(30, async {
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+            if now == last && now > 0 {
+                break;
+            }
+            last = now;
+        }
+    })
+    .await;
+
+    let start = Instant::now();
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| {
+            panic!(
+                "still running 30 s after SIGTERM; log:\n{}",
+                server.log_text()
+            )
+        });
+    assert!(status.success(), "exit status {status}");
+    let log = server.log_text();
+    assert!(
+        !log.contains("still open after"),
+        "the paused connection outlived the shutdown deadline:\n{log}"
+    );
+    eprintln!("exited {:?} after SIGTERM", start.elapsed());
+    flood.abort();
+}
