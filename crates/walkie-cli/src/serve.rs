@@ -677,7 +677,8 @@ where
     let path = incoming.request().path().to_owned();
     let counted = crate::outbox::Counted::new(&state);
     match path.as_str() {
-        // These two go on in a task of their own (see `handlers.rs`).
+        // These two and rooms go on in a task of their own once open (see
+        // `handlers.rs`).
         "/" => handlers::chat(incoming, peer, &state, counted).await,
         "/echo" => handlers::echo(incoming, peer, &state, counted).await,
         "/ws" => {
@@ -685,8 +686,8 @@ where
             Box::pin(ws::endpoint(incoming, peer, &state)).await;
         }
         p if p.starts_with("/rooms/") => {
-            let _counted = counted;
-            Box::pin(rooms::room(incoming, &p["/rooms/".len()..], peer, &state)).await;
+            let name = &p["/rooms/".len()..];
+            Box::pin(rooms::room(incoming, name, peer, &state, counted)).await;
         }
         path => {
             let message =

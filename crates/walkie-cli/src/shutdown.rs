@@ -94,6 +94,37 @@ impl ShutdownWakers {
     }
 }
 
+/// A [`Slot`] that leaves the list when dropped, for `async` code:
+/// `poll_fn(|cx| waiter.poll(cx))` is a shutdown branch for `select!`.
+#[derive(Debug)]
+pub struct Waiter<'a> {
+    list: &'a ShutdownWakers,
+    slot: Slot,
+}
+
+impl ShutdownWakers {
+    /// A waiter for shutdown, registered on its first poll.
+    pub fn waiter(&self) -> Waiter<'_> {
+        Waiter {
+            list: self,
+            slot: Slot::default(),
+        }
+    }
+}
+
+impl Waiter<'_> {
+    /// Ready once shutdown began.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.list.poll(&mut self.slot, cx)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.list.remove(&mut self.slot);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -146,6 +177,17 @@ mod tests {
                 .is_ready()
         );
         list.remove(&mut sa);
+    }
+
+    #[test]
+    fn a_dropped_waiter_leaves_the_list() {
+        let list = ShutdownWakers::default();
+        let (_, w) = waker();
+        let mut waiter = list.waiter();
+        assert!(waiter.poll(&mut Context::from_waker(&w)).is_pending());
+        assert_eq!(list.lock().len(), 1);
+        drop(waiter);
+        assert_eq!(list.lock().len(), 0);
     }
 
     #[test]
