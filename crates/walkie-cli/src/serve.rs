@@ -677,14 +677,10 @@ where
     let path = incoming.request().path().to_owned();
     let counted = crate::outbox::Counted::new(&state);
     match path.as_str() {
-        // These two and rooms go on in a task of their own once open (see
-        // `handlers.rs`).
+        // Each goes on in a task of its own once open (see `handlers.rs`).
         "/" => handlers::chat(incoming, peer, &state, counted).await,
         "/echo" => handlers::echo(incoming, peer, &state, counted).await,
-        "/ws" => {
-            let _counted = counted;
-            Box::pin(ws::endpoint(incoming, peer, &state)).await;
-        }
+        "/ws" => Box::pin(ws::endpoint(incoming, peer, &state, counted)).await,
         p if p.starts_with("/rooms/") => {
             let name = &p["/rooms/".len()..];
             Box::pin(rooms::room(incoming, name, peer, &state, counted)).await;

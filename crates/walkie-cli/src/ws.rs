@@ -1,6 +1,7 @@
 //! `/ws`: the Walkie protocol (`docs/protocol.md`). This file only moves
 //! messages: `walkie_hub::Session` decides what they mean.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +11,7 @@ use walkie::{CloseCode, Incoming, Message, WebSocket};
 use walkie_hub::protocol::SUBPROTOCOL;
 use walkie_hub::{CloseReason, QueueClosed, Session};
 
-use crate::outbox::{Sent, close_within, send_batch};
+use crate::outbox::{Counted, Sent, close_within, send_batch};
 use crate::serve::AppState;
 
 /// Seconds since the Unix epoch: the session's clock (token expiries are
@@ -21,10 +22,16 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Serves one Walkie protocol connection.
-pub async fn endpoint<S>(incoming: Incoming<S>, peer: SocketAddr, state: &AppState)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
+/// Serves one Walkie protocol connection: the checks and the upgrade here,
+/// then the session in a task of its own, which the request and the
+/// routing do not weigh on for the connection's whole life.
+pub async fn endpoint<S>(
+    incoming: Incoming<S>,
+    peer: SocketAddr,
+    state: &AppState,
+    counted: Counted,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // The request is checked before the upgrade, so that a refusal is an
     // HTTP status with a message.
@@ -52,9 +59,11 @@ where
         }
     };
     let mut session = Session::new(state.node.clone(), now());
-    let why = run(&mut ws, &mut session, state).await;
-    session.close().await;
-    debug!(%peer, client = %session.client_id(), "walkie protocol connection ended: {why}");
+    state.tracker.spawn(async move {
+        let why = run(&mut ws, &mut session, &counted).await;
+        session.close().await;
+        debug!(%peer, client = %session.client_id(), "walkie protocol connection ended: {why}");
+    });
 }
 
 /// Relays until the connection ends; returns why.
@@ -62,8 +71,8 @@ async fn run<S>(ws: &mut WebSocket<S>, session: &mut Session, state: &AppState) 
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let shutdown = state.shutdown.cancelled();
-    tokio::pin!(shutdown);
+    // 16 bytes where `state.shutdown.cancelled()` holds 72.
+    let mut shutdown = state.shutdown_wakers.waiter();
     let mut batch = Vec::new();
     loop {
         let deadline = session.deadline();
@@ -78,7 +87,7 @@ where
         };
         tokio::select! {
             biased;
-            () = &mut shutdown => {
+            () = poll_fn(|cx| shutdown.poll(cx)) => {
                 let _ = ws.close(CloseCode::GOING_AWAY, "server shutting down").await;
                 return "server shutting down".into();
             }
@@ -102,12 +111,15 @@ where
                 return reason.into();
             }
             () = timer => {
-                if let Some(close) = session.handle_timeout(now()).await {
+                // Boxed, as the command below: rare, and large (auth, the
+                // engine's calls); unboxed they would size every session's
+                // task for its whole life.
+                if let Some(close) = Box::pin(session.handle_timeout(now())).await {
                     return close_with(ws, close).await;
                 }
             }
             next = ws.recv() => match next {
-                Some(Ok(Message::Text(text))) => match session.handle_text(&text, now()).await {
+                Some(Ok(Message::Text(text))) => match Box::pin(session.handle_text(&text, now())).await {
                     Ok(reply) => {
                         // Before anything the command queued (a subscribe's
                         // recovered messages): the queue is drained after.
