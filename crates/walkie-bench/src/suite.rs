@@ -30,8 +30,10 @@ pub enum Kind {
         deflate: bool,
         cpu: bool,
     },
-    /// Idle connections; the figure of merit is resident memory per connection.
-    Idle { conns: usize },
+    /// Idle connections; the figure of merit is resident memory per
+    /// connection. `room`: members of one room of the fan-out servers
+    /// (`/rooms/fanout`) instead of echo connections.
+    Idle { conns: usize, room: bool },
     /// One publisher, `subscribers` members of one room, `rate` messages
     /// published per second; the figures of merit are deliveries per
     /// second, losses, latency and the server's CPU per delivery.
@@ -132,12 +134,26 @@ pub fn cases() -> Vec<Case> {
         Case {
             id: "idle-10k",
             title: "RSS per idle connection, 10k connections",
-            kind: Kind::Idle { conns: 10_000 },
+            kind: Kind::Idle {
+                conns: 10_000,
+                room: false,
+            },
         },
         Case {
             id: "idle-50k",
             title: "RSS per idle connection, 50k connections",
-            kind: Kind::Idle { conns: 50_000 },
+            kind: Kind::Idle {
+                conns: 50_000,
+                room: false,
+            },
+        },
+        Case {
+            id: "idle-room-10k",
+            title: "RSS per idle room member, 10k members of one room (the fan-out servers)",
+            kind: Kind::Idle {
+                conns: 10_000,
+                room: true,
+            },
         },
     ]
 }
@@ -473,17 +489,34 @@ fn run_fanout(
 
 /// Opens `conns` idle connections to a fresh server and reports its
 /// resident memory per connection.
-fn run_idle(s: &Settings, peer: &Peer, conns: usize, fd_limit: u64) -> Result<RunResult, String> {
+fn run_idle(
+    s: &Settings,
+    peer: &Peer,
+    conns: usize,
+    room: bool,
+    fd_limit: u64,
+) -> Result<RunResult, String> {
+    if room && !peer.has_fanout() {
+        return Err("not supported by this peer".into());
+    }
     if fd_limit < conns as u64 + 1000 {
         return Err(format!(
             "skipped: this machine's open-file limit ({fd_limit}) is below {conns} connections"
         ));
     }
-    let server = start(peer, s, false)?;
+    let server = if room {
+        start_fanout(peer, s)?
+    } else {
+        start(peer, s, false)?
+    };
     std::thread::sleep(Duration::from_secs(1));
     let pid = server.child.id();
     let before = procfs::rss_bytes(pid).map_err(|e| e.to_string())?;
-    let mut cmd = load_command(s, server.addr);
+    let mut cmd = if room {
+        bench_command(s, "load", server.addr, "/rooms/fanout")
+    } else {
+        load_command(s, server.addr)
+    };
     // Spread over source addresses so ephemeral ports never run out.
     cmd.args([
         "--conns",
@@ -625,13 +658,13 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
         .iter()
         .filter(|c| matches!(c.kind, Kind::Idle { .. }))
     {
-        let Kind::Idle { conns } = case.kind else {
+        let Kind::Idle { conns, room } = case.kind else {
             continue;
         };
         for i in 0..s.runs {
             for peer in &s.peers {
                 bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
-                outcomes.push((slot(case, peer), run_idle(s, peer, conns, fd_limit)));
+                outcomes.push((slot(case, peer), run_idle(s, peer, conns, room, fd_limit)));
                 bar.inc(1);
             }
         }
