@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -240,25 +240,28 @@ impl<S, E> Drop for Answering<S, E> {
     }
 }
 
-/// A peer's address, for the log lines: 19 bytes with no alignment, where a
-/// `SocketAddr` takes 32 (an IPv6 flow label and scope id it does not need).
+/// A peer's address, for the log lines: 23 bytes with no alignment, where a
+/// `SocketAddr` takes 32 (with an IPv6 flow label, which no log shows).
 /// With it an idle connection's task fits in 512 bytes instead of 640.
 #[derive(Clone, Copy)]
 struct Peer {
     ip: [u8; 16],
     port: [u8; 2],
+    /// An IPv6 scope id (`fe80::1%2`).
+    scope: [u8; 4],
     v6: bool,
 }
 
 impl From<SocketAddr> for Peer {
     fn from(addr: SocketAddr) -> Self {
-        let (ip, v6) = match addr.ip() {
-            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), false),
-            IpAddr::V6(v6) => (v6.octets(), true),
+        let (ip, scope, v6) = match addr {
+            SocketAddr::V4(a) => (a.ip().to_ipv6_mapped().octets(), 0, false),
+            SocketAddr::V6(a) => (a.ip().octets(), a.scope_id(), true),
         };
         Peer {
             ip,
             port: addr.port().to_ne_bytes(),
+            scope: scope.to_ne_bytes(),
             v6,
         }
     }
@@ -267,11 +270,11 @@ impl From<SocketAddr> for Peer {
 impl From<Peer> for SocketAddr {
     fn from(peer: Peer) -> Self {
         let v6 = Ipv6Addr::from(peer.ip);
-        let ip = match v6.to_ipv4_mapped() {
-            Some(v4) if !peer.v6 => IpAddr::V4(v4),
-            _ => IpAddr::V6(v6),
-        };
-        SocketAddr::new(ip, u16::from_ne_bytes(peer.port))
+        let port = u16::from_ne_bytes(peer.port);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if !peer.v6 => SocketAddr::new(IpAddr::V4(v4), port),
+            _ => SocketAddrV6::new(v6, port, 0, u32::from_ne_bytes(peer.scope)).into(),
+        }
     }
 }
 
@@ -292,6 +295,7 @@ mod tests {
             "[::1]:443",
             "[::ffff:10.0.0.1]:80",
             "0.0.0.0:0",
+            "[fe80::1%2]:5000",
         ] {
             let addr: SocketAddr = addr.parse().unwrap();
             assert_eq!(SocketAddr::from(Peer::from(addr)), addr);

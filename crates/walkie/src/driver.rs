@@ -281,9 +281,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             return Poll::Ready(());
         }
         let task = cx.waker().data() as usize;
-        let covered = self.timer_at.is_some_and(|t| t > now && t <= deadline)
-            && self.timer_task == task
-            && task != 0;
+        let covered =
+            self.timer_at.is_some_and(|t| t > now && t <= deadline) && self.timer_task == task;
         if !covered {
             if self.timers.is_none() {
                 self.timers = timer::current();
