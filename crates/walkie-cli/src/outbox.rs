@@ -1,6 +1,7 @@
 //! Writing a connection's hub queue to its socket, shared by the rooms and
 //! the Walkie protocol endpoints.
 
+use std::future::poll_fn;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -8,22 +9,27 @@ use walkie::{CloseCode, WebSocket};
 use walkie_hub::QueueClosed;
 
 use crate::serve::AppState;
+use crate::shutdown::Waiter;
 
 /// Why a batch was not all queued for writing.
 pub enum Sent {
     Failed(walkie::Error),
     Closed(QueueClosed),
+    /// The server began shutting down while the socket was full.
+    Shutdown,
 }
 
 /// Queues a batch on the socket. Feeding waits while the socket is over
 /// its high-water mark (a slow reader); meanwhile the hub's queue absorbs
 /// the room's messages up to its limit, and an overflow ends the wait.
 /// What is fed leaves at the next poll of `recv` (writes are corked until
-/// then).
+/// then). Shutdown ends the wait too: a client that reads nothing must not
+/// hold the server past its shutdown.
 pub async fn send_batch<S>(
     ws: &mut WebSocket<S>,
     batch: &mut Vec<walkie_hub::Entry>,
     queue: &walkie_hub::Queue,
+    shutdown: &mut Waiter<'_>,
 ) -> Result<(), Sent>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -45,6 +51,7 @@ where
                 biased;
                 r = fed => r.map_err(Sent::Failed)?,
                 why = queue.closed() => return Err(Sent::Closed(why)),
+                () = poll_fn(|cx| shutdown.poll(cx)) => return Err(Sent::Shutdown),
             }
         }
     }

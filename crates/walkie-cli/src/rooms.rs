@@ -139,8 +139,9 @@ where
             }
             popped = client.queue().pop_all(&mut batch) => {
                 let closed = match popped {
-                    Ok(()) => match send_batch(ws, &mut batch, client.queue()).await {
-                        Ok(()) => continue,
+                    Ok(()) => match send_batch(ws, &mut batch, client.queue(), &mut shutdown).await {
+                        // Shutdown: the first branch closes.
+                        Ok(()) | Err(Sent::Shutdown) => continue,
                         Err(Sent::Failed(e)) => return format!("send failed: {e}"),
                         Err(Sent::Closed(why)) => why,
                     },

@@ -93,8 +93,9 @@ where
             }
             popped = session.queue().pop_all(&mut batch) => {
                 let closed = match popped {
-                    Ok(()) => match send_batch(ws, &mut batch, session.queue()).await {
-                        Ok(()) => continue,
+                    Ok(()) => match send_batch(ws, &mut batch, session.queue(), &mut shutdown).await {
+                        // Shutdown: the first branch closes.
+                        Ok(()) | Err(Sent::Shutdown) => continue,
                         Err(Sent::Failed(e)) => return format!("send failed: {e}"),
                         Err(Sent::Closed(why)) => why,
                     },
@@ -123,7 +124,10 @@ where
                     Ok(reply) => {
                         // Before anything the command queued (a subscribe's
                         // recovered messages): the queue is drained after.
-                        if let Err(e) = ws.feed(Message::text(reply)).await {
+                        // Queued at once: a client that reads nothing is
+                        // paused by `recv` and `send_batch`, which both
+                        // still see shutdown.
+                        if let Err(e) = ws.feed_now(Message::text(reply)) {
                             return format!("send failed: {e}");
                         }
                     }

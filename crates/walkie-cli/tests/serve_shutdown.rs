@@ -141,3 +141,62 @@ async fn sigterm_ends_a_connection_paused_for_a_client_that_reads_nothing() {
     eprintln!("exited {:?} after SIGTERM", start.elapsed());
     flood.abort();
 }
+
+#[tokio::test]
+async fn sigterm_ends_a_room_member_that_reads_nothing_in_a_quiet_room() {
+    // The member's socket is full and messages are still queued for it;
+    // the room then goes quiet, so nothing but shutdown will wake the wait
+    // for room. Shutdown must end it (after the close timeout, 10 s: our
+    // close frame cannot get through), not sit out the 60 s deadline.
+    let mut server = Server::start(&[
+        "--in-memory",
+        "--shutdown-timeout",
+        "60s",
+        "--client-queue",
+        "100000",
+        "--client-queue-bytes",
+        "256M",
+    ]);
+    let _slow = common::RawWs::connect(server.port, "/rooms/quiet", "").await;
+    let ws = walkie::connect(&server.ws_url("/rooms/quiet"))
+        .await
+        .unwrap();
+    let (mut echoes, mut writer) = ws.split();
+    let drain = tokio::spawn(async move { while let Some(Ok(_)) = echoes.recv().await {} });
+    within(10, async {
+        while server
+            .log()
+            .iter()
+            .filter(|l| l.contains("joined room"))
+            .count()
+            < 2
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // 25 MB: more than loopback buffers hold, less than the member's queue.
+    let payload = vec![1u8; 64 * 1024];
+    within(30, async {
+        for _ in 0..400 {
+            writer.send(Message::binary(payload.clone())).await.unwrap();
+        }
+    })
+    .await;
+    // The member is paused, waiting for room.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let start = Instant::now();
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("still running 30 s after SIGTERM: the paused member held it"));
+    assert!(status.success(), "exit status {status}");
+    let log = server.log_text();
+    assert!(
+        !log.contains("still open after"),
+        "the paused member outlived the shutdown deadline:\n{log}"
+    );
+    eprintln!("exited {:?} after SIGTERM", start.elapsed());
+    drain.abort();
+}
