@@ -27,16 +27,16 @@ use std::time::{Duration, Instant};
 /// How often the per-runtime ticker wakes. Deadlines fire up to this late.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
-/// One waiting deadline.
+/// One waiting deadline: 24 bytes, as every idle connection has one.
 struct Entry {
-    at: Instant,
-    seq: u64,
+    /// Nanoseconds after the timers' `base`.
+    at: u64,
     waker: Waker,
 }
 
 impl PartialEq for Entry {
     fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
+        self.at == other.at
     }
 }
 impl Eq for Entry {}
@@ -47,13 +47,13 @@ impl PartialOrd for Entry {
 }
 impl Ord for Entry {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
+        self.at.cmp(&other.at)
     }
 }
 
 /// The deadlines of one runtime's connections, and its coarse clock.
 pub(crate) struct Timers {
-    queue: Mutex<(BinaryHeap<Reverse<Entry>>, u64)>,
+    queue: Mutex<BinaryHeap<Reverse<Entry>>>,
     /// The clock connections read for every message: the time of the
     /// latest tick, as nanoseconds after `base`. Reading it is one atomic
     /// load, where the system clock can cost a system call (in some virtual
@@ -90,27 +90,30 @@ impl Timers {
         self.base + Duration::from_nanos(self.ticked.load(Ordering::Relaxed))
     }
 
+    /// `t` as nanoseconds after `base` (0 for anything before it).
+    fn nanos(&self, t: Instant) -> u64 {
+        let nanos = t.saturating_duration_since(self.base).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX)
+    }
+
     fn set_now(&self, now: Instant) {
-        let nanos = now.saturating_duration_since(self.base).as_nanos();
-        self.ticked
-            .fetch_max(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.ticked.fetch_max(self.nanos(now), Ordering::Relaxed);
     }
 
     /// Wakes `waker` once `at` has passed (within one tick).
     pub(crate) fn register(&self, at: Instant, waker: Waker) {
-        let mut q = lock(&self.queue);
-        q.1 += 1;
-        let seq = q.1;
-        q.0.push(Reverse(Entry { at, seq, waker }));
+        let at = self.nanos(at);
+        lock(&self.queue).push(Reverse(Entry { at, waker }));
     }
 
     /// Wakes every entry due at `now`.
     fn fire(&self, now: Instant) {
+        let now = self.nanos(now);
         let mut due = Vec::new();
         {
             let mut q = lock(&self.queue);
-            while q.0.peek().is_some_and(|e| e.0.at <= now) {
-                if let Some(Reverse(e)) = q.0.pop() {
+            while q.peek().is_some_and(|e| e.0.at <= now) {
+                if let Some(Reverse(e)) = q.pop() {
                     due.push(e.waker);
                 }
             }
