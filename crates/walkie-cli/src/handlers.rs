@@ -225,17 +225,17 @@ where
 }
 
 impl<S, E: Endpoint> Answering<S, E> {
-    /// The connection is over: logs it and leaves the shutdown list.
+    /// The connection is over: logs it. The task then drops it, and its
+    /// shutdown slot leaves the list.
     fn finish(&mut self) {
         self.phase = Phase::Done;
-        self.state.shutdown_wakers.remove(&mut self.shutdown);
         E::ended(&SocketAddr::from(self.peer));
     }
 }
 
 impl<S, E> Drop for Answering<S, E> {
     fn drop(&mut self) {
-        // Dropped unfinished (the runtime going away): leave the list.
+        // Finished, or dropped unfinished (the runtime going away).
         self.state.shutdown_wakers.remove(&mut self.shutdown);
     }
 }

@@ -169,9 +169,11 @@ impl ServeArgs {
 #[derive(Debug)]
 pub struct AppState {
     pub config: ServerConfig,
+    /// Shutdown for the accept loops and the server's own tasks; begin it
+    /// with [`AppState::shut_down`], which also wakes `shutdown_wakers`.
     pub shutdown: CancellationToken,
-    /// The chat and echo connections waiting for shutdown, woken with it
-    /// (a few bytes each where `shutdown.cancelled()` costs 72).
+    /// The open WebSocket connections waiting for shutdown (a few bytes
+    /// each where `shutdown.cancelled()` costs 72).
     pub shutdown_wakers: ShutdownWakers,
     /// Channels and fan-out, shared by every worker thread.
     pub hub: Hub,
@@ -185,6 +187,15 @@ pub struct AppState {
     pub rooms: RoomSettings,
     /// Every connection's task, waited for on shutdown.
     pub tracker: TaskTracker,
+}
+
+impl AppState {
+    /// Begins shutdown: everything waiting on `shutdown` or on
+    /// `shutdown_wakers` is woken.
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+        self.shutdown_wakers.fire();
+    }
 }
 
 impl ServeArgs {
@@ -495,8 +506,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             "shutting down: closing {} connection(s) with 1001",
             tracker.len()
         );
-        state.shutdown.cancel();
-        state.shutdown_wakers.fire();
+        state.shut_down();
         tracker.close();
         if tokio::time::timeout(args.shutdown_timeout, tracker.wait())
             .await

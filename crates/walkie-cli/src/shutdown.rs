@@ -145,37 +145,31 @@ mod tests {
         (count.clone(), Waker::from(count))
     }
 
+    /// Whether `slot` polled with `waker` waits (is not ready).
+    fn waits(list: &ShutdownWakers, slot: &mut Slot, waker: &Waker) -> bool {
+        list.poll(slot, &mut Context::from_waker(waker))
+            .is_pending()
+    }
+
     #[test]
     fn fire_wakes_the_registered_and_readies_everyone() {
         let list = ShutdownWakers::default();
         let (a_count, a) = waker();
         let (b_count, b) = waker();
         let (mut sa, mut sb) = (Slot::default(), Slot::default());
-        assert!(
-            list.poll(&mut sa, &mut Context::from_waker(&a))
-                .is_pending()
-        );
+        assert!(waits(&list, &mut sa, &a));
         // Polled again with the same waker: still one entry.
-        assert!(
-            list.poll(&mut sa, &mut Context::from_waker(&a))
-                .is_pending()
-        );
-        assert!(
-            list.poll(&mut sb, &mut Context::from_waker(&b))
-                .is_pending()
-        );
+        assert!(waits(&list, &mut sa, &a));
+        assert!(waits(&list, &mut sb, &b));
         assert_eq!(list.lock().len(), 2);
         list.remove(&mut sb);
         assert_eq!(list.lock().len(), 1);
         list.fire();
         assert_eq!(a_count.0.load(Ordering::SeqCst), 1);
         assert_eq!(b_count.0.load(Ordering::SeqCst), 0, "removed: not woken");
-        assert!(list.poll(&mut sa, &mut Context::from_waker(&a)).is_ready());
+        assert!(!waits(&list, &mut sa, &a));
         let mut late = Slot::default();
-        assert!(
-            list.poll(&mut late, &mut Context::from_waker(&b))
-                .is_ready()
-        );
+        assert!(!waits(&list, &mut late, &b));
         list.remove(&mut sa);
     }
 
@@ -196,14 +190,8 @@ mod tests {
         let (old_count, old) = waker();
         let (new_count, new) = waker();
         let mut slot = Slot::default();
-        assert!(
-            list.poll(&mut slot, &mut Context::from_waker(&old))
-                .is_pending()
-        );
-        assert!(
-            list.poll(&mut slot, &mut Context::from_waker(&new))
-                .is_pending()
-        );
+        assert!(waits(&list, &mut slot, &old));
+        assert!(waits(&list, &mut slot, &new));
         assert_eq!(list.lock().len(), 1);
         list.fire();
         assert_eq!(old_count.0.load(Ordering::SeqCst), 0);
