@@ -52,7 +52,7 @@ pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
 pub use config::{Config, ConfigError};
-pub use connection::{Connection, Event, Role, State};
+pub use connection::{Buffers, Connection, Event, Role, State};
 pub use deflate::{DeflateConfig, DeflateParams};
 pub use error::{Error, ProtocolError, SendError};
 pub use frame::{FrameHeader, OpCode};

@@ -71,6 +71,17 @@ impl Outgoing {
         (self.tail.capacity() > 0).then(|| std::mem::take(&mut self.tail))
     }
 
+    /// Empties the queue, keeping its memory unless the tail's capacity is
+    /// outside `keep`.
+    pub(crate) fn reset(&mut self, keep: std::ops::RangeInclusive<usize>) {
+        self.chunks.clear();
+        self.tail.clear();
+        self.len = 0;
+        if !keep.contains(&self.tail.capacity()) {
+            self.tail = BytesMut::new();
+        }
+    }
+
     /// Gives an empty queue a buffer to write frames into (from a pool), so
     /// that the next frames need no allocation. Ignored unless the queue is
     /// empty and holds no buffer.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
-use bytes::Buf;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::{poll_read_buf, poll_write_buf};
 use walkie_proto::{Connection, Event};
@@ -25,42 +25,38 @@ const MAX_READ_CHUNK: usize = 256 * 1024;
 
 /// Buffers of idle connections, kept per thread for the next connection
 /// that reads or writes: a busy connection goes idle after every batch, and
-/// reusing buffers spares an allocation and a free each time, while an idle
+/// reusing its buffers spares allocations and frees each time, while an idle
 /// connection holds none.
 mod pool {
     use std::cell::RefCell;
 
-    use bytes::BytesMut;
+    use walkie_proto::Buffers;
 
-    /// Buffers kept per thread at most.
+    /// Buffer sets kept per thread at most.
     const MAX_POOLED: usize = 64;
     /// Buffers smaller than this are not worth keeping; larger ones (after a
     /// big message) are returned to the allocator.
     const KEEP: std::ops::RangeInclusive<usize> = 4096..=64 * 1024;
 
     thread_local! {
-        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+        #[allow(clippy::vec_box, reason = "connections take and give back the boxes themselves")]
+        static SPARE: RefCell<Vec<Box<Buffers>>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// A buffer with at least `min` bytes of room.
-    pub(super) fn take(min: usize) -> BytesMut {
-        SPARE
-            .with(|p| p.borrow_mut().pop())
-            .filter(|b| b.capacity() >= min)
-            .unwrap_or_else(|| BytesMut::with_capacity(min))
+    /// A connection's buffers, from the pool if it has some.
+    pub(super) fn take() -> Box<Buffers> {
+        SPARE.with(|p| p.borrow_mut().pop()).unwrap_or_default()
     }
 
-    /// Keeps `buf` for later, or frees it.
-    pub(super) fn give(mut buf: BytesMut) {
-        buf.clear();
-        if KEEP.contains(&buf.capacity()) {
-            SPARE.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < MAX_POOLED {
-                    p.push(buf);
-                }
-            });
-        }
+    /// Keeps `buffers` for later, or frees them.
+    pub(super) fn give(mut buffers: Box<Buffers>) {
+        buffers.reset(KEEP);
+        SPARE.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < MAX_POOLED {
+                p.push(buffers);
+            }
+        });
     }
 }
 
@@ -76,10 +72,11 @@ pub(crate) struct Driver<S> {
     pub(crate) conn: Connection,
     /// The runtime's shared timers (see `timer.rs`), found on first use.
     timers: Option<Arc<Timers>>,
-    /// The earliest deadline registered with them, and the data pointer of
-    /// the waker it wakes (a pointer, not the waker: 8 bytes less for every
-    /// connection; a task's waker keeps its data pointer).
-    timer_at: Option<Instant>,
+    /// The earliest deadline registered with them (as their nanoseconds,
+    /// 0 for none: 8 bytes where an `Option<Instant>` takes 16), and the
+    /// data pointer of the waker it wakes (a pointer, not the waker: 8 bytes
+    /// less for every connection; a task's waker keeps its data pointer).
+    timer_at: u64,
     timer_task: usize,
     /// Bytes queued above which senders wait and reading pauses; a `u32`
     /// (4 GiB at most) to keep the connection small.
@@ -96,7 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             stream,
             conn,
             timers: timer::current(),
-            timer_at: None,
+            timer_at: 0,
             timer_task: 0,
             write_high: u32::try_from(write_high).unwrap_or(u32::MAX),
             finished: false,
@@ -144,12 +141,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         if self.finished {
             return Err(Error::Closed);
         }
-        let out = self.conn.data_to_send();
-        if out.len() >= self.write_high as usize {
+        if self.conn.queued_len() >= self.write_high as usize {
             return Ok(false);
         }
+        if !self.conn.has_buffers() {
+            self.conn.provide_buffers(pool::take());
+        }
+        let out = self.conn.data_to_send();
         if !out.has_buffer() {
-            out.provide_buffer(pool::take(READ_CHUNK));
+            out.provide_buffer(BytesMut::with_capacity(READ_CHUNK));
         }
         Ok(true)
     }
@@ -223,7 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
 
             // A peer that sends (pings, say) but never reads would make our
             // answers pile up: stop reading until they drain.
-            if write_pending && self.conn.data_to_send().len() >= self.write_high as usize {
+            if write_pending && self.conn.queued_len() >= self.write_high as usize {
                 return Poll::Pending;
             }
 
@@ -231,10 +231,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             // a peer announcing a huge frame gets memory as it sends, not
             // before.
             let want = self.conn.read_hint().clamp(READ_CHUNK, MAX_READ_CHUNK);
+            if !self.conn.has_buffers() {
+                self.conn.provide_buffers(pool::take());
+            }
             let buf = self.conn.read_buffer();
-            if buf.capacity() == 0 {
-                *buf = pool::take(want);
-            } else if buf.capacity() - buf.len() < MIN_READ_SPACE.max(want) {
+            if buf.capacity() - buf.len() < MIN_READ_SPACE.max(want) {
                 buf.reserve(want);
             }
             match poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
@@ -277,21 +278,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     fn poll_timer(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
         let now = self.clock();
         if deadline <= now {
-            self.timer_at = None;
+            self.timer_at = 0;
             return Poll::Ready(());
         }
+        if self.timers.is_none() {
+            self.timers = timer::current();
+        }
+        let Some(timers) = &self.timers else {
+            return Poll::Pending;
+        };
         let task = cx.waker().data() as usize;
-        let covered =
-            self.timer_at.is_some_and(|t| t > now && t <= deadline) && self.timer_task == task;
-        if !covered {
-            if self.timers.is_none() {
-                self.timers = timer::current();
-            }
-            if let Some(timers) = &self.timers {
-                timers.register(deadline, cx.waker().clone());
-                self.timer_at = Some(deadline);
-                self.timer_task = task;
-            }
+        let at = timers.nanos(deadline);
+        let covered = self.timer_at > timers.nanos(now) && self.timer_at <= at;
+        if !(covered && self.timer_task == task) {
+            timers.register(deadline, cx.waker().clone());
+            self.timer_at = at;
+            self.timer_task = task;
         }
         Poll::Pending
     }

@@ -91,7 +91,7 @@ impl Timers {
     }
 
     /// `t` as nanoseconds after `base` (0 for anything before it).
-    fn nanos(&self, t: Instant) -> u64 {
+    pub(crate) fn nanos(&self, t: Instant) -> u64 {
         let nanos = t.saturating_duration_since(self.base).as_nanos();
         u64::try_from(nanos).unwrap_or(u64::MAX)
     }

@@ -84,10 +84,16 @@ pub enum State {
 #[derive(Debug, Clone, Copy)]
 struct PartialFrame {
     header: FrameHeader,
-    len: usize,
     /// Payload bytes at the front of the read buffer already unmasked (and,
     /// for uncompressed text, already validated).
     processed: usize,
+}
+
+impl PartialFrame {
+    /// The payload's length; `check_header` made sure it fits a `usize`.
+    fn len(&self) -> usize {
+        self.header.payload_len as usize
+    }
 }
 
 /// A fragmented or compressed message being assembled.
@@ -120,17 +126,18 @@ pub struct Connection {
     role: Role,
     /// Shared with the server's other connections.
     config: Arc<Config>,
-    /// Received bytes not yet consumed by the decoder.
-    read_buf: BytesMut,
+    /// The read and write buffers, while the connection uses them; an
+    /// idle connection holds none (see [`Connection::release_buffers`]).
+    buffers: Option<Box<Buffers>>,
     /// The frame whose payload is arriving.
     frame: Option<PartialFrame>,
-    /// The message being assembled from several frames, or inflated.
-    message: Option<PartialMessage>,
+    /// The message being assembled from several frames, or inflated. Boxed:
+    /// most messages arrive whole, and an idle connection is smaller for it.
+    message: Option<Box<PartialMessage>>,
     /// Validates the text message in progress as its bytes arrive.
     utf8: Utf8Validator,
     /// Boxed: most connections do not compress, and this keeps them small.
     compression: Option<Box<Compression>>,
-    out: Outgoing,
     /// The close frames and the error of a connection that is ending.
     /// Boxed: an open connection has none, and is smaller for it.
     ending: Option<Box<Ending>>,
@@ -139,6 +146,36 @@ pub struct Connection {
     /// The connection is over for good (failed, timed out, or finished).
     closed: bool,
     timers: timers::Timers,
+}
+
+/// A connection's buffers, in one allocation that a busy connection keeps
+/// and an idle one hands back (to a per-thread pool, say): an idle
+/// connection then costs one null pointer for them.
+#[derive(Debug, Default)]
+pub struct Buffers {
+    /// Received bytes not yet consumed by the decoder.
+    read: BytesMut,
+    /// Bytes waiting to be written.
+    out: Outgoing,
+}
+
+impl Buffers {
+    /// Room allocated for reading, in bytes.
+    pub fn read_capacity(&self) -> usize {
+        self.read.capacity()
+    }
+
+    /// Forgets whatever the buffers hold, keeping their memory, and drops
+    /// buffers whose capacity is not in `keep` (a huge one left by a large
+    /// message, say). For a pool, before keeping them for another
+    /// connection.
+    pub fn reset(&mut self, keep: std::ops::RangeInclusive<usize>) {
+        self.read.clear();
+        if !keep.contains(&self.read.capacity()) {
+            self.read = BytesMut::new();
+        }
+        self.out.reset(keep);
+    }
 }
 
 /// What only an ending connection has.
@@ -188,12 +225,11 @@ impl Connection {
         Connection {
             role,
             config: config.into(),
-            read_buf: BytesMut::new(),
+            buffers: None,
             frame: None,
             message: None,
             utf8: Utf8Validator::new(),
             compression,
-            out: Outgoing::default(),
             ending: None,
             eof: false,
             closed: false,
@@ -257,15 +293,39 @@ impl Connection {
         self.ending.get_or_insert_with(Box::default)
     }
 
+    /// The buffers, created (empty) if the connection has none.
+    fn buffers(&mut self) -> &mut Buffers {
+        self.buffers.get_or_insert_with(Box::default)
+    }
+
     /// Bytes to write to the transport, as a [`bytes::Buf`]. Advance it by
     /// what was written.
     pub fn data_to_send(&mut self) -> &mut Outgoing {
-        &mut self.out
+        &mut self.buffers().out
+    }
+
+    /// How many bytes wait to be written.
+    pub fn queued_len(&self) -> usize {
+        self.buffers.as_ref().map_or(0, |b| b.out.len())
     }
 
     /// Whether anything waits to be written.
     pub fn has_data_to_send(&self) -> bool {
-        !self.out.is_empty()
+        self.queued_len() > 0
+    }
+
+    /// Whether the connection holds buffers.
+    pub fn has_buffers(&self) -> bool {
+        self.buffers.is_some()
+    }
+
+    /// Gives a connection that holds no buffers some to use (from a pool,
+    /// say), so that its next reads and writes need no allocation. Ignored
+    /// when it already has some.
+    pub fn provide_buffers(&mut self, buffers: Box<Buffers>) {
+        if self.buffers.is_none() {
+            self.buffers = Some(buffers);
+        }
     }
 
     /// Drops buffers an idle connection does not need, to keep its memory
@@ -274,16 +334,23 @@ impl Connection {
         self.release_buffers(drop);
     }
 
-    /// Hands the buffers an idle connection does not need to `keep` (a
-    /// per-thread pool, say), leaving empty ones without memory: the read
-    /// buffer when no frame is half-received, the outgoing buffer when
-    /// nothing waits to be sent.
-    pub fn release_buffers(&mut self, mut keep: impl FnMut(BytesMut)) {
-        if self.read_buf.is_empty() && self.frame.is_none() && self.read_buf.capacity() > 0 {
-            keep(std::mem::take(&mut self.read_buf));
-        }
-        if let Some(buf) = self.out.take_buffer() {
-            keep(buf);
+    /// Hands the connection's buffers to `keep` (a per-thread pool, say) if
+    /// it is idle: no frame half-received, nothing waiting to be sent. The
+    /// connection then holds none until it reads or writes again.
+    pub fn release_buffers(&mut self, keep: impl FnOnce(Box<Buffers>)) {
+        let Some(b) = &mut self.buffers else { return };
+        let reading = !b.read.is_empty() || self.frame.is_some();
+        match (reading, b.out.is_empty()) {
+            (false, true) => {
+                if let Some(b) = self.buffers.take() {
+                    keep(b);
+                }
+            }
+            // Half a frame received (a slow sender) or bytes waiting to be
+            // written (a slow reader): only the unused buffer's memory goes.
+            (true, true) => drop(b.out.take_buffer()),
+            (false, false) => b.read = BytesMut::new(),
+            (true, false) => {}
         }
         if let Some(c) = &mut self.compression {
             c.scratch = BytesMut::new();

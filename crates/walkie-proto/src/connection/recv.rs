@@ -15,22 +15,22 @@ use crate::message::{Message, Utf8Bytes};
 impl Connection {
     /// Feeds bytes read from the transport at time `now`.
     pub fn handle_data(&mut self, now: Instant, data: &[u8]) {
-        self.read_buf.extend_from_slice(data);
+        self.buffers().read.extend_from_slice(data);
         self.handle_read(now);
     }
 
     /// The buffer the I/O layer may read into directly, to avoid a copy.
     /// Call [`Connection::handle_read`] after adding bytes to it.
     pub fn read_buffer(&mut self) -> &mut BytesMut {
-        &mut self.read_buf
+        &mut self.buffers().read
     }
 
     /// How many more bytes would complete the frame now arriving (0 when no
     /// frame is in progress): a hint for sizing the next read, so a large
     /// frame needs few reads.
     pub fn read_hint(&self) -> usize {
-        self.frame
-            .map_or(0, |f| f.len.saturating_sub(self.read_buf.len()))
+        let have = self.buffers.as_ref().map_or(0, |b| b.read.len());
+        self.frame.map_or(0, |f| f.len().saturating_sub(have))
     }
 
     /// Records that bytes were added to [`Connection::read_buffer`] at `now`.
@@ -39,7 +39,7 @@ impl Connection {
         if self.close_received().is_some() || self.closed {
             // Nothing may follow the peer's close frame; after failing we
             // read nothing more.
-            self.read_buf.clear();
+            self.clear_input();
         }
     }
 
@@ -89,23 +89,33 @@ impl Connection {
         }
         self.closed = true;
         self.ending_mut().pending_error.get_or_insert(err);
-        self.read_buf.clear();
+        self.clear_input();
         self.frame = None;
         self.message = None;
     }
 
+    /// Drops every received byte not yet decoded.
+    fn clear_input(&mut self) {
+        if let Some(b) = &mut self.buffers {
+            b.read.clear();
+        }
+    }
+
     fn decode(&mut self) -> Result<Option<Event>, ProtocolError> {
+        if self.buffers.is_none() && self.frame.is_none() {
+            // Idle: nothing received.
+            return Ok(None);
+        }
         loop {
             let frame = match self.frame {
                 Some(f) => f,
-                None => match FrameHeader::parse(&self.read_buf)? {
+                None => match FrameHeader::parse(&self.buffers().read)? {
                     None => return Ok(None),
                     Some((header, header_len)) => {
-                        let len = self.check_header(&header)?;
-                        let _ = self.read_buf.split_to(header_len);
+                        self.check_header(&header)?;
+                        let _ = self.buffers().read.split_to(header_len);
                         let f = PartialFrame {
                             header,
-                            len,
                             processed: 0,
                         };
                         self.frame = Some(f);
@@ -113,24 +123,25 @@ impl Connection {
                     }
                 },
             };
-            let available = self.read_buf.len().min(frame.len);
+            let len = frame.len();
+            let available = self.buffers().read.len().min(len);
             if available > frame.processed {
                 self.unmask_and_check(frame, available)?;
             }
-            if available < frame.len {
+            if available < len {
                 return Ok(None);
             }
             self.frame = None;
-            let payload = self.read_buf.split_to(frame.len);
+            let payload = self.buffers().read.split_to(len);
             if let Some(event) = self.complete_frame(frame.header, payload)? {
                 return Ok(Some(event));
             }
         }
     }
 
-    /// Checks the rules that depend on the connection; returns the payload
-    /// length as a `usize`.
-    fn check_header(&mut self, h: &FrameHeader) -> Result<usize, ProtocolError> {
+    /// Checks the rules that depend on the connection, the payload length
+    /// among them: it fits a `usize` once checked.
+    fn check_header(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
         match (self.role, h.mask.is_some()) {
             (Role::Server, false) => return Err(ProtocolError::UnmaskedFrameFromClient),
             (Role::Client, true) => return Err(ProtocolError::MaskedFrameFromServer),
@@ -170,7 +181,7 @@ impl Connection {
                 self.utf8.reset();
             }
         }
-        Ok(len)
+        Ok(())
     }
 
     /// Whether the data frame in progress carries uncompressed text, which is
@@ -193,13 +204,17 @@ impl Connection {
         frame: PartialFrame,
         available: usize,
     ) -> Result<(), ProtocolError> {
-        let new = &mut self.read_buf[frame.processed..available];
+        let text = self.streams_text(&frame.header);
+        let Some(b) = &mut self.buffers else {
+            return Ok(());
+        };
+        let new = &mut b.read[frame.processed..available];
         if let Some(key) = frame.header.mask {
             apply_mask(new, key, frame.processed);
         }
-        if self.streams_text(&frame.header) {
+        if text {
             self.utf8
-                .feed(&self.read_buf[frame.processed..available])
+                .feed(new)
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
         }
         if let Some(f) = &mut self.frame {
@@ -234,11 +249,11 @@ impl Connection {
                 })))
             }
             OpCode::Text | OpCode::Binary => {
-                self.message = Some(PartialMessage {
+                self.message = Some(Box::new(PartialMessage {
                     text: h.opcode == OpCode::Text,
                     compressed: h.rsv1,
                     data: Vec::new(),
-                });
+                }));
                 self.append_fragment(&payload, h.fin)
             }
             OpCode::Continuation => self.append_fragment(&payload, h.fin),
@@ -309,7 +324,7 @@ impl Connection {
             // Wait for the server to close TCP, but not forever.
             self.arm_close_deadline();
         }
-        self.read_buf.clear();
+        self.clear_input();
         Ok(Event::Close(frame))
     }
 }

@@ -62,11 +62,12 @@ impl Connection {
             },
             Some(_) => return self.send(prepared.message().clone()),
         };
+        let out = &mut self.buffers().out;
         if frame.len() >= COPY_THRESHOLD {
-            self.out.push_chunk(frame.clone());
+            out.push_chunk(frame.clone());
         } else {
-            self.out.tail().put_slice(frame);
-            self.out.commit_tail(frame.len());
+            out.tail().put_slice(frame);
+            out.commit_tail(frame.len());
         }
         Ok(())
     }
@@ -175,14 +176,15 @@ impl Connection {
             mask,
             payload_len: payload.as_slice().len() as u64,
         };
-        let tail = self.out.tail();
+        let out = &mut self.buffers().out;
+        let tail = out.tail();
         let start = tail.len();
         match payload {
             Payload::Shared(bytes) if mask.is_none() && bytes.len() >= COPY_THRESHOLD => {
                 header.encode(tail);
                 let n = tail.len() - start;
-                self.out.commit_tail(n);
-                self.out.push_chunk(bytes);
+                out.commit_tail(n);
+                out.push_chunk(bytes);
             }
             payload => {
                 let data = payload.as_slice();
@@ -194,7 +196,7 @@ impl Connection {
                     apply_mask(&mut tail[body..], key, 0);
                 }
                 let n = tail.len() - start;
-                self.out.commit_tail(n);
+                out.commit_tail(n);
             }
         }
     }

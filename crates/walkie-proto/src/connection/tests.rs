@@ -748,3 +748,68 @@ fn two_cores_exchange_every_message_kind() {
         ]
     );
 }
+
+// ------------------------------------------------------- idle buffers
+
+#[test]
+fn an_idle_connection_hands_back_its_buffers_and_works_with_new_ones() {
+    let (mut c, mut s) = (client(), server());
+    assert!(!s.has_buffers(), "a new connection holds no buffers");
+    c.send_text("one").unwrap();
+    transfer(&mut c, &mut s);
+    assert_eq!(
+        events(&mut s),
+        vec![Ok(Event::Message(Message::Text("one".into())))]
+    );
+    s.send_text("answer").unwrap();
+    let mut kept = Vec::new();
+    // Something waits to be sent: the buffers stay.
+    s.release_buffers(|b| kept.push(b));
+    assert!(kept.is_empty() && s.has_buffers());
+    transfer(&mut s, &mut c);
+    s.release_buffers(|b| kept.push(b));
+    assert_eq!(kept.len(), 1);
+    assert!(!s.has_buffers() && !s.has_data_to_send());
+    assert_eq!(events(&mut s), vec![], "nothing to decode without buffers");
+
+    // The pool's buffers serve the next message, reset first.
+    let mut b = kept.pop().unwrap();
+    b.reset(0..=usize::MAX);
+    s.provide_buffers(b);
+    c.send_binary(&[7; 3000]).unwrap();
+    transfer(&mut c, &mut s);
+    assert_eq!(
+        events(&mut s),
+        vec![Ok(Event::Message(Message::Binary(Bytes::from(vec![
+            7;
+            3000
+        ]))))]
+    );
+}
+
+#[test]
+fn a_half_received_frame_keeps_the_read_buffer_only() {
+    let (mut c, mut s) = (client(), server());
+    c.send_binary(&[1; 2000]).unwrap();
+    let wire = take_output(&mut c);
+    s.handle_data(t0(), &wire[..1000]);
+    assert_eq!(events(&mut s), vec![]);
+    s.send_text("meanwhile").unwrap();
+    transfer(&mut s, &mut c);
+    let mut kept = 0;
+    s.release_buffers(|_| kept += 1);
+    assert_eq!(kept, 0, "half a frame is still in the read buffer");
+    assert!(s.has_buffers());
+    assert!(
+        !s.data_to_send().has_buffer(),
+        "the empty write buffer's memory went"
+    );
+    s.handle_data(t0(), &wire[1000..]);
+    assert_eq!(
+        events(&mut s),
+        vec![Ok(Event::Message(Message::Binary(Bytes::from(vec![
+            1;
+            2000
+        ]))))]
+    );
+}
