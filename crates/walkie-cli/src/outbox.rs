@@ -46,16 +46,32 @@ where
             {
                 continue;
             }
-            let fed = ws.feed_prepared(&queued.message);
-            tokio::select! {
-                biased;
-                r = fed => r.map_err(Sent::Failed)?,
-                why = queue.closed() => return Err(Sent::Closed(why)),
-                () = poll_fn(|cx| shutdown.poll(cx)) => return Err(Sent::Shutdown),
-            }
+            // Boxed: the wait's futures (160 bytes) would otherwise be part
+            // of every room member's task for its whole life, and this path
+            // is only taken for a client that reads slower than the room.
+            Box::pin(feed_when_room(ws, &queued.message, queue, shutdown)).await?;
         }
     }
     Ok(())
+}
+
+/// Waits until the socket has room for `message` and queues it; the
+/// queue's closing (an overflow) and shutdown end the wait.
+async fn feed_when_room<S>(
+    ws: &mut WebSocket<S>,
+    message: &walkie::PreparedMessage,
+    queue: &walkie_hub::Queue,
+    shutdown: &mut Waiter<'_>,
+) -> Result<(), Sent>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        biased;
+        r = ws.feed_prepared(message) => r.map_err(Sent::Failed),
+        why = queue.closed() => Err(Sent::Closed(why)),
+        () = poll_fn(|cx| shutdown.poll(cx)) => Err(Sent::Shutdown),
+    }
 }
 
 /// Closes, giving up after the close timeout even if the peer reads
