@@ -74,6 +74,10 @@ impl Outgoing {
     /// Empties the queue, keeping its memory unless the tail's capacity is
     /// outside `keep`.
     pub(crate) fn reset(&mut self, keep: std::ops::RangeInclusive<usize>) {
+        // A deque grown by a burst of large messages is not carried around.
+        if self.chunks.capacity() > 8 {
+            self.chunks = VecDeque::new();
+        }
         self.chunks.clear();
         self.tail.clear();
         self.len = 0;
@@ -82,8 +86,8 @@ impl Outgoing {
         }
     }
 
-    /// Gives an empty queue a buffer to write frames into (from a pool), so
-    /// that the next frames need no allocation. Ignored unless the queue is
+    /// Gives an empty queue a buffer to write frames into, so that the next
+    /// frames need no allocation. Ignored unless the queue is
     /// empty and holds no buffer.
     pub fn provide_buffer(&mut self, mut buf: BytesMut) {
         if self.len == 0 && self.tail.capacity() == 0 {

@@ -144,14 +144,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         if self.conn.queued_len() >= self.write_high as usize {
             return Ok(false);
         }
-        if !self.conn.has_buffers() {
-            self.conn.provide_buffers(pool::take());
-        }
+        self.ensure_buffers();
         let out = self.conn.data_to_send();
         if !out.has_buffer() {
             out.provide_buffer(BytesMut::with_capacity(READ_CHUNK));
         }
         Ok(true)
+    }
+
+    /// Gives the connection buffers from the pool if it has none, before
+    /// anything is read or written: otherwise the core would make empty
+    /// ones, and the first read or write would allocate.
+    pub(crate) fn ensure_buffers(&mut self) {
+        if !self.conn.has_buffers() {
+            self.conn.provide_buffers(pool::take());
+        }
     }
 
     /// Flushes what is queued and shuts the transport down.
@@ -216,6 +223,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             if let Some(deadline) = self.conn.poll_timeout() {
                 if self.poll_timer(deadline, cx).is_ready() {
                     let now = self.clock();
+                    // A keepalive ping may be written: into pooled buffers.
+                    self.ensure_buffers();
                     self.conn.handle_timeout(now);
                     continue;
                 }
@@ -231,9 +240,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             // a peer announcing a huge frame gets memory as it sends, not
             // before.
             let want = self.conn.read_hint().clamp(READ_CHUNK, MAX_READ_CHUNK);
-            if !self.conn.has_buffers() {
-                self.conn.provide_buffers(pool::take());
-            }
+            self.ensure_buffers();
             let buf = self.conn.read_buffer();
             if buf.capacity() - buf.len() < MIN_READ_SPACE.max(want) {
                 buf.reserve(want);
@@ -251,8 +258,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 }
                 Poll::Pending => {
                     // Going idle: an idle connection holds no buffers. The
-                    // allocator's per-thread caches make taking them again
-                    // on the next read cheap.
+                    // per-thread pool gives them back, with their memory, on
+                    // the next read or write.
                     if !self.conn.has_data_to_send() {
                         self.conn.release_buffers(pool::give);
                     }

@@ -187,6 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
     pub async fn close(&mut self, code: CloseCode, reason: &str) -> Result<()> {
         {
             let mut d = lock(&self.shared.driver);
+            d.ensure_buffers();
             match d
                 .conn
                 .send_close(now(), Some(CloseFrame::new(code, reason)))

@@ -179,6 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// for a hand-written future, which then polls
     /// [`poll_close`](WebSocket::poll_close). Closing twice is not an error.
     pub fn start_close(&mut self, code: CloseCode, reason: &str) -> Result<()> {
+        self.driver.ensure_buffers();
         match self
             .driver
             .conn

@@ -11,12 +11,17 @@
 //!    polling applies backpressure to the peer.
 //! 3. The application sends with [`Connection::send`] and the other `send_*`
 //!    methods.
-//! 4. Everything in [`Connection::data_to_send`] is written to the transport
-//!    (it is a [`bytes::Buf`]; one vectored write takes it all).
+//! 4. While [`Connection::has_data_to_send`], what [`Connection::data_to_send`]
+//!    holds is written to the transport (it is a [`bytes::Buf`]; one vectored
+//!    write takes it all).
 //! 5. The I/O layer sleeps until [`Connection::poll_timeout`] and then calls
 //!    [`Connection::handle_timeout`].
-//! 6. Once [`Connection::is_closed`] is true and `data_to_send` is empty, the
+//! 6. Once [`Connection::is_closed`] is true and nothing is left to send, the
 //!    transport is closed.
+//!
+//! A connection going idle (a read would block, nothing to send) can hand
+//! its buffers back with [`Connection::release_buffers`], and get some again
+//! with [`Connection::provide_buffers`]; without them it makes its own.
 //!
 //! Errors from the peer never panic: they fail the connection with the close
 //! code RFC 6455 assigns and come out of `poll_event` once as an [`Error`].
@@ -299,7 +304,9 @@ impl Connection {
     }
 
     /// Bytes to write to the transport, as a [`bytes::Buf`]. Advance it by
-    /// what was written.
+    /// what was written. An idle connection holds no buffers and this makes
+    /// empty ones: use [`Connection::has_data_to_send`] or
+    /// [`Connection::queued_len`] to check whether anything waits.
     pub fn data_to_send(&mut self) -> &mut Outgoing {
         &mut self.buffers().out
     }
@@ -321,9 +328,12 @@ impl Connection {
 
     /// Gives a connection that holds no buffers some to use (from a pool,
     /// say), so that its next reads and writes need no allocation. Ignored
-    /// when it already has some.
-    pub fn provide_buffers(&mut self, buffers: Box<Buffers>) {
+    /// when it already has some. Whatever `buffers` still hold is dropped:
+    /// only their memory is used.
+    pub fn provide_buffers(&mut self, mut buffers: Box<Buffers>) {
         if self.buffers.is_none() {
+            buffers.read.clear();
+            buffers.out.reset(0..=usize::MAX);
             self.buffers = Some(buffers);
         }
     }
@@ -336,7 +346,10 @@ impl Connection {
 
     /// Hands the connection's buffers to `keep` (a per-thread pool, say) if
     /// it is idle: no frame half-received, nothing waiting to be sent. The
-    /// connection then holds none until it reads or writes again.
+    /// connection then holds none until it reads or writes again. Otherwise
+    /// the memory of whichever buffer is empty is freed: the write buffer's
+    /// while half a frame sits in the read buffer (a slow sender), the read
+    /// buffer's while output waits (a slow reader).
     pub fn release_buffers(&mut self, keep: impl FnOnce(Box<Buffers>)) {
         let Some(b) = &mut self.buffers else { return };
         let reading = !b.read.is_empty() || self.frame.is_some();

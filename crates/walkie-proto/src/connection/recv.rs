@@ -205,10 +205,8 @@ impl Connection {
         available: usize,
     ) -> Result<(), ProtocolError> {
         let text = self.streams_text(&frame.header);
-        let Some(b) = &mut self.buffers else {
-            return Ok(());
-        };
-        let new = &mut b.read[frame.processed..available];
+        let new =
+            &mut self.buffers.get_or_insert_with(Box::default).read[frame.processed..available];
         if let Some(key) = frame.header.mask {
             apply_mask(new, key, frame.processed);
         }
