@@ -34,53 +34,90 @@ pub async fn send_batch<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for entry in batch.drain(..) {
-        // A shared batch is read in place: no message is cloned.
-        for queued in entry.messages() {
-            // The common case: the socket's buffer has room and the message
-            // is queued at once, without arming a wait on the queue's
-            // closing (a lock and a waiter per message).
-            if ws
-                .try_feed_prepared(&queued.message)
-                .map_err(Sent::Failed)?
-            {
-                continue;
-            }
-            // Boxed: the wait's futures (160 bytes) would otherwise be part
-            // of every room member's task for its whole life, and this path
-            // is only taken for a client that reads slower than the room.
-            Box::pin(feed_when_room(ws, &queued.message, queue, shutdown)).await?;
-        }
-    }
-    Ok(())
+    // The common case, with no await: the socket's buffer has room and
+    // every message is queued at once, without arming a wait on the
+    // queue's closing (a lock and a waiter per message). The rest, for a
+    // client that reads slower than its room, is boxed: its futures would
+    // otherwise be part of every member's task for its whole life.
+    let result = match feed_while_room(ws, batch) {
+        Ok(None) => Ok(()),
+        Ok(Some(at)) => Box::pin(feed_rest(ws, batch, at, queue, shutdown)).await,
+        Err(e) => Err(Sent::Failed(e)),
+    };
+    batch.clear();
+    result
 }
 
-/// Waits until the socket has room for `message` and queues it; the
-/// queue's closing (an overflow) and shutdown end the wait.
-async fn feed_when_room<S>(
+/// Where feeding a batch stopped: the entry, and the message in it.
+#[derive(Debug, Clone, Copy)]
+struct Position(usize, usize);
+
+/// Queues the batch's messages while the socket has room, in order (a
+/// shared batch is read in place: no message is cloned); returns where it
+/// stopped, if it did.
+fn feed_while_room<S>(
     ws: &mut WebSocket<S>,
-    message: &walkie::PreparedMessage,
+    batch: &[walkie_hub::Entry],
+) -> Result<Option<Position>, walkie::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for (e, entry) in batch.iter().enumerate() {
+        for (m, queued) in entry.messages().iter().enumerate() {
+            if !ws.try_feed_prepared(&queued.message)? {
+                return Ok(Some(Position(e, m)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Queues the batch's messages from `at` on, waiting for socket room
+/// before each one that does not fit; the queue's closing (an overflow)
+/// and shutdown end the wait.
+async fn feed_rest<S>(
+    ws: &mut WebSocket<S>,
+    batch: &[walkie_hub::Entry],
+    Position(first_entry, first_message): Position,
     queue: &walkie_hub::Queue,
     shutdown: &mut Waiter<'_>,
 ) -> Result<(), Sent>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::select! {
-        biased;
-        r = ws.feed_prepared(message) => r.map_err(Sent::Failed),
-        why = queue.closed() => Err(Sent::Closed(why)),
-        () = poll_fn(|cx| shutdown.poll(cx)) => Err(Sent::Shutdown),
+    for (e, entry) in batch.iter().enumerate().skip(first_entry) {
+        let skip = if e == first_entry { first_message } else { 0 };
+        for queued in entry.messages().iter().skip(skip) {
+            if ws
+                .try_feed_prepared(&queued.message)
+                .map_err(Sent::Failed)?
+            {
+                continue;
+            }
+            tokio::select! {
+                biased;
+                r = ws.feed_prepared(&queued.message) => r.map_err(Sent::Failed)?,
+                why = queue.closed() => return Err(Sent::Closed(why)),
+                () = poll_fn(|cx| shutdown.poll(cx)) => return Err(Sent::Shutdown),
+            }
+        }
     }
+    Ok(())
 }
 
 /// Closes, giving up after the close timeout even if the peer reads
-/// nothing (a slow consumer's socket may be full).
+/// nothing (a slow consumer's socket may be full). Boxed: the timeout's
+/// state would otherwise be part of every connection's task, for a path
+/// taken once at the end.
 pub async fn close_within<S>(ws: &mut WebSocket<S>, code: CloseCode, reason: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(code, reason)).await;
+    let close = Box::pin(tokio::time::timeout(
+        Duration::from_secs(5),
+        ws.close(code, reason),
+    ));
+    let _ = close.await;
 }
 
 /// Counts an open WebSocket connection in the node's metrics while alive,

@@ -172,7 +172,10 @@ where
                         history: Some(state.rooms.history),
                         ..PublishOptions::default()
                     };
-                    if let Err(e) = state.hub.publish(channel.clone(), publication, options).await {
+                    // Boxed: kept inline, the publish's state would be part
+                    // of every member's task for its whole life.
+                    let published = Box::pin(state.hub.publish(channel.clone(), publication, options));
+                    if let Err(e) = published.await {
                         warn!(room = %channel, "publish failed: {e}");
                         let _ = ws.close(CloseCode::INTERNAL_ERROR, "could not publish; try again").await;
                         return format!("publish failed: {e}");

@@ -262,3 +262,47 @@ async fn a_member_that_reads_nothing_is_cut_off_and_the_others_are_not() {
     })
     .await;
 }
+
+/// A member that stops reading for a while makes the server wait for
+/// socket room in the middle of a batch; once it reads again it gets every
+/// message, in order, once.
+#[tokio::test]
+async fn a_member_that_pauses_reading_catches_up_in_order() {
+    let server = Server::start(&[
+        "--in-memory",
+        "--client-queue",
+        "100000",
+        "--client-queue-bytes",
+        "64M",
+    ]);
+    within(60, async {
+        let mut paused = RawWs::connect(server.port, "/rooms/pause", "").await;
+        let (mut echoes, mut writer) = join(&server, "/rooms/pause").await.split();
+        let drain = tokio::spawn(async move { while let Some(Ok(_)) = echoes.recv().await {} });
+        joined(&server, "pause", 2).await;
+        // 12 MB: far more than the socket buffers and the server's write
+        // high-water mark, so the server has to wait for room many times.
+        let total = 1500u32;
+        let filler = vec![b'y'; 8 * 1024];
+        for i in 0..total {
+            let mut m = i.to_be_bytes().to_vec();
+            m.extend_from_slice(&filler);
+            writer.send(m).await.unwrap();
+        }
+        // Still not reading: the server is stuck mid-batch by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 0..total {
+            let f = tokio::time::timeout(Duration::from_secs(20), paused.read_frame())
+                .await
+                .unwrap_or_else(|_| panic!("message {i}: nothing within 20 s"))
+                .unwrap_or_else(|| panic!("message {i}: the connection ended"));
+            assert_eq!(f.opcode, 0x2, "message {i}");
+            assert_eq!(f.payload.len(), 4 + filler.len(), "message {i}");
+            let n = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+            assert_eq!(n, i, "out of order, lost or repeated");
+        }
+        let _ = writer.close(CloseCode::NORMAL, "").await;
+        drain.abort();
+    })
+    .await;
+}
