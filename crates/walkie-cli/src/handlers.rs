@@ -290,6 +290,26 @@ impl std::fmt::Display for Peer {
 mod tests {
     use super::*;
 
+    /// Every idle chat or echo connection is one of these in a tokio task;
+    /// tokio rounds a task to 128 bytes, and up to 272 bytes of future
+    /// make a 384-byte task (one byte more: 512). See "Idle memory" in
+    /// docs/performance.md.
+    #[test]
+    fn an_idle_connection_fits_a_384_byte_task() {
+        struct Quiet;
+        impl Endpoint for Quiet {
+            fn reply(_: Message) -> Option<Message> {
+                None
+            }
+            fn ended(_: &SocketAddr) {}
+        }
+        let size = std::mem::size_of::<Answering<tokio::net::TcpStream, Quiet>>();
+        assert!(
+            size <= 272,
+            "Answering is {size} bytes: its task would be 512"
+        );
+    }
+
     #[test]
     fn a_peer_keeps_its_address() {
         for addr in [
