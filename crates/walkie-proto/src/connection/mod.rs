@@ -165,11 +165,6 @@ pub struct Buffers {
 }
 
 impl Buffers {
-    /// Room allocated for reading, in bytes.
-    pub fn read_capacity(&self) -> usize {
-        self.read.capacity()
-    }
-
     /// Forgets whatever the buffers hold, keeping their memory, and drops
     /// buffers whose capacity is not in `keep` (a huge one left by a large
     /// message, say). For a pool, before keeping them for another
@@ -329,11 +324,13 @@ impl Connection {
     /// Gives a connection that holds no buffers some to use (from a pool,
     /// say), so that its next reads and writes need no allocation. Ignored
     /// when it already has some. Whatever `buffers` still hold is dropped:
-    /// only their memory is used.
+    /// only their memory is used (a pool's buffers were already emptied by
+    /// [`Buffers::reset`], and are not cleared again).
     pub fn provide_buffers(&mut self, mut buffers: Box<Buffers>) {
         if self.buffers.is_none() {
-            buffers.read.clear();
-            buffers.out.reset(0..=usize::MAX);
+            if !buffers.read.is_empty() || !buffers.out.is_empty() {
+                buffers.reset(0..=usize::MAX);
+            }
             self.buffers = Some(buffers);
         }
     }

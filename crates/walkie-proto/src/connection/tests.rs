@@ -772,10 +772,8 @@ fn an_idle_connection_hands_back_its_buffers_and_works_with_new_ones() {
     assert!(!s.has_buffers() && !s.has_data_to_send());
     assert_eq!(events(&mut s), vec![], "nothing to decode without buffers");
 
-    // The pool's buffers serve the next message, reset first.
-    let mut b = kept.pop().unwrap();
-    b.reset(0..=usize::MAX);
-    s.provide_buffers(b);
+    // Given back, the same buffers serve the next message.
+    s.provide_buffers(kept.pop().unwrap());
     c.send_binary(&[7; 3000]).unwrap();
     transfer(&mut c, &mut s);
     assert_eq!(
@@ -784,6 +782,27 @@ fn an_idle_connection_hands_back_its_buffers_and_works_with_new_ones() {
             7;
             3000
         ]))))]
+    );
+}
+
+#[test]
+fn provided_buffers_that_still_hold_bytes_are_emptied_first() {
+    let (mut c, mut s) = (client(), server());
+    // A box holding half a frame and some output, as a careless pool
+    // might hand over.
+    let (mut stale_c, mut stale_s) = (client(), server());
+    stale_c.send_binary(&[9; 2000]).unwrap();
+    let wire = take_output(&mut stale_c);
+    stale_s.handle_data(t0(), &wire[..1000]);
+    stale_s.send_text("stale").unwrap();
+    let stale = stale_s.buffers.take().unwrap();
+    s.provide_buffers(stale);
+    assert!(!s.has_data_to_send(), "stale output was not dropped");
+    c.send_text("fresh").unwrap();
+    transfer(&mut c, &mut s);
+    assert_eq!(
+        events(&mut s),
+        vec![Ok(Event::Message(Message::Text("fresh".into())))]
     );
 }
 
