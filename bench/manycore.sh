@@ -8,6 +8,7 @@
 # starts Redis and NATS (redis-server, nats-server on PATH) unless they run.
 #
 #   bench/manycore.sh [RUNS] [DURATION]      # defaults 3 3s
+#   SCALEOUT=0 bench/manycore.sh             # the suite's cases only
 #
 # Reports go to $WALKIE_BENCH_OUT (default target/bench-manycore).
 set -uo pipefail
@@ -29,6 +30,8 @@ suite() { # out-subdir peers cases
 }
 suite fanout walkie,uws "${FANOUT_CASES:-fanout-1k,fanout-10k}"
 suite echo "${PEERS:-walkie,uws,fastwebsockets,reflector}" "${ECHO_CASES:-cpu-100x32,echo-1000x32,echo-100x32}"
+suite more "${MORE_PEERS:-walkie,fastwebsockets,uws}" "${MORE_CASES:-echo-1x32,echo-100x16k,pipe-100x32}"
+if [ "${SCALEOUT:-1}" = 0 ]; then exit 0; fi
 started=()
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   taskset -c 3 redis-server --port 6379 --save '' --appendonly no >"$out/redis.log" 2>&1 &
