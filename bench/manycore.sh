@@ -8,7 +8,9 @@
 # starts Redis and NATS (redis-server, nats-server on PATH) unless they run.
 #
 #   bench/manycore.sh [RUNS] [DURATION]      # defaults 3 3s
-#   SCALEOUT=0 bench/manycore.sh             # the suite's cases only
+#   SCALEOUT=0 bench/manycore.sh 3 2s        # the suite's cases only: about 7 minutes
+#
+# bench/pack.sh packs the binaries for a machine that cannot build them.
 #
 # Reports go to $WALKIE_BENCH_OUT (default target/bench-manycore).
 set -uo pipefail
@@ -29,8 +31,9 @@ suite() { # out-subdir peers cases
     --runs "$runs" --duration "$dur" --warmup 1s --server-cpu 0 --load-cpus 4-11
 }
 suite fanout walkie,uws "${FANOUT_CASES:-fanout-1k,fanout-10k}"
-suite echo "${PEERS:-walkie,uws,fastwebsockets,reflector}" "${ECHO_CASES:-cpu-100x32,echo-1000x32,echo-100x32}"
-suite more "${MORE_PEERS:-walkie,fastwebsockets,uws}" "${MORE_CASES:-echo-1x32,echo-100x16k,pipe-100x32}"
+suite echo "${PEERS:-walkie,uws,fastwebsockets,yawc,reflector}" "${ECHO_CASES:-cpu-100x32,echo-1000x32,echo-100x32}"
+suite more "${MORE_PEERS:-walkie,uws,fastwebsockets,yawc}" "${MORE_CASES:-echo-1x32,echo-100x16k,pipe-100x32}"
+suite cpu16k "${CPU16K_PEERS:-walkie,uws,fastwebsockets,tokio-websockets,yawc,reflector}" cpu-100x16k
 if [ "${SCALEOUT:-1}" = 0 ]; then exit 0; fi
 started=()
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
