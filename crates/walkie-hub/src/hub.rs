@@ -54,16 +54,20 @@ pub struct Subscribed {
     pub from_history: usize,
 }
 
-/// The hub of one node. Cheap to clone.
+/// The hub of one node. Cheap to clone: one pointer, as every connection
+/// of a room keeps a copy.
 #[derive(Clone)]
-pub struct Hub {
+pub struct Hub(Arc<Shared>);
+
+/// What every copy of a [`Hub`] shares.
+struct Shared {
     broker: Arc<dyn Broker>,
     presence: Arc<dyn PresenceManager>,
     dispatch: Arc<Dispatch>,
-    next_client: Arc<AtomicU64>,
+    next_client: AtomicU64,
     /// Presence entries of this node's connections, re-added periodically
     /// for engines whose entries expire (see [`Hub::refresh_presence`]).
-    local_presence: Arc<Mutex<HashMap<(ChannelName, String), ClientInfo>>>,
+    local_presence: Mutex<HashMap<(ChannelName, String), ClientInfo>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -89,13 +93,13 @@ impl Hub {
             home: OnceLock::new(),
         });
         broker.set_events(dispatch.clone());
-        Hub {
+        Hub(Arc::new(Shared {
             broker,
             presence,
             dispatch,
-            next_client: Arc::new(AtomicU64::new(1)),
-            local_presence: Arc::default(),
-        }
+            next_client: AtomicU64::new(1),
+            local_presence: Mutex::default(),
+        }))
     }
 
     /// From now on, publications are queued for subscribers by a task on
@@ -107,10 +111,10 @@ impl Hub {
     /// hand-off each. The first call wins; later calls do nothing.
     pub fn deliver_here(&self) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Forwarded>();
-        if self.dispatch.home.set(tx).is_err() {
+        if self.0.dispatch.home.set(tx).is_err() {
             return;
         }
-        let dispatch = Arc::downgrade(&self.dispatch);
+        let dispatch = Arc::downgrade(&self.0.dispatch);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(64);
             while rx.recv_many(&mut batch, 64).await > 0 {
@@ -128,7 +132,8 @@ impl Hub {
     /// [`Hub::disconnect_user_everywhere`] called on another node reaches
     /// this node's connections. Call once at start, on a shared engine.
     pub async fn listen_control(&self) -> Result<(), EngineError> {
-        self.broker
+        self.0
+            .broker
             .subscribe(ChannelName::new(CONTROL_CHANNEL).expect("a valid name"))
             .await
     }
@@ -140,8 +145,8 @@ impl Hub {
         channel: ChannelName,
         info: ClientInfo,
     ) -> Result<(), EngineError> {
-        lock(&self.local_presence).insert((channel.clone(), info.client.clone()), info.clone());
-        self.presence.add(channel, info).await
+        lock(&self.0.local_presence).insert((channel.clone(), info.client.clone()), info.clone());
+        self.0.presence.add(channel, info).await
     }
 
     /// Removes a connection from a channel's presence.
@@ -150,20 +155,20 @@ impl Hub {
         channel: ChannelName,
         client: String,
     ) -> Result<(), EngineError> {
-        lock(&self.local_presence).remove(&(channel.clone(), client.clone()));
-        self.presence.remove(channel, client).await
+        lock(&self.0.local_presence).remove(&(channel.clone(), client.clone()));
+        self.0.presence.remove(channel, client).await
     }
 
     /// Adds every local presence entry again: with an engine whose entries
     /// expire (Redis), call it well within the expiry, so that only a dead
     /// node's entries disappear.
     pub async fn refresh_presence(&self) {
-        let entries: Vec<((ChannelName, String), ClientInfo)> = lock(&self.local_presence)
+        let entries: Vec<((ChannelName, String), ClientInfo)> = lock(&self.0.local_presence)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for ((channel, _), info) in entries {
-            if let Err(e) = self.presence.add(channel.clone(), info).await {
+            if let Err(e) = self.0.presence.add(channel.clone(), info).await {
                 tracing::warn!(%channel, "presence refresh failed: {e}");
             }
         }
@@ -171,23 +176,23 @@ impl Hub {
 
     /// The engine.
     pub fn broker(&self) -> &Arc<dyn Broker> {
-        &self.broker
+        &self.0.broker
     }
 
     /// This node's counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.dispatch.metrics
+        &self.0.dispatch.metrics
     }
 
     /// Where presence is kept.
     pub fn presence(&self) -> &Arc<dyn PresenceManager> {
-        &self.presence
+        &self.0.presence
     }
 
     /// A new client of this node, with an empty outgoing queue.
     pub fn client(&self, limits: QueueLimits) -> Client {
         Client {
-            id: self.next_client.fetch_add(1, Ordering::Relaxed),
+            id: self.0.next_client.fetch_add(1, Ordering::Relaxed),
             queue: Arc::new(Queue::new(limits)),
             hub: self.clone(),
             channels: Vec::new(),
@@ -200,7 +205,7 @@ impl Hub {
     ///
     /// [`QueueClosed::Disconnected`]: crate::QueueClosed::Disconnected
     pub fn disconnect_user(&self, user: &str) -> usize {
-        self.dispatch.disconnect_user(user)
+        self.0.dispatch.disconnect_user(user)
     }
 
     /// Closes every connection of `user` on this node, and tells every
@@ -210,11 +215,12 @@ impl Hub {
     pub async fn disconnect_user_everywhere(&self, user: &str) -> Result<usize, EngineError> {
         let n = self.disconnect_user(user);
         let control = Control {
-            node: self.dispatch.node.to_string(),
+            node: self.0.dispatch.node.to_string(),
             disconnect: user.to_owned(),
         };
         let data = serde_json::to_vec(&control).expect("serializable");
-        self.broker
+        self.0
+            .broker
             .publish(
                 ChannelName::new(CONTROL_CHANNEL).expect("a valid name"),
                 NewPublication::new(Kind::Json, data),
@@ -226,7 +232,7 @@ impl Hub {
 
     /// Users with connections on this node.
     pub fn connected_users(&self) -> usize {
-        lock(&self.dispatch.users).len()
+        lock(&self.0.dispatch.users).len()
     }
 
     /// Publishes to a channel. This node's subscribers get it from a task
@@ -239,9 +245,9 @@ impl Hub {
         publication: NewPublication,
         options: PublishOptions,
     ) -> Result<PublishResult, EngineError> {
-        let r = self.broker.publish(channel, publication, options).await?;
+        let r = self.0.broker.publish(channel, publication, options).await?;
         if !r.suppressed {
-            Metrics::inc(&self.dispatch.metrics.published);
+            Metrics::inc(&self.0.dispatch.metrics.published);
         }
         Ok(r)
     }
@@ -252,12 +258,13 @@ impl Hub {
         channel: ChannelName,
         filter: HistoryFilter,
     ) -> Result<History, EngineError> {
-        self.broker.history(channel, filter).await
+        self.0.broker.history(channel, filter).await
     }
 
     /// Subscribers of `channel` on this node.
     pub fn local_subscribers(&self, channel: &ChannelName) -> usize {
-        self.dispatch
+        self.0
+            .dispatch
             .members(channel)
             .map_or(0, |m| lock(&m).list.len())
     }
@@ -265,7 +272,7 @@ impl Hub {
     /// Removes `client` from `channel`; tells the broker when this node has
     /// no subscriber left there.
     fn leave(&self, channel: &ChannelName, client: u64) {
-        let mut channels = lock(&self.dispatch.channels);
+        let mut channels = lock(&self.0.dispatch.channels);
         let Some(members) = channels.get(channel) else {
             return;
         };
@@ -274,7 +281,8 @@ impl Hub {
             let before = m.list.len();
             m.list.retain(|m| m.client != client);
             let gone = (before - m.list.len()) as i64;
-            self.dispatch
+            self.0
+                .dispatch
                 .metrics
                 .subscriptions
                 .fetch_sub(gone, Ordering::Relaxed);
@@ -283,7 +291,7 @@ impl Hub {
         if empty {
             channels.remove(channel);
             drop(channels);
-            let broker = self.broker.clone();
+            let broker = self.0.broker.clone();
             let channel = channel.clone();
             // Off the caller's path (it may be a destructor); the broker
             // tolerates a subscribe and an unsubscribe racing.
@@ -313,7 +321,7 @@ pub struct Client {
 impl Client {
     /// Its id, unique across nodes: the node's id and a counter.
     pub fn id(&self) -> String {
-        format!("{}-{}", self.hub.dispatch.node, self.id)
+        format!("{}-{}", self.hub.0.dispatch.node, self.id)
     }
 
     /// The hub it belongs to.
@@ -325,7 +333,7 @@ impl Client {
     /// [`Hub::disconnect_user`] reaches it.
     pub fn set_user(&mut self, user: &str) {
         self.unset_user();
-        let mut users = lock(&self.hub.dispatch.users);
+        let mut users = lock(&self.hub.0.dispatch.users);
         users
             .entry(user.to_owned())
             .or_default()
@@ -337,7 +345,7 @@ impl Client {
         let Some(user) = self.user.take() else {
             return;
         };
-        let mut users = lock(&self.hub.dispatch.users);
+        let mut users = lock(&self.hub.0.dispatch.users);
         if let Some(list) = users.get_mut(&user) {
             list.retain(|(id, _)| *id != self.id);
             if list.is_empty() {
@@ -370,7 +378,7 @@ impl Client {
             self.unsubscribe(&channel);
         }
         let first = {
-            let mut channels = lock(&self.hub.dispatch.channels);
+            let mut channels = lock(&self.hub.0.dispatch.channels);
             let members = channels.entry(channel.clone()).or_default();
             let mut members = lock(members);
             members.list.push(Member {
@@ -384,6 +392,7 @@ impl Client {
             members.list.len() == 1
         };
         self.hub
+            .0
             .dispatch
             .metrics
             .subscriptions
@@ -391,7 +400,7 @@ impl Client {
         self.channels.push(channel.clone());
         let joined = async {
             if first {
-                self.hub.broker.subscribe(channel.clone()).await?;
+                self.hub.0.broker.subscribe(channel.clone()).await?;
             }
             let filter = match &recover {
                 Recover::Nothing => HistoryFilter {
@@ -410,7 +419,7 @@ impl Client {
                     reverse: false,
                 },
             };
-            self.hub.broker.history(channel.clone(), filter).await
+            self.hub.0.broker.history(channel.clone(), filter).await
         }
         .await;
         let mut history = match joined {
@@ -437,7 +446,7 @@ impl Client {
         if !recovered {
             history.publications.clear();
         }
-        let Some(members) = self.hub.dispatch.members(&channel) else {
+        let Some(members) = self.hub.0.dispatch.members(&channel) else {
             return Err(EngineError::Stopped);
         };
         let mut members = lock(&members);
