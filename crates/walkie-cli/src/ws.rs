@@ -1,8 +1,10 @@
 //! `/ws`: the Walkie protocol (`docs/protocol.md`). This file only moves
 //! messages: `walkie_hub::Session` decides what they mean.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -51,22 +53,103 @@ pub async fn endpoint<S>(
             return;
         }
     }
-    let mut ws = match Box::pin(incoming.accept(&state.config, Some(SUBPROTOCOL))).await {
+    let ws = match Box::pin(incoming.accept(&state.config, Some(SUBPROTOCOL))).await {
         Ok(ws) => ws,
         Err(e) => {
             debug!(%peer, "upgrade refused: {e}");
             return;
         }
     };
-    let mut session = Session::new(state.node.clone(), now());
-    state.tracker.spawn(async move {
+    let session = Session::new(state.node.clone(), now());
+    state.tracker.spawn(connection(ws, session, counted, peer));
+}
+
+/// A session's task: the relay, then the session's end. Its future is
+/// what an idle session's task holds (a test keeps it within 1024 bytes);
+/// a block, as an `async fn` would keep a second copy of its arguments.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+fn connection<S>(
+    mut ws: WebSocket<S>,
+    mut session: Session,
+    counted: Counted,
+    peer: SocketAddr,
+) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async move {
         let why = run(&mut ws, &mut session, &counted).await;
-        session.close().await;
+        // Boxed: the engine's calls are large, and made once.
+        Box::pin(session.close()).await;
         debug!(%peer, client = %session.client_id(), "walkie protocol connection ended: {why}");
-    });
+    }
+}
+
+/// The session's next deadline as a timer, kept across turns of the loop:
+/// made when a deadline first appears, reset when it moves, dropped when
+/// there is none. Boxed: most of a session's life has either no deadline
+/// or the same one, and an unboxed `Sleep` would be part of every
+/// session's task (and re-registered with the runtime's timer on every
+/// turn, as it was when the loop made one per turn).
+#[derive(Default)]
+struct Deadline {
+    /// Seconds since the Unix epoch the timer is set for; 0 for none.
+    at: u64,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadline {
+    /// Sets the timer for `at`, if it is not already.
+    fn set(&mut self, at: Option<u64>) {
+        let at = at.unwrap_or(0);
+        if at == self.at {
+            return;
+        }
+        self.at = at;
+        if at == 0 {
+            self.sleep = None;
+            return;
+        }
+        // Whole seconds, as the session counts them: a timer that fires
+        // within the deadline's second finds nothing due and is set again
+        // (see `fired`).
+        let when = tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(now()));
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(when),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(when))),
+        }
+    }
+
+    /// The timer fired: the next `set` sets it again even for the same
+    /// deadline, rather than finding a fired timer that stays ready.
+    fn fired(&mut self) {
+        self.at = 0;
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// What woke a session's loop.
+enum Step {
+    Shutdown,
+    Popped(Result<(), QueueClosed>),
+    Deadline,
+    Received(Option<walkie::Result<Message>>),
 }
 
 /// Relays until the connection ends; returns why.
+///
+/// As for a room member (`rooms.rs`), the select only picks a step and
+/// the awaits come after it, every rare one boxed: this future is part of
+/// every session's task for its whole life.
 async fn run<S>(ws: &mut WebSocket<S>, session: &mut Session, state: &AppState) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -74,53 +157,41 @@ where
     // 16 bytes where `state.shutdown.cancelled()` holds 72.
     let mut shutdown = state.shutdown_wakers.waiter();
     let mut batch = Vec::new();
+    let mut deadline = Deadline::default();
     loop {
-        let deadline = session.deadline();
-        let timer = async {
-            match deadline {
-                Some(at) => {
-                    let wait = at.saturating_sub(now());
-                    tokio::time::sleep(Duration::from_secs(wait)).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
+        deadline.set(session.deadline());
+        let step = tokio::select! {
             biased;
-            () = poll_fn(|cx| shutdown.poll(cx)) => {
-                let _ = ws.close(CloseCode::GOING_AWAY, "server shutting down").await;
+            () = poll_fn(|cx| shutdown.poll(cx)) => Step::Shutdown,
+            popped = session.queue().pop_all(&mut batch) => Step::Popped(popped),
+            () = poll_fn(|cx| deadline.poll(cx)) => Step::Deadline,
+            next = ws.recv() => Step::Received(next),
+        };
+        let closed = match step {
+            Step::Shutdown => {
+                let _ = Box::pin(ws.close(CloseCode::GOING_AWAY, "server shutting down")).await;
                 return "server shutting down".into();
             }
-            popped = session.queue().pop_all(&mut batch) => {
-                let closed = match popped {
-                    Ok(()) => match send_batch(ws, &mut batch, session.queue(), &mut shutdown).await {
-                        // Shutdown: the first branch closes.
-                        Ok(()) | Err(Sent::Shutdown) => continue,
-                        Err(Sent::Failed(e)) => return format!("send failed: {e}"),
-                        Err(Sent::Closed(why)) => why,
-                    },
-                    Err(why) => why,
-                };
-                if closed == QueueClosed::SlowConsumer {
-                    crate::outbox::overflowed(state.hub.metrics());
+            Step::Popped(Ok(())) => {
+                match send_batch(ws, &mut batch, session.queue(), &mut shutdown).await {
+                    // Shutdown: the next turn closes.
+                    Ok(()) | Err(Sent::Shutdown) => continue,
+                    Err(Sent::Failed(e)) => return format!("send failed: {e}"),
+                    Err(Sent::Closed(why)) => why,
                 }
-                let (code, reason) = match closed {
-                    QueueClosed::SlowConsumer => (CloseCode::TRY_AGAIN_LATER, "slow consumer: reconnect and recover"),
-                    QueueClosed::Disconnected => (CloseCode(4009), "disconnected by the server"),
-                };
-                close_within(ws, code, reason).await;
-                return reason.into();
             }
-            () = timer => {
+            Step::Popped(Err(why)) => why,
+            Step::Deadline => {
+                deadline.fired();
                 // Boxed, as the command below: rare, and large (auth, the
-                // engine's calls); unboxed they would size every session's
-                // task for its whole life.
-                if let Some(close) = Box::pin(session.handle_timeout(now())).await {
-                    return close_with(ws, close).await;
+                // engine's calls).
+                match Box::pin(session.handle_timeout(now())).await {
+                    Some(close) => return Box::pin(close_with(ws, close)).await,
+                    None => continue,
                 }
             }
-            next = ws.recv() => match next {
-                Some(Ok(Message::Text(text))) => match Box::pin(session.handle_text(&text, now())).await {
+            Step::Received(Some(Ok(Message::Text(text)))) => {
+                match Box::pin(session.handle_text(&text, now())).await {
                     Ok(reply) => {
                         // Before anything the command queued (a subscribe's
                         // recovered messages): the queue is drained after.
@@ -130,24 +201,72 @@ where
                         if let Err(e) = ws.feed_now(Message::text(reply)) {
                             return format!("send failed: {e}");
                         }
+                        continue;
                     }
-                    Err(close) => return close_with(ws, close).await,
-                },
-                Some(Ok(Message::Binary(_))) => {
-                    let close = CloseReason { code: 4000, reason: "binary messages are not part of the protocol".into() };
-                    return close_with(ws, close).await;
+                    Err(close) => return Box::pin(close_with(ws, close)).await,
                 }
-                Some(Err(e)) => return format!("connection failed: {e}"),
-                None => return "closed by the client".into(),
-            },
+            }
+            Step::Received(Some(Ok(Message::Binary(_)))) => {
+                let close = CloseReason {
+                    code: 4000,
+                    reason: "binary messages are not part of the protocol".into(),
+                };
+                return Box::pin(close_with(ws, close)).await;
+            }
+            Step::Received(Some(Err(e))) => return format!("connection failed: {e}"),
+            Step::Received(None) => return "closed by the client".into(),
+        };
+        if closed == QueueClosed::SlowConsumer {
+            crate::outbox::overflowed(state.hub.metrics());
         }
+        let (code, reason) = match closed {
+            QueueClosed::SlowConsumer => (
+                CloseCode::TRY_AGAIN_LATER,
+                "slow consumer: reconnect and recover",
+            ),
+            QueueClosed::Disconnected => (CloseCode(4009), "disconnected by the server"),
+        };
+        close_within(ws, code, reason).await;
+        return reason.into();
     }
 }
 
+/// Closes with the session's reason. Callers box it: it is rare, and its
+/// state would otherwise be part of every session's task.
 async fn close_with<S>(ws: &mut WebSocket<S>, close: CloseReason) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     close_within(ws, CloseCode(close.code), &close.reason).await;
     format!("closed with {}: {}", close.code, close.reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `make` returns, without making one.
+    fn future_size<A, F: Future>(_make: impl FnOnce(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A session's task is tokio's header and trailer around this future,
+    /// rounded up to 128 bytes: at most 912 bytes of future keep the task
+    /// at 1024 (1152 before the loop and its deadline were restructured).
+    #[test]
+    fn an_idle_session_fits_a_1024_byte_task() {
+        type Args = (
+            WebSocket<tokio::net::TcpStream>,
+            Session,
+            Counted,
+            SocketAddr,
+        );
+        let size = future_size(|(ws, session, counted, peer): Args| {
+            connection(ws, session, counted, peer)
+        });
+        assert!(
+            size <= 912,
+            "a session's future is {size} bytes: its task would be 1152"
+        );
+    }
 }

@@ -264,3 +264,39 @@ async fn rooms_and_the_protocol_share_channels() {
     })
     .await;
 }
+
+/// docs/protocol.md: "The first command must be `connect`, within 10
+/// seconds of the upgrade (else close 4003)". Commands other than
+/// `connect` do not count, and a client that connects in time stays.
+#[tokio::test]
+async fn a_client_that_does_not_connect_in_time_is_closed_with_4003() {
+    let server = Server::start(&[]);
+    within(30, async {
+        let started = std::time::Instant::now();
+        let mut silent = proto::open(server.port).await;
+        let mut chatty = proto::open(server.port).await;
+        let mut prompt = proto::open(server.port).await;
+        // Every turn of the session's loop; the deadline must hold anyway.
+        for _ in 0..5 {
+            assert_eq!(chatty.error_code("ping", json!({})).await, 110);
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        prompt.ok("connect", json!({})).await;
+        assert_eq!(end(&mut silent).await, Some(4003));
+        assert_eq!(end(&mut chatty).await, Some(4003));
+        let waited = started.elapsed();
+        assert!(
+            (9..=13).contains(&waited.as_secs()),
+            "closed after {waited:?}, not about 10 s"
+        );
+        prompt.ok("ping", json!({})).await;
+    })
+    .await;
+}
+
+/// Reads until the server ends the connection, however long that takes
+/// (`Proto::closed` gives up after 5 s of silence); returns its close code.
+async fn end(c: &mut proto::Proto) -> Option<u16> {
+    while let Some(Ok(_)) = c.ws.recv().await {}
+    c.close_code()
+}
