@@ -397,6 +397,11 @@ impl Client {
             .metrics
             .subscriptions
             .fetch_add(1, Ordering::Relaxed);
+        // Room for one at first, not four: most clients (every room
+        // member) are in one channel, for their whole life.
+        if self.channels.capacity() == 0 {
+            self.channels.reserve_exact(1);
+        }
         self.channels.push(channel.clone());
         let joined = async {
             if first {
@@ -504,5 +509,34 @@ impl Drop for Client {
         for channel in std::mem::take(&mut self.channels) {
             self.hub.leave(&channel, self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryBroker;
+
+    /// Most clients (every room member) join one channel for their whole
+    /// life: their channel list holds room for one, not the four a `Vec`
+    /// grows to at first, and still grows past it.
+    #[tokio::test]
+    async fn a_client_in_one_channel_keeps_room_for_one() {
+        let hub = Hub::new(Arc::new(MemoryBroker::new()));
+        let mut client = hub.client(crate::QueueLimits::default());
+        let (a, b) = (
+            ChannelName::new("a").unwrap(),
+            ChannelName::new("b").unwrap(),
+        );
+        client
+            .subscribe(a.clone(), Format::Raw, Recover::Nothing)
+            .await
+            .unwrap();
+        assert_eq!(client.channels.capacity(), 1);
+        client
+            .subscribe(b.clone(), Format::Raw, Recover::Nothing)
+            .await
+            .unwrap();
+        assert_eq!(client.channels(), [a, b]);
     }
 }
