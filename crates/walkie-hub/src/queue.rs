@@ -87,8 +87,10 @@ struct State {
     /// by swapping it with the connection's (empty) batch.
     items: Vec<Entry>,
     /// Messages in `items`.
-    count: usize,
-    bytes: usize,
+    /// `u32`s, as the limits (see `Limits`): a queue is one allocation per
+    /// connection, and these keep it at 128 bytes with its `Arc`.
+    count: u32,
+    bytes: u32,
     closed: Option<QueueClosed>,
     /// The connection's task waiting in `pop_all`, woken by the next push
     /// (kept under the same lock: one lock per push, no separate notifier).
@@ -102,7 +104,32 @@ pub struct Queue {
     state: Mutex<State>,
     /// Wakes everyone waiting in `closed`, once.
     closing: Notify,
-    limits: QueueLimits,
+    limits: Limits,
+}
+
+/// [`QueueLimits`] as a queue keeps them: 12 bytes instead of 24, with
+/// limits past 4 Gi (messages or bytes) taken as 4 Gi.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    messages: u32,
+    bytes: u32,
+    policy: OverflowPolicy,
+}
+
+impl From<QueueLimits> for Limits {
+    fn from(l: QueueLimits) -> Self {
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Limits {
+            messages: clamp(l.messages),
+            bytes: clamp(l.bytes),
+            policy: l.policy,
+        }
+    }
+}
+
+/// A size as the queue counts it (saturating at 4 GiB, past any limit).
+fn size32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl Queue {
@@ -111,7 +138,7 @@ impl Queue {
         Queue {
             state: Mutex::default(),
             closing: Notify::new(),
-            limits,
+            limits: limits.into(),
         }
     }
 
@@ -146,11 +173,11 @@ impl Queue {
         if s.closed.is_some() {
             return false;
         }
-        let fits = s.count + batch.len() <= self.limits.messages
-            && (s.bytes + bytes <= self.limits.bytes || s.count == 0);
+        let fits = s.count as usize + batch.len() <= self.limits.messages as usize
+            && (s.bytes as usize + bytes <= self.limits.bytes as usize || s.count == 0);
         if fits {
-            s.count += batch.len();
-            s.bytes += bytes;
+            s.count += size32(batch.len());
+            s.bytes = s.bytes.saturating_add(size32(bytes));
             s.items.push(Entry::Shared(batch.clone()));
             return self.wake(s, true);
         }
@@ -183,8 +210,8 @@ impl Queue {
             return false;
         }
         let size = item.message.message().len();
-        let full =
-            s.count >= self.limits.messages || (s.bytes + size > self.limits.bytes && s.count != 0);
+        let full = s.count >= self.limits.messages
+            || (s.bytes as usize + size > self.limits.bytes as usize && s.count != 0);
         if full {
             let replaced = match (&item.key, self.limits.policy) {
                 (Some(key), OverflowPolicy::LatestPerKey) => {
@@ -198,7 +225,7 @@ impl Queue {
             match replaced {
                 Some(i) => {
                     if let Entry::One(old) = s.items.remove(i) {
-                        s.bytes -= old.message.message().len();
+                        s.bytes = s.bytes.saturating_sub(size32(old.message.message().len()));
                         s.count -= 1;
                     }
                 }
@@ -211,7 +238,7 @@ impl Queue {
                 }
             }
         }
-        s.bytes += size;
+        s.bytes = s.bytes.saturating_add(size32(size));
         s.count += 1;
         s.items.push(Entry::One(item));
         true
@@ -283,7 +310,7 @@ impl Queue {
 
     /// Messages waiting.
     pub fn len(&self) -> usize {
-        lock(&self.state).count
+        lock(&self.state).count as usize
     }
 
     /// Whether nothing waits.
@@ -358,6 +385,14 @@ mod tests {
         assert!(q.push(item("z 1", Some("z"))));
         assert!(q.push(item("x 2", Some("x"))));
         assert_eq!(pop_texts(&q).await, ["y 1", "z 1", "x 2"]);
+    }
+
+    /// Every connection of the hub has a queue behind an `Arc` (16 bytes
+    /// of counts): at most 112 bytes keep the allocation at 128.
+    #[test]
+    fn a_queue_with_its_arc_takes_128_bytes() {
+        let size = std::mem::size_of::<Queue>();
+        assert!(size <= 112, "a Queue is {size} bytes: its Arc takes 160");
     }
 
     fn limits(messages: usize, policy: OverflowPolicy) -> QueueLimits {
