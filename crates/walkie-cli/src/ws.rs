@@ -102,17 +102,17 @@ struct Deadline {
 }
 
 impl Deadline {
-    /// Sets the timer for `at`, if it is not already.
+    /// Sets the timer for `at`, if it is not already; `None` drops it.
     fn set(&mut self, at: Option<u64>) {
-        let at = at.unwrap_or(0);
+        let Some(at) = at.filter(|&at| at != 0) else {
+            self.at = 0;
+            self.sleep = None;
+            return;
+        };
         if at == self.at {
             return;
         }
         self.at = at;
-        if at == 0 {
-            self.sleep = None;
-            return;
-        }
         // Whole seconds, as the session counts them: a timer that fires
         // within the deadline's second finds nothing due and is set again
         // (see `fired`).
@@ -123,16 +123,17 @@ impl Deadline {
         }
     }
 
-    /// The timer fired: the next `set` sets it again even for the same
-    /// deadline, rather than finding a fired timer that stays ready.
+    /// The timer fired. A fired `Sleep` stays ready, so it is disarmed
+    /// until the next `set` sets it again, even for the same deadline, or
+    /// drops it if the session has none left.
     fn fired(&mut self) {
         self.at = 0;
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            None => Poll::Pending,
+            Some(sleep) if self.at != 0 => sleep.as_mut().poll(cx),
+            _ => Poll::Pending,
         }
     }
 }

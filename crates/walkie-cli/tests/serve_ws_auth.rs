@@ -334,3 +334,33 @@ fn an_unreadable_public_key_is_refused_at_start() {
     assert_eq!(run.code(), Some(2), "{run:?}");
     assert!(run.stderr.contains("rsa_public_key"), "{}", run.stderr);
 }
+
+/// A subscription token that expires ends that subscription (an
+/// `unsubscribe` push) and nothing else: the connection's
+/// own token has no expiry, so the session is left with no deadline, and
+/// it must go on answering (it once spun on its fired timer instead).
+#[tokio::test]
+async fn an_expired_subscription_token_ends_only_its_subscription() {
+    let (server, _dir) = server();
+    within(20, async {
+        let forever = token(SECRET, json!({"sub": "42"}));
+        let (mut c, _) = proto::connected(server.port, Some(&forever)).await;
+        let grant = token(
+            SECRET,
+            json!({"sub": "42", "channel": "secret:board", "exp": now() + 2}),
+        );
+        c.ok(
+            "subscribe",
+            json!({"channel": "secret:board", "token": grant}),
+        )
+        .await;
+        let push = c.push().await;
+        assert_eq!(push["unsubscribe"]["channel"], "secret:board", "{push}");
+        assert_eq!(push["unsubscribe"]["reason"], "subscription token expired");
+        for _ in 0..3 {
+            c.ok("ping", json!({})).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+}

@@ -86,10 +86,11 @@ struct State {
     /// In order. A `Vec` rather than a deque: it is only ever emptied whole,
     /// by swapping it with the connection's (empty) batch.
     items: Vec<Entry>,
-    /// Messages in `items`.
-    /// `u32`s, as the limits (see `Limits`): a queue is one allocation per
-    /// connection, and these keep it at 128 bytes with its `Arc`.
+    /// Messages in `items`. This and `bytes` are `u32`s, as the limits
+    /// (see `Limits`): a queue is one allocation per connection, and they
+    /// keep it at 128 bytes with its `Arc`.
     count: u32,
+    /// Payload bytes in `items` (saturating at 4 GiB).
     bytes: u32,
     closed: Option<QueueClosed>,
     /// The connection's task waiting in `pop_all`, woken by the next push
@@ -392,7 +393,10 @@ mod tests {
     #[test]
     fn a_queue_with_its_arc_takes_128_bytes() {
         let size = std::mem::size_of::<Queue>();
-        assert!(size <= 112, "a Queue is {size} bytes: its Arc takes 160");
+        assert!(
+            size <= 112,
+            "a Queue is {size} bytes: with its Arc, over 128"
+        );
     }
 
     fn limits(messages: usize, policy: OverflowPolicy) -> QueueLimits {
