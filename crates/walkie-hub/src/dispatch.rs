@@ -24,8 +24,13 @@ pub(crate) struct Member {
     pub(crate) queue: Arc<Queue>,
     pub(crate) format: Format,
     /// While joining: publications that arrived during the history read,
-    /// queued after it without duplicates.
-    pub(crate) joining: Option<Vec<Publication>>,
+    /// queued after it without duplicates. Boxed: a member joins once and
+    /// stays, and this keeps every member's entry 16 bytes smaller.
+    #[allow(
+        clippy::box_collection,
+        reason = "one pointer while not joining, which is almost always"
+    )]
+    pub(crate) joining: Option<Box<Vec<Publication>>>,
     /// The latest offset queued, and its epoch: a publication the history
     /// read already returned (an engine may deliver it after it became
     /// readable) is not queued twice.

@@ -385,7 +385,7 @@ impl Client {
                 client: self.id,
                 queue: self.queue.clone(),
                 format,
-                joining: Some(Vec::new()),
+                joining: Some(Box::default()),
                 last: 0,
                 epoch: "".into(),
             });
@@ -474,7 +474,7 @@ impl Client {
             }
         }
         if let Some(joining) = me.joining.take() {
-            for p in joining {
+            for p in *joining {
                 // Offset 0: not in history, so not a duplicate of it.
                 if p.offset == 0 || p.offset > last {
                     last = last.max(p.offset);
