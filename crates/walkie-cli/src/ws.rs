@@ -245,11 +245,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The size of the future `make` returns, without making one.
-    fn future_size<A, F: Future>(_make: impl FnOnce(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::outbox::future_size;
 
     /// A session's task is tokio's header and trailer around this future,
     /// rounded up to 128 bytes: at most 912 bytes of future keep the task
