@@ -137,8 +137,15 @@ impl Buf for Outgoing {
             }
         }
         if self.len == 0 {
-            // Reuse the tail's allocation from its start.
+            // Reuse the tail's allocation from its start. Advancing moved
+            // the tail's start forward, and `clear` keeps it there: take
+            // the room before it back (empty, so nothing is copied; a no-op
+            // when the tail is still at its start). Otherwise every write
+            // would go to fresh memory further along the buffer, cold in
+            // the cache, until the buffer ran out and was replaced.
             self.tail.clear();
+            let room = self.tail.capacity();
+            let _ = self.tail.try_reclaim(room + 1);
         }
     }
 
