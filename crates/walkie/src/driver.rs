@@ -161,6 +161,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         }
     }
 
+    /// Gives the buffers back to the pool, if nothing in them is needed.
+    pub(crate) fn release_buffers(&mut self) {
+        self.conn.release_buffers(pool::give);
+    }
+
     /// Flushes what is queued and shuts the transport down.
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.finished {

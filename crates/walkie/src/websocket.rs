@@ -1,7 +1,7 @@
 //! [`WebSocket`]: an open connection over any async transport.
 
 use std::future::poll_fn;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use walkie_proto::{CloseCode, CloseFrame, Connection, Event, Message, PreparedMessage, Role};
@@ -152,6 +152,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
         self.driver.conn.send_prepared(message)?;
         Ok(true)
+    }
+
+    /// Writes what is queued as far as the transport takes it now, without
+    /// waiting: `Ok(true)` when everything went out. For a writer other
+    /// than the connection's own task (a fan-out loop that writes many
+    /// subscribers in turn). It registers no waker of its own: after
+    /// `Ok(false)`, wake the task that polls [`recv`](WebSocket::recv),
+    /// which writes the rest when the socket has room. A connection left
+    /// with nothing to write and nothing half-read gives its buffers back,
+    /// as an idle one does.
+    pub fn try_flush(&mut self) -> Result<bool> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.driver.poll_write_out(&mut cx) {
+            Poll::Ready(Ok(())) => {
+                self.driver.release_buffers();
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(e.into()),
+            Poll::Pending => Ok(false),
+        }
     }
 
     /// Writes everything queued.
