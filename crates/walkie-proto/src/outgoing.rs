@@ -132,7 +132,7 @@ impl Buf for Outgoing {
                 }
                 None => {
                     self.tail.advance(cnt);
-                    return;
+                    break;
                 }
             }
         }
@@ -191,5 +191,29 @@ mod tests {
         assert_eq!(out.chunk(), b"def");
         out.advance(5);
         assert!(out.is_empty());
+    }
+
+    /// Written out, the tail is reused from the start of its memory: its
+    /// whole capacity is there again, at the same address.
+    #[test]
+    fn an_emptied_tail_starts_over_at_its_start() {
+        let mut out = Outgoing::default();
+        out.provide_buffer(BytesMut::with_capacity(4096));
+        let start = out.tail().as_ptr();
+        for _ in 0..3 {
+            out.tail().put_slice(&[7u8; 1000]);
+            out.commit_tail(1000);
+            out.advance(600);
+            out.advance(400);
+            assert!(out.is_empty());
+            assert_eq!(out.tail().as_ptr(), start);
+            assert!(out.tail().capacity() >= 4096);
+        }
+        // Shared with a sealed chunk while it was written: the same.
+        out.tail().put_slice(b"head");
+        out.commit_tail(4);
+        out.push_chunk(Bytes::from(vec![1u8; 2000]));
+        out.advance(2004);
+        assert_eq!(out.tail().as_ptr(), start);
     }
 }
