@@ -178,7 +178,10 @@ impl Dispatch {
                     channel: channel.clone(),
                     metrics: self.metrics.clone(),
                 };
-                rt.spawn(async move { drop(flush) });
+                // Unconstrained: tokio's budget would otherwise turn every
+                // socket write after the first 128 in one flush into a
+                // "not now" (see `Sink`), and the pass is bounded anyway.
+                rt.spawn(tokio::task::coop::unconstrained(async move { drop(flush) }));
             }
             Err(_) => group.flush(channel, &self.metrics),
         }

@@ -68,7 +68,7 @@ pub use publication::{
     DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, Kind, NewPublication,
     Publication, PublishOptions, PublishResult, StreamPosition, now_ms,
 };
-pub use queue::{Entry, OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued};
+pub use queue::{Entry, OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued, Sink, Taken};
 pub use redis_engine::{PRESENCE_TTL, RedisBroker, RedisPresence};
 pub use session::{
     CONNECT_TIMEOUT_SECS, CloseReason, MAX_HISTORY_LIMIT, MAX_SUBSCRIPTIONS, Node, Session,

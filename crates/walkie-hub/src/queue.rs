@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
-use tokio::sync::Notify;
 use walkie_proto::PreparedMessage;
 
 use crate::memory::lock;
@@ -72,6 +71,38 @@ impl Entry {
     }
 }
 
+/// A connection that can take messages at once, from the thread that
+/// pushes them: fan-out then writes a subscriber's socket from its own loop
+/// over the subscribers, instead of waking the subscriber's task to do it
+/// (see [`Queue::set_sink`]). The connection's task still writes whatever
+/// the sink leaves, and the queue still absorbs and limits what a slow
+/// consumer cannot take.
+pub trait Sink: Send + Sync + std::fmt::Debug {
+    /// Takes the leading messages of `messages` that the connection can
+    /// take now, in order, and writes what the socket takes without
+    /// waiting. Taking none is always allowed (the connection is busy, on
+    /// another thread, or over its high-water mark).
+    fn try_send(&self, messages: &[Queued]) -> Taken;
+}
+
+/// What a [`Sink`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// How many of the messages, from the first.
+    pub count: usize,
+    /// Whether all of what it took left, or the connection's task must be
+    /// woken to write the rest.
+    pub written: bool,
+}
+
+impl Taken {
+    /// None taken.
+    pub const NONE: Taken = Taken {
+        count: 0,
+        written: true,
+    };
+}
+
 /// Why a queue stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueClosed {
@@ -93,9 +124,13 @@ struct State {
     /// Payload bytes in `items` (saturating at 4 GiB).
     bytes: u32,
     closed: Option<QueueClosed>,
-    /// The connection's task waiting in `pop_all`, woken by the next push
-    /// (kept under the same lock: one lock per push, no separate notifier).
+    /// The connection's task waiting in `pop_all` or `closed`, woken by the
+    /// next push or the close (kept under the same lock: one lock per push,
+    /// no separate notifier). One slot: only the connection's own task
+    /// waits on its queue.
     waiting: Option<Waker>,
+    /// Where messages go directly while nothing is queued, if anywhere.
+    sink: Option<Arc<dyn Sink>>,
 }
 
 /// A connection's outgoing queue: the hub pushes, the connection's task
@@ -103,8 +138,6 @@ struct State {
 #[derive(Debug)]
 pub struct Queue {
     state: Mutex<State>,
-    /// Wakes everyone waiting in `closed`, once.
-    closing: Notify,
     limits: Limits,
 }
 
@@ -138,15 +171,44 @@ impl Queue {
     pub fn new(limits: QueueLimits) -> Self {
         Queue {
             state: Mutex::default(),
-            closing: Notify::new(),
             limits: limits.into(),
         }
+    }
+
+    /// Gives the queue a [`Sink`]: from now on, a push to the empty queue
+    /// first offers its messages to the sink, and queues only what the sink
+    /// does not take. `None` takes it away (a connection that is ending).
+    pub fn set_sink(&self, sink: Option<Arc<dyn Sink>>) {
+        // Dropped after the lock is released: it may hold a connection.
+        let _old = std::mem::replace(&mut lock(&self.state).sink, sink);
+    }
+
+    /// Offers `messages` to the sink if nothing is queued before them (so
+    /// that order holds); returns how many it took, having woken the
+    /// connection's task if it has more to write.
+    fn offer(&self, s: &mut std::sync::MutexGuard<'_, State>, messages: &[Queued]) -> usize {
+        if !s.items.is_empty() || s.closed.is_some() {
+            return 0;
+        }
+        let Some(sink) = &s.sink else {
+            return 0;
+        };
+        let taken = sink.try_send(messages);
+        if !taken.written {
+            if let Some(w) = s.waiting.take() {
+                w.wake();
+            }
+        }
+        taken.count
     }
 
     /// Queues a message, applying the overflow policy when full. Returns
     /// false if the queue is (now) closed.
     pub fn push(&self, item: Queued) -> bool {
         let mut s = lock(&self.state);
+        if self.offer(&mut s, std::slice::from_ref(&item)) == 1 {
+            return true;
+        }
         let open = self.push_locked(&mut s, item);
         self.wake(s, open)
     }
@@ -156,8 +218,13 @@ impl Queue {
     /// Returns false if the queue is (now) closed.
     pub fn push_all(&self, items: &mut Vec<Queued>) -> bool {
         let mut s = lock(&self.state);
+        let taken = self.offer(&mut s, items);
+        if taken == items.len() {
+            items.clear();
+            return s.closed.is_none();
+        }
         let mut open = true;
-        for item in items.drain(..) {
+        for item in items.drain(..).skip(taken) {
             if open {
                 open = self.push_locked(&mut s, item);
             }
@@ -173,6 +240,19 @@ impl Queue {
         let mut s = lock(&self.state);
         if s.closed.is_some() {
             return false;
+        }
+        let taken = self.offer(&mut s, batch);
+        if taken == batch.len() {
+            return true;
+        }
+        if taken > 0 {
+            let mut open = true;
+            for item in &batch[taken..] {
+                if open {
+                    open = self.push_locked(&mut s, item.clone());
+                }
+            }
+            return self.wake(s, open);
         }
         let fits = s.count as usize + batch.len() <= self.limits.messages as usize
             && (s.bytes as usize + bytes <= self.limits.bytes as usize || s.count == 0);
@@ -198,9 +278,6 @@ impl Queue {
         drop(s);
         if let Some(w) = waiting {
             w.wake();
-        }
-        if !open {
-            self.closing.notify_waiters();
         }
         open
     }
@@ -259,23 +336,23 @@ impl Queue {
         if let Some(w) = waiting {
             w.wake();
         }
-        self.closing.notify_waiters();
     }
 
     /// Resolves once the queue is closed, with why. A connection blocked
     /// writing to a slow socket waits on this too, so that it notices when
-    /// its queue overflowed.
+    /// its queue overflowed. For the connection's own task, which it wakes
+    /// on every push too (see `State::waiting`).
     pub async fn closed(&self) -> QueueClosed {
-        loop {
-            let notified = self.closing.notified();
-            tokio::pin!(notified);
-            // Registered before the check: a close in between still wakes it.
-            notified.as_mut().enable();
-            if let Some(why) = lock(&self.state).closed {
-                return why;
+        std::future::poll_fn(|cx| {
+            let mut s = lock(&self.state);
+            if let Some(why) = s.closed {
+                return Poll::Ready(why);
             }
-            notified.await;
-        }
+            // Registered under the lock that closing takes.
+            register(&mut s.waiting, cx);
+            Poll::Pending
+        })
+        .await
     }
 
     /// Waits for messages and moves all of them into `out` (in order), or
@@ -290,10 +367,7 @@ impl Queue {
             if s.items.is_empty() {
                 // Registered under the lock that pushes take: a push after
                 // this check finds the waker.
-                match &mut s.waiting {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    slot => *slot = Some(cx.waker().clone()),
-                }
+                register(&mut s.waiting, cx);
                 return Poll::Pending;
             }
             if out.is_empty() {
@@ -320,6 +394,15 @@ impl Queue {
     }
 }
 
+/// Keeps the waker of `cx` in `slot`, unless it holds one that wakes the
+/// same task.
+fn register(slot: &mut Option<Waker>, cx: &std::task::Context<'_>) {
+    match slot {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        slot => *slot = Some(cx.waker().clone()),
+    }
+}
+
 /// Replaces every shared batch with its messages, for a replacement by
 /// key (state-like channels only).
 fn unshare(items: &mut Vec<Entry>) {
@@ -337,6 +420,7 @@ fn unshare(items: &mut Vec<Entry>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
     use walkie_proto::Message;
 
     fn item(text: &str, key: Option<&str>) -> Queued {
@@ -461,6 +545,104 @@ mod tests {
             QueueClosed::SlowConsumer,
             "already closed"
         );
+    }
+
+    /// A sink that takes up to `room` messages in all, and says whether
+    /// they were written as `written` says.
+    #[derive(Debug)]
+    struct Room {
+        room: Mutex<usize>,
+        taken: Mutex<Vec<String>>,
+        written: bool,
+    }
+
+    impl Room {
+        fn new(room: usize, written: bool) -> Arc<Self> {
+            Arc::new(Room {
+                room: Mutex::new(room),
+                taken: Mutex::default(),
+                written,
+            })
+        }
+
+        fn taken(&self) -> Vec<String> {
+            lock(&self.taken).clone()
+        }
+    }
+
+    impl Sink for Room {
+        fn try_send(&self, messages: &[Queued]) -> Taken {
+            let mut room = lock(&self.room);
+            let count = messages.len().min(*room);
+            *room -= count;
+            lock(&self.taken).extend(
+                messages[..count]
+                    .iter()
+                    .map(|q| q.message.message().as_text().unwrap().to_owned()),
+            );
+            Taken {
+                count,
+                written: self.written,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sink_takes_what_it_can_and_the_queue_keeps_the_rest_in_order() {
+        let q = Queue::new(limits(100, OverflowPolicy::Disconnect));
+        let sink = Room::new(4, true);
+        q.set_sink(Some(sink.clone()));
+        let (batch, bytes) = shared(&["a", "b", "c"], None);
+        assert!(q.push_shared(&batch, bytes));
+        assert!(q.is_empty(), "all three taken");
+        let (batch, bytes) = shared(&["d", "e", "f"], None);
+        assert!(q.push_shared(&batch, bytes));
+        assert_eq!(q.len(), 2, "one taken, two queued");
+        // Something is queued: what comes next queues behind it, even
+        // though the sink has room again.
+        *lock(&sink.room) = 10;
+        assert!(q.push(item("g", None)));
+        assert!(q.push_all(&mut vec![item("h", None)]));
+        assert_eq!(sink.taken(), ["a", "b", "c", "d"]);
+        assert_eq!(pop_texts(&q).await, ["e", "f", "g", "h"]);
+        // Empty again: the sink takes it.
+        assert!(q.push_all(&mut vec![item("i", None), item("j", None)]));
+        assert!(q.is_empty());
+        // Without a sink, the queue keeps everything.
+        q.set_sink(None);
+        assert!(q.push(item("k", None)));
+        assert_eq!(sink.taken(), ["a", "b", "c", "d", "i", "j"]);
+        assert_eq!(pop_texts(&q).await, ["k"]);
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_could_not_write_everything_wakes_the_connection() {
+        let q = Arc::new(Queue::new(QueueLimits::default()));
+        q.set_sink(Some(Room::new(10, false)));
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut polls = 0;
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls > 1 {
+                    return Poll::Ready(());
+                }
+                let popped = std::pin::pin!(q2.pop_all(&mut out)).poll(cx);
+                assert!(popped.is_pending(), "nothing is queued yet");
+                Poll::Pending
+            })
+            .await;
+            out.len()
+        });
+        tokio::task::yield_now().await;
+        assert!(q.push(item("x", None)));
+        let queued = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the connection's task was not woken")
+            .unwrap();
+        assert_eq!(queued, 0, "the sink took it: nothing is queued");
+        assert!(q.is_empty());
     }
 
     #[tokio::test]
