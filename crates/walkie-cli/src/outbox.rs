@@ -2,6 +2,7 @@
 //! the Walkie protocol endpoints.
 
 use std::future::poll_fn;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -10,6 +11,19 @@ use walkie_hub::QueueClosed;
 
 use crate::serve::AppState;
 use crate::shutdown::Waiter;
+
+/// How the outbox reaches a connection's `WebSocket`: owned by the
+/// connection's task (`/ws`), or shared with a room's fan-out and locked
+/// for each step (`rooms::Shared`). No step holds it across an await.
+pub trait Access<S> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R;
+}
+
+impl<S> Access<S> for WebSocket<S> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R {
+        f(self)
+    }
+}
 
 /// Why a batch was not all queued for writing.
 pub enum Sent {
@@ -25,8 +39,8 @@ pub enum Sent {
 /// What is fed leaves at the next poll of `recv` (writes are corked until
 /// then). Shutdown ends the wait too: a client that reads nothing must not
 /// hold the server past its shutdown.
-pub async fn send_batch<S>(
-    ws: &mut WebSocket<S>,
+pub async fn send_batch<S, W: Access<S>>(
+    ws: &mut W,
     batch: &mut Vec<walkie_hub::Entry>,
     queue: &walkie_hub::Queue,
     shutdown: &mut Waiter<'_>,
@@ -39,7 +53,7 @@ where
     // queue's closing (a lock and a waiter per message). The rest, for a
     // client that reads slower than its room, is boxed: its futures would
     // otherwise be part of every member's task for its whole life.
-    let result = match feed_while_room(ws, batch) {
+    let result = match ws.with(|ws| feed_while_room(ws, batch)) {
         Ok(None) => Ok(()),
         Ok(Some(at)) => Box::pin(feed_rest(ws, batch, at, queue, shutdown)).await,
         Err(e) => Err(Sent::Failed(e)),
@@ -75,8 +89,8 @@ where
 /// Queues the batch's messages from `at` on, waiting for socket room
 /// before each one that does not fit; the queue's closing (an overflow)
 /// and shutdown end the wait.
-async fn feed_rest<S>(
-    ws: &mut WebSocket<S>,
+async fn feed_rest<S, W: Access<S>>(
+    ws: &mut W,
     batch: &[walkie_hub::Entry],
     Position(first_entry, first_message): Position,
     queue: &walkie_hub::Queue,
@@ -89,14 +103,20 @@ where
         let skip = if e == first_entry { first_message } else { 0 };
         for queued in entry.messages().iter().skip(skip) {
             if ws
-                .try_feed_prepared(&queued.message)
+                .with(|ws| ws.try_feed_prepared(&queued.message))
                 .map_err(Sent::Failed)?
             {
                 continue;
             }
+            let feed = poll_fn(|cx| {
+                ws.with(|ws| {
+                    ready!(ws.poll_ready(cx))?;
+                    Poll::Ready(ws.try_feed_prepared(&queued.message).map(drop))
+                })
+            });
             tokio::select! {
                 biased;
-                r = ws.feed_prepared(&queued.message) => r.map_err(Sent::Failed)?,
+                r = feed => r.map_err(Sent::Failed)?,
                 why = queue.closed() => return Err(Sent::Closed(why)),
                 () = poll_fn(|cx| shutdown.poll(cx)) => return Err(Sent::Shutdown),
             }
@@ -109,15 +129,16 @@ where
 /// nothing (a slow consumer's socket may be full). Boxed: the timeout's
 /// state would otherwise be part of every connection's task, for a path
 /// taken once at the end.
-pub async fn close_within<S>(ws: &mut WebSocket<S>, code: CloseCode, reason: &str)
+pub async fn close_within<S, W>(ws: &mut W, code: CloseCode, reason: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    W: Access<S>,
 {
-    let close = Box::pin(tokio::time::timeout(
-        Duration::from_secs(5),
-        ws.close(code, reason),
-    ));
-    let _ = close.await;
+    let close = async {
+        ws.with(|ws| ws.start_close(code, reason))?;
+        poll_fn(|cx| ws.with(|ws| ws.poll_close(cx))).await
+    };
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(5), close)).await;
 }
 
 /// Counts an open WebSocket connection in the node's metrics while alive,

@@ -306,3 +306,91 @@ async fn a_member_that_pauses_reading_catches_up_in_order() {
     })
     .await;
 }
+
+/// Fan-out writes a member's socket from the room's own loop when the
+/// member is on the publisher's thread, and through the member's queue
+/// otherwise (see `rooms::Shared`). With four worker threads, members and
+/// writers land on different threads, so both paths run side by side and a
+/// member switches between them as its queue fills and drains: every member
+/// still gets every writer's messages, each writer's in order, once.
+#[tokio::test]
+async fn members_on_every_thread_get_every_message_in_order() {
+    // Queues long enough that a member's reader, one of 24 in the test's
+    // one thread, is never cut off as a slow consumer.
+    let server = Server::start(&[
+        "--in-memory",
+        "--workers",
+        "4",
+        "--client-queue",
+        "100000",
+        "--client-queue-bytes",
+        "64M",
+    ]);
+    within(60, async {
+        let members = 24;
+        let writers = 3;
+        let per_writer = 400u32;
+        let mut readers = Vec::new();
+        for _ in 0..members {
+            readers.push(join(&server, "/rooms/mixed").await);
+        }
+        let mut outs = Vec::new();
+        let mut drains = Vec::new();
+        for _ in 0..writers {
+            // A writer is a member too: its copies are drained aside.
+            let (mut echoes, writer) = join(&server, "/rooms/mixed").await.split();
+            drains.push(tokio::spawn(async move {
+                while let Some(Ok(_)) = echoes.recv().await {}
+            }));
+            outs.push(writer);
+        }
+        joined(&server, "mixed", members + writers).await;
+        let sends = outs.into_iter().enumerate().map(|(w, mut writer)| {
+            tokio::spawn(async move {
+                for i in 0..per_writer {
+                    // Bursts of 50, so that batches of many messages form.
+                    if i % 50 == 0 {
+                        writer.send(format!("{w}:{i}")).await.unwrap();
+                    } else {
+                        writer.feed(format!("{w}:{i}")).await.unwrap();
+                    }
+                }
+                writer.flush().await.unwrap();
+                writer
+            })
+        });
+        let sends: Vec<_> = sends.collect();
+        let checks = readers.into_iter().enumerate().map(|(r, mut ws)| {
+            tokio::spawn(async move {
+                let mut next_of = vec![0u32; writers];
+                for _ in 0..writers as u32 * per_writer {
+                    let m = next(&mut ws).await;
+                    let text = m.as_text().expect("text stays text");
+                    let (w, i) = text.split_once(':').expect("a numbered message");
+                    let (w, i): (usize, u32) = (w.parse().unwrap(), i.parse().unwrap());
+                    assert_eq!(
+                        i, next_of[w],
+                        "member {r}: writer {w}'s messages lost, repeated or out of order"
+                    );
+                    next_of[w] += 1;
+                }
+                let extra = tokio::time::timeout(Duration::from_millis(200), ws.recv()).await;
+                assert!(extra.is_err(), "member {r}: an extra message: {extra:?}");
+            })
+        });
+        let checks: Vec<_> = checks.collect();
+        for check in checks {
+            if let Err(e) = check.await {
+                panic!("{e}; server log:\n{}", server.log_text());
+            }
+        }
+        for send in sends {
+            let mut writer = send.await.unwrap();
+            let _ = writer.close(CloseCode::NORMAL, "").await;
+        }
+        for drain in drains {
+            drain.abort();
+        }
+    })
+    .await;
+}
