@@ -232,16 +232,17 @@ where
 
 /// A member's connection, shared by its task and the room's fan-out.
 ///
-/// A publication made on the member's own thread (the usual case: one
-/// thread serves a room's publisher and members when the server runs on
-/// one core, and the kernel spreads connections over threads otherwise) is
-/// written to the member's socket by the fan-out loop itself, from the one
-/// framed copy, without waking the member's task: one loop writes the
-/// whole room, touching little more than each member's socket. What the
-/// socket does not take at once stays in the connection's buffer, and the
-/// member's task (woken by the queue) writes it when the socket has room.
-/// A member on another thread, or one that is busy or full, gets its
-/// messages through its queue as before.
+/// A publication flushed on the member's own thread is written to the
+/// member's socket by the fan-out loop itself, from the one framed copy,
+/// without waking the member's task: one loop writes the whole room,
+/// touching little more than each member's socket. That is every member
+/// when the server runs one worker thread; with several, the kernel
+/// spreads connections over them, and a member on another thread than the
+/// flush gets its messages through its queue and its task. So does a
+/// member whose task is feeding a batch, or whose connection is over its
+/// high-water mark or closing. What the socket does not take at once stays
+/// in the connection's buffer, and the member's task (woken by the queue)
+/// writes it when the socket has room.
 ///
 /// Both sides lock for one step and never across an await. On the
 /// member's thread its task and the fan-out never run at once, so the

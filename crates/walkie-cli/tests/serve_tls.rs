@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pki, run_walkie, s, within};
+use common::{Pki, Server, run_walkie, s, within};
 use walkie::{ClientConfig, CloseCode, Message};
 
 #[tokio::test]
@@ -143,4 +143,70 @@ fn key_file_that_is_not_a_key_is_an_error() {
     );
     assert_eq!(run.code(), Some(2), "{run:?}");
     assert!(run.stderr.contains("--tls-key"), "{}", run.stderr);
+}
+
+/// A room over wss://. With one worker thread every member is on the
+/// publisher's thread, so the room's fan-out writes each member's TLS
+/// stream from its own loop, and the member's task finishes what TLS did
+/// not write at once. Large and small messages arrive whole, in order, to
+/// every member (the sender too).
+#[tokio::test]
+async fn a_room_over_tls_gets_every_message_in_order() {
+    let pki = Pki::generate();
+    let server = Server::spawn(
+        [
+            "serve".as_ref(),
+            "--bind".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--in-memory".as_ref(),
+            "--tls-cert".as_ref(),
+            pki.cert().as_os_str(),
+            "--tls-key".as_ref(),
+            pki.key().as_os_str(),
+        ] as [&std::ffi::OsStr; 8],
+        &[("WALKIE_WORKERS", "1")],
+    );
+    within(30, async {
+        let mut config = ClientConfig::default();
+        config.tls = Some(walkie::tls::client_config_with_ca(&pki.ca()).unwrap());
+        let url = format!("wss://localhost:{}/rooms/secure", server.port);
+        let (mut writer, _) = walkie::connect_with(&url, &config).await.unwrap();
+        let (mut reader, _) = walkie::connect_with(&url, &config).await.unwrap();
+        for _ in 0..500 {
+            let joins = server
+                .log()
+                .iter()
+                .filter(|l| l.contains("joined room"))
+                .count();
+            if joins >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let total = 120u32;
+        let size = |i: u32| if i % 40 == 0 { 300_000 } else { 100 };
+        for i in 0..total {
+            let mut m = i.to_be_bytes().to_vec();
+            m.resize(size(i), b'z');
+            writer.feed(Message::binary(m)).await.unwrap();
+        }
+        writer.flush().await.unwrap();
+        for (who, ws) in [("reader", &mut reader), ("writer", &mut writer)] {
+            for i in 0..total {
+                let m = tokio::time::timeout(Duration::from_secs(10), ws.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("{who}, message {i}: nothing within 10 s"))
+                    .expect("connection ended")
+                    .expect("connection failed");
+                let bytes = m.as_bytes();
+                assert_eq!(bytes.len(), size(i), "{who}, message {i}");
+                let n = u32::from_be_bytes(bytes[..4].try_into().unwrap());
+                assert_eq!(n, i, "{who}: out of order, lost or repeated");
+            }
+        }
+        for ws in [&mut reader, &mut writer] {
+            ws.close(CloseCode::NORMAL, "").await.unwrap();
+        }
+    })
+    .await;
 }
