@@ -2,12 +2,14 @@
 //! the Walkie protocol endpoints.
 
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use walkie::{CloseCode, WebSocket};
-use walkie_hub::QueueClosed;
+use walkie_hub::{QueueClosed, Queued, Sink, Taken};
 
 use crate::serve::AppState;
 use crate::shutdown::Waiter;
@@ -23,6 +25,111 @@ impl<S> Access<S> for WebSocket<S> {
     fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R {
         f(self)
     }
+}
+
+/// A connection shared by its task and the hub's fan-out: a room member,
+/// or a Walkie protocol session (the queue's [`Sink`]).
+///
+/// A publication flushed on the connection's own thread is written to its
+/// socket by the fan-out loop itself, from the one framed copy, without
+/// waking the connection's task: one loop writes a whole channel, touching
+/// little more than each subscriber's socket. That is every subscriber
+/// when the server runs one worker thread; with several, the kernel
+/// spreads connections over them, and a subscriber on another thread than
+/// the flush gets its messages through its queue and its task. So does a
+/// connection whose task is busy (see `busy`), or whose connection is over
+/// its high-water mark or closing. What the socket does not take at once
+/// stays in the connection's buffer, and the task (woken by the queue)
+/// writes it when the socket has room.
+///
+/// Both sides lock for one step and never across an await. On the
+/// connection's thread its task and the fan-out never run at once, so the
+/// fan-out's `try_lock` always succeeds there.
+pub struct Shared<S> {
+    ws: Mutex<WebSocket<S>>,
+    /// The worker thread the connection's task runs on (see
+    /// `thread_number`).
+    /// With the flag below in 8 bytes: the whole fits a 256-byte
+    /// allocation with its `Arc`.
+    thread: u32,
+    /// The task is in the middle of something whose output goes first: a
+    /// batch it took from its queue, or a command whose reply it has not
+    /// queued yet. The fan-out queues instead, so nothing newer goes ahead
+    /// of it. (The high-water mark alone does not say so: waiting for
+    /// room, the task may be below the mark, having written part and been
+    /// told to wait for the rest.)
+    busy: AtomicBool,
+}
+
+impl<S> Shared<S> {
+    pub fn new(ws: WebSocket<S>) -> Self {
+        Shared {
+            ws: Mutex::new(ws),
+            thread: thread_number(),
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    /// Raises or lowers the `busy` flag.
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, WebSocket<S>> {
+        // A panic while holding it leaves a connection whose next step
+        // fails cleanly; carry on.
+        self.ws.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<S> std::fmt::Debug for Shared<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("thread", &self.thread)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Access<S> for Arc<Shared<S>> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R {
+        f(&mut self.lock())
+    }
+}
+
+impl<S> Sink for Shared<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    fn try_send(&self, messages: &[Queued]) -> Taken {
+        if thread_number() != self.thread || self.busy.load(Ordering::Relaxed) {
+            return Taken::NONE;
+        }
+        let Ok(mut ws) = self.ws.try_lock() else {
+            return Taken::NONE;
+        };
+        // Stops at the high-water mark (a member that reads slowly) and at
+        // a closing connection; the queue takes the rest, in order.
+        let count = messages
+            .iter()
+            .take_while(|q| matches!(ws.try_feed_prepared(&q.message), Ok(true)))
+            .count();
+        if count == 0 {
+            return Taken::NONE;
+        }
+        // A failed write is the task's to report: it is woken for it.
+        let written = matches!(ws.try_flush(), Ok(true));
+        Taken { count, written }
+    }
+}
+
+/// A number for the current thread, the same for its whole life (they
+/// wrap after 4 billion threads; a process runs a few).
+fn thread_number() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    thread_local! {
+        static NUMBER: u32 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NUMBER.with(|n| *n)
 }
 
 /// Why a batch was not all queued for writing.
@@ -186,4 +293,17 @@ pub fn overflowed(metrics: &walkie_hub::Metrics) {
 #[cfg(test)]
 pub fn future_size<A, F: std::future::Future>(_make: impl FnOnce(A) -> F) -> usize {
     std::mem::size_of::<F>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Shared` connection and its `Arc` counts (16 bytes) fit a
+    /// 256-byte allocation.
+    #[test]
+    fn a_shared_connection_fits_256_bytes() {
+        let size = std::mem::size_of::<Shared<tokio::net::TcpStream>>();
+        assert!(size <= 240, "Shared is {size} bytes: over 256 with its Arc");
+    }
 }

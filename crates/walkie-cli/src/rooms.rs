@@ -5,18 +5,17 @@
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
-use walkie::{CloseCode, Incoming, Message, WebSocket};
+use walkie::{CloseCode, Incoming, Message};
 use walkie_hub::{
     ChannelName, Format, HistoryOptions, Kind, NewPublication, PublishOptions, QueueClosed,
-    QueueLimits, Queued, Recover, Sink, Taken,
+    QueueLimits, Recover,
 };
 
-use crate::outbox::{Access, Counted, Sent, close_within, send_batch};
+use crate::outbox::{Counted, Sent, Shared, close_within, send_batch};
 use crate::serve::AppState;
 
 /// The longest room name, in bytes.
@@ -188,9 +187,9 @@ where
                 return "server shutting down".into();
             }
             Step::Popped(Ok(())) => {
-                ws.feeding.store(true, Ordering::Relaxed);
+                ws.set_busy(true);
                 let sent = send_batch(ws, &mut batch, client.queue(), &mut shutdown).await;
-                ws.feeding.store(false, Ordering::Relaxed);
+                ws.set_busy(false);
                 match sent {
                     // Shutdown: the next turn closes.
                     Ok(()) | Err(Sent::Shutdown) => continue,
@@ -230,103 +229,6 @@ where
     }
 }
 
-/// A member's connection, shared by its task and the room's fan-out.
-///
-/// A publication flushed on the member's own thread is written to the
-/// member's socket by the fan-out loop itself, from the one framed copy,
-/// without waking the member's task: one loop writes the whole room,
-/// touching little more than each member's socket. That is every member
-/// when the server runs one worker thread; with several, the kernel
-/// spreads connections over them, and a member on another thread than the
-/// flush gets its messages through its queue and its task. So does a
-/// member whose task is feeding a batch, or whose connection is over its
-/// high-water mark or closing. What the socket does not take at once stays
-/// in the connection's buffer, and the member's task (woken by the queue)
-/// writes it when the socket has room.
-///
-/// Both sides lock for one step and never across an await. On the
-/// member's thread its task and the fan-out never run at once, so the
-/// fan-out's `try_lock` always succeeds there.
-pub struct Shared<S> {
-    ws: Mutex<WebSocket<S>>,
-    /// The worker thread the member's task runs on (see `thread_number`).
-    /// With the flag below in 8 bytes: the whole fits a 256-byte
-    /// allocation with its `Arc`.
-    thread: u32,
-    /// The member's task is feeding a batch it took from its queue: the
-    /// fan-out must not put newer messages before the rest of it. (The
-    /// high-water mark alone does not say so: waiting for room, the task
-    /// may be below the mark, having written part and been told to wait
-    /// for the rest.)
-    feeding: AtomicBool,
-}
-
-impl<S> Shared<S> {
-    fn new(ws: WebSocket<S>) -> Self {
-        Shared {
-            ws: Mutex::new(ws),
-            thread: thread_number(),
-            feeding: AtomicBool::new(false),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, WebSocket<S>> {
-        // A panic while holding it leaves a connection whose next step
-        // fails cleanly; carry on.
-        self.ws.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl<S> std::fmt::Debug for Shared<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("thread", &self.thread)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> Access<S> for Arc<Shared<S>> {
-    fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R {
-        f(&mut self.lock())
-    }
-}
-
-impl<S> Sink for Shared<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    fn try_send(&self, messages: &[Queued]) -> Taken {
-        if thread_number() != self.thread || self.feeding.load(Ordering::Relaxed) {
-            return Taken::NONE;
-        }
-        let Ok(mut ws) = self.ws.try_lock() else {
-            return Taken::NONE;
-        };
-        // Stops at the high-water mark (a member that reads slowly) and at
-        // a closing connection; the queue takes the rest, in order.
-        let count = messages
-            .iter()
-            .take_while(|q| matches!(ws.try_feed_prepared(&q.message), Ok(true)))
-            .count();
-        if count == 0 {
-            return Taken::NONE;
-        }
-        // A failed write is the task's to report: it is woken for it.
-        let written = matches!(ws.try_flush(), Ok(true));
-        Taken { count, written }
-    }
-}
-
-/// A number for the current thread, the same for its whole life (they
-/// wrap after 4 billion threads; a process runs a few).
-fn thread_number() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(1);
-    thread_local! {
-        static NUMBER: u32 = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    NUMBER.with(|n| *n)
-}
-
 /// Publishes a message a member sent to its room, and counts it.
 async fn publish(
     state: &AppState,
@@ -361,7 +263,7 @@ mod tests {
     /// A room member's task is tokio's header and trailer (112 bytes)
     /// around this future, rounded up to 128 bytes: at most 400 bytes of
     /// future keep the task at 512. It was 768 while the task held the
-    /// `WebSocket`, which is now in `Shared` (see the next test), and 896
+    /// `WebSocket`, which is now in `Shared` (see `outbox.rs`), and 896
     /// before the loop was restructured.
     #[test]
     fn an_idle_member_fits_a_512_byte_task() {
@@ -379,13 +281,5 @@ mod tests {
             size <= 400,
             "a room member's future is {size} bytes: its task would be 640"
         );
-    }
-
-    /// A member's `Shared` connection and its `Arc` counts (16 bytes) fit a
-    /// 256-byte allocation.
-    #[test]
-    fn a_shared_connection_fits_256_bytes() {
-        let size = std::mem::size_of::<Shared<tokio::net::TcpStream>>();
-        assert!(size <= 240, "Shared is {size} bytes: over 256 with its Arc");
     }
 }

@@ -300,3 +300,55 @@ async fn end(c: &mut proto::Proto) -> Option<u16> {
     while let Some(Ok(_)) = c.ws.recv().await {}
     c.close_code()
 }
+
+/// docs/protocol.md: "A reply for a command always comes before any push
+/// caused by that command", a subscribe's live publications included. The
+/// hub writes publications straight to a subscriber's
+/// socket when it can (one worker thread here, so it can for every
+/// client), and must not do so while the session is still answering the
+/// subscribe: fresh clients subscribe to a channel that a room member keeps
+/// publishing to, and none may see a publication before its reply.
+#[tokio::test]
+async fn a_subscribe_reply_comes_before_the_channels_publications() {
+    let server = Server::spawn(
+        ["serve", "--bind", "127.0.0.1:0"],
+        &[("WALKIE_WORKERS", "1")],
+    );
+    within(60, async {
+        let (mut echoes, mut writer) = walkie::connect(&server.ws_url("/rooms/busy"))
+            .await
+            .unwrap()
+            .split();
+        let drain = tokio::spawn(async move { while let Some(Ok(_)) = echoes.recv().await {} });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let flood = tokio::spawn(async move {
+            for i in 0..200_000u32 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                writer.send(format!("message {i}")).await.unwrap();
+                if i % 20 == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            writer
+        });
+        for round in 0..60 {
+            let (mut c, _) = proto::connected(server.port, None).await;
+            c.ok("subscribe", json!({"channel": "rooms:busy"})).await;
+            assert!(
+                c.pushes.iter().all(|p| p.get("pub").is_none()),
+                "round {round}: a publication before the subscribe's reply: {:?}",
+                c.pushes
+            );
+            // And they do come after it.
+            c.publication().await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut writer = flood.await.unwrap();
+        let _ = writer.close(walkie::CloseCode::NORMAL, "").await;
+        drain.abort();
+    })
+    .await;
+}
