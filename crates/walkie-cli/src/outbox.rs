@@ -3,7 +3,7 @@
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
@@ -13,19 +13,6 @@ use walkie_hub::{QueueClosed, Queued, Sink, Taken};
 
 use crate::serve::AppState;
 use crate::shutdown::Waiter;
-
-/// How the outbox reaches a connection's `WebSocket`: owned by the
-/// connection's task (`/ws`), or shared with a room's fan-out and locked
-/// for each step (`rooms::Shared`). No step holds it across an await.
-pub trait Access<S> {
-    fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R;
-}
-
-impl<S> Access<S> for WebSocket<S> {
-    fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R {
-        f(self)
-    }
-}
 
 /// A connection shared by its task and the hub's fan-out: a room member,
 /// or a Walkie protocol session (the queue's [`Sink`]).
@@ -48,9 +35,8 @@ impl<S> Access<S> for WebSocket<S> {
 pub struct Shared<S> {
     ws: Mutex<WebSocket<S>>,
     /// The worker thread the connection's task runs on (see
-    /// `thread_number`).
-    /// With the flag below in 8 bytes: the whole fits a 256-byte
-    /// allocation with its `Arc`.
+    /// `thread_number`). With the flag below in 8 bytes: the whole fits a
+    /// 256-byte allocation with its `Arc`.
     thread: u32,
     /// The task is in the middle of something whose output goes first: a
     /// batch it took from its queue, or a command whose reply it has not
@@ -75,6 +61,7 @@ impl<S> Shared<S> {
         self.busy.store(busy, Ordering::Relaxed);
     }
 
+    /// The connection, for one step: never held across an await.
     pub fn lock(&self) -> MutexGuard<'_, WebSocket<S>> {
         // A panic while holding it leaves a connection whose next step
         // fails cleanly; carry on.
@@ -87,12 +74,6 @@ impl<S> std::fmt::Debug for Shared<S> {
         f.debug_struct("Shared")
             .field("thread", &self.thread)
             .finish_non_exhaustive()
-    }
-}
-
-impl<S> Access<S> for Arc<Shared<S>> {
-    fn with<R>(&mut self, f: impl FnOnce(&mut WebSocket<S>) -> R) -> R {
-        f(&mut self.lock())
     }
 }
 
@@ -146,8 +127,8 @@ pub enum Sent {
 /// What is fed leaves at the next poll of `recv` (writes are corked until
 /// then). Shutdown ends the wait too: a client that reads nothing must not
 /// hold the server past its shutdown.
-pub async fn send_batch<S, W: Access<S>>(
-    ws: &mut W,
+pub async fn send_batch<S>(
+    ws: &Shared<S>,
     batch: &mut Vec<walkie_hub::Entry>,
     queue: &walkie_hub::Queue,
     shutdown: &mut Waiter<'_>,
@@ -160,7 +141,8 @@ where
     // queue's closing (a lock and a waiter per message). The rest, for a
     // client that reads slower than its room, is boxed: its futures would
     // otherwise be part of every member's task for its whole life.
-    let result = match ws.with(|ws| feed_while_room(ws, batch)) {
+    let fed = feed_while_room(&mut ws.lock(), batch);
+    let result = match fed {
         Ok(None) => Ok(()),
         Ok(Some(at)) => Box::pin(feed_rest(ws, batch, at, queue, shutdown)).await,
         Err(e) => Err(Sent::Failed(e)),
@@ -196,8 +178,8 @@ where
 /// Queues the batch's messages from `at` on, waiting for socket room
 /// before each one that does not fit; the queue's closing (an overflow)
 /// and shutdown end the wait.
-async fn feed_rest<S, W: Access<S>>(
-    ws: &mut W,
+async fn feed_rest<S>(
+    ws: &Shared<S>,
     batch: &[walkie_hub::Entry],
     Position(first_entry, first_message): Position,
     queue: &walkie_hub::Queue,
@@ -210,16 +192,16 @@ where
         let skip = if e == first_entry { first_message } else { 0 };
         for queued in entry.messages().iter().skip(skip) {
             if ws
-                .with(|ws| ws.try_feed_prepared(&queued.message))
+                .lock()
+                .try_feed_prepared(&queued.message)
                 .map_err(Sent::Failed)?
             {
                 continue;
             }
             let feed = poll_fn(|cx| {
-                ws.with(|ws| {
-                    ready!(ws.poll_ready(cx))?;
-                    Poll::Ready(ws.try_feed_prepared(&queued.message).map(drop))
-                })
+                let mut ws = ws.lock();
+                ready!(ws.poll_ready(cx))?;
+                Poll::Ready(ws.try_feed_prepared(&queued.message).map(drop))
             });
             tokio::select! {
                 biased;
@@ -236,14 +218,13 @@ where
 /// nothing (a slow consumer's socket may be full). Boxed: the timeout's
 /// state would otherwise be part of every connection's task, for a path
 /// taken once at the end.
-pub async fn close_within<S, W>(ws: &mut W, code: CloseCode, reason: &str)
+pub async fn close_within<S>(ws: &Shared<S>, code: CloseCode, reason: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    W: Access<S>,
 {
     let close = async {
-        ws.with(|ws| ws.start_close(code, reason))?;
-        poll_fn(|cx| ws.with(|ws| ws.poll_close(cx))).await
+        ws.lock().start_close(code, reason)?;
+        poll_fn(|cx| ws.lock().poll_close(cx)).await
     };
     let _ = Box::pin(tokio::time::timeout(Duration::from_secs(5), close)).await;
 }

@@ -99,12 +99,7 @@ pub async fn room<S>(
     };
     if let Err(e) = Box::pin(client.subscribe(channel.clone(), Format::Raw, recover)).await {
         warn!(%peer, room = name, "cannot join: {e}");
-        close_within(
-            &mut ws.clone(),
-            CloseCode::INTERNAL_ERROR,
-            "room unavailable",
-        )
-        .await;
+        close_within(&ws, CloseCode::INTERNAL_ERROR, "room unavailable").await;
         return;
     }
     info!(%peer, room = name, "joined room");
@@ -128,7 +123,7 @@ pub async fn room<S>(
     reason = "an async fn would hold its arguments twice"
 )]
 fn membership<S>(
-    mut ws: Arc<Shared<S>>,
+    ws: Arc<Shared<S>>,
     client: walkie_hub::Client,
     channel: ChannelName,
     counted: Counted,
@@ -138,7 +133,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     async move {
-        let why = member(&mut ws, &client, &channel, &counted).await;
+        let why = member(&ws, &client, &channel, &counted).await;
         // The room's fan-out lets go of the connection, which closes when
         // this task ends.
         client.queue().set_sink(None);
@@ -162,7 +157,7 @@ enum Step {
 /// and every await a member rarely reaches (a close, a publish) is boxed
 /// and made when reached.
 async fn member<S>(
-    ws: &mut Arc<Shared<S>>,
+    ws: &Shared<S>,
     client: &walkie_hub::Client,
     channel: &ChannelName,
     state: &AppState,

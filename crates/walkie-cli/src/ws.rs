@@ -14,7 +14,7 @@ use walkie::{CloseCode, Incoming, Message};
 use walkie_hub::protocol::SUBPROTOCOL;
 use walkie_hub::{CloseReason, QueueClosed, Session};
 
-use crate::outbox::{Access, Counted, Sent, Shared, close_within, send_batch};
+use crate::outbox::{Counted, Sent, Shared, close_within, send_batch};
 use crate::serve::AppState;
 
 /// Seconds since the Unix epoch: the session's clock (token expiries are
@@ -74,7 +74,7 @@ pub async fn endpoint<S>(
     reason = "an async fn would hold its arguments twice"
 )]
 fn connection<S>(
-    mut ws: Arc<Shared<S>>,
+    ws: Arc<Shared<S>>,
     mut session: Session,
     counted: Counted,
     peer: SocketAddr,
@@ -83,7 +83,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     async move {
-        let why = run(&mut ws, &mut session, &counted).await;
+        let why = run(&ws, &mut session, &counted).await;
         // The hub's fan-out lets go of the connection, which closes when
         // this task ends.
         session.queue().set_sink(None);
@@ -156,7 +156,7 @@ enum Step {
 /// As for a room member (`rooms.rs`), the select only picks a step and
 /// the awaits come after it, every rare one boxed: this future is part of
 /// every session's task for its whole life.
-async fn run<S>(ws: &mut Arc<Shared<S>>, session: &mut Session, state: &AppState) -> String
+async fn run<S>(ws: &Shared<S>, session: &mut Session, state: &AppState) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -211,7 +211,7 @@ where
                     // Queued at once: a client that reads nothing is paused
                     // by `recv` and `send_batch`, which both still see
                     // shutdown.
-                    Ok(reply) => ws.with(|ws| ws.feed_now(Message::text(reply))),
+                    Ok(reply) => ws.lock().feed_now(Message::text(reply)),
                     Err(close) => return Box::pin(close_with(ws, close)).await,
                 };
                 ws.set_busy(false);
@@ -247,7 +247,7 @@ where
 
 /// Closes with the session's reason. Callers box it: it is rare, and its
 /// state would otherwise be part of every session's task.
-async fn close_with<S>(ws: &mut Arc<Shared<S>>, close: CloseReason) -> String
+async fn close_with<S>(ws: &Shared<S>, close: CloseReason) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
