@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pki, Server, run_walkie, s, within};
+use common::{Pki, run_walkie, s, within};
 use walkie::{ClientConfig, CloseCode, Message};
 
 #[tokio::test]
@@ -153,19 +153,7 @@ fn key_file_that_is_not_a_key_is_an_error() {
 #[tokio::test]
 async fn a_room_over_tls_gets_every_message_in_order() {
     let pki = Pki::generate();
-    let server = Server::spawn(
-        [
-            "serve".as_ref(),
-            "--bind".as_ref(),
-            "127.0.0.1:0".as_ref(),
-            "--in-memory".as_ref(),
-            "--tls-cert".as_ref(),
-            pki.cert().as_os_str(),
-            "--tls-key".as_ref(),
-            pki.key().as_os_str(),
-        ] as [&std::ffi::OsStr; 8],
-        &[("WALKIE_WORKERS", "1")],
-    );
+    let server = pki.server_with(&["--in-memory"], &[("WALKIE_WORKERS", "1")]);
     within(30, async {
         let mut config = ClientConfig::default();
         config.tls = Some(walkie::tls::client_config_with_ca(&pki.ca()).unwrap());

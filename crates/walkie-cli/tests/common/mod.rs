@@ -665,18 +665,20 @@ impl Pki {
 
     /// `walkie serve` with this certificate.
     pub fn server(&self) -> Server {
-        Server::spawn(
-            [
-                "serve".as_ref(),
-                "--bind".as_ref(),
-                "127.0.0.1:0".as_ref(),
-                "--tls-cert".as_ref(),
-                self.cert().as_os_str(),
-                "--tls-key".as_ref(),
-                self.key().as_os_str(),
-            ] as [&std::ffi::OsStr; 7],
-            &[],
-        )
+        self.server_with(&[], &[])
+    }
+
+    /// `walkie serve` with this certificate, more flags and environment.
+    pub fn server_with(&self, flags: &[&str], envs: &[(&str, &str)]) -> Server {
+        let mut args: Vec<std::ffi::OsString> = ["serve", "--bind", "127.0.0.1:0", "--tls-cert"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        args.push(self.cert().into());
+        args.push("--tls-key".into());
+        args.push(self.key().into());
+        args.extend(flags.iter().map(Into::into));
+        Server::spawn(args, envs)
     }
 }
 
