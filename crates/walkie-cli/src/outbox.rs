@@ -39,8 +39,8 @@ pub struct Shared<S> {
     /// 256-byte allocation with its `Arc`.
     thread: u32,
     /// The task is in the middle of something whose output goes first: a
-    /// batch it took from its queue, or a command whose reply it has not
-    /// queued yet. The fan-out queues instead, so nothing newer goes ahead
+    /// batch it took from its queue and is waiting to feed the rest of (set
+    /// by `send_batch`), or a command whose reply it has not queued yet. The fan-out queues instead, so nothing newer goes ahead
     /// of it. (The high-water mark alone does not say so: waiting for
     /// room, the task may be below the mark, having written part and been
     /// told to wait for the rest.)
@@ -100,6 +100,15 @@ where
         // A failed write is the task's to report: it is woken for it.
         let written = matches!(ws.try_flush(), Ok(true));
         Taken { count, written }
+    }
+}
+
+/// Lowers a connection's `busy` flag when dropped.
+struct Busy<'a, S>(&'a Shared<S>);
+
+impl<S> Drop for Busy<'_, S> {
+    fn drop(&mut self) {
+        self.0.set_busy(false);
     }
 }
 
@@ -188,6 +197,11 @@ async fn feed_rest<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Waiting for room with part of the batch fed: the fan-out must not
+    // write past the rest (see `Shared::busy`) until this returns, however
+    // it returns.
+    ws.set_busy(true);
+    let _busy = Busy(ws);
     for (e, entry) in batch.iter().enumerate().skip(first_entry) {
         let skip = if e == first_entry { first_message } else { 0 };
         for queued in entry.messages().iter().skip(skip) {
@@ -274,6 +288,15 @@ pub fn overflowed(metrics: &walkie_hub::Metrics) {
 #[cfg(test)]
 pub fn future_size<A, F: std::future::Future>(_make: impl FnOnce(A) -> F) -> usize {
     std::mem::size_of::<F>()
+}
+
+/// The bytes of a tokio task around a future of `future` bytes: its
+/// header and trailer (112 bytes), rounded up to 128 (the task is
+/// 128-aligned). Checked against `-Zprint-type-sizes`: a 400-byte room
+/// member's future makes a 512-byte task.
+#[cfg(test)]
+pub fn task_size(future: usize) -> usize {
+    (future + 112).next_multiple_of(128)
 }
 
 #[cfg(test)]

@@ -223,12 +223,7 @@ impl Queue {
             items.clear();
             return s.closed.is_none();
         }
-        let mut open = true;
-        for item in items.drain(..).skip(taken) {
-            if open {
-                open = self.push_locked(&mut s, item);
-            }
-        }
+        let open = self.push_each(&mut s, items.drain(..).skip(taken));
         self.wake(s, open)
     }
 
@@ -245,16 +240,9 @@ impl Queue {
         if taken == batch.len() {
             return true;
         }
-        if taken > 0 {
-            let mut open = true;
-            for item in &batch[taken..] {
-                if open {
-                    open = self.push_locked(&mut s, item.clone());
-                }
-            }
-            return self.wake(s, open);
-        }
-        let fits = s.count as usize + batch.len() <= self.limits.messages as usize
+        // Whole, as one shared entry, unless the sink took part of it.
+        let fits = taken == 0
+            && s.count as usize + batch.len() <= self.limits.messages as usize
             && (s.bytes as usize + bytes <= self.limits.bytes as usize || s.count == 0);
         if fits {
             s.count += size32(batch.len());
@@ -262,13 +250,20 @@ impl Queue {
             s.items.push(Entry::Shared(batch.clone()));
             return self.wake(s, true);
         }
+        let open = self.push_each(&mut s, batch[taken..].iter().cloned());
+        self.wake(s, open)
+    }
+
+    /// Pushes each of `items` in turn, under the lock, until the queue
+    /// closes; false if it did.
+    fn push_each(&self, s: &mut State, items: impl Iterator<Item = Queued>) -> bool {
         let mut open = true;
-        for item in batch.iter() {
+        for item in items {
             if open {
-                open = self.push_locked(&mut s, item.clone());
+                open = self.push_locked(s, item);
             }
         }
-        self.wake(s, open)
+        open
     }
 
     /// Wakes the connection's task after a push; `open` is what the push
