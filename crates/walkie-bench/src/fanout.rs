@@ -25,7 +25,7 @@ use tokio::sync::Barrier;
 
 use crate::load::open;
 use crate::procfs;
-use crate::wire::{Event, FrameCounter, TagReader, handshake, masked_frame, write_tag};
+use crate::wire::{Event, FrameCounter, TagReader, handshake, json_tag, masked_frame, write_tag};
 
 /// The publisher's masking key (any key is valid; the frame is masked once
 /// and only the 16 tag bytes are rewritten per message).
@@ -51,6 +51,11 @@ pub struct Spec {
     /// spread over them in turn (several nodes of one cluster).
     pub addrs: Vec<SocketAddr>,
     pub path: String,
+    /// Over the Walkie protocol: the channel every subscriber subscribes
+    /// to and the publisher publishes to (with `publish` commands), at
+    /// `path` (`/ws`). `None`: `path` is a room, and every connection a
+    /// member.
+    pub channel: Option<String>,
     pub subscribers: usize,
     /// Messages published per second.
     pub rate: f64,
@@ -402,11 +407,13 @@ async fn measure(spec: Spec, shared: Rc<Shared>, part: Option<Part>) -> (Tally, 
         let source = (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
         let addr = spec.addrs[i % spec.addrs.len()];
         let (gate, path) = (gate.clone(), spec.path.clone());
+        let protocol = spec.channel.is_some().then_some(WALKIE_PROTOCOL);
         pending.push(tokio::task::spawn_local(async move {
             let attempt = async {
                 let _permit = gate.acquire().await;
                 let mut stream = open(addr, source).await?;
-                let (_, leftover) = handshake(&mut stream, &addr.to_string(), &path, false).await?;
+                let host = addr.to_string();
+                let (_, leftover) = handshake(&mut stream, &host, &path, false, protocol).await?;
                 Ok::<_, io::Error>((stream, leftover))
             };
             match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
@@ -421,9 +428,10 @@ async fn measure(spec: Spec, shared: Rc<Shared>, part: Option<Part>) -> (Tally, 
         match task.await {
             Ok(Ok((stream, leftover))) => {
                 connected += 1;
-                let shared = shared.clone();
+                let (shared, channel) = (shared.clone(), spec.channel.clone());
                 tokio::task::spawn_local(async move {
-                    if let Err(e) = subscribe(stream, &leftover, &shared).await {
+                    let subscribed = subscribe(stream, &leftover, channel.as_deref(), &shared);
+                    if let Err(e) = subscribed.await {
                         shared.error(e);
                     }
                 });
@@ -503,8 +511,9 @@ async fn run_window(
             }
         });
         let (s, rate, size) = (shared.clone(), spec.rate, spec.size);
+        let channel = spec.channel.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = publish(writer, rate, size, &s).await {
+            if let Err(e) = publish(writer, rate, size, channel.as_deref(), &s).await {
                 s.error(format!("publisher: {e}"));
             }
         });
@@ -559,16 +568,22 @@ fn quantile_us(h: &Histogram<u64>, q: f64, expected: u64, received: u64) -> Opti
 
 /// Publishes at `rate` until told to stop: every time the timer fires
 /// (tokio's timer has 1 ms granularity), the messages due are tagged and
-/// written in one write.
+/// written in one write. To a room, each message is a binary message of
+/// `size` bytes; to a Walkie protocol `channel`, a `publish` command whose
+/// `data` is a string of `size` characters.
 async fn publish(
     mut writer: OwnedWriteHalf,
     rate: f64,
     size: usize,
+    channel: Option<&str>,
     shared: &Shared,
 ) -> io::Result<()> {
     let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
     let template = masked_frame(2, false, &payload, PUBLISH_KEY);
     let at = template.len() - size;
+    if channel.is_some() {
+        writer.write_all(&command(CONNECT)).await?;
+    }
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut out = Vec::with_capacity(template.len() * 64);
     let mut next = Instant::now();
@@ -582,9 +597,20 @@ async fn publish(
         while next <= now && n < MAX_BATCH {
             let seq = common.next_seq.load(Ordering::Relaxed);
             common.next_seq.store(seq + 1, Ordering::Relaxed);
-            let start = out.len();
-            out.extend_from_slice(&template);
-            write_tag(&mut out[start..], at, PUBLISH_KEY, seq, sent_ns);
+            match channel {
+                Some(channel) => {
+                    let data = json_tag(seq, sent_ns) + &"a".repeat(size.saturating_sub(32));
+                    let publish = serde_json::json!(
+                        {"id": seq + 1, "publish": {"channel": channel, "data": data}}
+                    );
+                    out.extend(command(&publish.to_string()));
+                }
+                None => {
+                    let start = out.len();
+                    out.extend_from_slice(&template);
+                    write_tag(&mut out[start..], at, PUBLISH_KEY, seq, sent_ns);
+                }
+            }
             next += interval;
             n += 1;
         }
@@ -614,9 +640,34 @@ async fn drain(mut reader: OwnedReadHalf, leftover: &[u8]) -> io::Result<()> {
     }
 }
 
-/// One subscriber: reads into the shared buffer until the run ends.
-async fn subscribe(mut stream: TcpStream, leftover: &[u8], shared: &Shared) -> io::Result<()> {
-    let mut reader = TagReader::default();
+/// The subprotocol of the Walkie protocol.
+const WALKIE_PROTOCOL: &str = "walkie.v1";
+/// The Walkie protocol's first command: an anonymous connect.
+const CONNECT: &str = r#"{"id":0,"connect":{}}"#;
+
+/// A Walkie protocol command as a masked text frame.
+fn command(json: &str) -> Vec<u8> {
+    masked_frame(1, false, json.as_bytes(), PUBLISH_KEY)
+}
+
+/// One subscriber: reads into the shared buffer until the run ends. With
+/// a Walkie protocol `channel`, connects and subscribes first.
+async fn subscribe(
+    mut stream: TcpStream,
+    leftover: &[u8],
+    channel: Option<&str>,
+    shared: &Shared,
+) -> io::Result<()> {
+    let mut reader = match channel {
+        Some(channel) => {
+            let subscribe = serde_json::json!({"id": 1, "subscribe": {"channel": channel}});
+            let mut out = command(CONNECT);
+            out.extend(command(&subscribe.to_string()));
+            stream.write_all(&out).await?;
+            TagReader::json()
+        }
+        None => TagReader::default(),
+    };
     on_bytes(shared, &mut reader, leftover, &stream)?;
     poll_fn(|cx| {
         // A few reads per wake-up, then let the others run.

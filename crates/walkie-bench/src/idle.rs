@@ -34,7 +34,7 @@ pub async fn run(addr: SocketAddr, path: String, conns: usize, sources: Vec<IpAd
                     let permit = gate.acquire().await;
                     let attempt = async {
                         let mut s = open(addr, source).await?;
-                        handshake(&mut s, &addr.to_string(), &path, false).await?;
+                        handshake(&mut s, &addr.to_string(), &path, false, None).await?;
                         Ok::<_, std::io::Error>(s)
                     };
                     let r = tokio::time::timeout(Duration::from_secs(60), attempt).await;

@@ -312,7 +312,8 @@ async fn connect(
     let attempt = async {
         let mut stream = open(spec.addr, source).await?;
         let host = spec.addr.to_string();
-        let (deflate, leftover) = handshake(&mut stream, &host, &spec.path, spec.deflate).await?;
+        let (deflate, leftover) =
+            handshake(&mut stream, &host, &spec.path, spec.deflate, None).await?;
         Ok::<_, std::io::Error>((stream, leftover, deflate))
     };
     match tokio::time::timeout(Duration::from_secs(30), attempt).await {

@@ -146,9 +146,16 @@ struct FanoutArgs {
     /// cluster: the connections are spread over them in turn.
     #[arg(long, value_delimiter = ',', required = true)]
     addr: Vec<SocketAddr>,
-    /// The WebSocket path of the room (every connection to it is a member).
-    #[arg(long, default_value = "/rooms/fanout")]
-    path: String,
+    /// The WebSocket path of the room (every connection to it is a member);
+    /// with --channel, of the Walkie protocol. Default: /rooms/fanout, or
+    /// /ws with --channel.
+    #[arg(long)]
+    path: Option<String>,
+    /// Use the Walkie protocol (docs/protocol.md) instead of a room: every
+    /// subscriber subscribes to this channel, and the publisher sends
+    /// `publish` commands whose `data` is a string of --size characters.
+    #[arg(long)]
+    channel: Option<String>,
     /// Subscriber connections (the publisher is one more).
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -294,12 +301,27 @@ fn fanout_spec(args: FanoutArgs) -> Result<fanout::Spec, String> {
     if args.duration.is_zero() {
         return Err("--duration must be more than 0".into());
     }
-    if !args.path.starts_with('/') {
-        return Err(format!("--path `{}`: a path starts with /", args.path));
+    if args.channel.is_some() && args.size < 32 {
+        return Err(format!(
+            "--size {}: with --channel give at least 32 (the data string starts with 32 hexadecimal digits)",
+            args.size
+        ));
+    }
+    let path = args.path.unwrap_or_else(|| {
+        let default = if args.channel.is_some() {
+            "/ws"
+        } else {
+            "/rooms/fanout"
+        };
+        default.to_owned()
+    });
+    if !path.starts_with('/') {
+        return Err(format!("--path `{path}`: a path starts with /"));
     }
     Ok(fanout::Spec {
         addrs: args.addr,
-        path: args.path,
+        path,
+        channel: args.channel,
         subscribers: args.subscribers,
         rate: args.rate,
         size: args.size,

@@ -117,10 +117,25 @@ impl Peer {
         self.fanout.is_some()
     }
 
+    /// Whether this peer speaks the Walkie protocol (walkie alone).
+    pub fn has_protocol(&self) -> bool {
+        matches!(self.fanout, Some(Program::Walkie))
+    }
+
     /// The command that starts this peer's fan-out server on `port`, pinned
-    /// to `cpu`; `None` if it has none.
-    pub fn fanout_command(&self, paths: &Paths, port: u16, cpu: usize) -> Option<Command> {
+    /// to `cpu`; `None` if it has none. `protocol`: with the Walkie
+    /// protocol's fan-out channel configured (`None` for other peers).
+    pub fn fanout_command(
+        &self,
+        paths: &Paths,
+        port: u16,
+        cpu: usize,
+        protocol: bool,
+    ) -> Option<Command> {
         let program = self.fanout.as_ref()?;
+        if protocol && !self.has_protocol() {
+            return None;
+        }
         let mut cmd = program_command(program, paths, port, false, cpu);
         if let Program::Walkie = program {
             // A room at /rooms/fanout is the fan-out: keep one message of
@@ -130,6 +145,10 @@ impl Peer {
             cmd.args(["--room-history", "1"])
                 .args(["--client-queue", "100000"])
                 .args(["--client-queue-bytes", "64M"]);
+            if protocol {
+                cmd.arg("--config")
+                    .arg(paths.root.join("bench/walkie-fanout.toml"));
+            }
         }
         Some(cmd)
     }

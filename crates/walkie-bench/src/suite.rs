@@ -37,7 +37,13 @@ pub enum Kind {
     /// One publisher, `subscribers` members of one room, `rate` messages
     /// published per second; the figures of merit are deliveries per
     /// second, losses, latency and the server's CPU per delivery.
-    Fanout { subscribers: usize, rate: f64 },
+    /// `protocol`: subscribers and publisher use the Walkie protocol at
+    /// `/ws` (walkie only), with one channel instead of a room.
+    Fanout {
+        subscribers: usize,
+        rate: f64,
+        protocol: bool,
+    },
 }
 
 /// One case of the suite.
@@ -121,6 +127,7 @@ pub fn cases() -> Vec<Case> {
             kind: Kind::Fanout {
                 subscribers: 1000,
                 rate: 1500.0,
+                protocol: false,
             },
         },
         Case {
@@ -129,6 +136,16 @@ pub fn cases() -> Vec<Case> {
             kind: Kind::Fanout {
                 subscribers: 10_000,
                 rate: 100.0,
+                protocol: false,
+            },
+        },
+        Case {
+            id: "fanout-ws-1k",
+            title: "fan-out over the Walkie protocol (/ws, one channel), 1 publisher x 1000 subscribers, 64 B at 1500 msg/s",
+            kind: Kind::Fanout {
+                subscribers: 1000,
+                rate: 1500.0,
+                protocol: true,
             },
         },
         Case {
@@ -235,11 +252,12 @@ fn start(peer: &Peer, s: &Settings, deflate: bool) -> Result<Server, String> {
     spawn(peer, s, cmd, port, if deflate { "-deflate" } else { "" })
 }
 
-/// Starts `peer`'s fan-out server, fresh.
-fn start_fanout(peer: &Peer, s: &Settings) -> Result<Server, String> {
+/// Starts `peer`'s fan-out server, fresh; `protocol`: its Walkie protocol
+/// fan-out (see [`Kind::Fanout`]).
+fn start_fanout(peer: &Peer, s: &Settings, protocol: bool) -> Result<Server, String> {
     let port = free_port().map_err(|e| e.to_string())?;
     let cmd = peer
-        .fanout_command(&s.paths, port, s.server_cpu)
+        .fanout_command(&s.paths, port, s.server_cpu, protocol)
         .ok_or("not supported by this peer")?;
     spawn(peer, s, cmd, port, "-fanout")
 }
@@ -387,6 +405,10 @@ fn run_load(s: &Settings, server: &Server, kind: Kind) -> Result<RunResult, Stri
     })
 }
 
+/// The channel of the Walkie protocol fan-out, in the namespace that
+/// `bench/walkie-fanout.toml` configures.
+const FANOUT_CHANNEL: &str = "fanout:bench";
+
 /// Time the fan-out gives messages still in flight when its window closes.
 const FANOUT_GRACE: Duration = Duration::from_secs(3);
 
@@ -397,9 +419,10 @@ fn run_fanout(
     peer: &Peer,
     subscribers: usize,
     rate: f64,
+    protocol: bool,
     fd_limit: u64,
 ) -> Result<RunResult, String> {
-    if !peer.has_fanout() {
+    if !peer.has_fanout() || (protocol && !peer.has_protocol()) {
         return Err("not supported by this peer".into());
     }
     if fd_limit < subscribers as u64 + 1000 {
@@ -407,8 +430,12 @@ fn run_fanout(
             "skipped: this machine's open-file limit ({fd_limit}) is below {subscribers} connections"
         ));
     }
-    let server = start_fanout(peer, s)?;
-    let mut cmd = bench_command(s, "fanout", server.addr, "/rooms/fanout");
+    let server = start_fanout(peer, s, protocol)?;
+    let path = if protocol { "/ws" } else { "/rooms/fanout" };
+    let mut cmd = bench_command(s, "fanout", server.addr, path);
+    if protocol {
+        cmd.args(["--channel", FANOUT_CHANNEL]);
+    }
     // Spread over source addresses so ephemeral ports never run out
     // (10,000 connections per run, each leaving a TIME_WAIT).
     cmd.args([
@@ -505,7 +532,7 @@ fn run_idle(
         ));
     }
     let server = if room {
-        start_fanout(peer, s)?
+        start_fanout(peer, s, false)?
     } else {
         start(peer, s, false)?
     };
@@ -641,13 +668,18 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
     // Fan-out: a fresh server per run (its rooms and queues start empty),
     // interleaved across peers like the rest.
     for case in &s.cases {
-        let Kind::Fanout { subscribers, rate } = case.kind else {
+        let Kind::Fanout {
+            subscribers,
+            rate,
+            protocol,
+        } = case.kind
+        else {
             continue;
         };
         for i in 0..s.runs {
             for peer in &s.peers {
                 bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
-                let outcome = run_fanout(s, peer, subscribers, rate, fd_limit);
+                let outcome = run_fanout(s, peer, subscribers, rate, protocol, fd_limit);
                 outcomes.push((slot(case, peer), outcome));
                 bar.inc(1);
             }

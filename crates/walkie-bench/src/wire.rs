@@ -15,16 +15,19 @@ use tokio::net::TcpStream;
 
 /// The upgrade request; `deflate` offers permessage-deflate with
 /// `client_no_context_takeover`, so that we may send the same compressed
-/// bytes every time.
-pub fn upgrade_request(host: &str, path: &str, deflate: bool) -> Vec<u8> {
+/// bytes every time; `protocol` is a subprotocol to offer.
+pub fn upgrade_request(host: &str, path: &str, deflate: bool, protocol: Option<&str>) -> Vec<u8> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand_bytes());
     let ext = if deflate {
         "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover; client_max_window_bits\r\n"
     } else {
         ""
     };
+    let protocol = protocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
     format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{ext}{protocol}\r\n"
     )
     .into_bytes()
 }
@@ -47,9 +50,10 @@ pub async fn handshake(
     host: &str,
     path: &str,
     deflate: bool,
+    protocol: Option<&str>,
 ) -> io::Result<(bool, Vec<u8>)> {
     stream
-        .write_all(&upgrade_request(host, path, deflate))
+        .write_all(&upgrade_request(host, path, deflate, protocol))
         .await?;
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
@@ -220,11 +224,14 @@ pub struct TagReader {
     want: usize,
     got: usize,
     kept: [u8; 125],
+    /// Walkie protocol pushes: the tag is in the JSON (see [`json_tag`]).
+    json: bool,
 }
 
 impl Default for TagReader {
     fn default() -> Self {
         Self {
+            json: false,
             head: [0; 14],
             head_len: 0,
             in_frame: false,
@@ -239,6 +246,16 @@ impl Default for TagReader {
 }
 
 impl TagReader {
+    /// A reader of Walkie protocol pushes (`{"pub": {..., "data": "TAG..."}}`):
+    /// it keeps the first 125 bytes of every text message and finds there
+    /// the tag that [`json_tag`] wrote.
+    pub fn json() -> Self {
+        TagReader {
+            json: true,
+            ..TagReader::default()
+        }
+    }
+
     /// Feeds received bytes; calls `on` for every frame completed by them.
     pub fn feed(&mut self, mut data: &[u8], mut on: impl FnMut(Event<'_>)) {
         loop {
@@ -281,6 +298,7 @@ impl TagReader {
                 self.remaining = len;
                 self.got = 0;
                 self.want = match opcode {
+                    0..=2 if fin && self.json => len.min(125) as usize,
                     0..=2 if fin && len >= 16 => 16,
                     8..=10 => len.min(125) as usize,
                     _ => 0,
@@ -301,6 +319,10 @@ impl TagReader {
             }
             self.in_frame = false;
             match self.opcode {
+                0..=2 if self.fin && self.json => on(match find_json_tag(&self.kept[..self.got]) {
+                    Some((seq, sent_ns)) => Event::Tagged { seq, sent_ns },
+                    None => Event::Untagged,
+                }),
                 0..=2 if self.fin => on(if self.want == 16 {
                     let k = &self.kept;
                     let word = |i: usize| {
@@ -335,6 +357,22 @@ pub fn write_tag(frame: &mut [u8], at: usize, key: [u8; 4], seq: u64, sent_ns: u
     for (i, (dst, b)) in frame[at..at + 16].iter_mut().zip(tag).enumerate() {
         *dst = b ^ key[i % 4];
     }
+}
+
+/// The tag as the start of a JSON string's contents: `seq` and `sent_ns`
+/// as 16 hexadecimal digits each.
+pub fn json_tag(seq: u64, sent_ns: u64) -> String {
+    format!("{seq:016x}{sent_ns:016x}")
+}
+
+/// The tag of [`json_tag`] in the first string value of a `"data"` field.
+fn find_json_tag(payload: &[u8]) -> Option<(u64, u64)> {
+    const KEY: &[u8] = b"\"data\":\"";
+    let at = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let hex = std::str::from_utf8(payload.get(at..at + 32)?).ok()?;
+    let seq = u64::from_str_radix(&hex[..16], 16).ok()?;
+    let sent_ns = u64::from_str_radix(&hex[16..], 16).ok()?;
+    Some((seq, sent_ns))
 }
 
 /// (fin, opcode, payload length, header length), or `None` if incomplete.
@@ -449,6 +487,39 @@ mod tests {
                         Event::Untagged => "untagged".into(),
                         Event::Ping(p) => format!("ping {}", String::from_utf8_lossy(p)),
                         Event::Close(c) => format!("close {c:?}"),
+                    });
+                });
+            }
+            assert_eq!(seen, expect, "split {split}");
+        }
+    }
+
+    #[test]
+    fn a_json_reader_finds_the_tag_in_walkie_protocol_pushes() {
+        let text = |json: String| {
+            let mut f = server_frame(json.as_bytes());
+            f[0] = 0x81;
+            f
+        };
+        let mut stream = Vec::new();
+        let mut expect = Vec::new();
+        stream.extend(text(r#"{"id":2,"result":{"epoch":"e","offset":0}}"#.into()));
+        expect.push("untagged".to_owned());
+        for (seq, sent) in [(0u64, 5u64), (41, 1_000_000_007), (u64::MAX, 9)] {
+            let data = format!("{}{}", json_tag(seq, sent), "a".repeat(32));
+            stream.extend(text(format!(
+                r#"{{"pub":{{"channel":"fanout:bench","offset":{seq},"data":"{data}","info":{{"client":"c-1","user":""}}}}}}"#
+            )));
+            expect.push(format!("tag {seq} {sent}"));
+        }
+        for split in 1..60 {
+            let mut r = TagReader::json();
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(split) {
+                r.feed(chunk, |e| {
+                    seen.push(match e {
+                        Event::Tagged { seq, sent_ns } => format!("tag {seq} {sent_ns}"),
+                        other => format!("{other:?}").to_lowercase(),
                     });
                 });
             }
