@@ -52,7 +52,8 @@ export interface ConnectResult {
   client: string;
   user: string;
   version: string;
-  ping_interval: number;
+  /** Seconds between the server's keepalive pings; absent if it sends none. */
+  ping_interval?: number;
   expires_in?: number;
 }
 

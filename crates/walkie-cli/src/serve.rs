@@ -398,6 +398,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             bytes: args.client_queue_bytes,
             policy: OverflowPolicy::LatestPerKey,
         },
+        ping_interval: args.ping_interval.0,
     });
     let workers = args
         .workers

@@ -11,6 +11,29 @@ use common::{Server, http_exchange, upgrade_request, within};
 use serde_json::json;
 use walkie::{CloseCode, Message};
 
+/// docs/protocol.md: `connect` reports `ping_interval`, the interval of
+/// the server's keepalive pings, and leaves it out when there are none.
+#[tokio::test]
+async fn connect_reports_the_servers_ping_interval() {
+    for (flag, expected) in [
+        ("20s", Some(json!(20))),
+        ("2s", Some(json!(2))),
+        ("1500ms", Some(json!(1.5))),
+        ("off", None),
+    ] {
+        let server = Server::start(&["--ping-interval", flag]);
+        within(20, async {
+            let (_, info) = proto::connected(server.port, None).await;
+            assert_eq!(
+                info.get("ping_interval"),
+                expected.as_ref(),
+                "--ping-interval {flag}: {info}"
+            );
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn two_clients_publish_see_presence_joins_and_leaves() {
     let server = Server::start(&[]);

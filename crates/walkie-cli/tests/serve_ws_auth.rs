@@ -128,6 +128,33 @@ async fn channel_permissions_come_from_claims_or_subscription_tokens() {
             .await,
             103
         );
+        // Valid for this user, but for another channel: 103 too.
+        let elsewhere = token(
+            SECRET,
+            json!({"sub": "42", "channel": "secret:board", "exp": now() + 3600}),
+        );
+        assert_eq!(
+            c.error_code(
+                "subscribe",
+                json!({"channel": "secret:vault", "token": elsewhere})
+            )
+            .await,
+            103
+        );
+        // Not a token of this server (wrong signature): 101, as for
+        // connect and refresh.
+        let forged = token(
+            "another secret",
+            json!({"sub": "42", "channel": "secret:vault", "exp": now() + 3600}),
+        );
+        assert_eq!(
+            c.error_code(
+                "subscribe",
+                json!({"channel": "secret:vault", "token": forged})
+            )
+            .await,
+            101
+        );
         let expired = token(
             SECRET,
             json!({"sub": "42", "channel": "secret:vault", "exp": now() - 5}),

@@ -34,6 +34,9 @@ pub enum AuthError {
     /// The server has no key to check tokens with.
     #[error("this server accepts no tokens (no key configured)")]
     NoKey,
+    /// A valid subscription token, for another user or channel.
+    #[error("the token is for another {0}")]
+    NotFor(&'static str),
 }
 
 #[derive(Deserialize)]
@@ -138,12 +141,10 @@ impl Verifier {
     ) -> Result<Option<u64>, AuthError> {
         let claims: SubscribeClaims = self.decode(token)?;
         if claims.sub != user {
-            return Err(AuthError::Invalid("the token is for another user".into()));
+            return Err(AuthError::NotFor("user"));
         }
         if claims.channel != channel {
-            return Err(AuthError::Invalid(
-                "the token is for another channel".into(),
-            ));
+            return Err(AuthError::NotFor("channel"));
         }
         Ok(claims.exp)
     }

@@ -45,6 +45,9 @@ pub struct Node {
     ///
     /// [`OverflowPolicy::LatestPerKey`]: crate::OverflowPolicy::LatestPerKey
     pub queue: QueueLimits,
+    /// How often the server pings a quiet connection (`None`: it does not),
+    /// told to clients in `connect`'s result.
+    pub ping_interval: Option<std::time::Duration>,
 }
 
 /// How the server ends a connection: a close code and reason.
@@ -274,8 +277,13 @@ impl Session {
             "client": self.client.id(),
             "user": identity.user,
             "version": protocol::SUBPROTOCOL,
-            "ping_interval": 20,
         });
+        if let Some(interval) = self.node.ping_interval {
+            result["ping_interval"] = match interval.subsec_nanos() {
+                0 => json!(interval.as_secs()),
+                _ => json!(interval.as_secs_f64()),
+            };
+        }
         if let Some(exp) = identity.expires_at {
             result["expires_in"] = json!(exp.saturating_sub(now));
         }
@@ -370,7 +378,10 @@ impl Session {
                         AuthError::Expired => {
                             err(ErrorCode::TokenExpired, "subscription token expired")
                         }
-                        e => err(ErrorCode::PermissionDenied, e.to_string()),
+                        // Valid, but it does not grant this channel.
+                        e @ AuthError::NotFor(_) => err(ErrorCode::PermissionDenied, e.to_string()),
+                        // Not a token this server accepts.
+                        e => err(ErrorCode::Unauthorized, e.to_string()),
                     })?;
                 if expires_at.is_some_and(|exp| exp <= now) {
                     return Err(err(ErrorCode::TokenExpired, "subscription token expired"));
