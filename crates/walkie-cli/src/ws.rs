@@ -89,7 +89,12 @@ where
         session.queue().set_sink(None);
         // Boxed: the engine's calls are large, and made once.
         Box::pin(session.close()).await;
-        debug!(%peer, client = %session.client_id(), "walkie protocol connection ended: {why}");
+        if why == SLOW_CONSUMER {
+            // As a room logs it: an operator wants to see these.
+            info!(%peer, client = %session.client_id(), "walkie protocol connection cut off: {why}");
+        } else {
+            debug!(%peer, client = %session.client_id(), "walkie protocol connection ended: {why}");
+        }
     }
 }
 
@@ -150,6 +155,10 @@ enum Step {
     Deadline,
     Received(Option<walkie::Result<Message>>),
 }
+
+/// The close reason (and log line) of a client cut off because its queue
+/// overflowed.
+const SLOW_CONSUMER: &str = "slow consumer: reconnect and recover";
 
 /// Relays until the connection ends; returns why.
 ///
@@ -231,10 +240,7 @@ where
             crate::outbox::overflowed(state.hub.metrics());
         }
         let (code, reason) = match closed {
-            QueueClosed::SlowConsumer => (
-                CloseCode::TRY_AGAIN_LATER,
-                "slow consumer: reconnect and recover",
-            ),
+            QueueClosed::SlowConsumer => (CloseCode::TRY_AGAIN_LATER, SLOW_CONSUMER),
             QueueClosed::Disconnected => (CloseCode(4009), "disconnected by the server"),
         };
         close_within(ws, code, reason).await;

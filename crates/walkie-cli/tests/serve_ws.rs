@@ -375,3 +375,108 @@ async fn a_subscribe_reply_comes_before_the_channels_publications() {
     })
     .await;
 }
+
+/// docs/protocol.md: close 1013, "the client read too slowly and its queue
+/// overflowed". A subscriber that reads nothing while thousands of
+/// messages are published is cut off with 1013; what it read before is a
+/// gapless run from offset 1. It missed more than its queue holds, so
+/// recovery says `recovered: false` (recovering would only overflow the
+/// queue again, at every reconnect); it reloads the rest with `history`,
+/// page by page, and then gets the live stream with no gap.
+#[tokio::test]
+async fn a_subscriber_cut_off_for_reading_too_slowly_reloads_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("feed.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nanonymous = true\n\n[namespaces.feed]\nhistory_size = 10000\nallow_publish = true\nanonymous = true\n",
+    )
+    .unwrap();
+    let server = Server::start(&[
+        "--in-memory",
+        "--config",
+        config.to_str().unwrap(),
+        "--client-queue",
+        "64",
+        "--client-queue-bytes",
+        "256K",
+    ]);
+    within(90, async {
+        let (mut slow, _) = proto::connected(server.port, None).await;
+        let sub = slow.ok("subscribe", json!({"channel": "feed:x"})).await;
+        let epoch = sub["epoch"].clone();
+        // 24 MB: more than the loopback socket buffers and the queue hold.
+        let total = 6000u64;
+        let pad = "x".repeat(4000);
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        for i in 1..=total {
+            let r = publisher
+                .ok(
+                    "publish",
+                    json!({"channel": "feed:x", "data": {"i": i, "pad": pad}}),
+                )
+                .await;
+            assert_eq!(r["offset"], i);
+        }
+        // The slow one now reads what reached it, then the end.
+        let mut last = 0;
+        while let Some(m) = slow.next().await {
+            let Some(p) = m.get("pub") else { continue };
+            assert_eq!(p["offset"], last + 1, "a gap before the cut-off");
+            assert_eq!(p["data"]["i"], last + 1);
+            last += 1;
+        }
+        assert!(last < total, "never cut off: it read all {total}");
+        let code = slow.close_code();
+        assert!(
+            matches!(code, Some(1013) | None),
+            "closed with {code:?}, expected 1013"
+        );
+        assert!(
+            server.wait_log(&["slow consumer"]).is_some(),
+            "no overflow in the log:\n{}",
+            server.log_text()
+        );
+
+        let (mut back, _) = proto::connected(server.port, None).await;
+        let sub = back
+            .ok(
+                "subscribe",
+                json!({"channel": "feed:x", "recover": true, "offset": last, "epoch": epoch}),
+            )
+            .await;
+        assert_eq!(sub["recovered"], false, "{sub}");
+        assert_eq!(
+            (sub["history"].as_u64(), sub["offset"].as_u64()),
+            (Some(0), Some(total))
+        );
+        assert_eq!(sub["epoch"], epoch);
+        let mut seen = last;
+        while seen < total {
+            let since = json!({"offset": seen, "epoch": epoch});
+            let page = back
+                .ok(
+                    "history",
+                    json!({"channel": "feed:x", "since": since, "limit": 50}),
+                )
+                .await;
+            for p in page["publications"].as_array().unwrap() {
+                assert_eq!(p["offset"], seen + 1);
+                assert_eq!(p["data"]["i"], seen + 1);
+                seen += 1;
+            }
+        }
+        publisher
+            .ok(
+                "publish",
+                json!({"channel": "feed:x", "data": {"i": total + 1}}),
+            )
+            .await;
+        let p = back.publication().await;
+        assert_eq!(
+            (p["offset"].as_u64(), p["data"]["i"].as_u64()),
+            (Some(total + 1), Some(total + 1))
+        );
+    })
+    .await;
+}

@@ -46,9 +46,10 @@ pub struct Subscribed {
     /// The stream's position when the subscriber joined.
     pub position: StreamPosition,
     /// For [`Recover::Since`]: whether every missed message was found (and
-    /// queued); false if history no longer covers the gap or the epoch
-    /// changed, in which case nothing was queued from history. True for
-    /// the other modes.
+    /// queued); false if history no longer covers the gap, the epoch
+    /// changed, or the missed messages are more than the client's queue
+    /// has room for, in which case nothing was queued from history. True
+    /// for the other modes ([`Recover::Last`] queues the newest that fit).
     pub recovered: bool,
     /// How many messages were queued from history.
     pub from_history: usize,
@@ -437,7 +438,7 @@ impl Client {
         if matches!(recover, Recover::Last(_)) {
             history.publications.reverse();
         }
-        let recovered = match &recover {
+        let mut recovered = match &recover {
             Recover::Since(p) => {
                 p.epoch == history.position.epoch
                     && p.offset <= history.position.offset
@@ -451,6 +452,30 @@ impl Client {
         if !recovered {
             history.publications.clear();
         }
+        let mut replay: Vec<(u64, Queued)> = history
+            .publications
+            .iter()
+            .filter_map(|p| {
+                let message = frame(&channel, p, format)?;
+                let key = p.key.clone();
+                Some((p.offset, Queued { message, key }))
+            })
+            .collect();
+        // More than the connection's queue holds would cut the client off
+        // as a slow consumer before it read any of it, and the same again
+        // at every reconnect: a recovery that large is refused (the client
+        // reloads with `history`), and a replay of the last N keeps the
+        // newest that fit.
+        let fitting = fitting(&replay, self.queue.room());
+        if fitting < replay.len() {
+            match recover {
+                Recover::Since(_) => {
+                    recovered = false;
+                    replay.clear();
+                }
+                _ => drop(replay.drain(..replay.len() - fitting)),
+            }
+        }
         let Some(members) = self.hub.0.dispatch.members(&channel) else {
             return Err(EngineError::Stopped);
         };
@@ -463,15 +488,10 @@ impl Client {
             Recover::Since(p) => p.offset,
             _ => history.position.offset,
         };
-        let from_history = history.publications.len();
-        for p in &history.publications {
-            last = last.max(p.offset);
-            if let Some(message) = frame(&channel, p, format) {
-                self.queue.push(Queued {
-                    message,
-                    key: p.key.clone(),
-                });
-            }
+        let from_history = replay.len();
+        for (offset, queued) in replay {
+            last = last.max(offset);
+            self.queue.push(queued);
         }
         if let Some(joining) = me.joining.take() {
             for p in *joining {
@@ -501,6 +521,21 @@ impl Client {
         self.channels.retain(|c| c != channel);
         self.hub.leave(channel, self.id);
     }
+}
+
+/// How many of the newest of `replay` fit in a queue's `room` (messages,
+/// bytes).
+fn fitting(replay: &[(u64, Queued)], (messages, bytes): (usize, usize)) -> usize {
+    let mut used = 0;
+    replay
+        .iter()
+        .rev()
+        .take(messages)
+        .take_while(|(_, q)| {
+            used += q.message.message().len();
+            used <= bytes
+        })
+        .count()
 }
 
 impl Drop for Client {
@@ -538,5 +573,70 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(client.channels(), [a, b]);
+    }
+
+    /// A recovery or replay larger than the client's queue would cut the
+    /// client off (1013) before it read any of it, at every reconnect:
+    /// recovery is refused instead, and a replay keeps the newest that fit.
+    #[tokio::test]
+    async fn history_larger_than_the_queue_is_not_queued_to_overflow_it() {
+        use crate::publication::{HistoryOptions, Kind, NewPublication, PublishOptions};
+        let hub = Hub::new(Arc::new(MemoryBroker::new()));
+        let channel = ChannelName::new("feed").unwrap();
+        let options = PublishOptions {
+            history: Some(HistoryOptions {
+                size: 100,
+                ttl: std::time::Duration::from_secs(60),
+            }),
+            ..PublishOptions::default()
+        };
+        let mut epoch = None;
+        for i in 1..=5 {
+            let publication = NewPublication::new(Kind::Binary, vec![i as u8; 10]);
+            let r = hub
+                .publish(channel.clone(), publication, options.clone())
+                .await
+                .unwrap();
+            epoch = Some(r.position.epoch);
+        }
+        let limits = crate::QueueLimits {
+            messages: 3,
+            ..crate::QueueLimits::default()
+        };
+        let mut replayer = hub.client(limits);
+        let s = replayer
+            .subscribe(channel.clone(), Format::Raw, Recover::Last(5))
+            .await
+            .unwrap();
+        assert_eq!(s.from_history, 3);
+        let mut popped = Vec::new();
+        replayer.queue().pop_all(&mut popped).await.unwrap();
+        let firsts: Vec<u8> = popped
+            .iter()
+            .flat_map(|e| e.messages())
+            .map(|q| q.message.message().as_bytes()[0])
+            .collect();
+        assert_eq!(firsts, [3, 4, 5], "the newest three");
+
+        let since = |offset| {
+            Recover::Since(crate::publication::StreamPosition {
+                offset,
+                epoch: epoch.clone().unwrap(),
+            })
+        };
+        let mut behind = hub.client(limits);
+        let s = behind
+            .subscribe(channel.clone(), Format::Raw, since(1))
+            .await
+            .unwrap();
+        assert!(!s.recovered, "4 missed, room for 3");
+        assert_eq!((s.from_history, behind.queue().len()), (0, 0));
+        let mut close = hub.client(limits);
+        let s = close
+            .subscribe(channel, Format::Raw, since(2))
+            .await
+            .unwrap();
+        assert!(s.recovered, "3 missed, room for 3");
+        assert_eq!(close.queue().len(), 3);
     }
 }

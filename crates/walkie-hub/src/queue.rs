@@ -378,6 +378,16 @@ impl Queue {
         .await
     }
 
+    /// How many more messages, and bytes of them, fit before a push would
+    /// overflow.
+    pub fn room(&self) -> (usize, usize) {
+        let s = lock(&self.state);
+        (
+            self.limits.messages.saturating_sub(s.count) as usize,
+            self.limits.bytes.saturating_sub(s.bytes) as usize,
+        )
+    }
+
     /// Messages waiting.
     pub fn len(&self) -> usize {
         lock(&self.state).count as usize
