@@ -116,57 +116,38 @@ async fn channel_permissions_come_from_claims_or_subscription_tokens() {
             json!({"channel": "secret:board", "token": grant}),
         )
         .await;
-        let other = token(
-            SECRET,
-            json!({"sub": "43", "channel": "secret:vault", "exp": now() + 3600}),
-        );
-        assert_eq!(
-            c.error_code(
-                "subscribe",
-                json!({"channel": "secret:vault", "token": other})
-            )
-            .await,
-            103
-        );
-        // Valid for this user, but for another channel: 103 too.
-        let elsewhere = token(
-            SECRET,
-            json!({"sub": "42", "channel": "secret:board", "exp": now() + 3600}),
-        );
-        assert_eq!(
-            c.error_code(
-                "subscribe",
-                json!({"channel": "secret:vault", "token": elsewhere})
-            )
-            .await,
-            103
-        );
-        // Not a token of this server (wrong signature): 101, as for
-        // connect and refresh.
-        let forged = token(
-            "another secret",
-            json!({"sub": "42", "channel": "secret:vault", "exp": now() + 3600}),
-        );
-        assert_eq!(
-            c.error_code(
-                "subscribe",
-                json!({"channel": "secret:vault", "token": forged})
-            )
-            .await,
-            101
-        );
-        let expired = token(
-            SECRET,
-            json!({"sub": "42", "channel": "secret:vault", "exp": now() - 5}),
-        );
-        assert_eq!(
-            c.error_code(
-                "subscribe",
-                json!({"channel": "secret:vault", "token": expired})
-            )
-            .await,
-            109
-        );
+        // Subscription tokens for secret:vault that do not grant it.
+        let refused = [
+            // Another user's: 103.
+            (
+                SECRET,
+                json!({"sub": "43", "channel": "secret:vault", "exp": now() + 3600}),
+                103,
+            ),
+            // Valid for this user, but for another channel: 103 too.
+            (
+                SECRET,
+                json!({"sub": "42", "channel": "secret:board", "exp": now() + 3600}),
+                103,
+            ),
+            // Not a token of this server (wrong signature): 101, as for
+            // connect and refresh.
+            (
+                "another secret",
+                json!({"sub": "42", "channel": "secret:vault", "exp": now() + 3600}),
+                101,
+            ),
+            // Expired: 109.
+            (
+                SECRET,
+                json!({"sub": "42", "channel": "secret:vault", "exp": now() - 5}),
+                109,
+            ),
+        ];
+        for (secret, claims, code) in refused {
+            let params = json!({"channel": "secret:vault", "token": token(secret, claims.clone())});
+            assert_eq!(c.error_code("subscribe", params).await, code, "{claims}");
+        }
 
         // User channels: only the users named after `#`.
         c.ok("subscribe", json!({"channel": "notifications:#42"}))

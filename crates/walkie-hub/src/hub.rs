@@ -466,7 +466,7 @@ impl Client {
         // at every reconnect: a recovery that large is refused (the client
         // reloads with `history`), and a replay of the last N keeps the
         // newest that fit.
-        let fitting = fitting(&replay, self.queue.room());
+        let fitting = fitting(&replay, self.queue.room(), self.queue.is_empty());
         if fitting < replay.len() {
             match recover {
                 Recover::Since(_) => {
@@ -524,16 +524,17 @@ impl Client {
 }
 
 /// How many of the newest of `replay` fit in a queue's `room` (messages,
-/// bytes).
-fn fitting(replay: &[(u64, Queued)], (messages, bytes): (usize, usize)) -> usize {
+/// bytes); an `empty` queue takes one message of any size, as a push does.
+fn fitting(replay: &[(u64, Queued)], (messages, bytes): (usize, usize), empty: bool) -> usize {
     let mut used = 0;
     replay
         .iter()
         .rev()
         .take(messages)
-        .take_while(|(_, q)| {
+        .enumerate()
+        .take_while(|(i, (_, q))| {
             used += q.message.message().len();
-            used <= bytes
+            used <= bytes || (*i == 0 && empty)
         })
         .count()
 }
@@ -633,10 +634,23 @@ mod tests {
         assert_eq!((s.from_history, behind.queue().len()), (0, 0));
         let mut close = hub.client(limits);
         let s = close
-            .subscribe(channel, Format::Raw, since(2))
+            .subscribe(channel.clone(), Format::Raw, since(2))
             .await
             .unwrap();
         assert!(s.recovered, "3 missed, room for 3");
         assert_eq!(close.queue().len(), 3);
+
+        // One message over the byte limit still replays into an empty
+        // queue (a push takes it), but not two.
+        let small = crate::QueueLimits {
+            bytes: 5,
+            ..crate::QueueLimits::default()
+        };
+        let mut one = hub.client(small);
+        let s = one
+            .subscribe(channel, Format::Raw, Recover::Last(2))
+            .await
+            .unwrap();
+        assert_eq!((s.from_history, one.queue().len()), (1, 1));
     }
 }
