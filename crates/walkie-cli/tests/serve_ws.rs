@@ -480,3 +480,59 @@ async fn a_subscriber_cut_off_for_reading_too_slowly_reloads_the_rest() {
     })
     .await;
 }
+
+/// docs/protocol.md, `history`: a reply holds at most the client queue's
+/// bytes of messages (at least one); the client pages on with `since`.
+#[tokio::test]
+async fn a_history_reply_is_capped_at_the_queue_bytes_and_pages_on() {
+    let server = Server::start(&["--in-memory", "--client-queue-bytes", "16K"]);
+    within(30, async {
+        let (mut c, _) = proto::connected(server.port, None).await;
+        let pad = "y".repeat(4000);
+        let mut epoch = json!(null);
+        for i in 1..=40u64 {
+            let r = c
+                .ok(
+                    "publish",
+                    json!({"channel": "big", "data": {"i": i, "pad": pad}}),
+                )
+                .await;
+            epoch = r["epoch"].clone();
+        }
+        let mut seen = 0u64;
+        let mut pages = 0;
+        while seen < 40 {
+            let since = json!({"offset": seen, "epoch": epoch});
+            let page = c
+                .ok("history", json!({"channel": "big", "since": since}))
+                .await;
+            assert_eq!(page["offset"], 40);
+            let publications = page["publications"].as_array().unwrap();
+            assert!(!publications.is_empty(), "an empty page before the end");
+            assert!(
+                publications.len() <= 4,
+                "{} messages of 4 KB in 16 KiB",
+                publications.len()
+            );
+            for p in publications {
+                seen += 1;
+                assert_eq!(p["offset"], seen);
+                assert_eq!(p["data"]["i"], seen);
+            }
+            pages += 1;
+        }
+        assert!(
+            pages >= 10,
+            "40 messages of 4 KB in {pages} pages of 16 KiB"
+        );
+        // At least one message, however big.
+        let (mut tight, _) = proto::connected(server.port, None).await;
+        let huge = "z".repeat(20_000);
+        tight
+            .ok("publish", json!({"channel": "huge", "data": huge}))
+            .await;
+        let page = tight.ok("history", json!({"channel": "huge"})).await;
+        assert_eq!(page["publications"].as_array().unwrap().len(), 1);
+    })
+    .await;
+}

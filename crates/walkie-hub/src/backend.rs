@@ -239,10 +239,20 @@ pub(crate) async fn history_in(
         )
         .await
         .map_err(internal)?;
+    // One reply holds them all: at most a client queue's bytes of payload
+    // (at least one message), so that a page of big messages cannot make
+    // a reply of hundreds of megabytes. The client asks again from the
+    // last offset it got.
+    let mut bytes = 0;
     let publications: Vec<Value> = read
         .publications
         .iter()
-        .map(protocol::history_entry)
+        .enumerate()
+        .take_while(|(i, p)| {
+            bytes += p.data.len() + p.info.as_ref().map_or(0, |i| i.len());
+            *i == 0 || bytes <= node.queue.bytes
+        })
+        .map(|(_, p)| protocol::history_entry(p))
         .collect();
     Ok(json!({
         "offset": read.position.offset,
