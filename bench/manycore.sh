@@ -8,7 +8,7 @@
 # starts Redis and NATS (redis-server, nats-server on PATH) unless they run.
 #
 #   bench/manycore.sh [RUNS] [DURATION]      # defaults 3 3s
-#   SCALEOUT=0 bench/manycore.sh 3 2s        # the suite's cases only: about 7 minutes
+#   SCALEOUT=0 bench/manycore.sh 3 2s        # the suite's cases only: about 8 minutes
 #
 # bench/pack.sh packs the binaries for a machine that cannot build them.
 #
@@ -30,7 +30,7 @@ suite() { # out-subdir peers cases
   target/release/walkie-bench suite --no-build --out "$out/$1" --peers "$2" --cases "$3" \
     --runs "$runs" --duration "$dur" --warmup 1s --server-cpu 0 --load-cpus 4-11
 }
-suite fanout walkie,uws "${FANOUT_CASES:-fanout-1k,fanout-10k}"
+suite fanout walkie,uws "${FANOUT_CASES:-fanout-1k,fanout-10k,fanout-ws-1k}"
 suite echo "${PEERS:-walkie,uws,fastwebsockets,yawc,reflector}" "${ECHO_CASES:-cpu-100x32,echo-1000x32,echo-100x32}"
 suite more "${MORE_PEERS:-walkie,uws,fastwebsockets,yawc}" "${MORE_CASES:-echo-1x32,echo-100x16k,pipe-100x32}"
 suite cpu16k "${CPU16K_PEERS:-walkie,uws,fastwebsockets,tokio-websockets,yawc,reflector}" cpu-100x16k
