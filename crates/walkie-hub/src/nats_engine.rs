@@ -111,6 +111,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Stream reads in flight at once for one history read.
 const READ_AHEAD: usize = 32;
 
+/// How long a presence read waits for the next entry before it asks the
+/// server whether any is still pending.
+const PRESENCE_IDLE: Duration = Duration::from_millis(250);
+
 /// How long keys of publications without history are remembered at most.
 const LIVE_KEYS_TTL: Duration = Duration::from_secs(3600);
 
@@ -1222,6 +1226,7 @@ impl PresenceManager for NatsPresence {
                 .map_err(unavailable)?;
             // Deleted once read, rather than left to expire.
             let (name, stream) = (consumer.cached_info().name.clone(), store.stream.clone());
+            let (info_name, info_stream) = (name.clone(), stream.clone());
             let _cleanup = DropGuard(Some(move || {
                 tokio::spawn(async move { stream.delete_consumer(&name).await });
             }));
@@ -1231,7 +1236,19 @@ impl PresenceManager for NatsPresence {
             }
             let mut messages = consumer.messages().await.map_err(unavailable)?;
             let read = async {
-                while let Some(m) = messages.next().await {
+                loop {
+                    // The count the consumer started with may include
+                    // entries that expire before they are delivered (a
+                    // dead node's, say): when nothing comes for a while,
+                    // ask the server whether anything is still pending.
+                    let m = match tokio::time::timeout(PRESENCE_IDLE, messages.next()).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => match info_stream.consumer_info(&info_name).await {
+                            Ok(info) if info.num_pending == 0 => break,
+                            _ => continue,
+                        },
+                    };
                     let m = m.map_err(unavailable)?;
                     let pending = m.info().map_or(0, |i| i.pending);
                     let op = m

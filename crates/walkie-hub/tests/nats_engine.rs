@@ -1,7 +1,7 @@
 //! What the NATS engine does beyond the shared conformance suite: history
 //! removed by another node, channel names that are special in NATS
-//! subjects, idempotency without history, and catching up after the
-//! connection to NATS was cut. Needs `WALKIE_TEST_NATS` (`.ci/run` sets
+//! subjects, idempotency without history, catching up after the
+//! connection to NATS was cut, and presence read while entries expire. Needs `WALKIE_TEST_NATS` (`.ci/run` sets
 //! it); without it the tests say they were skipped. Each test deletes what
 //! it made in NATS, even when it fails.
 
@@ -387,4 +387,49 @@ async fn a_bad_replicas_option_is_refused() {
         let e = NatsBroker::connect(url, "x").await.unwrap_err().to_string();
         assert!(e.contains("replicas=N"), "{url}: {e}");
     }
+}
+
+/// A presence read that starts while entries are expiring (a dead node's,
+/// whose TTL is running out) answers at once with what is left; counting
+/// on the entries the read started with, it waited for deliveries that
+/// never came and failed after 3 s.
+#[tokio::test]
+async fn presence_reads_answer_while_entries_expire() {
+    on_nats(
+        "presence_reads_answer_while_entries_expire",
+        |url, prefix| async move {
+            use walkie_hub::{ClientInfo, PresenceManager};
+            let broker = NatsBroker::connect(&url, &prefix).await.unwrap();
+            let presence = walkie_hub::NatsPresence::new(&broker, Duration::from_secs(1));
+            let channel = ChannelName::new("room").unwrap();
+            for i in 0..50 {
+                let info = ClientInfo {
+                    client: format!("dead-{i}"),
+                    user: String::new(),
+                    info: None,
+                };
+                presence.add(channel.clone(), info).await.unwrap();
+            }
+            let started = std::time::Instant::now();
+            let mut reads = 0;
+            loop {
+                let t = std::time::Instant::now();
+                let read = presence.presence(channel.clone()).await;
+                let took = t.elapsed();
+                let left =
+                    read.unwrap_or_else(|e| panic!("read {reads} failed after {took:?}: {e}"));
+                assert!(took < Duration::from_secs(2), "read {reads} took {took:?}");
+                reads += 1;
+                if left.is_empty() {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "still {} entries",
+                    left.len()
+                );
+            }
+        },
+    )
+    .await;
 }
