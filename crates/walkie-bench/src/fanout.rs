@@ -581,6 +581,8 @@ async fn publish(
     let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
     let template = masked_frame(2, false, &payload, PUBLISH_KEY);
     let at = template.len() - size;
+    // A `publish` command's data: the tag, then padding to `size`.
+    let padding = "a".repeat(size.saturating_sub(32));
     if channel.is_some() {
         writer.write_all(&command(CONNECT)).await?;
     }
@@ -599,7 +601,7 @@ async fn publish(
             common.next_seq.store(seq + 1, Ordering::Relaxed);
             match channel {
                 Some(channel) => {
-                    let data = json_tag(seq, sent_ns) + &"a".repeat(size.saturating_sub(32));
+                    let data = json_tag(seq, sent_ns) + &padding;
                     let publish = serde_json::json!(
                         {"id": seq + 1, "publish": {"channel": channel, "data": data}}
                     );
@@ -645,7 +647,8 @@ const WALKIE_PROTOCOL: &str = "walkie.v1";
 /// The Walkie protocol's first command: an anonymous connect.
 const CONNECT: &str = r#"{"id":0,"connect":{}}"#;
 
-/// A Walkie protocol command as a masked text frame.
+/// A Walkie protocol command as a masked text frame (with the publisher's
+/// key: any key will do).
 fn command(json: &str) -> Vec<u8> {
     masked_frame(1, false, json.as_bytes(), PUBLISH_KEY)
 }

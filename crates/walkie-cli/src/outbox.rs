@@ -39,11 +39,12 @@ pub struct Shared<S> {
     /// 256-byte allocation with its `Arc`.
     thread: u32,
     /// The task is in the middle of something whose output goes first: a
-    /// batch it took from its queue and is waiting to feed the rest of (set
-    /// by `send_batch`), or a command whose reply it has not queued yet. The fan-out queues instead, so nothing newer goes ahead
-    /// of it. (The high-water mark alone does not say so: waiting for
-    /// room, the task may be below the mark, having written part and been
-    /// told to wait for the rest.)
+    /// batch it took from its queue and waits to feed the rest of (set in
+    /// `feed_rest`), or a command whose reply it has not queued yet (set
+    /// in `ws.rs`). The fan-out queues instead, so nothing newer goes
+    /// ahead of it. (The high-water mark alone does not say so: waiting
+    /// for room, the task may be below the mark, having written part and
+    /// been told to wait for the rest.)
     busy: AtomicBool,
 }
 
