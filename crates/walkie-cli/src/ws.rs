@@ -189,6 +189,12 @@ where
             }
             Step::Popped(Ok(())) => {
                 match send_batch(ws, &mut batch, session.queue(), &mut shutdown).await {
+                    // Written: the next piece of a recovery larger than
+                    // the queue, if one is under way (boxed: rare).
+                    Ok(()) if session.catching_up() => {
+                        Box::pin(session.catch_up()).await;
+                        continue;
+                    }
                     // Shutdown: the next turn closes.
                     Ok(()) | Err(Sent::Shutdown) => continue,
                     Err(Sent::Failed(e)) => return format!("send failed: {e}"),

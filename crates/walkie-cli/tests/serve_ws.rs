@@ -379,12 +379,12 @@ async fn a_subscribe_reply_comes_before_the_channels_publications() {
 /// docs/protocol.md: close 1013, "the client read too slowly and its queue
 /// overflowed". A subscriber that reads nothing while thousands of
 /// messages are published is cut off with 1013; what it read before is a
-/// gapless run from offset 1. It missed more than its queue holds, so
-/// recovery says `recovered: false` (recovering would only overflow the
-/// queue again, at every reconnect); it reloads the rest with `history`,
-/// page by page, and then gets the live stream with no gap.
+/// gapless run from offset 1. It missed more than its queue holds: its
+/// recovery is sent piece by piece as it reads (all at once would
+/// overflow the queue again, at every reconnect), and what is published
+/// meanwhile follows with no gap and no duplicate.
 #[tokio::test]
-async fn a_subscriber_cut_off_for_reading_too_slowly_reloads_the_rest() {
+async fn a_subscriber_cut_off_for_reading_too_slowly_recovers_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("feed.toml");
     std::fs::write(
@@ -445,38 +445,97 @@ async fn a_subscriber_cut_off_for_reading_too_slowly_reloads_the_rest() {
                 json!({"channel": "feed:x", "recover": true, "offset": last, "epoch": epoch}),
             )
             .await;
-        assert_eq!(sub["recovered"], false, "{sub}");
+        assert_eq!(sub["recovered"], true, "{sub}");
         assert_eq!(
             (sub["history"].as_u64(), sub["offset"].as_u64()),
-            (Some(0), Some(total))
+            (Some(total - last), Some(total))
         );
         assert_eq!(sub["epoch"], epoch);
-        let mut seen = last;
-        while seen < total {
-            let since = json!({"offset": seen, "epoch": epoch});
-            let page = back
-                .ok(
-                    "history",
-                    json!({"channel": "feed:x", "since": since, "limit": 50}),
-                )
-                .await;
-            for p in page["publications"].as_array().unwrap() {
-                assert_eq!(p["offset"], seen + 1);
-                assert_eq!(p["data"]["i"], seen + 1);
-                seen += 1;
+        // Published while the recovery is under way.
+        let more = 200;
+        let live = tokio::spawn(async move {
+            for i in total + 1..=total + more {
+                let data = json!({"channel": "feed:x", "data": {"i": i}});
+                publisher.ok("publish", data).await;
             }
+        });
+        let mut seen = last;
+        while seen < total + more {
+            let p = back.publication().await;
+            assert_eq!(p["offset"], seen + 1, "a gap or a duplicate");
+            assert_eq!(p["data"]["i"], seen + 1);
+            seen += 1;
         }
-        publisher
-            .ok(
-                "publish",
-                json!({"channel": "feed:x", "data": {"i": total + 1}}),
-            )
-            .await;
-        let p = back.publication().await;
+        live.await.unwrap();
+    })
+    .await;
+}
+
+/// docs/protocol.md, recovery: a client that reads its recovery slower
+/// than the channel's history turns over finds the next message it needs
+/// gone: it is cut off with 1013 after a gapless run, and recovering from
+/// there says `recovered: false`.
+#[tokio::test]
+async fn a_recovery_overtaken_by_history_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("feed.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nanonymous = true\n\n[namespaces.feed]\nhistory_size = 400\nallow_publish = true\nanonymous = true\n",
+    )
+    .unwrap();
+    let server = Server::start(&[
+        "--in-memory",
+        "--config",
+        config.to_str().unwrap(),
+        "--client-queue",
+        "64",
+        "--client-queue-bytes",
+        "1M",
+    ]);
+    within(90, async {
+        let (mut first, _) = proto::connected(server.port, None).await;
+        let sub = first.ok("subscribe", json!({"channel": "feed:y"})).await;
+        let epoch = sub["epoch"].clone();
+        drop(first);
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        // 400 x 50 KB: 20 MB, more than the loopback socket buffers hold.
+        let pad = "x".repeat(50_000);
+        let mut publish = async |from: u64, to: u64| {
+            for i in from..=to {
+                let data = json!({"channel": "feed:y", "data": {"i": i, "pad": pad}});
+                publisher.ok("publish", data).await;
+            }
+        };
+        publish(1, 400).await;
+        let (mut back, _) = proto::connected(server.port, None).await;
+        let recover = json!({"channel": "feed:y", "recover": true, "offset": 0, "epoch": epoch});
+        let sub = back.ok("subscribe", recover).await;
         assert_eq!(
-            (p["offset"].as_u64(), p["data"]["i"].as_u64()),
-            (Some(total + 1), Some(total + 1))
+            (sub["recovered"].as_bool(), sub["history"].as_u64()),
+            (Some(true), Some(400))
         );
+        // It reads nothing while history moves past it.
+        publish(401, 800).await;
+        let mut last = 0;
+        while let Some(m) = back.next().await {
+            let Some(p) = m.get("pub") else { continue };
+            assert_eq!(p["offset"], last + 1, "a gap before the cut-off");
+            last += 1;
+        }
+        assert!(last < 400, "the recovery was never overtaken: {last} read");
+        assert_eq!(back.close_code(), Some(1013));
+        assert!(
+            server
+                .wait_log(&["recovery stopped", "history no longer holds"])
+                .is_some(),
+            "no log line:\n{}",
+            server.log_text()
+        );
+        let (mut again, _) = proto::connected(server.port, None).await;
+        let recover = json!({"channel": "feed:y", "recover": true, "offset": last, "epoch": epoch});
+        let sub = again.ok("subscribe", recover).await;
+        assert_eq!(sub["recovered"], false, "{sub}");
     })
     .await;
 }

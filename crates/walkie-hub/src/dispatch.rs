@@ -23,19 +23,32 @@ pub(crate) struct Member {
     pub(crate) client: u64,
     pub(crate) queue: Arc<Queue>,
     pub(crate) format: Format,
-    /// While joining: publications that arrived during the history read,
-    /// queued after it without duplicates. Boxed: a member joins once and
-    /// stays, and this keeps every member's entry 16 bytes smaller.
-    #[allow(
-        clippy::box_collection,
-        reason = "one pointer while not joining, which is almost always"
-    )]
-    pub(crate) joining: Option<Box<Vec<Publication>>>,
+    /// While joining: what the fan-out does with this member's
+    /// publications until its history is queued. Boxed: a member joins
+    /// once and stays, and this keeps every member's entry 16 bytes
+    /// smaller.
+    pub(crate) joining: Option<Box<Joining>>,
     /// The latest offset queued, and its epoch: a publication the history
     /// read already returned (an engine may deliver it after it became
     /// readable) is not queued twice.
     pub(crate) last: u64,
     pub(crate) epoch: Arc<str>,
+}
+
+/// A member that is not live yet.
+#[derive(Debug)]
+pub(crate) enum Joining {
+    /// Its history is being read: publications that arrive meanwhile are
+    /// kept here, and queued after it without duplicates.
+    Reading(Vec<Publication>),
+    /// Its recovery is larger than its queue, and is queued from history
+    /// piece by piece as the client reads (see `recovery.rs`): the fan-out
+    /// skips it, noting the newest offset it skipped, which history holds
+    /// and a later piece queues.
+    CatchingUp {
+        /// The newest offset skipped (or known to be in history).
+        behind: u64,
+    },
 }
 
 /// The channel on which nodes tell each other what to do (disconnect a
@@ -259,9 +272,16 @@ impl Members {
         let mut out = std::mem::take(&mut self.scratch);
         let mut delivered = 0u64;
         for m in &mut self.list {
-            if let Some(joining) = &mut m.joining {
-                joining.extend(pending.iter().map(|(p, _)| p.clone()));
-                continue;
+            match m.joining.as_deref_mut() {
+                Some(Joining::Reading(arrived)) => {
+                    arrived.extend(pending.iter().map(|(p, _)| p.clone()));
+                    continue;
+                }
+                Some(Joining::CatchingUp { behind }) => {
+                    *behind = (*behind).max(last);
+                    continue;
+                }
+                None => {}
             }
             let takes_all =
                 unnumbered || (numbered && Arc::ptr_eq(&m.epoch, epoch) && m.last < first);

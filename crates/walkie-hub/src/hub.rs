@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::channel::ChannelName;
-use crate::dispatch::{CONTROL_CHANNEL, Control, Dispatch, Forwarded, Member, frame};
+use crate::dispatch::{CONTROL_CHANNEL, Control, Dispatch, Forwarded, Joining, Member};
 use crate::engine::{Broker, EngineError};
 use crate::memory::lock;
 use crate::metrics::Metrics;
@@ -15,7 +15,10 @@ use crate::presence::{ClientInfo, MemoryPresence, PresenceManager};
 use crate::publication::{
     History, HistoryFilter, Kind, NewPublication, PublishOptions, PublishResult, StreamPosition,
 };
-use crate::queue::{Queue, QueueLimits, Queued};
+use crate::queue::{Queue, QueueLimits};
+
+mod recovery;
+pub use recovery::{CatchUp, CatchUpError};
 
 /// How a subscriber wants publications framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,14 +48,17 @@ pub enum Recover {
 pub struct Subscribed {
     /// The stream's position when the subscriber joined.
     pub position: StreamPosition,
-    /// For [`Recover::Since`]: whether every missed message was found (and
-    /// queued); false if history no longer covers the gap, the epoch
-    /// changed, or the missed messages are more than the client's queue
-    /// has room for, in which case nothing was queued from history. True
-    /// for the other modes ([`Recover::Last`] queues the newest that fit).
+    /// For [`Recover::Since`]: whether every missed message was found;
+    /// false if history no longer covers the gap or the epoch changed, in
+    /// which case nothing was queued from history. True for the other
+    /// modes ([`Recover::Last`] queues the newest that fit the queue).
     pub recovered: bool,
-    /// How many messages were queued from history.
+    /// How many messages from history follow: queued now, or, while
+    /// [`catching_up`](Subscribed::catching_up), queued now and later.
     pub from_history: usize,
+    /// A recovery larger than the client's queue: what fits is queued,
+    /// and [`Client::catch_up`] queues the rest as the client reads.
+    pub catching_up: bool,
 }
 
 /// The hub of one node. Cheap to clone: one pointer, as every connection
@@ -386,7 +392,7 @@ impl Client {
                 client: self.id,
                 queue: self.queue.clone(),
                 format,
-                joining: Some(Box::default()),
+                joining: Some(Box::new(Joining::Reading(Vec::new()))),
                 last: 0,
                 epoch: "".into(),
             });
@@ -419,101 +425,24 @@ impl Client {
                     limit: Some(*n),
                     reverse: true,
                 },
+                // What fits the queue: more is queued piece by piece.
                 Recover::Since(p) => HistoryFilter {
                     since: Some(p.offset),
-                    limit: None,
+                    limit: Some(self.queue.room().0.max(1)),
                     reverse: false,
                 },
             };
             self.hub.0.broker.history(channel.clone(), filter).await
         }
         .await;
-        let mut history = match joined {
+        let history = match joined {
             Ok(h) => h,
             Err(e) => {
                 self.unsubscribe(&channel);
                 return Err(e);
             }
         };
-        if matches!(recover, Recover::Last(_)) {
-            history.publications.reverse();
-        }
-        let mut recovered = match &recover {
-            Recover::Since(p) => {
-                p.epoch == history.position.epoch
-                    && p.offset <= history.position.offset
-                    && match history.publications.first() {
-                        Some(first) => first.offset == p.offset + 1,
-                        None => p.offset == history.position.offset,
-                    }
-            }
-            _ => true,
-        };
-        if !recovered {
-            history.publications.clear();
-        }
-        let mut replay: Vec<(u64, Queued)> = history
-            .publications
-            .iter()
-            .filter_map(|p| {
-                let message = frame(&channel, p, format)?;
-                let key = p.key.clone();
-                Some((p.offset, Queued { message, key }))
-            })
-            .collect();
-        // More than the connection's queue holds would cut the client off
-        // as a slow consumer before it read any of it, and the same again
-        // at every reconnect: a recovery that large is refused (the client
-        // reloads with `history`), and a replay of the last N keeps the
-        // newest that fit.
-        let fitting = fitting(&replay, self.queue.room(), self.queue.is_empty());
-        if fitting < replay.len() {
-            match recover {
-                Recover::Since(_) => {
-                    recovered = false;
-                    replay.clear();
-                }
-                _ => drop(replay.drain(..replay.len() - fitting)),
-            }
-        }
-        let Some(members) = self.hub.0.dispatch.members(&channel) else {
-            return Err(EngineError::Stopped);
-        };
-        let mut members = lock(&members);
-        let Some(me) = members.list.iter_mut().find(|m| m.client == self.id) else {
-            return Err(EngineError::Stopped);
-        };
-        let mut last = match &recover {
-            Recover::Since(p) if !recovered => history.position.offset.max(p.offset),
-            Recover::Since(p) => p.offset,
-            _ => history.position.offset,
-        };
-        let from_history = replay.len();
-        for (offset, queued) in replay {
-            last = last.max(offset);
-            self.queue.push(queued);
-        }
-        if let Some(joining) = me.joining.take() {
-            for p in *joining {
-                // Offset 0: not in history, so not a duplicate of it.
-                if p.offset == 0 || p.offset > last {
-                    last = last.max(p.offset);
-                    if let Some(message) = frame(&channel, &p, format) {
-                        self.queue.push(Queued {
-                            message,
-                            key: p.key.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        me.last = last;
-        me.epoch = history.position.epoch.clone();
-        Ok(Subscribed {
-            position: history.position,
-            recovered,
-            from_history,
-        })
+        self.queue_joined(&channel, format, &recover, history)
     }
 
     /// Leaves `channel`.
@@ -521,22 +450,6 @@ impl Client {
         self.channels.retain(|c| c != channel);
         self.hub.leave(channel, self.id);
     }
-}
-
-/// How many of the newest of `replay` fit in a queue's `room` (messages,
-/// bytes); an `empty` queue takes one message of any size, as a push does.
-fn fitting(replay: &[(u64, Queued)], (messages, bytes): (usize, usize), empty: bool) -> usize {
-    let mut used = 0;
-    replay
-        .iter()
-        .rev()
-        .take(messages)
-        .enumerate()
-        .take_while(|(i, (_, q))| {
-            used += q.message.message().len();
-            used <= bytes || (*i == 0 && empty)
-        })
-        .count()
 }
 
 impl Drop for Client {
@@ -577,8 +490,9 @@ mod tests {
     }
 
     /// A recovery or replay larger than the client's queue would cut the
-    /// client off (1013) before it read any of it, at every reconnect:
-    /// recovery is refused instead, and a replay keeps the newest that fit.
+    /// client off (1013) before it read any of it, at every reconnect: a
+    /// replay keeps the newest that fit, and a recovery queues the oldest
+    /// that fit and the rest as the client reads (`recovery.rs`).
     #[tokio::test]
     async fn history_larger_than_the_queue_is_not_queued_to_overflow_it() {
         use crate::publication::{HistoryOptions, Kind, NewPublication, PublishOptions};
@@ -630,14 +544,14 @@ mod tests {
             .subscribe(channel.clone(), Format::Raw, since(1))
             .await
             .unwrap();
-        assert!(!s.recovered, "4 missed, room for 3");
-        assert_eq!((s.from_history, behind.queue().len()), (0, 0));
+        assert!(s.recovered && s.catching_up, "4 missed, room for 3");
+        assert_eq!((s.from_history, behind.queue().len()), (4, 3));
         let mut close = hub.client(limits);
         let s = close
             .subscribe(channel.clone(), Format::Raw, since(2))
             .await
             .unwrap();
-        assert!(s.recovered, "3 missed, room for 3");
+        assert!(s.recovered && !s.catching_up, "3 missed, room for 3");
         assert_eq!(close.queue().len(), 3);
 
         // One message over the byte limit still replays into an empty

@@ -59,7 +59,7 @@ pub use config::{AuthConfig, ConfigError, HubConfig, NamespaceConfig};
 pub use dispatch::CONTROL_CHANNEL;
 pub use durable::{DATABASE_FILE, DurableBroker, OpenError};
 pub use engine::{BoxFuture, Broker, BrokerEvents, EngineError};
-pub use hub::{Client, Format, Hub, Recover, Subscribed};
+pub use hub::{CatchUp, CatchUpError, Client, Format, Hub, Recover, Subscribed};
 pub use memory::MemoryBroker;
 pub use metrics::Metrics;
 pub use nats_engine::{NatsBroker, NatsPresence};

@@ -75,6 +75,8 @@ struct Sub {
     join_leave: bool,
     /// When its subscription token expires.
     expires_at: Option<u64>,
+    /// Its recovery is larger than the queue, and still being sent.
+    catching_up: bool,
 }
 
 /// One Walkie protocol connection.
@@ -144,6 +146,69 @@ impl Session {
     /// The user, once connected.
     pub fn user(&self) -> Option<&str> {
         self.identity.as_ref().map(|i| i.user.as_str())
+    }
+
+    /// Whether a recovery larger than the queue is still being sent: call
+    /// [`Session::catch_up`] whenever the queue has been written.
+    pub fn catching_up(&self) -> bool {
+        self.subs.values().any(|s| s.catching_up)
+    }
+
+    /// Queues the next pieces of recoveries larger than the queue (see
+    /// [`Client::catch_up`]), while the queue has at least half its room:
+    /// call it after writing what was queued. It returns once something
+    /// waits in the queue (whose writing calls it again) or every
+    /// recovery is live. A piece that finds nothing new to read (an engine
+    /// that delivers a message before history shows it) waits 10 ms and
+    /// reads again, for at most 2 s; after that, or if history lost what
+    /// the client needs, the queue closes as a slow consumer's
+    /// ([`CatchUpError`](crate::CatchUpError)).
+    pub async fn catch_up(&mut self) {
+        const RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+        let mut idle = 0;
+        loop {
+            let behind: Vec<ChannelName> = self
+                .subs
+                .iter()
+                .filter(|(_, s)| s.catching_up)
+                .map(|(c, _)| c.clone())
+                .collect();
+            let (messages, bytes) = self.client.queue().room();
+            let limits = &self.node.queue;
+            if behind.is_empty() || messages < limits.messages / 2 || bytes < limits.bytes / 2 {
+                return;
+            }
+            let mut queued = 0;
+            for channel in behind {
+                match self.client.catch_up(&channel).await {
+                    Ok(piece) => {
+                        queued += piece.queued;
+                        if let Some(sub) = self.subs.get_mut(&channel).filter(|_| piece.done) {
+                            sub.catching_up = false;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(%channel, client = %self.client.id(), "recovery stopped: {e}");
+                        return;
+                    }
+                }
+            }
+            if !self.client.queue().is_empty() {
+                return;
+            }
+            if queued > 0 {
+                // The connection took it all at once: on to the next.
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle > 200 {
+                tracing::warn!(client = %self.client.id(), "recovery made no progress for 2 s");
+                self.client.queue().close(crate::QueueClosed::SlowConsumer);
+                return;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
     }
 
     /// When [`Session::handle_timeout`] must next be called (seconds since
@@ -426,6 +491,7 @@ impl Session {
                 presence: ns.presence,
                 join_leave: ns.join_leave,
                 expires_at,
+                catching_up: subscribed.catching_up,
             },
         );
         if ns.presence {
