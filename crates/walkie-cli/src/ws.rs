@@ -173,7 +173,14 @@ where
     let mut shutdown = state.shutdown_wakers.waiter();
     let mut batch = Vec::new();
     let mut deadline = Deadline::default();
+    let mut catch_up = false;
     loop {
+        if catch_up {
+            // Written: the next piece of a recovery larger than the queue
+            // (boxed: rare).
+            catch_up = false;
+            Box::pin(session.catch_up()).await;
+        }
         deadline.set(session.deadline());
         let step = tokio::select! {
             biased;
@@ -189,14 +196,12 @@ where
             }
             Step::Popped(Ok(())) => {
                 match send_batch(ws, &mut batch, session.queue(), &mut shutdown).await {
-                    // Written: the next piece of a recovery larger than
-                    // the queue, if one is under way (boxed: rare).
-                    Ok(()) if session.catching_up() => {
-                        Box::pin(session.catch_up()).await;
+                    Ok(()) => {
+                        catch_up = session.catching_up();
                         continue;
                     }
                     // Shutdown: the next turn closes.
-                    Ok(()) | Err(Sent::Shutdown) => continue,
+                    Err(Sent::Shutdown) => continue,
                     Err(Sent::Failed(e)) => return format!("send failed: {e}"),
                     Err(Sent::Closed(why)) => why,
                 }
