@@ -388,6 +388,11 @@ impl Queue {
         )
     }
 
+    /// Whether the queue was closed (see [`Queue::close`]).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.state).closed.is_some()
+    }
+
     /// Messages waiting.
     pub fn len(&self) -> usize {
         lock(&self.state).count as usize

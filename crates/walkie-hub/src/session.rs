@@ -175,7 +175,12 @@ impl Session {
                 .collect();
             let (messages, bytes) = self.client.queue().room();
             let limits = &self.node.queue;
-            if behind.is_empty() || messages < limits.messages / 2 || bytes < limits.bytes / 2 {
+            let closed = self.client.queue().is_closed();
+            if behind.is_empty()
+                || closed
+                || messages < limits.messages / 2
+                || bytes < limits.bytes / 2
+            {
                 return;
             }
             let mut queued = 0;
