@@ -9,15 +9,38 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Server;
-use common::chaos::{
-    CHANNELS, CLIENTS, KEY, PER_CHANNEL, Rng, Seen, assert_exact, publish, session,
-};
+use common::chaos::{CHANNELS, CLIENTS, KEY, PER_CHANNEL, Seen, assert_exact, client, publish};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_gets_every_message_once_through_drops_and_a_restart() {
+    chaos(&[], 0).await;
+}
+
+/// The same with a client queue of 8 messages, and clients that stay away
+/// up to 400 ms: many recoveries are larger than the queue, and come piece
+/// by piece as the client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recoveries_larger_than_the_queue_come_whole_through_drops_and_a_restart() {
+    let seen = chaos(&["--client-queue", "8"], 400).await;
+    let largest = seen
+        .iter()
+        .flat_map(|s| s.values())
+        .map(|s| s.largest_recovery)
+        .max();
+    eprintln!("the largest recovery: {largest:?} messages");
+    assert!(
+        largest > Some(8),
+        "no recovery was larger than the queue: {largest:?}"
+    );
+}
+
+/// Runs the clients, the publisher and the restart against `walkie serve`
+/// with `extra` flags, each client staying away up to `away_ms` between
+/// connections; asserts every client's sequence and returns them.
+async fn chaos(extra: &[&str], away_ms: u64) -> Vec<HashMap<&'static str, Seen>> {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("chaos.toml");
     std::fs::write(
@@ -38,36 +61,17 @@ async fn every_client_gets_every_message_once_through_drops_and_a_restart() {
             "--api-key".into(),
             KEY.into(),
         ]
+        .into_iter()
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect::<Vec<_>>()
     };
     let mut server = Server::spawn(args("127.0.0.1:0"), &[]);
     let port = server.port;
     let done = Arc::new(AtomicBool::new(false));
 
-    let mut clients = Vec::new();
-    for c in 0..CLIENTS {
-        let done = done.clone();
-        clients.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
-            let mut seen: HashMap<&'static str, Seen> =
-                CHANNELS.iter().map(|c| (*c, Seen::default())).collect();
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                let complete = seen.values().all(|s| s.data.len() as u64 >= PER_CHANNEL);
-                if complete && done.load(Ordering::Relaxed) {
-                    return seen;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "client {c} did not finish: {:?}",
-                    seen.values().map(|s| s.data.len()).collect::<Vec<_>>()
-                );
-                let drop_after = 1 + rng.next(150);
-                if !session(port, &mut seen, drop_after).await {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }));
-    }
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| tokio::spawn(client(c, vec![port], done.clone(), away_ms)))
+        .collect();
     // Let every client subscribe before the first message.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -86,8 +90,11 @@ async fn every_client_gets_every_message_once_through_drops_and_a_restart() {
         }
     }
     done.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
     for (c, client) in clients.into_iter().enumerate() {
         let seen = client.await.unwrap_or_else(|e| panic!("client {c}: {e}"));
         assert_exact(c, &seen);
+        all.push(seen);
     }
+    all
 }

@@ -8,15 +8,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Server;
-use common::chaos::{
-    CHANNELS, CLIENTS, KEY, PER_CHANNEL, Rng, Seen, assert_exact, publish, session,
-};
+use common::chaos::{CHANNELS, CLIENTS, KEY, PER_CHANNEL, assert_exact, client, publish};
 
 /// The engine's URL from `var`, or `None` after saying the test is skipped.
 fn engine(var: &str, example: &str, test: &str) -> Option<String> {
@@ -38,7 +35,7 @@ async fn on_redis_every_client_gets_every_message_once_when_a_node_dies() {
         "redis://127.0.0.1:6379",
         "chaos_multinode (redis)",
     ) {
-        node_dies(url, "walkie-chaos-").await;
+        node_dies(url, "walkie-chaos-", &[], 0).await;
     }
 }
 
@@ -49,7 +46,15 @@ async fn on_nats_every_client_gets_every_message_once_when_a_node_dies() {
         "nats://127.0.0.1:4222",
         "chaos_multinode (nats)",
     ) {
-        let prefix = node_dies(url.clone(), "walkiechaos").await;
+        // With a client queue of 8 and clients away up to 400 ms: most
+        // recoveries are larger than the queue, and are read from the
+        // engine's history piece by piece.
+        let (prefix, largest) =
+            node_dies(url.clone(), "walkiechaos", &["--client-queue", "8"], 400).await;
+        assert!(
+            largest > 8,
+            "no recovery was larger than the queue: {largest}"
+        );
         // Leave nothing behind in the shared NATS.
         if let Ok(broker) = walkie_hub::NatsBroker::connect(&url, &prefix).await {
             let _ = broker.delete_all().await;
@@ -57,8 +62,15 @@ async fn on_nats_every_client_gets_every_message_once_when_a_node_dies() {
     }
 }
 
-/// Runs the scenario; returns the engine prefix it used.
-async fn node_dies(engine_url: String, prefix_base: &str) -> String {
+/// Runs the scenario with `extra` flags for every node and clients that
+/// stay away up to `away_ms` between connections; returns the engine
+/// prefix it used and the most messages one recovery brought.
+async fn node_dies(
+    engine_url: String,
+    prefix_base: &str,
+    extra: &[&str],
+    away_ms: u64,
+) -> (String, u64) {
     let redis = engine_url;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("chaos.toml");
@@ -93,38 +105,17 @@ async fn node_dies(engine_url: String, prefix_base: &str) -> String {
         "--api-key".into(),
         KEY.into(),
     ];
+    let args: Vec<String> = args
+        .into_iter()
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect();
     let mut nodes: Vec<Server> = (0..3).map(|_| Server::spawn(args.clone(), &[])).collect();
     let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
     let done = Arc::new(AtomicBool::new(false));
 
-    let mut clients = Vec::new();
-    for c in 0..CLIENTS {
-        let done = done.clone();
-        let ports = ports.clone();
-        clients.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
-            let mut seen: HashMap<&'static str, Seen> =
-                CHANNELS.iter().map(|c| (*c, Seen::default())).collect();
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                let complete = seen.values().all(|s| s.data.len() as u64 >= PER_CHANNEL);
-                if complete && done.load(Ordering::Relaxed) {
-                    return seen;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "client {c} did not finish: {:?}",
-                    seen.values().map(|s| s.data.len()).collect::<Vec<_>>()
-                );
-                let drop_after = 1 + rng.next(150);
-                // Each session on some node; a dead node's port refuses.
-                let port = ports[rng.next(ports.len() as u64) as usize];
-                if !session(port, &mut seen, drop_after).await {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }));
-    }
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| tokio::spawn(client(c, ports.clone(), done.clone(), away_ms)))
+        .collect();
     // Let every client subscribe before the first message.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -142,9 +133,14 @@ async fn node_dies(engine_url: String, prefix_base: &str) -> String {
         }
     }
     done.store(true, Ordering::Relaxed);
+    let mut largest = 0;
     for (c, client) in clients.into_iter().enumerate() {
         let seen = client.await.unwrap_or_else(|e| panic!("client {c}: {e}"));
         assert_exact(c, &seen);
+        largest = seen
+            .values()
+            .map(|s| s.largest_recovery)
+            .fold(largest, u64::max);
     }
-    prefix
+    (prefix, largest)
 }

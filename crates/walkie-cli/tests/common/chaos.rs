@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -74,6 +76,9 @@ pub struct Seen {
     /// (offset, data, session) of each message, for the failure message.
     pub log: Vec<(u64, u64, u64)>,
     pub sessions: u64,
+    /// The most missed messages one recovery brought (its reply's
+    /// `history`).
+    pub largest_recovery: u64,
 }
 
 /// Asserts that client `c` got every message of every channel once, in
@@ -97,6 +102,41 @@ pub fn assert_exact(c: usize, seen: &HashMap<&'static str, Seen>) {
             got.iter().copied().eq(1..=PER_CHANNEL),
             "client {c}, {ch}: not 1..={PER_CHANNEL} in order: {got:?}"
         );
+    }
+}
+
+/// One client of a run: sessions on nodes of `ports` picked at random (a
+/// dead node's port refuses), each dropped after a random number of
+/// messages, staying away up to `away_ms` between them, until it has every
+/// message and `done` is set. Returns what it got, per channel.
+pub async fn client(
+    c: usize,
+    ports: Vec<u16>,
+    done: Arc<AtomicBool>,
+    away_ms: u64,
+) -> HashMap<&'static str, Seen> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
+    let mut seen: HashMap<&'static str, Seen> =
+        CHANNELS.iter().map(|c| (*c, Seen::default())).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let complete = seen.values().all(|s| s.data.len() as u64 >= PER_CHANNEL);
+        if complete && done.load(Ordering::Relaxed) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client {c} did not finish: {:?}",
+            seen.values().map(|s| s.data.len()).collect::<Vec<_>>()
+        );
+        let drop_after = 1 + rng.next(150);
+        let port = ports[rng.next(ports.len() as u64) as usize];
+        if !session(port, &mut seen, drop_after).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if away_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(rng.next(away_ms))).await;
+        }
     }
 }
 
@@ -158,6 +198,8 @@ pub async fn session(port: u16, seen: &mut HashMap<&'static str, Seen>, drop_aft
                         "recovery failed in {}: {v}",
                         CHANNELS[idx]
                     );
+                    let missed = result["history"].as_u64().unwrap();
+                    s.largest_recovery = s.largest_recovery.max(missed);
                 }
             }
             continue;
