@@ -47,6 +47,8 @@ Checks on `auth`:
   subscribe-history   "history": N replays the last N before live messages
   recovery            missed messages exactly once, in order, then live
   recovery-impossible wrong epoch, history trimmed: recovered false
+  recovery-large      1,500 missed (more than the default queue of 1,024):
+                      all of them once, in order, then live
   presence            presence and presence_stats
   join-leave          join and leave pushes
   connect-token       user, expires_in; a token without exp
@@ -104,6 +106,14 @@ private = false
 
 [namespaces.news]
 history_size = 100
+history_ttl = "1h"
+presence = false
+join_leave = false
+allow_publish = true
+private = false
+
+[namespaces.backlog]
+history_size = 2000
 history_ttl = "1h"
 presence = false
 join_leave = false
@@ -865,6 +875,29 @@ async def recovery(base: str) -> str:
     return f"reply {j(r)}"
 
 
+async def recovery_large(base: str) -> str:
+    """docs/protocol.md: a recovery larger than the connection's queue
+    (`--client-queue`, 1024 by default) comes piece by piece; the client
+    still gets every missed message once, in order, then live ones."""
+    ch = unique("backlog:")
+    missed = 1500
+    async with Session(base, "B", user="b") as b:
+        async with Session(base, "A1", user="a1") as a:
+            epoch = (await a.ok("subscribe", {"channel": ch}))["epoch"]
+        for i in range(1, missed + 1):
+            await b.ok("publish", {"channel": ch, "data": i})
+        async with Session(base, "A2", user="a2") as a:
+            r = await a.ok("subscribe", {"channel": ch, "recover": True, "offset": 0, "epoch": epoch})
+            expect(r.get("recovered") is True and r.get("history") == missed and r.get("offset") == missed,
+                   f"A2: recover {missed} missed: {j(r)}, expected recovered true, history {missed}")
+            await b.ok("publish", {"channel": ch, "data": missed + 1})
+            for i in range(1, missed + 2):
+                _, p = await a.push("pub", f" ({i} of {missed + 1})")
+                check_pub(p, ch, i, i, b, f" ({i} of {missed + 1})")
+            await a.quiet("every message arrived once")
+    return f"{missed} recovered, then live"
+
+
 async def recovery_impossible(base: str) -> str:
     ch = unique("news:norecover-")
     async with Session(base, "B", user="b") as b:
@@ -1286,6 +1319,7 @@ CHECKS = {
     "subscribe-history": subscribe_history,
     "recovery": recovery,
     "recovery-impossible": recovery_impossible,
+    "recovery-large": recovery_large,
     "presence": presence,
     "join-leave": join_leave,
     "connect-token": connect_token,
