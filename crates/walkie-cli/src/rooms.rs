@@ -217,6 +217,11 @@ where
                 close_within(ws, CloseCode::NORMAL, "disconnected by the server").await;
                 "disconnected by the server".into()
             }
+            // Rooms replay the last N, which does not read on later.
+            QueueClosed::Unavailable => {
+                close_within(ws, CloseCode::INTERNAL_ERROR, "history unavailable").await;
+                "history unavailable".into()
+            }
         };
     }
 }

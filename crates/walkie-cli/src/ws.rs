@@ -160,6 +160,9 @@ enum Step {
 /// overflowed.
 const SLOW_CONSUMER: &str = "slow consumer: reconnect and recover";
 
+/// The close reason of a client whose recovery could not be read.
+const HISTORY_UNAVAILABLE: &str = "history unavailable: reconnect and recover";
+
 /// Relays until the connection ends; returns why.
 ///
 /// As for a room member (`rooms.rs`), the select only picks a step and
@@ -253,6 +256,7 @@ where
         let (code, reason) = match closed {
             QueueClosed::SlowConsumer => (CloseCode::TRY_AGAIN_LATER, SLOW_CONSUMER),
             QueueClosed::Disconnected => (CloseCode(4009), "disconnected by the server"),
+            QueueClosed::Unavailable => (CloseCode::INTERNAL_ERROR, HISTORY_UNAVAILABLE),
         };
         close_within(ws, code, reason).await;
         return reason.into();

@@ -268,23 +268,28 @@ impl Members {
             .all(|(p, e)| p.offset != 0 && Arc::ptr_eq(e, epoch));
         let first = pending[0].0.offset;
         let last = pending[pending.len() - 1].0.offset;
+        // Not `last`: a batch may end with an event that has no offset.
+        let newest = pending.iter().map(|(p, _)| p.offset).max().unwrap_or(0);
         let mut whole: [Option<(Arc<[Queued]>, usize)>; 2] = [None, None];
         let mut out = std::mem::take(&mut self.scratch);
         let mut delivered = 0u64;
         for m in &mut self.list {
-            match m.joining.as_deref_mut() {
+            // Catching up: numbered publications come from history in
+            // turn; events without an offset (join, leave) are queued now,
+            // as history does not keep them.
+            let catching_up = match m.joining.as_deref_mut() {
                 Some(Joining::Reading(arrived)) => {
                     arrived.extend(pending.iter().map(|(p, _)| p.clone()));
                     continue;
                 }
                 Some(Joining::CatchingUp { behind }) => {
-                    *behind = (*behind).max(last);
-                    continue;
+                    *behind = (*behind).max(newest);
+                    true
                 }
-                None => {}
-            }
-            let takes_all =
-                unnumbered || (numbered && Arc::ptr_eq(&m.epoch, epoch) && m.last < first);
+                None => false,
+            };
+            let takes_all = unnumbered
+                || (numbered && !catching_up && Arc::ptr_eq(&m.epoch, epoch) && m.last < first);
             if takes_all {
                 let i = match m.format {
                     Format::Raw => 0,
@@ -318,6 +323,9 @@ impl Members {
                 continue;
             }
             for (i, (publication, epoch)) in pending.iter().enumerate() {
+                if publication.offset != 0 && catching_up {
+                    continue;
+                }
                 if publication.offset != 0 {
                     // Members share the batch's epoch: comparing pointers
                     // is the usual case.

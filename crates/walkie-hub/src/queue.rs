@@ -110,6 +110,10 @@ pub enum QueueClosed {
     SlowConsumer,
     /// The hub disconnected the client (say, through the publish API).
     Disconnected,
+    /// The hub could not read what the client needs next (its recovery's
+    /// next piece): the engine failed. The client may reconnect and
+    /// recover.
+    Unavailable,
 }
 
 #[derive(Debug, Default)]
@@ -386,6 +390,11 @@ impl Queue {
             self.limits.messages.saturating_sub(s.count) as usize,
             self.limits.bytes.saturating_sub(s.bytes) as usize,
         )
+    }
+
+    /// The most messages, and bytes of them, the queue holds.
+    pub fn limits(&self) -> (usize, usize) {
+        (self.limits.messages as usize, self.limits.bytes as usize)
     }
 
     /// Whether the queue was closed (see [`Queue::close`]).

@@ -160,9 +160,11 @@ impl Session {
     /// waits in the queue (whose writing calls it again) or every
     /// recovery is live. A piece that finds nothing new to read (an engine
     /// that delivers a message before history shows it) waits 10 ms and
-    /// reads again, for at most 2 s; after that, or if history lost what
-    /// the client needs, the queue closes as a slow consumer's
-    /// ([`CatchUpError`](crate::CatchUpError)).
+    /// reads again, for at most 2 s (the connection's loop waits
+    /// meanwhile); after that, or if history lost what the client needs,
+    /// the queue closes as a slow consumer's; if the engine failed, as
+    /// [`QueueClosed::Unavailable`](crate::QueueClosed::Unavailable) (see
+    /// [`CatchUpError`](crate::CatchUpError)).
     pub async fn catch_up(&mut self) {
         const RETRY: std::time::Duration = std::time::Duration::from_millis(10);
         let mut idle = 0;
@@ -173,13 +175,12 @@ impl Session {
                 .filter(|(_, s)| s.catching_up)
                 .map(|(c, _)| c.clone())
                 .collect();
-            let (messages, bytes) = self.client.queue().room();
-            let limits = &self.node.queue;
-            let closed = self.client.queue().is_closed();
+            let queue = self.client.queue();
+            let ((messages, bytes), (most, most_bytes)) = (queue.room(), queue.limits());
             if behind.is_empty()
-                || closed
-                || messages < limits.messages / 2
-                || bytes < limits.bytes / 2
+                || queue.is_closed()
+                || messages < most / 2
+                || bytes < most_bytes / 2
             {
                 return;
             }
@@ -202,8 +203,10 @@ impl Session {
                 return;
             }
             if queued > 0 {
-                // The connection took it all at once: on to the next.
+                // The connection took it all at once: on to the next,
+                // letting the thread's other tasks run in between.
                 idle = 0;
+                tokio::task::yield_now().await;
                 continue;
             }
             idle += 1;

@@ -8,6 +8,10 @@
 //! stays out of the live fan-out ([`Joining::CatchingUp`]), and each time
 //! the connection has written what it had queued, [`Client::catch_up`]
 //! reads the next piece from history, until it reaches the live stream.
+//! A piece leaves a quarter of the queue free, for what the client's other
+//! channels publish meanwhile. Events without an offset (join, leave) are
+//! not kept in history: they are queued as they come.
+//!
 //! A client that reads slower than the channel's history turns over finds
 //! the next message it needs gone: it is cut off as a slow consumer, and
 //! its next recovery says `recovered: false`.
@@ -30,8 +34,10 @@ pub struct CatchUp {
     pub done: bool,
 }
 
-/// Why a recovery stopped half way. The client's queue is closed as a
-/// slow consumer's: it reconnects and recovers from where it got to.
+/// Why a recovery stopped half way. The client's queue is closed: as a
+/// slow consumer's for [`CatchUpError::Lost`], as
+/// [`QueueClosed::Unavailable`] for an engine's failure. Either way the
+/// client reconnects and recovers from where it got to.
 #[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
     /// History no longer holds the next message (it was trimmed or
@@ -45,14 +51,16 @@ pub enum CatchUpError {
 }
 
 /// Whether `history`, read after `since` in `epoch`, follows on from it
-/// with no gap.
+/// with no gap, between its messages too (an engine may skip one that
+/// expired while it read).
 fn follows(since: u64, epoch: &str, history: &History) -> bool {
+    let offsets = history.publications.iter().map(|p| p.offset);
     *history.position.epoch == *epoch
         && since <= history.position.offset
-        && match history.publications.first() {
-            Some(first) => first.offset == since + 1,
-            None => since == history.position.offset,
-        }
+        && offsets
+            .zip(since + 1..)
+            .all(|(offset, want)| offset == want)
+        && (!history.publications.is_empty() || since == history.position.offset)
 }
 
 /// Each publication framed for `format`, with its offset.
@@ -69,6 +77,11 @@ fn framed(
             Some((p.offset, Queued { message, key }))
         })
         .collect()
+}
+
+/// The size of each of `replay`'s messages.
+fn sizes(replay: &[(u64, Queued)]) -> impl DoubleEndedIterator<Item = usize> + '_ {
+    replay.iter().map(|(_, q)| q.message.message().len())
 }
 
 /// How many of `sizes` (in the order given) fit in a queue's `room`
@@ -91,6 +104,17 @@ fn fitting(
 }
 
 impl Client {
+    /// What one piece of a recovery may take of the queue: its room, less
+    /// a quarter of its limits (messages, bytes).
+    fn piece_room(&self) -> (usize, usize) {
+        let (messages, bytes) = self.queue.room();
+        let (most, most_bytes) = self.queue.limits();
+        (
+            messages.saturating_sub(most / 4),
+            bytes.saturating_sub(most_bytes / 4),
+        )
+    }
+
     /// Queues what a subscribe read from history (`history`, for
     /// `recover`) and what was published meanwhile, and makes the member
     /// live, or catching up where a recovery does not fit the queue.
@@ -112,20 +136,34 @@ impl Client {
             history.publications.clear();
         }
         let mut replay = framed(channel, &history.publications, format);
-        let room = self.queue.room();
         let empty = self.queue.is_empty();
-        let sizes = replay.iter().map(|(_, q)| q.message.message().len());
-        // A replay of the last N keeps the newest that fit; a recovery
-        // queues the oldest that fit, and the rest piece by piece.
-        let fit = match recover {
-            Recover::Since(_) => fitting(sizes, room, empty),
-            _ => fitting(sizes.rev(), room, empty),
+        let position = history.position;
+        let reached = history
+            .publications
+            .last()
+            .is_none_or(|p| p.offset >= position.offset);
+        let since = match recover {
+            Recover::Since(p) if recovered => Some(p.offset),
+            _ => None,
         };
-        let whole = fit == replay.len();
-        match recover {
-            Recover::Since(_) => replay.truncate(fit),
-            _ => drop(replay.drain(..replay.len() - fit)),
-        }
+        let catching_up = match since {
+            // A replay of the last N keeps the newest that fit.
+            None => {
+                let fit = fitting(sizes(&replay).rev(), self.queue.room(), empty);
+                drop(replay.drain(..replay.len() - fit));
+                false
+            }
+            // A recovery that fits whole is queued whole; else it starts
+            // with the oldest that fit a piece, and goes on as the client
+            // reads.
+            Some(_) => {
+                let whole = fitting(sizes(&replay), self.queue.room(), empty) == replay.len();
+                if !(whole && reached) {
+                    replay.truncate(fitting(sizes(&replay), self.piece_room(), empty));
+                }
+                !(whole && reached)
+            }
+        };
         let Some(members) = self.hub.0.dispatch.members(channel) else {
             return Err(EngineError::Stopped);
         };
@@ -133,13 +171,12 @@ impl Client {
         let Some(me) = members.list.iter_mut().find(|m| m.client == self.id) else {
             return Err(EngineError::Stopped);
         };
-        let position = history.position;
         let mut last = match recover {
             Recover::Since(p) if !recovered => position.offset.max(p.offset),
             Recover::Since(p) => p.offset,
             _ => position.offset,
         };
-        let from_history = replay.len();
+        let mut from_history = replay.len();
         for (offset, queued) in replay {
             last = last.max(offset);
             self.queue.push(queued);
@@ -149,29 +186,18 @@ impl Client {
             _ => Vec::new(),
         };
         me.epoch = position.epoch.clone();
-        let reached = history
-            .publications
-            .last()
-            .is_none_or(|p| p.offset >= position.offset);
-        if let Recover::Since(p) = recover {
-            if recovered && !(whole && reached) {
-                // The rest comes from history, as the client reads.
-                let newest = arrived.iter().map(|p| p.offset).max().unwrap_or(0);
-                me.joining = Some(Box::new(Joining::CatchingUp {
-                    behind: newest.max(position.offset),
-                }));
-                me.last = last;
-                return Ok(Subscribed {
-                    recovered,
-                    from_history: (position.offset - p.offset) as usize,
-                    catching_up: true,
-                    position,
-                });
-            }
+        if let (true, Some(since)) = (catching_up, since) {
+            let newest = arrived.iter().map(|p| p.offset).max().unwrap_or(0);
+            me.joining = Some(Box::new(Joining::CatchingUp {
+                behind: newest.max(position.offset),
+            }));
+            from_history = (position.offset - since) as usize;
         }
         for p in arrived {
-            // Offset 0: not in history, so not a duplicate of it.
-            if p.offset == 0 || p.offset > last {
+            // Offset 0: not in history, so not a duplicate of it. While
+            // catching up, the numbered ones come from history later.
+            let new = p.offset == 0 || (!catching_up && p.offset > last);
+            if new {
                 last = last.max(p.offset);
                 if let Some(message) = frame(channel, &p, format) {
                     self.queue.push(Queued {
@@ -186,16 +212,17 @@ impl Client {
             position,
             recovered,
             from_history,
-            catching_up: false,
+            catching_up,
         })
     }
 
     /// Queues the next piece of a recovery that did not fit the queue at
     /// subscribe ([`Subscribed::catching_up`]): as many of the next
-    /// messages as the queue has room for. Call it whenever the connection
-    /// has written what was queued, until it says `done`; then the
+    /// messages as fit the queue's room, less a quarter of its limits
+    /// (nothing while less is free). Call it whenever the connection has
+    /// written what was queued, until it says `done`; then the
     /// subscription is live, with no gap and no duplicate. On an error the
-    /// queue is closed ([`QueueClosed::SlowConsumer`]).
+    /// queue is closed (see [`CatchUpError`]).
     pub async fn catch_up(&mut self, channel: &ChannelName) -> Result<CatchUp, CatchUpError> {
         let done = CatchUp {
             queued: 0,
@@ -213,10 +240,16 @@ impl Client {
                 _ => return Ok(done),
             }
         };
-        let room = self.queue.room();
+        let room = self.piece_room();
+        if room.0 == 0 || room.1 == 0 {
+            return Ok(CatchUp {
+                queued: 0,
+                done: false,
+            });
+        }
         let filter = HistoryFilter {
             since: Some(since),
-            limit: Some(room.0.max(1)),
+            limit: Some(room.0),
             reverse: false,
         };
         let read = self.hub.0.broker.history(channel.clone(), filter).await;
@@ -226,8 +259,9 @@ impl Client {
             Err(e) => return Err(self.stop(e.into())),
         };
         let mut replay = framed(channel, &history.publications, format);
-        let sizes = replay.iter().map(|(_, q)| q.message.message().len());
-        let fit = fitting(sizes, room, self.queue.is_empty());
+        // Measured again: the client's other channels may have queued
+        // messages while history was read.
+        let fit = fitting(sizes(&replay), self.piece_room(), self.queue.is_empty());
         // Where a publication has no frame in this format, its offset
         // still counts as sent.
         let whole = fit == replay.len();
@@ -256,9 +290,13 @@ impl Client {
         Ok(CatchUp { queued, done: live })
     }
 
-    /// Closes the queue as a slow consumer's, for `why`.
+    /// Closes the queue for `why`.
     fn stop(&self, why: CatchUpError) -> CatchUpError {
-        self.queue.close(QueueClosed::SlowConsumer);
+        let closed = match why {
+            CatchUpError::Lost(_) => QueueClosed::SlowConsumer,
+            CatchUpError::Engine(_) => QueueClosed::Unavailable,
+        };
+        self.queue.close(closed);
         why
     }
 }
@@ -405,5 +443,171 @@ mod tests {
         // An empty queue takes one message of any size, a full one none.
         assert_eq!(fitting([9, 1].into_iter(), (10, 5), true), 1);
         assert_eq!(fitting([9, 1].into_iter(), (10, 5), false), 0);
+    }
+
+    /// A memory broker whose history reads answer 30 ms late, as a
+    /// database's or a network engine's may: the fan-out runs meanwhile.
+    #[derive(Debug)]
+    struct Slow(MemoryBroker);
+
+    impl crate::engine::Broker for Slow {
+        fn set_events(&self, events: Arc<dyn crate::engine::BrokerEvents>) {
+            self.0.set_events(events)
+        }
+        fn subscribe(&self, c: ChannelName) -> crate::BoxFuture<'_, Result<(), EngineError>> {
+            self.0.subscribe(c)
+        }
+        fn unsubscribe(&self, c: ChannelName) -> crate::BoxFuture<'_, Result<(), EngineError>> {
+            self.0.unsubscribe(c)
+        }
+        fn publish(
+            &self,
+            c: ChannelName,
+            p: NewPublication,
+            o: PublishOptions,
+        ) -> crate::BoxFuture<'_, Result<crate::publication::PublishResult, EngineError>> {
+            self.0.publish(c, p, o)
+        }
+        fn history(
+            &self,
+            c: ChannelName,
+            f: HistoryFilter,
+        ) -> crate::BoxFuture<'_, Result<History, EngineError>> {
+            let read = self.0.history(c, f);
+            Box::pin(async move {
+                let history = read.await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                history
+            })
+        }
+        fn remove_history(&self, c: ChannelName) -> crate::BoxFuture<'_, Result<(), EngineError>> {
+            self.0.remove_history(c)
+        }
+    }
+
+    /// Reads pieces until the recovery is live, collecting what they queue.
+    async fn catch_up_all(client: &mut Client, channel: &ChannelName, got: &mut Vec<u8>) {
+        for _ in 0..20 {
+            let piece = client.catch_up(channel).await.unwrap();
+            got.extend(popped(client).unwrap());
+            if piece.done {
+                return;
+            }
+        }
+        panic!("no end to the recovery");
+    }
+
+    /// A publication and then an event without an offset (a join), in one
+    /// batch, while a piece is being read: the skipped publication is
+    /// still read from history before the member turns live.
+    #[tokio::test]
+    async fn a_batch_ending_with_an_event_leaves_no_gap() {
+        let hub = Hub::new(Arc::new(Slow(MemoryBroker::new())));
+        let channel = ChannelName::new("feed").unwrap();
+        let epoch = publish(&hub, &channel, 1..=6, 100).await;
+        let limits = QueueLimits {
+            messages: 5,
+            ..QueueLimits::default()
+        };
+        let mut client = hub.client(limits);
+        let since = Recover::Since(StreamPosition { offset: 0, epoch });
+        let s = client
+            .subscribe(channel.clone(), Format::Raw, since)
+            .await
+            .unwrap();
+        assert!(s.catching_up);
+        let mut got = popped(&client).unwrap();
+        let publisher = hub.clone();
+        let ch = channel.clone();
+        let (piece, ()) = tokio::join!(client.catch_up(&channel), async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let seven = NewPublication::new(Kind::Binary, vec![7]);
+            publisher
+                .publish(ch.clone(), seven, keeping(100))
+                .await
+                .unwrap();
+            let join = NewPublication::new(Kind::Join, b"{}".to_vec());
+            publisher
+                .publish(ch, join, PublishOptions::default())
+                .await
+                .unwrap();
+        });
+        got.extend(popped(&client).unwrap());
+        if !piece.unwrap().done {
+            catch_up_all(&mut client, &channel, &mut got).await;
+        }
+        publish(&hub, &channel, 8..=8, 100).await;
+        got.extend(popped(&client).unwrap());
+        assert_eq!(got, (1..=8).collect::<Vec<u8>>());
+    }
+
+    /// What another channel queues while a piece is read does not make
+    /// the piece overflow the queue: a piece leaves a quarter free.
+    #[tokio::test]
+    async fn a_piece_leaves_room_for_other_channels() {
+        let hub = Hub::new(Arc::new(Slow(MemoryBroker::new())));
+        let (a, b) = (
+            ChannelName::new("a").unwrap(),
+            ChannelName::new("b").unwrap(),
+        );
+        let epoch = publish(&hub, &a, 1..=10, 100).await;
+        let limits = QueueLimits {
+            messages: 4,
+            ..QueueLimits::default()
+        };
+        let mut client = hub.client(limits);
+        client
+            .subscribe(b.clone(), Format::Raw, Recover::Nothing)
+            .await
+            .unwrap();
+        let since = Recover::Since(StreamPosition { offset: 0, epoch });
+        let s = client
+            .subscribe(a.clone(), Format::Raw, since)
+            .await
+            .unwrap();
+        assert!(s.catching_up);
+        assert_eq!(
+            popped(&client).unwrap(),
+            [1, 2, 3],
+            "3 of 4: a quarter free"
+        );
+        let publisher = hub.clone();
+        let (piece, ()) = tokio::join!(client.catch_up(&a), async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            publish(&publisher, &b, 100..=100, 100).await;
+        });
+        assert_eq!(
+            piece.unwrap().queued,
+            2,
+            "4 less the other channel's 1, less 1"
+        );
+        assert_eq!(popped(&client).unwrap(), [100, 4, 5]);
+    }
+
+    /// An engine may skip a message that expired while it read: a piece
+    /// with a hole does not follow on.
+    #[test]
+    fn a_piece_with_a_hole_does_not_follow() {
+        let publication = |offset| Publication {
+            offset,
+            data: bytes::Bytes::from_static(b"x"),
+            kind: Kind::Binary,
+            info: None,
+            time_ms: 0,
+            key: None,
+        };
+        let history = |offsets: &[u64], top| History {
+            publications: offsets.iter().map(|&o| publication(o)).collect(),
+            position: StreamPosition {
+                offset: top,
+                epoch: "e".into(),
+            },
+        };
+        assert!(follows(2, "e", &history(&[3, 4, 5], 9)));
+        assert!(!follows(2, "e", &history(&[3, 5, 6], 9)), "a hole");
+        assert!(!follows(2, "e", &history(&[4, 5], 9)), "a gap before");
+        assert!(follows(9, "e", &history(&[], 9)), "nothing missed");
+        assert!(!follows(2, "e", &history(&[], 9)), "all gone");
+        assert!(!follows(2, "f", &history(&[3], 9)), "another epoch");
     }
 }
