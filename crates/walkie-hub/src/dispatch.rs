@@ -48,6 +48,11 @@ pub(crate) enum Joining {
     CatchingUp {
         /// The newest offset skipped (or known to be in history).
         behind: u64,
+        /// How many messages the next piece reads: grows while pieces fit
+        /// whole, and shrinks to what fitted when they do not, so that a
+        /// channel of large messages is not read a queue's count at a time
+        /// only to keep a few.
+        read: u32,
     },
 }
 
@@ -282,7 +287,7 @@ impl Members {
                     arrived.extend(pending.iter().map(|(p, _)| p.clone()));
                     continue;
                 }
-                Some(Joining::CatchingUp { behind }) => {
+                Some(Joining::CatchingUp { behind, .. }) => {
                     *behind = (*behind).max(newest);
                     true
                 }

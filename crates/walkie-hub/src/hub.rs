@@ -425,10 +425,11 @@ impl Client {
                     limit: Some(*n),
                     reverse: true,
                 },
-                // What fits the queue: more is queued piece by piece.
+                // What fits the queue, within reason: more is queued
+                // piece by piece.
                 Recover::Since(p) => HistoryFilter {
                     since: Some(p.offset),
-                    limit: Some(self.queue.room().0.max(1)),
+                    limit: Some(self.queue.room().0.clamp(1, recovery::FIRST_READ)),
                     reverse: false,
                 },
             };

@@ -24,6 +24,12 @@ use crate::memory::lock;
 use crate::publication::{History, HistoryFilter, Publication};
 use crate::queue::{QueueClosed, Queued};
 
+/// The most messages a recovery reads from history at first: the read at
+/// subscribe and the first piece's (then see [`Joining::CatchingUp`]). A
+/// queue's count of large messages would be a large read (1,024 of 64 KiB:
+/// 64 MiB) to keep a few.
+pub(super) const FIRST_READ: usize = 256;
+
 /// One piece of a recovery, queued by [`Client::catch_up`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CatchUp {
@@ -190,6 +196,7 @@ impl Client {
             let newest = arrived.iter().map(|p| p.offset).max().unwrap_or(0);
             me.joining = Some(Box::new(Joining::CatchingUp {
                 behind: newest.max(position.offset),
+                read: FIRST_READ as u32,
             }));
             from_history = (position.offset - since) as usize;
         }
@@ -231,13 +238,16 @@ impl Client {
         let Some(members) = self.hub.0.dispatch.members(channel) else {
             return Ok(done);
         };
-        let (since, epoch, format) = {
+        let (since, epoch, format, read) = {
             let members = lock(&members);
             match members.list.iter().find(|m| m.client == self.id) {
-                Some(m) if matches!(m.joining.as_deref(), Some(Joining::CatchingUp { .. })) => {
-                    (m.last, m.epoch.clone(), m.format)
-                }
-                _ => return Ok(done),
+                Some(m) => match m.joining.as_deref() {
+                    Some(Joining::CatchingUp { read, .. }) => {
+                        (m.last, m.epoch.clone(), m.format, *read as usize)
+                    }
+                    _ => return Ok(done),
+                },
+                None => return Ok(done),
             }
         };
         let room = self.piece_room();
@@ -249,7 +259,7 @@ impl Client {
         }
         let filter = HistoryFilter {
             since: Some(since),
-            limit: Some(room.0),
+            limit: Some(room.0.min(read.max(1))),
             reverse: false,
         };
         let read = self.hub.0.broker.history(channel.clone(), filter).await;
@@ -280,8 +290,14 @@ impl Client {
             return Ok(done);
         };
         me.last = last;
-        let live = match me.joining.as_deref() {
-            Some(Joining::CatchingUp { behind }) => whole && last >= *behind,
+        let live = match me.joining.as_deref_mut() {
+            Some(Joining::CatchingUp { behind, read }) => {
+                *read = match whole {
+                    true => read.saturating_mul(2),
+                    false => u32::try_from(queued.max(1)).unwrap_or(u32::MAX),
+                };
+                whole && last >= *behind
+            }
             _ => true,
         };
         if live {
@@ -447,8 +463,15 @@ mod tests {
 
     /// A memory broker whose history reads answer 30 ms late, as a
     /// database's or a network engine's may: the fan-out runs meanwhile.
-    #[derive(Debug)]
-    struct Slow(MemoryBroker);
+    #[derive(Debug, Default)]
+    struct Slow(MemoryBroker, std::sync::Mutex<Vec<Option<usize>>>);
+
+    impl Slow {
+        /// The `limit` of each history read so far.
+        fn reads(&self) -> Vec<Option<usize>> {
+            self.1.lock().unwrap().clone()
+        }
+    }
 
     impl crate::engine::Broker for Slow {
         fn set_events(&self, events: Arc<dyn crate::engine::BrokerEvents>) {
@@ -473,6 +496,7 @@ mod tests {
             c: ChannelName,
             f: HistoryFilter,
         ) -> crate::BoxFuture<'_, Result<History, EngineError>> {
+            self.1.lock().unwrap().push(f.limit);
             let read = self.0.history(c, f);
             Box::pin(async move {
                 let history = read.await;
@@ -502,7 +526,7 @@ mod tests {
     /// still read from history before the member turns live.
     #[tokio::test]
     async fn a_batch_ending_with_an_event_leaves_no_gap() {
-        let hub = Hub::new(Arc::new(Slow(MemoryBroker::new())));
+        let hub = Hub::new(Arc::new(Slow::default()));
         let channel = ChannelName::new("feed").unwrap();
         let epoch = publish(&hub, &channel, 1..=6, 100).await;
         let limits = QueueLimits {
@@ -545,7 +569,7 @@ mod tests {
     /// the piece overflow the queue: a piece leaves a quarter free.
     #[tokio::test]
     async fn a_piece_leaves_room_for_other_channels() {
-        let hub = Hub::new(Arc::new(Slow(MemoryBroker::new())));
+        let hub = Hub::new(Arc::new(Slow::default()));
         let (a, b) = (
             ChannelName::new("a").unwrap(),
             ChannelName::new("b").unwrap(),
@@ -609,5 +633,41 @@ mod tests {
         assert!(follows(9, "e", &history(&[], 9)), "nothing missed");
         assert!(!follows(2, "e", &history(&[], 9)), "all gone");
         assert!(!follows(2, "f", &history(&[3], 9)), "another epoch");
+    }
+
+    /// Where only a few large messages fit, a piece reads a few: not a
+    /// queue's count of them, to keep three.
+    #[tokio::test]
+    async fn pieces_of_large_messages_read_what_fits() {
+        let broker = Arc::new(Slow::default());
+        let hub = Hub::new(broker.clone());
+        let channel = ChannelName::new("feed").unwrap();
+        let mut epoch = "".into();
+        for i in 1..=20u8 {
+            let publication = NewPublication::new(Kind::Binary, vec![i; 10]);
+            let r = hub
+                .publish(channel.clone(), publication, keeping(100))
+                .await
+                .unwrap();
+            epoch = r.position.epoch;
+        }
+        // 40 bytes: a piece takes 30, three messages.
+        let limits = QueueLimits {
+            bytes: 40,
+            ..QueueLimits::default()
+        };
+        let mut client = hub.client(limits);
+        let since = Recover::Since(StreamPosition { offset: 0, epoch });
+        let s = client
+            .subscribe(channel.clone(), Format::Raw, since)
+            .await
+            .unwrap();
+        assert!(s.catching_up);
+        let mut got = popped(&client).unwrap();
+        catch_up_all(&mut client, &channel, &mut got).await;
+        assert_eq!(got, (1..=20).collect::<Vec<u8>>());
+        let reads = broker.reads();
+        assert_eq!(reads[..3], [Some(256), Some(256), Some(3)], "{reads:?}");
+        assert!(reads[3..].iter().all(|r| *r <= Some(6)), "{reads:?}");
     }
 }
