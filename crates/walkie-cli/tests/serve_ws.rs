@@ -376,6 +376,29 @@ async fn a_subscribe_reply_comes_before_the_channels_publications() {
     .await;
 }
 
+/// A server whose anonymous clients may publish to `feed:*`, which keeps
+/// `history` messages, with a client queue of 64 messages and
+/// `queue_bytes`. Keep the directory until the server is done.
+fn feed_server(history: usize, queue_bytes: &str) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("feed.toml");
+    let toml = format!(
+        "[auth]\nanonymous = true\n\n[namespaces.feed]\nhistory_size = {history}\nallow_publish = true\nanonymous = true\n"
+    );
+    std::fs::write(&config, toml).unwrap();
+    let config = config.to_str().unwrap();
+    let server = Server::start(&[
+        "--in-memory",
+        "--config",
+        config,
+        "--client-queue",
+        "64",
+        "--client-queue-bytes",
+        queue_bytes,
+    ]);
+    (dir, server)
+}
+
 /// docs/protocol.md: close 1013, "the client read too slowly and its queue
 /// overflowed". A subscriber that reads nothing while thousands of
 /// messages are published is cut off with 1013; what it read before is a
@@ -385,22 +408,7 @@ async fn a_subscribe_reply_comes_before_the_channels_publications() {
 /// meanwhile follows with no gap and no duplicate.
 #[tokio::test]
 async fn a_subscriber_cut_off_for_reading_too_slowly_recovers_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("feed.toml");
-    std::fs::write(
-        &config,
-        "[auth]\nanonymous = true\n\n[namespaces.feed]\nhistory_size = 10000\nallow_publish = true\nanonymous = true\n",
-    )
-    .unwrap();
-    let server = Server::start(&[
-        "--in-memory",
-        "--config",
-        config.to_str().unwrap(),
-        "--client-queue",
-        "64",
-        "--client-queue-bytes",
-        "256K",
-    ]);
+    let (_dir, server) = feed_server(10_000, "256K");
     within(90, async {
         let (mut slow, _) = proto::connected(server.port, None).await;
         let sub = slow.ok("subscribe", json!({"channel": "feed:x"})).await;
@@ -477,22 +485,7 @@ async fn a_subscriber_cut_off_for_reading_too_slowly_recovers_the_rest() {
 /// there says `recovered: false`.
 #[tokio::test]
 async fn a_recovery_overtaken_by_history_is_cut_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("feed.toml");
-    std::fs::write(
-        &config,
-        "[auth]\nanonymous = true\n\n[namespaces.feed]\nhistory_size = 400\nallow_publish = true\nanonymous = true\n",
-    )
-    .unwrap();
-    let server = Server::start(&[
-        "--in-memory",
-        "--config",
-        config.to_str().unwrap(),
-        "--client-queue",
-        "64",
-        "--client-queue-bytes",
-        "1M",
-    ]);
+    let (_dir, server) = feed_server(400, "1M");
     within(90, async {
         let (mut first, _) = proto::connected(server.port, None).await;
         let sub = first.ok("subscribe", json!({"channel": "feed:y"})).await;

@@ -361,6 +361,23 @@ mod tests {
         epoch
     }
 
+    /// A new client with `limits`, subscribed to `channel` with a recovery
+    /// of everything after offset 0 of `epoch`.
+    async fn recovering(
+        hub: &Hub,
+        channel: &ChannelName,
+        epoch: Arc<str>,
+        limits: QueueLimits,
+    ) -> (Client, Subscribed) {
+        let mut client = hub.client(limits);
+        let since = Recover::Since(StreamPosition { offset: 0, epoch });
+        let s = client
+            .subscribe(channel.clone(), Format::Raw, since)
+            .await
+            .unwrap();
+        (client, s)
+    }
+
     /// The first byte of each message waiting in `client`'s queue, taken
     /// without waiting.
     fn popped(client: &Client) -> Result<Vec<u8>, QueueClosed> {
@@ -393,12 +410,7 @@ mod tests {
             messages: 3,
             ..QueueLimits::default()
         };
-        let mut client = hub.client(limits);
-        let since = Recover::Since(StreamPosition { offset: 0, epoch });
-        let s = client
-            .subscribe(channel.clone(), Format::Raw, since)
-            .await
-            .unwrap();
+        let (mut client, s) = recovering(&hub, &channel, epoch, limits).await;
         assert!(s.recovered && s.catching_up);
         assert_eq!((s.from_history, s.position.offset), (10, 10));
         let mut got = popped(&client).unwrap();
@@ -437,12 +449,7 @@ mod tests {
             messages: 2,
             ..QueueLimits::default()
         };
-        let mut client = hub.client(limits);
-        let since = Recover::Since(StreamPosition { offset: 0, epoch });
-        let s = client
-            .subscribe(channel.clone(), Format::Raw, since)
-            .await
-            .unwrap();
+        let (mut client, s) = recovering(&hub, &channel, epoch, limits).await;
         assert!(s.recovered && s.catching_up);
         assert_eq!(popped(&client).unwrap(), [1, 2]);
         publish(&hub, &channel, 6..=15, 5).await;
@@ -533,12 +540,7 @@ mod tests {
             messages: 5,
             ..QueueLimits::default()
         };
-        let mut client = hub.client(limits);
-        let since = Recover::Since(StreamPosition { offset: 0, epoch });
-        let s = client
-            .subscribe(channel.clone(), Format::Raw, since)
-            .await
-            .unwrap();
+        let (mut client, s) = recovering(&hub, &channel, epoch, limits).await;
         assert!(s.catching_up);
         let mut got = popped(&client).unwrap();
         let publisher = hub.clone();
@@ -656,12 +658,7 @@ mod tests {
             bytes: 40,
             ..QueueLimits::default()
         };
-        let mut client = hub.client(limits);
-        let since = Recover::Since(StreamPosition { offset: 0, epoch });
-        let s = client
-            .subscribe(channel.clone(), Format::Raw, since)
-            .await
-            .unwrap();
+        let (mut client, s) = recovering(&hub, &channel, epoch, limits).await;
         assert!(s.catching_up);
         let mut got = popped(&client).unwrap();
         catch_up_all(&mut client, &channel, &mut got).await;
