@@ -262,8 +262,8 @@ impl Client {
             limit: Some(room.0.min(read.max(1))),
             reverse: false,
         };
-        let read = self.hub.0.broker.history(channel.clone(), filter).await;
-        let history = match read {
+        let result = self.hub.0.broker.history(channel.clone(), filter).await;
+        let history = match result {
             Ok(history) if follows(since, &epoch, &history) => history,
             Ok(_) => return Err(self.stop(CatchUpError::Lost(since + 1))),
             Err(e) => return Err(self.stop(e.into())),
