@@ -273,8 +273,6 @@ impl Members {
             .all(|(p, e)| p.offset != 0 && Arc::ptr_eq(e, epoch));
         let first = pending[0].0.offset;
         let last = pending[pending.len() - 1].0.offset;
-        // Not `last`: a batch may end with an event that has no offset.
-        let newest = pending.iter().map(|(p, _)| p.offset).max().unwrap_or(0);
         let mut whole: [Option<(Arc<[Queued]>, usize)>; 2] = [None, None];
         let mut out = std::mem::take(&mut self.scratch);
         let mut delivered = 0u64;
@@ -288,7 +286,10 @@ impl Members {
                     continue;
                 }
                 Some(Joining::CatchingUp { behind, .. }) => {
-                    *behind = (*behind).max(newest);
+                    // Not `last`: a batch may end with an event that has
+                    // no offset. Worked out here, as this case is rare.
+                    let newest = pending.iter().map(|(p, _)| p.offset).max();
+                    *behind = (*behind).max(newest.unwrap_or(0));
                     true
                 }
                 None => false,
@@ -328,10 +329,10 @@ impl Members {
                 continue;
             }
             for (i, (publication, epoch)) in pending.iter().enumerate() {
-                if publication.offset != 0 && catching_up {
-                    continue;
-                }
                 if publication.offset != 0 {
+                    if catching_up {
+                        continue;
+                    }
                     // Members share the batch's epoch: comparing pointers
                     // is the usual case.
                     let same_epoch = Arc::ptr_eq(&m.epoch, epoch) || *m.epoch == **epoch;

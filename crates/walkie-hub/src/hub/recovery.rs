@@ -192,7 +192,7 @@ impl Client {
             _ => Vec::new(),
         };
         me.epoch = position.epoch.clone();
-        if let (true, Some(since)) = (catching_up, since) {
+        if let Some(since) = since.filter(|_| catching_up) {
             let newest = arrived.iter().map(|p| p.offset).max().unwrap_or(0);
             me.joining = Some(Box::new(Joining::CatchingUp {
                 behind: newest.max(position.offset),
