@@ -17,6 +17,7 @@ use crate::publication::{
 };
 use crate::queue::{Queue, QueueLimits};
 
+mod interest;
 mod recovery;
 pub use recovery::{CatchUp, CatchUpError};
 
@@ -75,6 +76,9 @@ struct Shared {
     /// Presence entries of this node's connections, re-added periodically
     /// for engines whose entries expire (see [`Hub::refresh_presence`]).
     local_presence: Mutex<HashMap<(ChannelName, String), ClientInfo>>,
+    /// What the engine was told of this node's channels, one call at a
+    /// time per channel.
+    interest: interest::Interest,
 }
 
 impl std::fmt::Debug for Hub {
@@ -106,6 +110,7 @@ impl Hub {
             dispatch,
             next_client: AtomicU64::new(1),
             local_presence: Mutex::default(),
+            interest: interest::Interest::default(),
         }))
     }
 
@@ -298,15 +303,19 @@ impl Hub {
         if empty {
             channels.remove(channel);
             drop(channels);
-            let broker = self.0.broker.clone();
-            let channel = channel.clone();
-            // Off the caller's path (it may be a destructor); the broker
-            // tolerates a subscribe and an unsubscribe racing.
+            // Off the caller's path (it may be a destructor), and after any
+            // engine call before it for this channel: a member that joins
+            // meanwhile keeps the engine subscribed (see `interest.rs`).
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let hub = self.clone();
+                let channel = channel.clone();
                 rt.spawn(async move {
-                    if let Err(e) = broker.unsubscribe(channel.clone()).await {
-                        tracing::warn!(%channel, "unsubscribe failed: {e}");
-                    }
+                    let wanted = || hub.local_subscribers(&channel) > 0;
+                    let shared = &hub.0;
+                    shared
+                        .interest
+                        .release(&*shared.broker, &channel, wanted)
+                        .await;
                 });
             }
         }
@@ -384,7 +393,7 @@ impl Client {
         if self.channels.contains(&channel) {
             self.unsubscribe(&channel);
         }
-        let first = {
+        {
             let mut channels = lock(&self.hub.0.dispatch.channels);
             let members = channels.entry(channel.clone()).or_default();
             let mut members = lock(members);
@@ -396,8 +405,7 @@ impl Client {
                 last: 0,
                 epoch: "".into(),
             });
-            members.list.len() == 1
-        };
+        }
         self.hub
             .0
             .dispatch
@@ -411,9 +419,8 @@ impl Client {
         }
         self.channels.push(channel.clone());
         let joined = async {
-            if first {
-                self.hub.0.broker.subscribe(channel.clone()).await?;
-            }
+            let shared = &self.hub.0;
+            shared.interest.ensure(&*shared.broker, &channel).await?;
             let filter = match &recover {
                 Recover::Nothing => HistoryFilter {
                     since: None,

@@ -177,9 +177,11 @@ impl Client {
         let Some(me) = members.list.iter_mut().find(|m| m.client == self.id) else {
             return Err(EngineError::Stopped);
         };
+        // A recovery that failed starts from the present, whatever the
+        // client claimed: an offset of another epoch (or one ahead of this
+        // one) says nothing about what it has of this epoch.
         let mut last = match recover {
-            Recover::Since(p) if !recovered => position.offset.max(p.offset),
-            Recover::Since(p) => p.offset,
+            Recover::Since(p) if recovered => p.offset,
             _ => position.offset,
         };
         let mut from_history = replay.len();
@@ -456,6 +458,32 @@ mod tests {
         let stopped = client.catch_up(&channel).await;
         assert!(matches!(stopped, Err(CatchUpError::Lost(3))), "{stopped:?}");
         assert_eq!(popped(&client), Err(QueueClosed::SlowConsumer));
+    }
+
+    /// A recovery from another epoch fails, and the client gets what is
+    /// published next, whatever offset it claimed: the old epoch's offsets
+    /// say nothing about the new one's.
+    #[tokio::test]
+    async fn a_failed_recovery_from_another_epoch_gets_what_comes_next() {
+        let hub = Hub::new(Arc::new(MemoryBroker::new()));
+        let channel = ChannelName::new("feed").unwrap();
+        publish(&hub, &channel, 1..=3, 100).await;
+        for (top, claimed) in [(3, 2), (4, 4), (5, 50)] {
+            let mut client = hub.client(QueueLimits::default());
+            let since = Recover::Since(StreamPosition {
+                offset: claimed,
+                epoch: "an older epoch".into(),
+            });
+            let s = client
+                .subscribe(channel.clone(), Format::Raw, since)
+                .await
+                .unwrap();
+            assert!(!s.recovered, "claimed {claimed}");
+            assert_eq!(s.position.offset, top);
+            let n = 100 + u8::try_from(top).unwrap();
+            publish(&hub, &channel, n..=n, 100).await;
+            assert_eq!(popped(&client).unwrap(), [n], "claimed {claimed}");
+        }
     }
 
     #[test]
