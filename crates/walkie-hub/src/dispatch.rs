@@ -15,7 +15,7 @@ use crate::hub::Format;
 use crate::memory::lock;
 use crate::metrics::Metrics;
 use crate::publication::{Kind, Publication};
-use crate::queue::{Queue, Queued};
+use crate::queue::{Queue, Queued, queue_key};
 
 /// One subscriber of one channel on this node.
 #[derive(Debug)]
@@ -264,6 +264,14 @@ impl Members {
         // subscriber of that format.
         let mut raw: Vec<Option<Option<PreparedMessage>>> = vec![None; pending.len()];
         let mut json = raw.clone();
+        // Queue keys name the channel too (only state-like channels have
+        // keys: usually nothing to make).
+        let keys: Vec<Option<Arc<str>>> = if pending.iter().any(|(p, _)| p.key.is_some()) {
+            pending.iter().map(|(p, _)| queue_key(channel, p)).collect()
+        } else {
+            Vec::new()
+        };
+        let key = |i: usize| keys.get(i).cloned().flatten();
         // The whole batch in each format, stored once for every member that
         // gets all of it (the usual case): all of one epoch, none seen yet.
         let epoch = &pending[0].1;
@@ -306,13 +314,14 @@ impl Members {
                     let batch: Arc<[Queued]> = pending
                         .iter()
                         .zip(frames.iter_mut())
-                        .filter_map(|((p, _), slot)| {
+                        .enumerate()
+                        .filter_map(|(i, ((p, _), slot))| {
                             let message = slot
                                 .get_or_insert_with(|| frame(channel, p, m.format))
                                 .clone()?;
                             Some(Queued {
                                 message,
-                                key: p.key.clone(),
+                                key: key(i),
                             })
                         })
                         .collect();
@@ -362,7 +371,7 @@ impl Members {
                 };
                 out.push(Queued {
                     message: message.clone(),
-                    key: publication.key.clone(),
+                    key: key(i),
                 });
                 delivered += 1;
             }

@@ -48,8 +48,22 @@ impl Default for QueueLimits {
 pub struct Queued {
     /// The frame to write.
     pub message: PreparedMessage,
-    /// Its key, for [`OverflowPolicy::LatestPerKey`].
+    /// Its key, for [`OverflowPolicy::LatestPerKey`]: a message replaces
+    /// only the queued one with the same key. One connection's queue holds
+    /// many channels' messages, so the key names the channel too (see
+    /// [`queue_key`]).
     pub key: Option<Arc<str>>,
+}
+
+/// The queue key of `publication` of `channel`: its state key, after the
+/// channel's name and a newline (which no channel name holds), so that
+/// `home` of `scores:m1` and `home` of `scores:m2` are different keys.
+pub(crate) fn queue_key(
+    channel: &crate::channel::ChannelName,
+    publication: &crate::publication::Publication,
+) -> Option<Arc<str>> {
+    let key = publication.key.as_deref()?;
+    Some(format!("{channel}\n{key}").into())
 }
 
 /// What a queue holds: one message, or a batch of messages shared by
@@ -244,10 +258,13 @@ impl Queue {
         if taken == batch.len() {
             return true;
         }
-        // Whole, as one shared entry, unless the sink took part of it.
+        // Whole, as one shared entry, unless the sink took part of it. Over
+        // the byte limit only as one message into an empty queue, as a
+        // push would take it.
         let fits = taken == 0
             && s.count as usize + batch.len() <= self.limits.messages as usize
-            && (s.bytes as usize + bytes <= self.limits.bytes as usize || s.count == 0);
+            && (s.bytes as usize + bytes <= self.limits.bytes as usize
+                || (s.count == 0 && batch.len() == 1));
         if fits {
             s.count += size32(batch.len());
             s.bytes = s.bytes.saturating_add(size32(bytes));
@@ -287,37 +304,43 @@ impl Queue {
             return false;
         }
         let size = item.message.message().len();
-        let full = s.count >= self.limits.messages
-            || (s.bytes as usize + size > self.limits.bytes as usize && s.count != 0);
-        if full {
-            let replaced = match (&item.key, self.limits.policy) {
-                (Some(key), OverflowPolicy::LatestPerKey) => {
-                    unshare(&mut s.items);
-                    s.items.iter().position(
-                        |e| matches!(e, Entry::One(q) if q.key.as_deref() == Some(&**key)),
-                    )
-                }
-                _ => None,
-            };
-            match replaced {
-                Some(i) => {
-                    if let Entry::One(old) = s.items.remove(i) {
-                        s.bytes = s.bytes.saturating_sub(size32(old.message.message().len()));
-                        s.count -= 1;
-                    }
-                }
-                None => {
-                    s.items.clear();
-                    s.count = 0;
-                    s.bytes = 0;
-                    s.closed = Some(QueueClosed::SlowConsumer);
-                    return false;
-                }
-            }
+        // Full: the policy may replace the queued message with the same
+        // key, if the new one then fits (a larger state may not).
+        if self.full(s, size) && (!self.replace_same_key(s, &item) || self.full(s, size)) {
+            s.items.clear();
+            s.count = 0;
+            s.bytes = 0;
+            s.closed = Some(QueueClosed::SlowConsumer);
+            return false;
         }
         s.bytes = s.bytes.saturating_add(size32(size));
         s.count += 1;
         s.items.push(Entry::One(item));
+        true
+    }
+
+    /// Whether a message of `size` bytes would overflow the queue (one
+    /// message always fits an empty one).
+    fn full(&self, s: &State, size: usize) -> bool {
+        s.count >= self.limits.messages
+            || (s.bytes as usize + size > self.limits.bytes as usize && s.count != 0)
+    }
+
+    /// Under [`OverflowPolicy::LatestPerKey`], removes the queued message
+    /// with `item`'s key; false if there is none.
+    fn replace_same_key(&self, s: &mut State, item: &Queued) -> bool {
+        let (Some(key), OverflowPolicy::LatestPerKey) = (&item.key, self.limits.policy) else {
+            return false;
+        };
+        unshare(&mut s.items);
+        let same = |e: &Entry| matches!(e, Entry::One(q) if q.key.as_deref() == Some(&**key));
+        let Some(i) = s.items.iter().position(same) else {
+            return false;
+        };
+        if let Entry::One(old) = s.items.remove(i) {
+            s.bytes = s.bytes.saturating_sub(size32(old.message.message().len()));
+            s.count -= 1;
+        }
         true
     }
 
@@ -478,6 +501,54 @@ mod tests {
         assert!(!q.push_shared(&batch, bytes));
         let mut out = Vec::new();
         assert_eq!(q.pop_all(&mut out).await, Err(QueueClosed::SlowConsumer));
+    }
+
+    /// A batch over the byte limit goes in whole only as one message into
+    /// an empty queue; more overflow as they would one by one.
+    #[tokio::test]
+    async fn a_shared_batch_over_the_byte_limit_overflows_an_empty_queue() {
+        let q = Queue::new(QueueLimits {
+            messages: 100,
+            bytes: 10,
+            policy: OverflowPolicy::Disconnect,
+        });
+        let (one, bytes) = shared(&["0123456789abc"], None);
+        assert!(q.push_shared(&one, bytes), "one message always fits");
+        assert_eq!(pop_texts(&q).await.len(), 1);
+        let (batch, bytes) = shared(&["01234567", "89abcdef"], None);
+        assert!(!q.push_shared(&batch, bytes));
+        assert!(q.is_empty());
+    }
+
+    /// A larger state that still does not fit after the one it replaces
+    /// is gone: the byte limit holds.
+    #[tokio::test]
+    async fn latest_per_key_keeps_the_byte_limit() {
+        let q = Queue::new(QueueLimits {
+            messages: 100,
+            bytes: 10,
+            policy: OverflowPolicy::LatestPerKey,
+        });
+        assert!(q.push(item("a 1", Some("a"))));
+        assert!(q.push(item("b 1", Some("b"))));
+        assert!(q.push(item("b 2 ..", Some("b"))), "7 bytes in all");
+        assert!(!q.push(item("b 3 ........", Some("b"))), "15 bytes");
+    }
+
+    /// Two channels' states with the same key are not one state: the
+    /// hub's queue keys name the channel.
+    #[test]
+    fn queue_keys_name_the_channel() {
+        use crate::channel::ChannelName;
+        use crate::publication::NewPublication;
+        let mut p = NewPublication::text("1").at(1);
+        p.key = Some("home".into());
+        let m1 = ChannelName::new("scores:m1").unwrap();
+        let m2 = ChannelName::new("scores:m2").unwrap();
+        assert_ne!(queue_key(&m1, &p), queue_key(&m2, &p));
+        assert_eq!(queue_key(&m1, &p), queue_key(&m1, &p));
+        p.key = None;
+        assert_eq!(queue_key(&m1, &p), None);
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use crate::dispatch::{Joining, frame};
 use crate::engine::EngineError;
 use crate::memory::lock;
 use crate::publication::{History, HistoryFilter, Publication};
-use crate::queue::{QueueClosed, Queued};
+use crate::queue::{QueueClosed, Queued, queue_key};
 
 /// The most messages a recovery reads from history at first: the read at
 /// subscribe and the first piece's (then see [`Joining::CatchingUp`]). A
@@ -79,7 +79,7 @@ fn framed(
         .iter()
         .filter_map(|p| {
             let message = frame(channel, p, format)?;
-            let key = p.key.clone();
+            let key = queue_key(channel, p);
             Some((p.offset, Queued { message, key }))
         })
         .collect()
