@@ -99,15 +99,21 @@ fn all() -> HistoryFilter {
     HistoryFilter::default()
 }
 
+/// How many checks [`run_all`] runs, so many brokers it asks `make` for:
+/// engines that open their connections up front open this many.
+pub const CHECKS: usize = 12;
+
 /// Runs every check, each on a fresh broker from `make`.
 pub async fn run_all<F: Fn() -> Arc<dyn Broker>>(make: F) {
     offsets_have_no_gaps(make()).await;
     history_filters(make()).await;
     history_size_is_bounded(make()).await;
     history_expires(make()).await;
+    history_limit_skips_expired(make()).await;
     without_history_offset_is_zero(make()).await;
     epoch_is_stable_until_history_is_removed(make()).await;
     idempotent_publish_is_delivered_once(make()).await;
+    idempotency_keys_do_not_cross_nested_channels(make()).await;
     concurrent_publishes_keep_one_order(make()).await;
     channels_are_isolated(make()).await;
     payload_kind_and_key_survive(make()).await;
@@ -245,6 +251,56 @@ pub async fn history_expires(broker: Arc<dyn Broker>) {
     assert_eq!(h.position.epoch, r.position.epoch);
 }
 
+/// A read with a limit counts only messages still kept: expired ones
+/// neither fill the page nor leave a gap in it, so a client paging forward
+/// with `since` from an expired offset gets the fresh messages.
+pub async fn history_limit_skips_expired(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("ttl-limit").await;
+    let with_ttl = |ttl: Duration| PublishOptions {
+        history: Some(HistoryOptions { size: 10, ttl }),
+        ..PublishOptions::default()
+    };
+    // 1 to 3 are kept a minute, until 4 to 6 say a second: then 1 to 3 are
+    // past it while the stream lives on (expiry goes by the latest
+    // publish's TTL, and the newest messages have a second to be read).
+    for i in 1..=6 {
+        let ttl = if i <= 3 {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(1)
+        };
+        if i == 4 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        s.broker
+            .publish(
+                ch.clone(),
+                NewPublication::text(format!("m{i}")),
+                with_ttl(ttl),
+            )
+            .await
+            .unwrap();
+    }
+    let read = |since: Option<u64>, limit: usize, reverse: bool| {
+        let (broker, ch) = (s.broker.clone(), ch.clone());
+        async move {
+            let filter = HistoryFilter {
+                since,
+                limit: Some(limit),
+                reverse,
+            };
+            let h = broker.history(ch, filter).await.unwrap();
+            assert_eq!(h.position.offset, 6);
+            h.publications.iter().map(|p| p.offset).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(read(None, 2, false).await, [4, 5], "the oldest kept first");
+    assert_eq!(read(Some(1), 2, false).await, [4, 5], "paging from expired");
+    assert_eq!(read(Some(4), 2, false).await, [5, 6], "the next page");
+    assert_eq!(read(None, 5, true).await, [6, 5, 4], "newest first");
+}
+
 /// A publication without history is delivered with offset 0 and leaves
 /// the stream where it was.
 pub async fn without_history_offset_is_zero(broker: Arc<dyn Broker>) {
@@ -332,6 +388,45 @@ pub async fn idempotent_publish_is_delivered_once(broker: Arc<dyn Broker>) {
     assert_eq!(data, [&b"paid"[..], b"next"]);
     let h = s.broker.history(ch.clone(), all()).await.unwrap();
     assert_eq!(h.publications.len(), 2);
+}
+
+/// Idempotency keys belong to their channel however the names nest: key
+/// `a:b` on `room` and key `b` on `room:a` are two keys, so the second
+/// publish is delivered and kept like any other.
+pub async fn idempotency_keys_do_not_cross_nested_channels(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let room = s.channel("room").await;
+    let nested = s.channel("room:a").await;
+    let with_key = |key: &str| PublishOptions {
+        idempotency_key: Some(key.into()),
+        ..kept(10)
+    };
+    let first = s
+        .broker
+        .publish(
+            room.clone(),
+            NewPublication::text("to room"),
+            with_key("a:b"),
+        )
+        .await
+        .unwrap();
+    let second = s
+        .broker
+        .publish(
+            nested.clone(),
+            NewPublication::text("to room:a"),
+            with_key("b"),
+        )
+        .await
+        .unwrap();
+    assert!(!first.suppressed);
+    assert!(!second.suppressed, "another channel's key");
+    assert_eq!(second.position.offset, 1, "saved in its own stream");
+    let delivered = s.events.wait_for(&nested, 1).await;
+    let data: Vec<&[u8]> = delivered.iter().map(|p| &p.data[..]).collect();
+    assert_eq!(data, [&b"to room:a"[..]]);
+    let h = s.broker.history(nested.clone(), all()).await.unwrap();
+    assert_eq!(h.publications.len(), 1);
 }
 
 /// Many publishers on one channel: unique offsets, delivered in order.

@@ -63,9 +63,17 @@ if KEYS[3] ~= '' then redis.call('SET', KEYS[3], position, 'PX', ARGV[7]) end
 return {position, 0}
 ";
 
+/// Reads history. Messages expire oldest first, so the kept ones are those
+/// from the first entry younger than the TTL on: the script starts its
+/// range there (trimming the expired entries before it, so that the next
+/// read need not pass them again), and a limit then counts only kept
+/// messages. Filtering after `COUNT` would fill a page with expired entries
+/// and return it empty. A later entry stamped older (nodes' clocks differ)
+/// counts as kept, so what is returned has no gaps. An entry's time is
+/// bytes 2 to 9 of its body (u64 LE; see `codec::encode`).
 const HISTORY: &str = r"
 -- KEYS: meta, stream
--- ARGV: first id, count (-1: all), reverse (0/1), fresh epoch, meta ttl ms
+-- ARGV: first offset, count (-1: all), reverse (0/1), fresh epoch, meta ttl ms, now ms
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
@@ -74,24 +82,65 @@ if not epoch then
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
 end
 local top = redis.call('HGET', KEYS[1], 'top')
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl') or '0')
+
+-- An entry's publication time; nil if its body is not ours.
+local function time_of(entry)
+  local body = entry[2] and entry[2][2]
+  if type(body) ~= 'string' or #body < 9 then return nil end
+  local t = 0
+  for i = 9, 2, -1 do t = t * 256 + string.byte(body, i) end
+  return t
+end
+
+-- The id of the first entry not past the TTL ('-' without a TTL, nil if
+-- none is left); trims the entries before it.
+local function first_kept()
+  if ttl <= 0 then return '-' end
+  local oldest = tonumber(ARGV[6]) - ttl
+  local from, passed = '-', false
+  while true do
+    local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 100)
+    if #batch == 0 then break end
+    for _, entry in ipairs(batch) do
+      local t = time_of(entry)
+      if not t or t >= oldest then
+        if passed then redis.call('XTRIM', KEYS[2], 'MINID', entry[1]) end
+        return entry[1]
+      end
+      passed = true
+    end
+    from = '(' .. batch[#batch][1]
+  end
+  if passed then redis.call('DEL', KEYS[2]) end
+  return nil
+end
+
+-- The range's lower bound: the first offset asked for (a decimal string,
+-- kept as such: Lua's numbers are doubles), or the first kept if later.
+local function lower_bound()
+  local kept = first_kept()
+  if not kept then return nil end
+  local first = ARGV[1] .. '-1'
+  if kept == '-' then return first end
+  if tonumber(string.match(kept, '^%d+')) > tonumber(ARGV[1]) then return kept end
+  return first
+end
+
 local entries = {}
 local count = tonumber(ARGV[2])
-if count ~= 0 then
+local first = nil
+if count ~= 0 then first = lower_bound() end
+if first then
+  local limit = {}
+  if count > 0 then limit = {'COUNT', count} end
   if ARGV[3] == '1' then
-    if count > 0 then
-      entries = redis.call('XREVRANGE', KEYS[2], '+', ARGV[1], 'COUNT', count)
-    else
-      entries = redis.call('XREVRANGE', KEYS[2], '+', ARGV[1])
-    end
+    entries = redis.call('XREVRANGE', KEYS[2], '+', first, unpack(limit))
   else
-    if count > 0 then
-      entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', count)
-    else
-      entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+')
-    end
+    entries = redis.call('XRANGE', KEYS[2], first, '+', unpack(limit))
   end
 end
-return {top, epoch, entries, redis.call('HGET', KEYS[1], 'ttl') or '0'}
+return {top, epoch, entries}
 ";
 
 const REMOVE: &str = r"
@@ -198,6 +247,15 @@ fn parse_position(s: &[u8]) -> Option<StreamPosition> {
     })
 }
 
+/// All kept publications after offset `since` (all kept ones if `None`).
+fn after(since: Option<u64>) -> HistoryFilter {
+    HistoryFilter {
+        since,
+        limit: None,
+        reverse: false,
+    }
+}
+
 /// Stream entries `[[id, [field, value]], ...]` as publications.
 fn entries(v: &Value) -> Result<Vec<Publication>, EngineError> {
     let corrupt = || EngineError::Storage("unexpected stream entry from redis".into());
@@ -266,6 +324,15 @@ impl RedisBroker {
 
     fn key(&self, kind: &str, channel: &str) -> String {
         format!("{}{kind}:{channel}", self.shared.prefix)
+    }
+
+    /// Where an idempotency key of `channel` is remembered. Both names may
+    /// hold `:`, so the channel goes in with its length in front: `a:b` on
+    /// `room` (`i:4:room:a:b`) and `b` on `room:a` (`i:6:room:a:b`) are two
+    /// keys, not one.
+    fn idempotency_key(&self, channel: &ChannelName, key: &str) -> String {
+        let channel = channel.as_str();
+        self.key("i", &format!("{}:{channel}:{key}", channel.len()))
     }
 
     /// Handles pushes: messages are delivered; after a disconnection the
@@ -348,27 +415,30 @@ impl RedisBroker {
     async fn catch_up(&self) {
         let channels: Vec<ChannelName> = lock(&self.shared.subscribed).values().cloned().collect();
         for channel in channels {
-            let since = lock(&self.shared.delivered).get(&channel).cloned();
-            let filter = HistoryFilter {
-                since: since.as_ref().map(|(_, o)| *o),
-                limit: None,
-                reverse: false,
-            };
-            match self.read_history(&channel, filter).await {
-                Ok(h) => {
-                    if since
-                        .as_ref()
-                        .is_some_and(|(e, _)| **e != *h.position.epoch)
-                    {
-                        tracing::warn!(%channel, "redis engine: history lost while disconnected (new epoch)");
-                    }
-                    for p in &h.publications {
-                        self.deliver(&channel, p, &h.position.epoch);
-                    }
-                }
-                Err(e) => tracing::warn!(%channel, "redis engine: catch-up failed: {e}"),
+            if let Err(e) = self.catch_up_channel(&channel).await {
+                tracing::warn!(%channel, "redis engine: catch-up failed: {e}");
             }
         }
+    }
+
+    /// Delivers what `channel` saved after the latest publication delivered.
+    /// In a new epoch (the history was lost meanwhile: removed, expired, or
+    /// Redis came back without it) that offset means nothing, and the new
+    /// stream's messages up to it would be skipped: everything the new
+    /// epoch kept is delivered instead, from its start.
+    async fn catch_up_channel(&self, channel: &ChannelName) -> Result<(), EngineError> {
+        let since = lock(&self.shared.delivered).get(channel).cloned();
+        let mut h = self
+            .read_history(channel, after(since.as_ref().map(|(_, o)| *o)))
+            .await?;
+        if since.is_some_and(|(e, _)| *e != *h.position.epoch) {
+            tracing::warn!(%channel, "redis engine: history lost while disconnected (new epoch)");
+            h = self.read_history(channel, after(None)).await?;
+        }
+        for p in &h.publications {
+            self.deliver(channel, p, &h.position.epoch);
+        }
+        Ok(())
     }
 
     async fn read_history(
@@ -376,17 +446,13 @@ impl RedisBroker {
         channel: &ChannelName,
         filter: HistoryFilter,
     ) -> Result<History, EngineError> {
-        let first = format!("{}-1", filter.since.unwrap_or(0).saturating_add(1));
+        let first = filter.since.unwrap_or(0).saturating_add(1);
         let count: i64 = match filter.limit {
             None => -1,
             Some(n) => i64::try_from(n).unwrap_or(i64::MAX),
         };
-        let (first, reverse) = if filter.reverse {
-            // XREVRANGE + <end>: `first` is the lower bound here too.
-            (first, "1")
-        } else {
-            (first, "0")
-        };
+        // XREVRANGE + <end>: `first` is the lower bound here too.
+        let reverse = if filter.reverse { "1" } else { "0" };
         let mut conn = self.conn.clone();
         let v: Value = bounded(
             self.history
@@ -397,6 +463,7 @@ impl RedisBroker {
                 .arg(reverse)
                 .arg(&*new_epoch())
                 .arg(meta_ttl_ms(Duration::from_secs(24 * 3600)))
+                .arg(now_ms())
                 .invoke_async(&mut conn),
         )
         .await?;
@@ -411,14 +478,9 @@ impl RedisBroker {
             .and_then(bytes_of)
             .map(|b| String::from_utf8_lossy(b).into())
             .unwrap_or_else(|| "".into());
-        let mut publications = parts.get(2).map(entries).transpose()?.unwrap_or_default();
-        // Entries past their TTL (the stream key itself expires only when
-        // nothing was published for a whole TTL).
-        let ttl_ms = parts.get(3).and_then(int_of).unwrap_or(0);
-        if ttl_ms > 0 {
-            let oldest_kept = now_ms().saturating_sub(ttl_ms);
-            publications.retain(|p| p.time_ms >= oldest_kept);
-        }
+        // Expired entries were skipped by the script (the stream key itself
+        // expires only when nothing was published for a whole TTL).
+        let publications = parts.get(2).map(entries).transpose()?.unwrap_or_default();
         Ok(History {
             publications,
             position: StreamPosition { offset: top, epoch },
@@ -476,7 +538,7 @@ impl Broker for RedisBroker {
                 None => (0, 1, Duration::from_secs(1)),
             };
             let idem = match &options.idempotency_key {
-                Some(k) => self.key("i", &format!("{}:{k}", channel.as_str())),
+                Some(k) => self.idempotency_key(&channel, k),
                 None => String::new(),
             };
             let mut conn = self.conn.clone();
@@ -670,5 +732,124 @@ impl PresenceManager for RedisPresence {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::Recorder;
+
+    /// The history script reads a publication's time from bytes 1 to 8 of
+    /// its encoding (u64 LE): a change of layout must change the script.
+    #[test]
+    fn encoded_time_is_where_the_history_script_reads_it() {
+        let mut p = NewPublication::text("x").at(0);
+        p.key = Some("k".into());
+        p.time_ms = 0x0102_0304_0506_0708;
+        assert_eq!(encode(&p)[1..9], p.time_ms.to_le_bytes());
+    }
+
+    /// Redis after losing a channel's history (a restart without it, an
+    /// eviction) while this node was cut off, and two messages published
+    /// meanwhile in a new epoch: its stream and meta as the scripts write
+    /// them, with no pub/sub message.
+    async fn lose_history_and_save_two(url: &str, b: &RedisBroker, ch: &ChannelName) {
+        let (meta, stream) = (b.key("m", ch.as_str()), b.key("s", ch.as_str()));
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&[&meta, &stream]).ignore();
+        pipe.hset_multiple(
+            &meta,
+            &[("epoch", "newepoch"), ("top", "2"), ("ttl", "60000")],
+        )
+        .ignore();
+        for (offset, text) in [(1, "new1"), (2, "new2")] {
+            let body = encode(&NewPublication::text(text).at(0));
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg(format!("{offset}-1"))
+                .arg("d")
+                .arg(body)
+                .ignore();
+        }
+        pipe.pexpire(&meta, 60_000)
+            .ignore()
+            .pexpire(&stream, 60_000)
+            .ignore();
+        let mut other = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        pipe.query_async::<()>(&mut other).await.unwrap();
+    }
+
+    /// Closes the broker's connection from another one, as a Redis restart
+    /// would: the broker reconnects, resubscribes and catches up.
+    async fn kill_connection(url: &str, b: &RedisBroker) {
+        let id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut b.conn.clone())
+            .await
+            .unwrap();
+        let mut other = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut other)
+            .await
+            .unwrap();
+        assert_eq!(killed, 1);
+    }
+
+    /// A reconnect into a new epoch delivers that epoch's messages from its
+    /// start, not from the old epoch's offset. Needs `WALKIE_TEST_REDIS`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_up_into_a_new_epoch_starts_at_its_beginning() {
+        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
+            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+            return;
+        };
+        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
+        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        let ch = ChannelName::new("catch-up").unwrap();
+        broker.subscribe(ch.clone()).await.unwrap();
+        let kept = PublishOptions {
+            history: Some(crate::HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(60),
+            }),
+            ..PublishOptions::default()
+        };
+        for i in 1..=3 {
+            let p = NewPublication::text(format!("old{i}"));
+            broker.publish(ch.clone(), p, kept.clone()).await.unwrap();
+        }
+        assert_eq!(events.wait_for(&ch, 3).await.len(), 3);
+        lose_history_and_save_two(&url, &broker, &ch).await;
+        kill_connection(&url, &broker).await;
+        let delivered = events.wait_for(&ch, 5).await;
+        let got: Vec<(u64, String)> = delivered
+            .iter()
+            .map(|p| (p.offset, String::from_utf8_lossy(&p.data).into_owned()))
+            .collect();
+        let want = [
+            (1, "old1"),
+            (2, "old2"),
+            (3, "old3"),
+            (1, "new1"),
+            (2, "new2"),
+        ]
+        .map(|(o, t)| (o, t.to_owned()));
+        assert_eq!(got, want);
+        assert_eq!(broker.reconnects(), 1);
+        broker.remove_history(ch).await.unwrap();
     }
 }

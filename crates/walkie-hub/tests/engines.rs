@@ -43,7 +43,8 @@ async fn redis_engine_conforms() {
     };
     let prefix = format!("walkie-test-{:08x}:", rand_u32());
     let mut brokers = Vec::new();
-    for _ in 0..CHECKS {
+    // A connection per check: each check sets its own event handler.
+    for _ in 0..conformance::CHECKS {
         brokers.push(
             walkie_hub::RedisBroker::connect(&url, &prefix)
                 .await
@@ -70,7 +71,8 @@ async fn nats_engine_conforms() {
     };
     let prefix = format!("walkie-test-{:08x}:", rand_u32());
     let mut brokers = Vec::new();
-    for _ in 0..CHECKS {
+    // A connection per check: each check sets its own event handler.
+    for _ in 0..conformance::CHECKS {
         brokers.push(
             walkie_hub::NatsBroker::connect(&url, &prefix)
                 .await
@@ -85,10 +87,6 @@ async fn nats_engine_conforms() {
     let deleted = first.delete_all().await.unwrap();
     assert!(deleted >= 10, "one stream per channel used: {deleted}");
 }
-
-/// Connections made for an engine's run: at least one per check of the
-/// suite, since each check sets its own event handler.
-const CHECKS: usize = 10;
 
 /// Runs the broker checks, one connection each, then the presence checks
 /// on the first connection.
