@@ -84,6 +84,17 @@ pub async fn room<S>(
             return;
         }
     };
+    // Members bring no token: a `rooms` namespace that wants one is kept.
+    let config = &state.node.config;
+    if let Some(ns) = config
+        .namespace(&channel)
+        .filter(|ns| ns.private || !ns.anonymous)
+    {
+        let message = "rooms by URL take no token, and this server's `rooms` namespace is private or closed to anonymous clients: use /ws";
+        info!(%peer, room = name, private = ns.private, "room refused");
+        incoming.reject(403, message).await;
+        return;
+    }
     let ws = match Box::pin(incoming.accept(&state.config, None)).await {
         Ok(ws) => Arc::new(Shared::new(ws)),
         Err(e) => {

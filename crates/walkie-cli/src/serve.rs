@@ -685,6 +685,16 @@ where
         Box::pin(http::serve(incoming, peer, state)).await;
         return;
     }
+    // Every WebSocket route: a page from another site must not reach any.
+    let origins = &state.node.config.auth.allowed_origins;
+    if let Some(origin) = incoming.request().origin() {
+        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
+            let message = format!("origin {origin} is not allowed");
+            info!(%peer, origin, "origin refused");
+            incoming.reject(403, &message).await;
+            return;
+        }
+    }
     let path = incoming.request().path().to_owned();
     let counted = crate::outbox::Counted::new(&state);
     match path.as_str() {

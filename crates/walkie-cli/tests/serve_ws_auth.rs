@@ -372,3 +372,139 @@ async fn an_expired_subscription_token_ends_only_its_subscription() {
     })
     .await;
 }
+
+/// A token that never really expires (`exp` past anything an `Instant`
+/// holds) is served like any other: its session once panicked setting
+/// its timer, and left its presence entry behind.
+#[tokio::test]
+async fn a_token_with_an_exp_far_in_the_future_is_served() {
+    let (server, _dir) = server();
+    within(20, async {
+        let forever = token(SECRET, json!({"sub": "42", "exp": u64::MAX}));
+        let (mut c, _) = proto::connected(server.port, Some(&forever)).await;
+        c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+        let (mut other, _) = proto::connected(server.port, Some(&user("43", 3600, &[]))).await;
+        let r = other.ok("presence", json!({"channel": "chat:lobby"})).await;
+        assert_eq!(r["clients"].as_object().unwrap().len(), 1, "{r}");
+        c.ok("ping", json!({})).await;
+    })
+    .await;
+}
+
+/// A token is not served once its `exp` has passed, even in the moment
+/// before the session's timer closes the connection.
+#[tokio::test]
+async fn an_expired_token_is_not_served_before_its_timer_fires() {
+    let (server, _dir) = server();
+    within(20, async {
+        let exp = now() + 2;
+        let short = token(SECRET, json!({"sub": "42", "exp": exp}));
+        let (mut c, _) = proto::connected(server.port, Some(&short)).await;
+        while now() < exp {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.send_raw(r#"{"id":9,"subscribe":{"channel":"chat:lobby"}}"#)
+            .await;
+        let answer = c.next().await;
+        assert!(answer.is_none(), "served after exp: {answer:?}");
+        assert_eq!(c.close_code(), Some(4002));
+    })
+    .await;
+}
+
+/// Before `connect`, a large message is refused unread (a large JSON
+/// document parses into many times its size).
+#[tokio::test]
+async fn a_large_message_before_connect_is_refused() {
+    let (server, _dir) = server();
+    within(20, async {
+        let mut c = proto::open(server.port).await;
+        let big = format!(r#"{{"id":1,"connect":[{}0]}}"#, "0,".repeat(40_000));
+        c.send_raw(&big).await;
+        assert_eq!(c.closed().await, Some(1009));
+        let small = format!(
+            r#"{{"id":1,"connect":{{"name":"{}"}}}}"#,
+            "x".repeat(60_000)
+        );
+        let mut c = proto::open(server.port).await;
+        c.send_raw(&small).await;
+        assert_eq!(c.closed().await, Some(4001), "a name is not a token");
+    })
+    .await;
+}
+
+/// A refresh keeps the connection's info when the new token has none, and
+/// ends the subscriptions to private channels the new token no longer
+/// grants (those granted by a subscription token stay).
+#[tokio::test]
+async fn a_refresh_with_fewer_channels_ends_their_subscriptions() {
+    let (server, _dir) = server();
+    within(20, async {
+        let (mut c, _) =
+            proto::connected(server.port, Some(&user("42", 3600, &["secret:*"]))).await;
+        c.ok("subscribe", json!({"channel": "secret:red"})).await;
+        let grant = token(
+            SECRET,
+            json!({"sub": "42", "channel": "secret:blue", "exp": now() + 3600}),
+        );
+        c.ok(
+            "subscribe",
+            json!({"channel": "secret:blue", "token": grant}),
+        )
+        .await;
+        c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+        let fewer = token(SECRET, json!({"sub": "42", "exp": now() + 3600}));
+        c.ok("refresh", json!({ "token": fewer })).await;
+        let push = c.push().await;
+        assert_eq!(push["unsubscribe"]["channel"], "secret:red", "{push}");
+        assert_eq!(push["unsubscribe"]["code"], 103);
+        assert_eq!(
+            c.error_code("history", json!({"channel": "secret:red"}))
+                .await,
+            103
+        );
+        c.ok("history", json!({"channel": "secret:blue"})).await;
+        c.ok("unsubscribe", json!({"channel": "chat:lobby"})).await;
+        c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+        let r = c.ok("presence", json!({"channel": "chat:lobby"})).await;
+        let mine = r["clients"].as_object().unwrap().values().next().cloned();
+        assert_eq!(mine.unwrap()["info"]["name"], "42", "{r}");
+    })
+    .await;
+}
+
+/// The Origin allow-list covers every WebSocket route, not only `/ws`.
+#[tokio::test]
+async fn other_origins_are_refused_on_every_websocket_route() {
+    let (server, _dir) = server();
+    // An accepted upgrade's exchange reads until its 5 s timeout.
+    within(40, async {
+        let bad = "Origin: https://evil.example\r\n";
+        for path in ["/", "/echo", "/rooms/lobby"] {
+            let r = http_exchange(server.port, upgrade_request(path, bad).as_bytes()).await;
+            assert_eq!(r.status, 403, "{path}: {r:?}");
+            let good = "Origin: https://good.example\r\n";
+            let r = http_exchange(server.port, upgrade_request(path, good).as_bytes()).await;
+            assert_eq!(r.status, 101, "{path}: {r:?}");
+        }
+    })
+    .await;
+}
+
+/// Rooms by URL take no token: a `rooms` namespace that wants one refuses
+/// them, rather than letting anyone read and write its channels.
+#[tokio::test]
+async fn a_private_rooms_namespace_refuses_rooms_by_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walkie.toml");
+    let toml =
+        format!("[auth]\nhmac_secret = \"{SECRET}\"\n\n[namespaces.rooms]\nprivate = true\n");
+    std::fs::write(&config, toml).unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    within(10, async {
+        let r = http_exchange(server.port, upgrade_request("/rooms/x", "").as_bytes()).await;
+        assert_eq!(r.status, 403, "{r:?}");
+        assert!(r.body.contains("/ws"), "{}", r.body);
+    })
+    .await;
+}

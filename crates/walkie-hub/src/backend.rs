@@ -80,13 +80,22 @@ pub struct Disconnect {
 /// Longest idempotency key and state key, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 64;
 
+/// `name`, checked as a channel name, or 102 naming what is wrong (and at
+/// most the name's first 64 characters: it may be megabytes long).
+pub(crate) fn channel_name(name: &str) -> Result<ChannelName, ReplyError> {
+    ChannelName::new(name).map_err(|e| {
+        let shown: String = name.chars().take(64).collect();
+        let more = if shown.len() < name.len() { "..." } else { "" };
+        err(ErrorCode::UnknownChannel, format!("`{shown}{more}`: {e}"))
+    })
+}
+
 /// The channel and its namespace, or 102.
 pub(crate) fn channel(
     node: &Node,
     name: &str,
 ) -> Result<(ChannelName, NamespaceConfig), ReplyError> {
-    let channel = ChannelName::new(name)
-        .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{name}`: {e}")))?;
+    let channel = channel_name(name)?;
     let ns = node.config.namespace(&channel).cloned().ok_or_else(|| {
         let which = channel.namespace().unwrap_or("(default)");
         err(
@@ -100,7 +109,27 @@ pub(crate) fn channel(
 /// Publishes to one channel.
 pub async fn publish(node: &Node, p: Publish) -> Result<Value, ReplyError> {
     let (channel, ns) = channel(node, &p.channel)?;
-    publish_in(node, channel, &ns, p, None).await
+    publish_in(node, channel, &ns, p, Publisher::Api).await
+}
+
+/// Who publishes: the HTTP API (the backend), or a client as a user, with
+/// its `info`. Idempotency keys are each publisher's own: a client cannot
+/// make the backend's publish, or another user's, look like a repeat by
+/// using its key first.
+pub(crate) enum Publisher<'a> {
+    Api,
+    User { user: &'a str, info: Bytes },
+}
+
+impl Publisher<'_> {
+    /// `key` as stored: prefixed with the publisher (a user's name with
+    /// its length, so that no two users' keys can be confused).
+    fn scoped(&self, key: &str) -> String {
+        match self {
+            Publisher::Api => format!("api:{key}"),
+            Publisher::User { user, .. } => format!("user{}:{user}:{key}", user.len()),
+        }
+    }
 }
 
 /// Publishes to a channel already resolved (and, for clients, checked),
@@ -110,7 +139,7 @@ pub(crate) async fn publish_in(
     channel: ChannelName,
     ns: &NamespaceConfig,
     p: Publish,
-    info: Option<Bytes>,
+    publisher: Publisher<'_>,
 ) -> Result<Value, ReplyError> {
     for (name, key) in [("idempotency_key", &p.idempotency_key), ("key", &p.key)] {
         if key
@@ -145,12 +174,15 @@ pub(crate) async fn publish_in(
     let publication = NewPublication {
         data: Bytes::from(data),
         kind: Kind::Json,
-        info,
         key: p.key.map(Into::into),
+        info: match &publisher {
+            Publisher::Api => None,
+            Publisher::User { info, .. } => Some(info.clone()),
+        },
     };
     let options = PublishOptions {
         history: ns.history(),
-        idempotency_key: p.idempotency_key,
+        idempotency_key: p.idempotency_key.map(|k| publisher.scoped(&k)),
         ..PublishOptions::default()
     };
     let r = node

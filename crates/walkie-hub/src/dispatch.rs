@@ -179,7 +179,10 @@ impl Dispatch {
         };
         let mut group = lock(&members);
         // One shared epoch per channel, so that members compare pointers.
-        if *group.epoch != *epoch {
+        // A publication without an offset has none worth keeping (engines
+        // give it ""): switching to it and back would cost an allocation
+        // each way and turn off the shared batch.
+        if publication.offset != 0 && *group.epoch != *epoch {
             group.epoch = epoch.into();
         }
         let epoch = group.epoch.clone();

@@ -105,14 +105,14 @@ pub fn parse(text: &str) -> Result<Command, NotACommand> {
 
 impl Command {
     /// The parameters as `T`, or a 107 error naming what is wrong.
+    /// Read in place: a publish's data is not copied to be read.
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, ReplyError> {
-        let params = if self.params.is_null() {
-            Value::Object(Map::new())
+        let read = if self.params.is_null() {
+            T::deserialize(&Value::Object(Map::new()))
         } else {
-            self.params.clone()
+            T::deserialize(&self.params)
         };
-        serde_json::from_value(params)
-            .map_err(|e| ReplyError::new(ErrorCode::BadRequest, format!("{}: {e}", self.method)))
+        read.map_err(|e| ReplyError::new(ErrorCode::BadRequest, format!("{}: {e}", self.method)))
     }
 }
 

@@ -28,6 +28,8 @@ pub const MAX_SUBSCRIPTIONS: usize = 256;
 pub const MAX_HISTORY_LIMIT: usize = 1000;
 /// Seconds a connection has to send `connect`.
 pub const CONNECT_TIMEOUT_SECS: u64 = 10;
+/// The largest message taken before `connect` (close 1009 past it).
+pub const MAX_BEFORE_CONNECT: usize = 64 * 1024;
 
 /// What sessions of one node share.
 #[derive(Debug)]
@@ -75,6 +77,8 @@ struct Sub {
     join_leave: bool,
     /// When its subscription token expires.
     expires_at: Option<u64>,
+    /// Granted by a subscription token, not the connection's claims.
+    by_token: bool,
     /// Its recovery is larger than the queue, and still being sent.
     catching_up: bool,
 }
@@ -117,6 +121,59 @@ struct RefreshParams {
 
 fn position(p: &StreamPosition) -> Value {
     json!({ "offset": p.offset, "epoch": &*p.epoch })
+}
+
+/// Publishes `who`'s join or leave event on `channel`.
+async fn announce(node: &Node, channel: &ChannelName, kind: Kind, who: &ClientInfo) {
+    let data = Bytes::from(who.to_json().to_string());
+    let event = NewPublication::new(kind, data);
+    if let Err(e) = node
+        .hub
+        .publish(channel.clone(), event, PublishOptions::default())
+        .await
+    {
+        tracing::warn!(%channel, "join/leave event lost: {e}");
+    }
+}
+
+/// What leaving `channel` tells the others: `who`'s presence entry goes,
+/// and its leave event is published, as `sub` asks.
+async fn left(node: &Node, channel: &ChannelName, sub: &Sub, who: &ClientInfo) {
+    if sub.presence {
+        let removed = node
+            .hub
+            .presence_remove(channel.clone(), who.client.clone())
+            .await;
+        if let Err(e) = removed {
+            tracing::warn!(%channel, "presence not updated: {e}");
+        }
+    }
+    if sub.join_leave {
+        announce(node, channel, Kind::Leave, who).await;
+    }
+}
+
+/// A session dropped before [`Session::close`] (its task panicked, or the
+/// runtime dropped it at shutdown) would leave its presence entries
+/// behind, ghosts that engines with expiring entries keep re-adding, and
+/// never announce its leaves: they are done in a task of their own.
+impl Drop for Session {
+    fn drop(&mut self) {
+        let wanted = |sub: &Sub| sub.presence || sub.join_leave;
+        if self.identity.is_none() || !self.subs.values().any(wanted) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (node, who) = (self.node.clone(), self.info());
+        let subs: Vec<(ChannelName, Sub)> = self.subs.drain().collect();
+        rt.spawn(async move {
+            for (channel, sub) in subs.iter().filter(|(_, s)| wanted(s)) {
+                left(&node, channel, sub, &who).await;
+            }
+        });
+    }
 }
 
 impl Session {
@@ -251,18 +308,39 @@ impl Session {
             .map(|(c, _)| c.clone())
             .collect();
         for channel in expired {
-            self.leave(&channel).await;
-            let push = json!({"unsubscribe": {"channel": channel.as_str(), "code": ErrorCode::TokenExpired as u16, "reason": "subscription token expired"}});
-            self.client.queue().push(Queued {
-                message: PreparedMessage::new(Message::text(push.to_string())),
-                key: None,
-            });
+            self.end(
+                &channel,
+                ErrorCode::TokenExpired,
+                "subscription token expired",
+            )
+            .await;
         }
         None
     }
 
+    /// Ends a subscription from the server's side: leaves `channel` and
+    /// tells the client why with an `unsubscribe` push.
+    async fn end(&mut self, channel: &ChannelName, code: ErrorCode, reason: &str) {
+        self.leave(channel).await;
+        let push = json!({"unsubscribe": {"channel": channel.as_str(), "code": code as u16, "reason": reason}});
+        self.client.queue().push(Queued {
+            message: PreparedMessage::new(Message::text(push.to_string())),
+            key: None,
+        });
+    }
+
     /// Handles one text message: the reply to send, or why to close.
     pub async fn handle_text(&mut self, text: &str, now: u64) -> Result<String, CloseReason> {
+        // Before `connect`, nothing large is needed (a token is a few KiB),
+        // and a large JSON document parses into many times its size.
+        if self.identity.is_none() && text.len() > MAX_BEFORE_CONNECT {
+            return Err(CloseReason::new(1009, "connect first, in at most 64 KiB"));
+        }
+        // Deadlines that passed count even if their timer has not fired
+        // yet: an expired token is not served.
+        if let Some(close) = self.handle_timeout(now).await {
+            return Err(close);
+        }
         let command = protocol::parse(text).map_err(|e| CloseReason::new(4000, e.0))?;
         let id = command.id;
         let metrics = self.node.hub.metrics().clone();
@@ -285,7 +363,7 @@ impl Session {
             "history" => self.history(&command).await,
             "presence" => self.presence(&command, false).await,
             "presence_stats" => self.presence(&command, true).await,
-            "refresh" => self.refresh(&command, now),
+            "refresh" => self.refresh(&command, now).await,
             "ping" => Ok(json!({})),
             other => Err(err(
                 ErrorCode::MethodNotFound,
@@ -499,6 +577,7 @@ impl Session {
                 presence: ns.presence,
                 join_leave: ns.join_leave,
                 expires_at,
+                by_token: p.token.is_some(),
                 catching_up: subscribed.catching_up,
             },
         );
@@ -508,7 +587,14 @@ impl Session {
                 .hub
                 .presence_add(channel.clone(), self.info())
                 .await;
-            added.map_err(internal)?;
+            if let Err(e) = added {
+                // Undone whole, so that the client may try again.
+                self.subs.remove(&channel);
+                self.client.unsubscribe(&channel);
+                let id = self.client.id();
+                let _ = self.node.hub.presence_remove(channel, id).await;
+                return Err(internal(e));
+            }
         }
         if ns.join_leave {
             self.announce(&channel, Kind::Join).await;
@@ -523,16 +609,7 @@ impl Session {
 
     /// Publishes a join or leave event to `channel`.
     async fn announce(&self, channel: &ChannelName, kind: Kind) {
-        let data = Bytes::from(self.info().to_json().to_string());
-        let event = NewPublication::new(kind, data);
-        if let Err(e) = self
-            .node
-            .hub
-            .publish(channel.clone(), event, PublishOptions::default())
-            .await
-        {
-            tracing::warn!(%channel, "join/leave event lost: {e}");
-        }
+        announce(&self.node, channel, kind, &self.info()).await;
     }
 
     /// Leaves a channel: presence, leave event, subscription.
@@ -541,25 +618,37 @@ impl Session {
             return;
         };
         self.client.unsubscribe(channel);
-        if sub.presence {
-            let removed = self
-                .node
-                .hub
-                .presence_remove(channel.clone(), self.client.id())
-                .await;
-            if let Err(e) = removed {
-                tracing::warn!(%channel, "presence not updated: {e}");
-            }
+        if sub.presence || sub.join_leave {
+            left(&self.node, channel, &sub, &self.info()).await;
         }
-        if sub.join_leave {
-            self.announce(channel, Kind::Leave).await;
+    }
+
+    /// Ends the subscriptions to private channels that the connection's
+    /// claims granted and no longer do (after a `refresh`).
+    async fn drop_withdrawn(&mut self) {
+        let withdrawn: Vec<ChannelName> = self
+            .subs
+            .iter()
+            .filter(|(channel, sub)| {
+                let private = self
+                    .channel(channel.as_str())
+                    .is_ok_and(|(_, ns)| ns.private);
+                private
+                    && !sub.by_token
+                    && !channel_allowed(&self.identity().channels, channel.as_str())
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        for channel in withdrawn {
+            let reason = "the refreshed token does not grant this channel";
+            self.end(&channel, ErrorCode::PermissionDenied, reason)
+                .await;
         }
     }
 
     async fn unsubscribe(&mut self, command: &Command) -> Reply {
         let p: backend::ChannelOnly = command.params()?;
-        let channel = ChannelName::new(&p.channel)
-            .map_err(|e| err(ErrorCode::UnknownChannel, format!("`{}`: {e}", p.channel)))?;
+        let channel = backend::channel_name(&p.channel)?;
         if !self.subs.contains_key(&channel) {
             return Err(err(
                 ErrorCode::NotSubscribed,
@@ -580,9 +669,11 @@ impl Session {
             ));
         }
         self.may_read(&channel, &ns)?;
-        let info = json!({"user": self.identity().user, "client": self.client.id()});
-        let info = Some(Bytes::from(info.to_string()));
-        backend::publish_in(&self.node, channel, &ns, p, info).await
+        let user = &self.identity().user;
+        let info = json!({"user": user, "client": self.client.id()});
+        let info = Bytes::from(info.to_string());
+        let publisher = backend::Publisher::User { user, info };
+        backend::publish_in(&self.node, channel, &ns, p, publisher).await
     }
 
     async fn history(&mut self, command: &Command) -> Reply {
@@ -599,7 +690,7 @@ impl Session {
         backend::presence_in(&self.node, channel, &ns, stats).await
     }
 
-    fn refresh(&mut self, command: &Command, now: u64) -> Reply {
+    async fn refresh(&mut self, command: &Command, now: u64) -> Reply {
         let p: RefreshParams = command.params()?;
         let fresh = self.node.verifier.connect(&p.token).map_err(|e| match e {
             AuthError::Expired => err(ErrorCode::TokenExpired, "token expired"),
@@ -615,7 +706,13 @@ impl Session {
             return Err(err(ErrorCode::TokenExpired, "token expired"));
         }
         let expires_in = fresh.expires_at.map(|exp| exp.saturating_sub(now));
+        let mut fresh = fresh;
+        if fresh.info.is_none() {
+            // The name given at connect, as the first token had no info.
+            fresh.info = self.identity().info.clone();
+        }
         self.identity = Some(fresh);
+        self.drop_withdrawn().await;
         Ok(match expires_in {
             Some(s) => json!({ "expires_in": s }),
             None => json!({}),
