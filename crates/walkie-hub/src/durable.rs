@@ -6,12 +6,25 @@
 //! queue, saves them in one transaction (one fsync for the batch: group
 //! commit), and only then delivers them, in order. Reads run beside it on
 //! the blocking pool: the database gives them a consistent snapshot.
+//!
+//! The disk stays bounded by what history promises to keep. Every
+//! [`DurableOptions::sweep_interval`] the writer sweeps, between batches:
+//! it removes publications past their TTL and expired idempotency keys,
+//! and forgets the row of a channel that has nothing left and that nobody
+//! used for [`DurableOptions::forget_after`] (its next use starts a new
+//! epoch, which the contract allows: its history is gone). A sweep step
+//! looks at a bounded number of rows, in its own short transaction, so a
+//! publish never waits long behind it. Reading a channel that has no row
+//! writes nothing: the epoch it answers is held in memory (see [`Usage`])
+//! until a publish stores it.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
@@ -19,6 +32,7 @@ use tokio::sync::oneshot;
 use crate::channel::ChannelName;
 use crate::codec::{decode, encode};
 use crate::engine::{BoxFuture, Broker, BrokerEvents, EngineError};
+use crate::memory::lock;
 use crate::publication::{
     History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
     StreamPosition, new_epoch, now_ms,
@@ -32,8 +46,59 @@ const PUBS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("publicat
 /// LE), epoch: kept on disk, so that a publish retried across a restart is
 /// still delivered once.
 const KEYS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency_keys");
-/// Expired idempotency keys are swept once per this many batches.
-const SWEEP_EVERY: u64 = 256;
+
+/// The most rows (channels, publications, idempotency keys) one sweep step
+/// looks at: the step runs between two batches of publishes, which wait
+/// for it, so it must stay short. A pass over a larger database takes
+/// several steps, each after the batch waiting then.
+const SWEEP_BUDGET: usize = 1024;
+
+/// The pause between two steps of one sweep pass (or the sweep interval,
+/// if shorter): a pass over a large database takes many steps, and
+/// publishes keep most of the writer's time meanwhile.
+const SWEEP_STEP_PAUSE: Duration = Duration::from_millis(10);
+
+/// The default for [`DurableOptions::sweep_interval`]: expired history
+/// stays on disk at most about this long past its TTL.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The default for [`DurableOptions::forget_after`]: as long as the memory
+/// engine remembers an idle stream, so that a client coming back within
+/// it still recovers, or learns that it cannot.
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// How the durable engine looks after its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableOptions {
+    /// How often the writer sweeps away expired publications and
+    /// idempotency keys, and channels nobody needs (at least 1 ms). Default
+    /// [`DEFAULT_SWEEP_INTERVAL`].
+    pub sweep_interval: Duration,
+    /// How long a channel with nothing left in history, no live
+    /// idempotency key and no subscriber on this node keeps its offset and
+    /// epoch after its last use (a read, publish, subscribe or
+    /// unsubscribe; a restart counts as a use). After that its row is
+    /// deleted and its next use starts a new epoch. Default
+    /// [`DEFAULT_FORGET_AFTER`].
+    pub forget_after: Duration,
+}
+
+impl Default for DurableOptions {
+    fn default() -> Self {
+        DurableOptions {
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            forget_after: DEFAULT_FORGET_AFTER,
+        }
+    }
+}
+
+impl DurableOptions {
+    /// The pause between two sweeps: never zero, which would keep the
+    /// writer spinning.
+    fn interval(&self) -> Duration {
+        self.sweep_interval.max(Duration::from_millis(1))
+    }
+}
 
 /// The most publishes saved in one transaction.
 const MAX_BATCH: usize = 512;
@@ -48,6 +113,7 @@ pub struct DurableBroker {
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     events: Arc<OnceLock<Arc<dyn BrokerEvents>>>,
+    usage: Arc<Mutex<Usage>>,
     path: PathBuf,
 }
 
@@ -93,11 +159,6 @@ enum Request {
         options: PublishOptions,
         reply: oneshot::Sender<Result<PublishResult, EngineError>>,
     },
-    /// Gives a stream an epoch if it has none yet.
-    Ensure {
-        channel: ChannelName,
-        reply: oneshot::Sender<Result<(), EngineError>>,
-    },
     Remove {
         channel: ChannelName,
         reply: oneshot::Sender<Result<(), EngineError>>,
@@ -114,11 +175,17 @@ struct Meta {
 }
 
 impl Meta {
+    /// A new stream in a new epoch.
     fn fresh() -> Meta {
+        Meta::starting(new_epoch())
+    }
+
+    /// A new stream in `epoch`: the one readers were already told.
+    fn starting(epoch: Arc<str>) -> Meta {
         Meta {
             top: 0,
             ttl_ms: u64::MAX,
-            epoch: new_epoch(),
+            epoch,
         }
     }
 
@@ -148,9 +215,84 @@ fn storage(e: impl std::fmt::Display) -> EngineError {
     EngineError::Storage(e.to_string())
 }
 
+/// What the engine knows of its channels' use beyond what is on disk,
+/// shared by the readers and the writer. In memory only: a restart
+/// forgets it, and counts as a use of every channel.
+#[derive(Debug, Default)]
+struct Usage(HashMap<ChannelName, Use>);
+
+/// One channel's entry in [`Usage`].
+#[derive(Debug)]
+struct Use {
+    /// The last read, publish, subscribe or unsubscribe.
+    touched: Instant,
+    /// Whether this node subscribes to the channel: its row is kept, so
+    /// that its subscribers' epoch does not change under them.
+    subscribed: bool,
+    /// The epoch answered while the channel has no row on disk: reads
+    /// agree on it, and the first publish keeps it, without a read ever
+    /// writing to disk.
+    unstored_epoch: Option<Arc<str>>,
+}
+
+impl Usage {
+    /// Records a use of `channel` now.
+    fn touch(&mut self, channel: &ChannelName, now: Instant) -> &mut Use {
+        let entry = self.0.entry(channel.clone()).or_insert_with(|| Use {
+            touched: now,
+            subscribed: false,
+            unstored_epoch: None,
+        });
+        entry.touched = now;
+        entry
+    }
+
+    /// The epoch of `channel`, which has no row on disk.
+    fn unstored_epoch(&mut self, channel: &ChannelName, now: Instant) -> Arc<str> {
+        self.touch(channel, now)
+            .unstored_epoch
+            .get_or_insert_with(new_epoch)
+            .clone()
+    }
+
+    /// `channel` has a row on disk now: the row holds its epoch.
+    fn stored(&mut self, channel: &ChannelName, now: Instant) {
+        self.touch(channel, now).unstored_epoch = None;
+    }
+
+    fn set_subscribed(&mut self, channel: &ChannelName, subscribed: bool, now: Instant) {
+        self.touch(channel, now).subscribed = subscribed;
+    }
+
+    /// Whether nobody needs the channel named `name`: no subscriber here,
+    /// and no use for `idle` (a channel not seen since `opened` was last
+    /// used then).
+    fn unneeded(&self, name: &str, now: Instant, opened: Instant, idle: Duration) -> bool {
+        let entry = ChannelName::new(name).ok().and_then(|ch| self.0.get(&ch));
+        match entry {
+            Some(u) => !u.subscribed && now.saturating_duration_since(u.touched) >= idle,
+            None => now.saturating_duration_since(opened) >= idle,
+        }
+    }
+
+    /// Drops the entries of channels nobody used for `idle`, as the memory
+    /// engine drops idle streams: a later read of a channel without a row
+    /// gets a new epoch, as after lost history.
+    fn forget_idle(&mut self, now: Instant, idle: Duration) {
+        self.0
+            .retain(|_, u| u.subscribed || now.saturating_duration_since(u.touched) < idle);
+    }
+}
+
 impl DurableBroker {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir`, with the default options
+    /// (`DurableOptions::default()`).
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        Self::open_with(dir, DurableOptions::default())
+    }
+
+    /// Opens (or creates) the database in `dir`.
+    pub fn open_with(dir: &Path, options: DurableOptions) -> Result<Self, OpenError> {
         std::fs::create_dir_all(dir).map_err(|source| OpenError::Directory {
             path: dir.to_owned(),
             source,
@@ -182,10 +324,14 @@ impl DurableBroker {
         })?;
         let (tx, rx) = mpsc::channel();
         let events: Arc<OnceLock<Arc<dyn BrokerEvents>>> = Arc::default();
+        let usage: Arc<Mutex<Usage>> = Arc::default();
         let writer = Writer {
             db: db.clone(),
             events: events.clone(),
-            batches: 0,
+            usage: usage.clone(),
+            options,
+            opened: Instant::now(),
+            sweep: Sweep::default(),
         };
         let writer = std::thread::Builder::new()
             .name("walkie-history".into())
@@ -199,6 +345,7 @@ impl DurableBroker {
             requests: Some(tx),
             writer: Some(writer),
             events,
+            usage,
             path,
         })
     }
@@ -268,6 +415,36 @@ impl DurableBroker {
             },
         }))
     }
+
+    /// Reads history; for a channel without a row on disk, answers offset
+    /// 0 in the epoch held for it in memory, writing nothing.
+    fn read_or_fresh(
+        db: &Database,
+        usage: &Mutex<Usage>,
+        channel: &ChannelName,
+        filter: HistoryFilter,
+    ) -> Result<History, EngineError> {
+        if let Some(history) = Self::read(db, channel, filter)? {
+            lock(usage).touch(channel, Instant::now());
+            return Ok(history);
+        }
+        // Read again under the lock: the writer marks a channel stored
+        // only after its commit and under this lock, so either this read
+        // sees the row, or the epoch below is the one the row got.
+        let mut usage = lock(usage);
+        let now = Instant::now();
+        if let Some(history) = Self::read(db, channel, filter)? {
+            usage.touch(channel, now);
+            return Ok(history);
+        }
+        Ok(History {
+            publications: Vec::new(),
+            position: StreamPosition {
+                offset: 0,
+                epoch: usage.unstored_epoch(channel, now),
+            },
+        })
+    }
 }
 
 impl Drop for DurableBroker {
@@ -285,11 +462,15 @@ impl Broker for DurableBroker {
         let _ = self.events.set(events);
     }
 
-    fn subscribe(&self, _channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+    fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        // One process: every publication is delivered anyway; the sweep
+        // keeps the channel while this node wants it.
+        lock(&self.usage).set_subscribed(&channel, true, Instant::now());
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn unsubscribe(&self, _channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+    fn unsubscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
+        lock(&self.usage).set_subscribed(&channel, false, Instant::now());
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -340,22 +521,11 @@ impl Broker for DurableBroker {
         filter: HistoryFilter,
     ) -> BoxFuture<'_, Result<History, EngineError>> {
         Box::pin(async move {
-            loop {
-                let db = self.db.clone();
-                let ch = channel.clone();
-                let read = tokio::task::spawn_blocking(move || Self::read(&db, &ch, filter))
-                    .await
-                    .map_err(|e| storage(format!("history read failed: {e}")))??;
-                if let Some(history) = read {
-                    return Ok(history);
-                }
-                let (reply, rx) = oneshot::channel();
-                self.send(Request::Ensure {
-                    channel: channel.clone(),
-                    reply,
-                })?;
-                rx.await.map_err(|_| EngineError::Stopped)??;
-            }
+            let db = self.db.clone();
+            let usage = self.usage.clone();
+            tokio::task::spawn_blocking(move || Self::read_or_fresh(&db, &usage, &channel, filter))
+                .await
+                .map_err(|e| storage(format!("history read failed: {e}")))?
         })
     }
 
@@ -372,225 +542,17 @@ impl Broker for DurableBroker {
 struct Writer {
     db: Arc<Database>,
     events: Arc<OnceLock<Arc<dyn BrokerEvents>>>,
-    /// Batches applied, for sweeping expired idempotency keys.
-    batches: u64,
+    usage: Arc<Mutex<Usage>>,
+    options: DurableOptions,
+    /// When the database was opened: the last use of a channel this
+    /// process has not seen.
+    opened: Instant,
+    /// Where the sweep pass under way stands.
+    sweep: Sweep,
 }
 
-/// What one request in a batch did, before the commit.
-enum Done {
-    Published {
-        channel: ChannelName,
-        publication: Option<Publication>,
-        result: PublishResult,
-        reply: oneshot::Sender<Result<PublishResult, EngineError>>,
-    },
-    Unit(oneshot::Sender<Result<(), EngineError>>),
-}
-
-impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            self.apply(batch);
-        }
-    }
-
-    fn apply(&mut self, batch: Vec<Request>) {
-        let now = now_ms();
-        self.batches += 1;
-        let sweep = self.batches % SWEEP_EVERY == 0;
-        let mut done = Vec::with_capacity(batch.len());
-        let outcome = (|| -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
-            {
-                let mut meta = txn.open_table(META)?;
-                let mut pubs = txn.open_table(PUBS)?;
-                let mut keys = txn.open_table(KEYS)?;
-                if sweep {
-                    keys.retain(|_, v| expiry(v) > now)?;
-                }
-                let mut metas: HashMap<ChannelName, Meta> = HashMap::new();
-                for request in batch {
-                    match request {
-                        Request::Publish {
-                            channel,
-                            new,
-                            options,
-                            reply,
-                        } => {
-                            let m = match metas.get_mut(&channel) {
-                                Some(m) => m,
-                                None => {
-                                    let stored = meta
-                                        .get(channel.as_str())?
-                                        .map(|g| Meta::decode(g.value()));
-                                    let m = match stored {
-                                        Some(Ok(m)) => m,
-                                        Some(Err(e)) => {
-                                            let _ = reply.send(Err(e));
-                                            continue;
-                                        }
-                                        None => Meta::fresh(),
-                                    };
-                                    metas.entry(channel.clone()).or_insert(m)
-                                }
-                            };
-                            if let Some(key) = &options.idempotency_key {
-                                // The transaction sees its own writes: a key
-                                // used earlier in this batch counts too.
-                                let earlier = keys
-                                    .get((channel.as_str(), key.as_str()))?
-                                    .and_then(|v| seen(v.value(), now));
-                                if let Some(position) = earlier {
-                                    let _ = reply.send(Ok(PublishResult {
-                                        position,
-                                        suppressed: true,
-                                    }));
-                                    continue;
-                                }
-                            }
-                            let (publication, offset) = match options.history {
-                                Some(h) => {
-                                    m.top += 1;
-                                    m.ttl_ms = u64::try_from(h.ttl.as_millis()).unwrap_or(u64::MAX);
-                                    let p = new.at(m.top);
-                                    pubs.insert((channel.as_str(), m.top), encode(&p).as_slice())?;
-                                    trim(&mut pubs, &channel, m, h.size)?;
-                                    (p, m.top)
-                                }
-                                None => (new.at(0), 0),
-                            };
-                            let result = PublishResult {
-                                position: StreamPosition {
-                                    offset,
-                                    epoch: m.epoch.clone(),
-                                },
-                                suppressed: false,
-                            };
-                            if let Some(key) = &options.idempotency_key {
-                                let ttl = u64::try_from(options.idempotency_ttl().as_millis())
-                                    .unwrap_or(u64::MAX);
-                                let mut v = Vec::with_capacity(16 + m.epoch.len());
-                                v.extend_from_slice(&offset.to_le_bytes());
-                                v.extend_from_slice(&now.saturating_add(ttl).to_le_bytes());
-                                v.extend_from_slice(m.epoch.as_bytes());
-                                keys.insert((channel.as_str(), key.as_str()), v.as_slice())?;
-                            }
-                            done.push(Done::Published {
-                                channel,
-                                publication: Some(publication),
-                                result,
-                                reply,
-                            });
-                        }
-                        Request::Ensure { channel, reply } => {
-                            if !metas.contains_key(&channel)
-                                && meta.get(channel.as_str())?.is_none()
-                            {
-                                metas.insert(channel, Meta::fresh());
-                            }
-                            done.push(Done::Unit(reply));
-                        }
-                        Request::Remove { channel, reply } => {
-                            pubs.retain_in(
-                                (channel.as_str(), 0)..=(channel.as_str(), u64::MAX),
-                                |_, _| false,
-                            )?;
-                            metas.insert(channel, Meta::fresh());
-                            done.push(Done::Unit(reply));
-                        }
-                    }
-                }
-                for (channel, m) in &metas {
-                    meta.insert(channel.as_str(), m.encode().as_slice())?;
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        })();
-        let events = self.events.get();
-        for d in done {
-            match (d, &outcome) {
-                (
-                    Done::Published {
-                        channel,
-                        publication,
-                        result,
-                        reply,
-                    },
-                    Ok(()),
-                ) => {
-                    if let (Some(events), Some(p)) = (events, &publication) {
-                        events.handle_publication(&channel, p, &result.position.epoch);
-                    }
-                    let _ = reply.send(Ok(result));
-                }
-                (Done::Published { reply, .. }, Err(e)) => {
-                    let _ = reply.send(Err(storage(e)));
-                }
-                (Done::Unit(reply), Ok(())) => {
-                    let _ = reply.send(Ok(()));
-                }
-                (Done::Unit(reply), Err(e)) => {
-                    let _ = reply.send(Err(storage(e)));
-                }
-            }
-        }
-        if let Err(e) = outcome {
-            tracing::error!("history: saving a batch failed: {e}");
-        }
-    }
-}
-
-/// An idempotency entry's expiry (Unix ms).
-fn expiry(v: &[u8]) -> u64 {
-    v.get(8..16)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
-}
-
-/// The position an unexpired idempotency entry recorded.
-fn seen(v: &[u8], now: u64) -> Option<StreamPosition> {
-    if expiry(v) <= now {
-        return None;
-    }
-    let offset = u64::from_le_bytes(v.get(..8)?.try_into().ok()?);
-    let epoch = std::str::from_utf8(v.get(16..)?).ok()?;
-    Some(StreamPosition {
-        offset,
-        epoch: epoch.into(),
-    })
-}
-
-/// Drops what falls out of the history's size and age limits.
-fn trim(
-    pubs: &mut redb::Table<(&str, u64), &[u8]>,
-    channel: &ChannelName,
-    meta: &Meta,
-    size: usize,
-) -> Result<(), redb::Error> {
-    let size = size.max(1) as u64;
-    let oldest_kept = now_ms().saturating_sub(meta.ttl_ms);
-    let first_kept = meta.top.saturating_sub(size) + 1;
-    let ch = channel.as_str();
-    // Older entries were trimmed by earlier publishes: the range is short.
-    pubs.retain_in((ch, 0)..(ch, first_kept), |_, _| false)?;
-    let mut expired = Vec::new();
-    for entry in pubs.range((ch, 0)..=(ch, meta.top))? {
-        let (k, v) = entry?;
-        match decode(k.value().1, v.value()) {
-            Ok(p) if p.time_ms < oldest_kept => expired.push(k.value().1),
-            _ => break,
-        }
-    }
-    for offset in expired {
-        pubs.remove((ch, offset))?;
-    }
-    Ok(())
-}
+mod sweep;
+use sweep::Sweep;
+#[cfg(test)]
+mod tests;
+mod writer;

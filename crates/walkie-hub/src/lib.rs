@@ -57,7 +57,10 @@ pub use auth::{AuthError, Identity, Verifier};
 pub use channel::{ChannelName, ChannelNameError, MAX_CHANNEL_LEN};
 pub use config::{AuthConfig, ConfigError, HubConfig, NamespaceConfig};
 pub use dispatch::CONTROL_CHANNEL;
-pub use durable::{DATABASE_FILE, DurableBroker, OpenError};
+pub use durable::{
+    DATABASE_FILE, DEFAULT_FORGET_AFTER, DEFAULT_SWEEP_INTERVAL, DurableBroker, DurableOptions,
+    OpenError,
+};
 pub use engine::{BoxFuture, Broker, BrokerEvents, EngineError};
 pub use hub::{CatchUp, CatchUpError, Client, Format, Hub, Recover, Subscribed};
 pub use memory::MemoryBroker;

@@ -1,5 +1,7 @@
 //! The durable engine keeps history, offsets and epochs across a restart,
-//! and refuses a database another process holds.
+//! refuses a database another process holds, and writes nothing for a
+//! read. (The sweep's tests are unit tests in `src/durable.rs`: they set
+//! its interval and count rows on disk.)
 
 use std::time::Duration;
 
@@ -101,4 +103,36 @@ async fn an_idempotency_key_survives_a_restart() {
     assert_eq!(retry.position, first.position);
     let h = broker.history(ch, HistoryFilter::default()).await.unwrap();
     assert_eq!(h.publications.len(), 1);
+}
+
+#[tokio::test]
+async fn reading_an_unknown_channel_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = ChannelName::new("never:published").unwrap();
+    let before = {
+        let broker = DurableBroker::open(dir.path()).unwrap();
+        let first = broker
+            .history(ch.clone(), HistoryFilter::default())
+            .await
+            .unwrap();
+        assert!(first.publications.is_empty());
+        assert_eq!(first.position.offset, 0);
+        let again = broker
+            .history(ch.clone(), HistoryFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(again.position, first.position, "reads agree meanwhile");
+        first.position
+    };
+    let broker = DurableBroker::open(dir.path()).unwrap();
+    let after = broker
+        .history(ch.clone(), HistoryFilter::default())
+        .await
+        .unwrap()
+        .position;
+    assert_eq!(after.offset, 0);
+    assert_ne!(
+        after.epoch, before.epoch,
+        "the read stored no epoch: after a restart the channel is new"
+    );
 }
