@@ -293,7 +293,17 @@ impl Members {
             // as history does not keep them.
             let catching_up = match m.joining.as_deref_mut() {
                 Some(Joining::Reading(arrived)) => {
-                    arrived.extend(pending.iter().map(|(p, _)| p.clone()));
+                    // Held until the history read ends, within what the
+                    // queue could take then: a subscriber whose read is
+                    // slow (a network engine) on a busy channel is cut off
+                    // (1013: reconnect and recover) rather than held in
+                    // memory without bound.
+                    if arrived.len() + pending.len() > m.queue.limits().0 {
+                        *arrived = Vec::new();
+                        m.queue.close(crate::QueueClosed::SlowConsumer);
+                    } else if !m.queue.is_closed() {
+                        arrived.extend(pending.iter().map(|(p, _)| p.clone()));
+                    }
                     continue;
                 }
                 Some(Joining::CatchingUp { behind, .. }) => {

@@ -638,6 +638,41 @@ mod tests {
         assert_eq!(popped(&client).unwrap(), [100, 4, 5]);
     }
 
+    /// What is published while a subscriber's history read is slow is
+    /// held for it, up to what its queue takes: past that, it is cut off
+    /// (to reconnect and recover) rather than held without bound.
+    #[tokio::test]
+    async fn a_slow_join_on_a_busy_channel_holds_at_most_a_queue() {
+        let hub = Hub::new(Arc::new(Slow::default()));
+        let channel = ChannelName::new("busy").unwrap();
+        for (room, open) in [(10, true), (3, false)] {
+            let limits = QueueLimits {
+                messages: room,
+                ..QueueLimits::default()
+            };
+            let mut client = hub.client(limits);
+            let queue = client.queue().clone();
+            let publisher = hub.clone();
+            let busy = channel.clone();
+            let (joined, cut_off_while_reading) = tokio::join!(
+                client.subscribe(channel.clone(), Format::Raw, Recover::Nothing),
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    publish(&publisher, &busy, 1..=5, 100).await;
+                    queue.is_closed()
+                }
+            );
+            joined.unwrap();
+            assert_eq!(cut_off_while_reading, !open, "room for {room}");
+            let got = popped(&client);
+            if open {
+                assert_eq!(got.unwrap().len(), 5, "room for all");
+            } else {
+                assert_eq!(got, Err(QueueClosed::SlowConsumer));
+            }
+        }
+    }
+
     /// An engine may skip a message that expired while it read: a piece
     /// with a hole does not follow on.
     #[test]
