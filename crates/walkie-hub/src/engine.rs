@@ -54,9 +54,12 @@ pub trait BrokerEvents: Send + Sync + 'static {
 ///   ordered against saved publications still being written (a join event
 ///   may overtake a message published just before it).
 /// - **Epochs.** A stream's epoch is fixed from the first time the channel
-///   is read or published to, and changes only when its history is lost
-///   (removed, expired entirely, or not durable across a restart); the
-///   offsets then start again from 0.
+///   is read or published to, and changes only when its history is lost:
+///   removed, not durable across a restart, or expired entirely and the
+///   channel then forgotten (an engine may forget a channel that kept
+///   nothing and was not used for a while; while it remembers one, the
+///   offsets go on). The offsets then start again: the next publication
+///   kept is offset 1.
 /// - **Bounded history.** At most [`HistoryOptions::size`] messages are
 ///   kept, each for at most [`HistoryOptions::ttl`], as given by the latest
 ///   publish.
