@@ -1,5 +1,11 @@
 //! Tokens: connection JWTs (`sub`, `exp`, `channels`, `info`) and
 //! subscription JWTs (`sub`, `channel`, `exp`), checked with jsonwebtoken.
+//!
+//! Both kinds are signed with the same key, so each check refuses the other
+//! kind: a subscription token (it has `channel`) is no connection token, and
+//! a connection token (no `channel`) grants no subscription. `nbf` is
+//! honoured when present; `aud` is accepted whatever it says, since no
+//! audience is configured (identity providers add one routinely).
 
 use std::collections::HashSet;
 
@@ -37,6 +43,9 @@ pub enum AuthError {
     /// A valid subscription token, for another user or channel.
     #[error("the token is for another {0}")]
     NotFor(&'static str),
+    /// Its `nbf` (not before) has not come yet.
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
 }
 
 #[derive(Deserialize)]
@@ -46,27 +55,48 @@ struct ConnectClaims {
     #[serde(default)]
     channels: Vec<String>,
     info: Option<serde_json::Value>,
+    /// Whether the token has a `channel` claim (even `null`): then it is a
+    /// subscription token, which must not open a connection.
+    #[serde(default, deserialize_with = "present")]
+    channel: bool,
+}
+
+/// `true` for any value: marks a claim as present.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 #[derive(Deserialize)]
 struct SubscribeClaims {
     sub: String,
     channel: String,
-    exp: Option<u64>,
+    /// Required: see [`Verifier::validation`].
+    exp: u64,
 }
 
 /// Checks tokens with the configured key.
 #[derive(Clone)]
 pub struct Verifier {
     key: Option<(DecodingKey, Algorithm)>,
+    /// `auth.anonymous`: a connection token may then name the anonymous
+    /// user (`sub` = `""`), as a connection without a token may.
+    anonymous: bool,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
             .field("algorithm", &self.key.as_ref().map(|(_, a)| a))
+            .field("anonymous", &self.anonymous)
             .finish()
     }
+}
+
+/// Which kind of token a check expects.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Connection,
+    Subscription,
 }
 
 impl Verifier {
@@ -94,29 +124,57 @@ impl Verifier {
         } else {
             None
         };
-        Ok(Verifier { key })
+        Ok(Verifier {
+            key,
+            anonymous: auth.anonymous,
+        })
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, AuthError> {
-        let (key, alg) = self.key.as_ref().ok_or(AuthError::NoKey)?;
-        let mut validation = Validation::new(*alg);
-        // `exp` is checked when present; tokens may leave it out.
-        validation.required_spec_claims = HashSet::new();
+    /// What jsonwebtoken checks for `kind`: `exp` and `nbf` when present,
+    /// without leeway (the server's clock decides), `exp` required only in
+    /// subscription tokens (a grant of a channel that never expires could
+    /// not be taken back), and no audience check: with none configured,
+    /// jsonwebtoken would refuse every token that has `aud`.
+    fn validation(alg: Algorithm, kind: Kind) -> Validation {
+        let mut validation = Validation::new(alg);
+        validation.required_spec_claims = match kind {
+            Kind::Connection => HashSet::new(),
+            Kind::Subscription => HashSet::from(["exp".to_owned()]),
+        };
         validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
         validation.leeway = 0;
-        jsonwebtoken::decode::<T>(token, key, &validation)
+        validation
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        kind: Kind,
+    ) -> Result<T, AuthError> {
+        let (key, alg) = self.key.as_ref().ok_or(AuthError::NoKey)?;
+        jsonwebtoken::decode::<T>(token, key, &Self::validation(*alg, kind))
             .map(|data| data.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid(e.to_string()),
             })
     }
 
-    /// Checks a connection token.
+    /// Checks a connection token (at `connect`, and at `refresh`).
     pub fn connect(&self, token: &str) -> Result<Identity, AuthError> {
-        let claims: ConnectClaims = self.decode(token)?;
-        if claims.sub.is_empty() {
-            return Err(AuthError::Invalid("`sub` is empty".into()));
+        let claims: ConnectClaims = self.decode(token, Kind::Connection)?;
+        if claims.channel {
+            return Err(AuthError::Invalid(
+                "a subscription token (it has `channel`) is not a connection token".into(),
+            ));
+        }
+        if claims.sub.is_empty() && !self.anonymous {
+            return Err(AuthError::Invalid(
+                "`sub` is empty, and anonymous connections are not allowed".into(),
+            ));
         }
         let info = match claims.info {
             None => None,
@@ -132,21 +190,21 @@ impl Verifier {
     }
 
     /// Checks a subscription token for `user` and `channel`; returns its
-    /// expiry.
+    /// expiry (always `Some`: subscription tokens must have `exp`).
     pub fn subscribe(
         &self,
         token: &str,
         user: &str,
         channel: &str,
     ) -> Result<Option<u64>, AuthError> {
-        let claims: SubscribeClaims = self.decode(token)?;
+        let claims: SubscribeClaims = self.decode(token, Kind::Subscription)?;
         if claims.sub != user {
             return Err(AuthError::NotFor("user"));
         }
         if claims.channel != channel {
             return Err(AuthError::NotFor("channel"));
         }
-        Ok(claims.exp)
+        Ok(Some(claims.exp))
     }
 }
 
@@ -183,6 +241,92 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
+
+    const SECRET: &str = "auth-test-secret";
+
+    fn verifier(anonymous: bool) -> Verifier {
+        Verifier::new(&AuthConfig {
+            hmac_secret: Some(SECRET.into()),
+            anonymous,
+            ..AuthConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn token(claims: Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    #[test]
+    fn an_empty_sub_is_the_anonymous_user_only_where_anonymous_is_allowed() {
+        let anonymous = token(json!({"sub": "", "exp": now() + 60}));
+        let id = verifier(true).connect(&anonymous).unwrap();
+        assert_eq!(id.user, "");
+        assert!(matches!(
+            verifier(false).connect(&anonymous),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_subscription_token_is_not_a_connection_token() {
+        let v = verifier(true);
+        for channel in [json!("chat:a"), Value::Null] {
+            let t = token(json!({"sub": "42", "channel": channel, "exp": now() + 60}));
+            assert!(
+                matches!(v.connect(&t), Err(AuthError::Invalid(_))),
+                "channel {channel}"
+            );
+        }
+        let exp = now() + 60;
+        let t = token(json!({"sub": "42", "channel": "chat:a", "exp": exp}));
+        assert_eq!(v.subscribe(&t, "42", "chat:a"), Ok(Some(exp)));
+    }
+
+    #[test]
+    fn an_audience_is_accepted() {
+        let v = verifier(false);
+        for aud in [json!("walkie"), json!(["walkie", "api"])] {
+            let t = token(json!({"sub": "42", "aud": aud}));
+            assert_eq!(v.connect(&t).map(|id| id.user), Ok("42".into()), "{aud}");
+            let t = token(json!({"sub": "42", "channel": "c", "exp": now() + 60, "aud": aud}));
+            assert!(v.subscribe(&t, "42", "c").is_ok(), "{aud}");
+        }
+    }
+
+    #[test]
+    fn nbf_is_honoured() {
+        let v = verifier(false);
+        let early = token(json!({"sub": "42", "nbf": now() + 3600}));
+        assert_eq!(v.connect(&early), Err(AuthError::NotYetValid));
+        let early =
+            token(json!({"sub": "42", "channel": "c", "exp": now() + 7200, "nbf": now() + 3600}));
+        assert_eq!(v.subscribe(&early, "42", "c"), Err(AuthError::NotYetValid));
+        let started = token(json!({"sub": "42", "nbf": now() - 10}));
+        assert!(v.connect(&started).is_ok());
+    }
+
+    #[test]
+    fn a_subscription_token_needs_exp_and_a_connection_token_does_not() {
+        let v = verifier(false);
+        let forever = token(json!({"sub": "42", "channel": "c"}));
+        assert!(matches!(
+            v.subscribe(&forever, "42", "c"),
+            Err(AuthError::Invalid(_))
+        ));
+        let id = v.connect(&token(json!({"sub": "42"}))).unwrap();
+        assert_eq!(id.expires_at, None);
+    }
 
     #[test]
     fn patterns() {

@@ -5,6 +5,12 @@
 //! when it could not), and publishes with an acknowledgement, retrying
 //! across reconnects with the same idempotency key.
 //!
+//! Tokens: [`Client::set_token`] hands over a new connection token before
+//! the old one expires (sent at once in a `refresh`, and used by every later
+//! `connect`). A close for a refused token (4001) or an expired one (4002)
+//! ends the client, since reconnecting with the same token cannot work,
+//! unless a newer token was given meanwhile: then it reconnects with that.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), walkie_hub::client::ClientError> {
 //! use walkie_hub::client::{Client, ClientEvent, Options};
@@ -34,7 +40,8 @@ use crate::protocol::SUBPROTOCOL;
 pub struct Options {
     /// The server's `/ws` URL (`ws://` or `wss://`).
     pub url: String,
-    /// A JWT for `connect`; `None` connects anonymously.
+    /// A JWT for `connect`; `None` connects anonymously. Replace it with
+    /// [`Client::set_token`] before it expires.
     pub token: Option<String>,
     /// Shown to others in presence (`info.name`) when the token has none.
     pub name: Option<String>,
@@ -102,12 +109,23 @@ pub enum ClientEvent {
         /// The channel.
         channel: String,
     },
-    /// A subscribe was refused.
+    /// A subscribe was refused: the client forgets the channel (it is not
+    /// retried after a reconnect; subscribe again, with a token say).
     SubscribeFailed {
         /// The channel.
         channel: String,
         /// The server's error.
         error: ClientError,
+    },
+    /// The server ended a subscription (its subscription token expired,
+    /// say): the client forgets the channel.
+    Unsubscribed {
+        /// The channel.
+        channel: String,
+        /// The server's error code (109: token expired).
+        code: u16,
+        /// Why.
+        reason: String,
     },
     /// A message on a subscribed channel.
     Publication {
@@ -151,6 +169,15 @@ pub enum ClientError {
     /// The connection ended before the answer, and the call is not retried.
     #[error("the connection ended before the answer")]
     Disconnected,
+    /// The server refused the connection token (close 4001) or found it
+    /// expired (4002), and no newer token was given: the client has ended.
+    #[error("the server refused the token (close {code}: {reason})")]
+    TokenRefused {
+        /// The close code: 4001 or 4002.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
     /// The client was stopped.
     #[error("the client is stopped")]
     Stopped,
@@ -161,6 +188,7 @@ type Reply = oneshot::Sender<Result<Value, ClientError>>;
 enum Cmd {
     Subscribe(String, SubscribeOptions, oneshot::Sender<()>),
     Unsubscribe(String),
+    SetToken(String, Reply),
     Call {
         method: &'static str,
         params: Value,
@@ -258,6 +286,18 @@ impl Client {
         self.call("history", params, false).await
     }
 
+    /// Replaces the connection token: every later `connect` uses it, and
+    /// while connected it is sent at once in a `refresh` (do so before the
+    /// old token expires, and the connection stays). Returns when the server
+    /// accepted the refresh, or, when not connected, once the token is kept
+    /// for the next connect. `Err(Server)` (101, 109): the server refused it,
+    /// and the connection goes on with the old token until that expires.
+    pub async fn set_token(&self, token: impl Into<String>) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::SetToken(token.into(), reply))?;
+        rx.await.map_err(|_| ClientError::Stopped)?.map(|_| ())
+    }
+
     /// Closes the connection with 1000 and stops reconnecting.
     pub fn stop(&self) {
         let _ = self.send(Cmd::Stop);
@@ -272,21 +312,53 @@ struct Sub {
     position: Option<(u64, String)>,
 }
 
+/// What a command's reply is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Purpose {
+    /// `connect`: the session stands or falls with it.
+    Connect,
+    /// A subscribe, and whether it was a recovery.
+    Subscribe { channel: String, recovering: bool },
+    /// A `refresh` sending the token of this version.
+    Refresh { version: u64 },
+    /// Anything else: the result goes to `reply`, if any.
+    Call,
+}
+
 struct Pending {
     method: &'static str,
     params: Value,
     retry: bool,
     reply: Option<Reply>,
-    /// For subscribes: the channel, and whether it was a recovery.
-    subscribe: Option<(String, bool)>,
+    purpose: Purpose,
+}
+
+impl Pending {
+    fn call(method: &'static str, params: Value, retry: bool, reply: Option<Reply>) -> Pending {
+        Pending {
+            method,
+            params,
+            retry,
+            reply,
+            purpose: Purpose::Call,
+        }
+    }
 }
 
 struct Task {
+    /// `options.token` is the newest token given.
     options: Options,
     events: mpsc::UnboundedSender<ClientEvent>,
     subs: HashMap<String, Sub>,
     outbox: VecDeque<Pending>,
     attempts: u32,
+    /// Counts the tokens given: 0 for `options.token`, one more for each
+    /// `set_token`.
+    token_version: u64,
+    /// The version of the token the server holds for the current (or last)
+    /// connection: the one `connect` sent, or a later accepted `refresh`.
+    /// A 4001/4002 close ends the client only if no newer one was given.
+    server_version: u64,
 }
 
 enum Ended {
@@ -302,6 +374,81 @@ impl Task {
             subs: HashMap::new(),
             outbox: VecDeque::new(),
             attempts: 0,
+            token_version: 0,
+            server_version: 0,
+        }
+    }
+
+    /// Why a close ends the client for good, if it does: 4001 and 4002
+    /// only while no newer token was given than the one the server refused.
+    fn final_error(&self, code: u16, reason: &str) -> Option<ClientError> {
+        match code {
+            1000 | 1009 | 4000 | 4009 => Some(ClientError::Disconnected),
+            4001 | 4002 if self.token_version <= self.server_version => {
+                Some(ClientError::TokenRefused {
+                    code,
+                    reason: reason.to_owned(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps a new token for the next connect; returns its version.
+    fn keep_token(&mut self, token: &str) -> u64 {
+        self.token_version += 1;
+        self.options.token = Some(token.to_owned());
+        self.token_version
+    }
+
+    /// Keeps a new token, and makes the `refresh` that gives it to the
+    /// server.
+    fn new_token(&mut self, token: String, reply: Reply) -> Pending {
+        let version = self.keep_token(&token);
+        Pending {
+            method: "refresh",
+            params: json!({ "token": token }),
+            retry: false,
+            reply: Some(reply),
+            purpose: Purpose::Refresh { version },
+        }
+    }
+
+    /// Answers the refreshes still waiting for a connection: the next
+    /// `connect` sends the newest token anyway, and an older one sent
+    /// after it would replace it.
+    fn settle_refreshes(&mut self) {
+        let (refreshes, rest): (VecDeque<Pending>, VecDeque<Pending>) = self
+            .outbox
+            .drain(..)
+            .partition(|p| matches!(p.purpose, Purpose::Refresh { .. }));
+        self.outbox = rest;
+        for p in refreshes {
+            if let Some(r) = p.reply {
+                let _ = r.send(Ok(json!({})));
+            }
+        }
+    }
+
+    /// Ends the client: every waiting call, and every later one until
+    /// `stop`, gets `error`.
+    async fn finish(&mut self, error: ClientError, cmds: &mut mpsc::UnboundedReceiver<Cmd>) {
+        for p in self.outbox.drain(..) {
+            if let Some(r) = p.reply {
+                let _ = r.send(Err(error.clone()));
+            }
+        }
+        while let Some(cmd) = cmds.recv().await {
+            match cmd {
+                Cmd::Stop => return,
+                Cmd::Call { reply, .. } | Cmd::SetToken(_, reply) => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Cmd::Subscribe(_, _, done) => {
+                    let _ = done.send(());
+                }
+                Cmd::Unsubscribe(_) => {}
+            }
         }
     }
 
@@ -321,31 +468,14 @@ impl Task {
                 Ended::Stop => return,
                 Ended::Dropped(code, reason) => (code, reason),
             };
-            let final_code = matches!(code, 1000 | 1009 | 4000 | 4001 | 4009);
+            let end = self.final_error(code, &reason);
             self.emit(ClientEvent::Disconnected {
                 code,
                 reason,
-                reconnecting: !final_code,
+                reconnecting: end.is_none(),
             });
-            if final_code {
-                for p in self.outbox.drain(..) {
-                    if let Some(r) = p.reply {
-                        let _ = r.send(Err(ClientError::Disconnected));
-                    }
-                }
-                // Keep answering calls until stopped, with an error.
-                while let Some(cmd) = cmds.recv().await {
-                    match cmd {
-                        Cmd::Stop => return,
-                        Cmd::Call { reply, .. } => {
-                            let _ = reply.send(Err(ClientError::Disconnected));
-                        }
-                        Cmd::Subscribe(_, _, done) => {
-                            let _ = done.send(());
-                        }
-                        Cmd::Unsubscribe(_) => {}
-                    }
-                }
+            if let Some(error) = end {
+                self.finish(error, &mut cmds).await;
                 return;
             }
             // Backoff with jitter, still taking commands meanwhile.
@@ -383,18 +513,19 @@ impl Task {
             Cmd::Unsubscribe(channel) => {
                 self.subs.remove(&channel);
             }
+            Cmd::SetToken(token, reply) => {
+                // No connection to refresh: the next connect sends it.
+                self.keep_token(&token);
+                let _ = reply.send(Ok(json!({})));
+            }
             Cmd::Call {
                 method,
                 params,
                 retry,
                 reply,
-            } => self.outbox.push_back(Pending {
-                method,
-                params,
-                retry,
-                reply: Some(reply),
-                subscribe: None,
-            }),
+            } => self
+                .outbox
+                .push_back(Pending::call(method, params, retry, Some(reply))),
             Cmd::Stop => {}
         }
     }
@@ -418,7 +549,10 @@ impl Task {
             params,
             retry: false,
             reply: None,
-            subscribe: Some((channel.to_owned(), recovering)),
+            purpose: Purpose::Subscribe {
+                channel: channel.to_owned(),
+                recovering,
+            },
         }
     }
 
@@ -430,6 +564,9 @@ impl Task {
     ) -> Ended {
         let mut next_id = 1u64;
         let mut pending: HashMap<u64, Pending> = HashMap::new();
+        // This connect sends the newest token.
+        self.settle_refreshes();
+        self.server_version = self.token_version;
         let mut connect = json!({});
         if let Some(t) = &self.options.token {
             connect["token"] = json!(t);
@@ -443,7 +580,7 @@ impl Task {
             params: connect,
             retry: false,
             reply: None,
-            subscribe: None,
+            purpose: Purpose::Connect,
         });
         let mut connected = false;
         let ended = loop {
@@ -475,11 +612,17 @@ impl Task {
                     }
                     Some(Cmd::Unsubscribe(channel)) => {
                         if self.subs.remove(&channel).is_some() && connected {
-                            queue.push_back(Pending { method: "unsubscribe", params: json!({"channel": channel}), retry: false, reply: None, subscribe: None });
+                            queue.push_back(Pending::call("unsubscribe", json!({"channel": channel}), false, None));
                         }
                     }
+                    Some(Cmd::SetToken(token, reply)) => {
+                        // Before the connect's answer, the refresh waits
+                        // for it like any call.
+                        let p = self.new_token(token, reply);
+                        if connected { queue.push_back(p) } else { self.outbox.push_back(p) }
+                    }
                     Some(Cmd::Call { method, params, retry, reply }) => {
-                        let p = Pending { method, params, retry, reply: Some(reply), subscribe: None };
+                        let p = Pending::call(method, params, retry, Some(reply));
                         if connected { queue.push_back(p) } else { self.outbox.push_back(p) }
                     }
                 },
@@ -496,7 +639,7 @@ impl Task {
                                 }),
                                 _ => continue,
                             };
-                            if p.method == "connect" {
+                            if p.purpose == Purpose::Connect {
                                 let Ok(r) = result else {
                                     break Ended::Dropped(4001, "connect refused".into());
                                 };
@@ -513,9 +656,12 @@ impl Task {
                                 queue.extend(self.outbox.drain(..));
                                 continue;
                             }
-                            if let Some((channel, recovering)) = p.subscribe {
+                            if let Purpose::Subscribe { channel, recovering } = p.purpose {
                                 self.subscribed(channel, recovering, result);
                                 continue;
+                            }
+                            if let (Purpose::Refresh { version }, Ok(_)) = (&p.purpose, &result) {
+                                self.server_version = self.server_version.max(*version);
                             }
                             if let Some(reply) = p.reply {
                                 let _ = reply.send(result);
@@ -538,8 +684,16 @@ impl Task {
         };
         // Calls in flight: retried ones wait for the next connection.
         for (_, p) in pending.into_iter().chain(queue.into_iter().map(|p| (0, p))) {
-            if p.method == "connect" || p.subscribe.is_some() {
-                continue;
+            match p.purpose {
+                Purpose::Connect | Purpose::Subscribe { .. } => continue,
+                // The token is kept: the next connect sends it.
+                Purpose::Refresh { .. } => {
+                    if let Some(r) = p.reply {
+                        let _ = r.send(Ok(json!({})));
+                    }
+                    continue;
+                }
+                Purpose::Call => {}
             }
             if p.retry {
                 self.outbox.push_back(p);
@@ -559,6 +713,9 @@ impl Task {
         let r = match result {
             Ok(r) => r,
             Err(error) => {
+                // Refused: retrying it after every reconnect would be
+                // refused again.
+                self.subs.remove(&channel);
                 self.emit(ClientEvent::SubscribeFailed { channel, error });
                 return;
             }
@@ -581,6 +738,24 @@ impl Task {
         self.emit(ClientEvent::Subscribed {
             channel,
             recovered: recovered.filter(|_| recovering),
+        });
+    }
+
+    /// The server's `unsubscribe` push: the subscription is gone (until
+    /// the application subscribes again), so it is not recovered after a
+    /// reconnect either.
+    fn unsubscribed(&mut self, u: &Value) {
+        let channel = u["channel"].as_str().unwrap_or("").to_owned();
+        if self.subs.remove(&channel).is_none() {
+            return;
+        }
+        self.emit(ClientEvent::Unsubscribed {
+            channel,
+            code: u["code"]
+                .as_u64()
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(0),
+            reason: u["reason"].as_str().unwrap_or("").to_owned(),
         });
     }
 
@@ -619,6 +794,8 @@ impl Task {
                 sub.position = Some((0, e["epoch"].as_str().unwrap_or("").to_owned()));
                 self.emit(ClientEvent::RecoveryFailed { channel });
             }
+        } else if let Some(u) = v.get("unsubscribe") {
+            self.unsubscribed(u);
         } else if let Some(j) = v.get("join") {
             self.emit(ClientEvent::Join {
                 channel: j["channel"].as_str().unwrap_or("").to_owned(),
