@@ -84,7 +84,15 @@ pub(crate) struct Dispatch {
     /// Where publications go when an engine delivers them from its own
     /// thread (see [`Hub::deliver_here`]).
     pub(crate) home: OnceLock<tokio::sync::mpsc::UnboundedSender<Forwarded>>,
+    /// The epoch and offset of the latest control message acted on: an
+    /// engine's catch-up may deliver one again.
+    pub(crate) control_seen: Mutex<(Arc<str>, u64)>,
 }
+
+/// How old a control message may be and still be acted on: one a node
+/// missed (it was cut off from the engine) comes with the engine's
+/// catch-up, but a user disconnected long ago may have come back since.
+pub(crate) const CONTROL_MAX_AGE_MS: u64 = 60_000;
 
 impl Dispatch {
     pub(crate) fn members(&self, channel: &ChannelName) -> Option<Arc<Mutex<Members>>> {
@@ -104,8 +112,21 @@ impl Dispatch {
         n
     }
 
-    /// Acts on a message from another node.
-    fn handle_control(&self, publication: &Publication) {
+    /// Acts on a message from another node, once, and only while it is
+    /// recent (see [`CONTROL_MAX_AGE_MS`]).
+    fn handle_control(&self, publication: &Publication, epoch: &str) {
+        if publication.offset != 0 {
+            let mut seen = lock(&self.control_seen);
+            if *seen.0 == *epoch && publication.offset <= seen.1 {
+                return;
+            }
+            *seen = (epoch.into(), publication.offset);
+        }
+        let age = crate::publication::now_ms().saturating_sub(publication.time_ms);
+        if age > CONTROL_MAX_AGE_MS {
+            tracing::info!(age_ms = age, "ignored a control message from long ago");
+            return;
+        }
         match serde_json::from_slice::<Control>(&publication.data) {
             Ok(c) if *c.node == *self.node => {}
             Ok(c) => {
@@ -173,7 +194,7 @@ impl Dispatch {
     pub(crate) fn deliver(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
         let Some(members) = self.members(channel) else {
             if channel.as_str() == CONTROL_CHANNEL {
-                self.handle_control(publication);
+                self.handle_control(publication, epoch);
             }
             return;
         };

@@ -102,6 +102,7 @@ impl Hub {
             users: Mutex::default(),
             node: format!("{:08x}", rand::random::<u32>()).into(),
             home: OnceLock::new(),
+            control_seen: Mutex::new(("".into(), 0)),
         });
         broker.set_events(dispatch.clone());
         Hub(Arc::new(Shared {
@@ -179,7 +180,14 @@ impl Hub {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for ((channel, _), info) in entries {
+        for ((channel, client), info) in entries {
+            // Left since the snapshot: adding it again would bring back a
+            // member who is gone, with no leave event, until it expired.
+            let key = (channel, client);
+            if !lock(&self.0.local_presence).contains_key(&key) {
+                continue;
+            }
+            let (channel, _) = key;
             if let Err(e) = self.0.presence.add(channel.clone(), info).await {
                 tracing::warn!(%channel, "presence refresh failed: {e}");
             }
@@ -231,12 +239,21 @@ impl Hub {
             disconnect: user.to_owned(),
         };
         let data = serde_json::to_vec(&control).expect("serializable");
+        // Kept in a short history, so that a node cut off from the engine
+        // when it was sent gets it with the engine's catch-up.
+        let kept = PublishOptions {
+            history: Some(crate::publication::HistoryOptions {
+                size: 1000,
+                ttl: std::time::Duration::from_millis(crate::dispatch::CONTROL_MAX_AGE_MS),
+            }),
+            ..PublishOptions::default()
+        };
         self.0
             .broker
             .publish(
                 ChannelName::new(CONTROL_CHANNEL).expect("a valid name"),
                 NewPublication::new(Kind::Json, data),
-                PublishOptions::default(),
+                kept,
             )
             .await?;
         Ok(n)
@@ -495,6 +512,50 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(client.channels(), [a, b]);
+    }
+
+    /// A control message from another node is acted on once (an engine's
+    /// catch-up may deliver it again), and only while recent (a user
+    /// disconnected long ago may be back); the sender keeps it in history,
+    /// so that a node cut off meanwhile still gets it.
+    #[tokio::test]
+    async fn control_messages_are_acted_on_once_and_only_while_recent() {
+        use crate::publication::{HistoryFilter, Publication, now_ms};
+        let hub = Hub::new(Arc::new(MemoryBroker::new()));
+        let control = ChannelName::new(CONTROL_CHANNEL).unwrap();
+        let message = |offset, age_ms: u64| {
+            let c = Control {
+                node: "another".into(),
+                disconnect: "u".into(),
+            };
+            Publication {
+                offset,
+                data: serde_json::to_vec(&c).unwrap().into(),
+                kind: Kind::Json,
+                info: None,
+                time_ms: now_ms() - age_ms,
+                key: None,
+            }
+        };
+        let mut closed_by = |p: Publication| {
+            let mut client = hub.client(crate::QueueLimits::default());
+            client.set_user("u");
+            hub.0.dispatch.deliver(&control, &p, "e1");
+            client.queue().is_closed()
+        };
+        assert!(closed_by(message(5, 0)));
+        assert!(!closed_by(message(5, 0)), "delivered again");
+        assert!(!closed_by(message(6, 120_000)), "two minutes old");
+        assert!(closed_by(message(7, 0)));
+
+        hub.disconnect_user_everywhere("v").await.unwrap();
+        let filter = HistoryFilter {
+            since: None,
+            limit: None,
+            reverse: false,
+        };
+        let kept = hub.0.broker.history(control, filter).await.unwrap();
+        assert_eq!(kept.publications.len(), 1, "kept for nodes cut off");
     }
 
     /// A recovery or replay larger than the client's queue would cut the
