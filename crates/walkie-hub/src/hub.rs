@@ -537,7 +537,7 @@ mod tests {
                 key: None,
             }
         };
-        let mut closed_by = |p: Publication| {
+        let closed_by = |p: Publication| {
             let mut client = hub.client(crate::QueueLimits::default());
             client.set_user("u");
             hub.0.dispatch.deliver(&control, &p, "e1");
