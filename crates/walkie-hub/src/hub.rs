@@ -558,6 +558,81 @@ mod tests {
         assert_eq!(kept.publications.len(), 1, "kept for nodes cut off");
     }
 
+    /// A presence manager whose first `add` while held waits to be let go,
+    /// noting its channel: a refresh is then under way.
+    #[derive(Default)]
+    struct Held {
+        inner: MemoryPresence,
+        held: std::sync::atomic::AtomicBool,
+        first: Mutex<Option<ChannelName>>,
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    impl PresenceManager for Held {
+        fn add(
+            &self,
+            c: ChannelName,
+            info: ClientInfo,
+        ) -> crate::BoxFuture<'_, Result<(), EngineError>> {
+            Box::pin(async move {
+                if self.held.swap(false, Ordering::SeqCst) {
+                    *lock(&self.first) = Some(c.clone());
+                    self.entered.notify_one();
+                    self.release.notified().await;
+                }
+                self.inner.add(c, info).await
+            })
+        }
+        fn remove(
+            &self,
+            c: ChannelName,
+            client: String,
+        ) -> crate::BoxFuture<'_, Result<(), EngineError>> {
+            self.inner.remove(c, client)
+        }
+        fn presence(
+            &self,
+            c: ChannelName,
+        ) -> crate::BoxFuture<'_, Result<HashMap<String, ClientInfo>, EngineError>> {
+            self.inner.presence(c)
+        }
+    }
+
+    /// A member who leaves while a presence refresh is under way stays
+    /// gone: the refresh does not add it again from its snapshot.
+    #[tokio::test]
+    async fn a_presence_refresh_does_not_bring_back_a_member_who_left() {
+        let presence = Arc::new(Held::default());
+        let hub = Hub::with_presence(Arc::new(MemoryBroker::new()), presence.clone());
+        let info = ClientInfo {
+            client: "c1".into(),
+            user: "u".into(),
+            info: None,
+        };
+        let (a, b) = (
+            ChannelName::new("a").unwrap(),
+            ChannelName::new("b").unwrap(),
+        );
+        hub.presence_add(a.clone(), info.clone()).await.unwrap();
+        hub.presence_add(b.clone(), info).await.unwrap();
+        presence.held.store(true, Ordering::SeqCst);
+        let refreshing = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.refresh_presence().await }
+        });
+        presence.entered.notified().await;
+        let first = lock(&presence.first).clone().unwrap();
+        let other = if first == a { b } else { a };
+        hub.presence_remove(other.clone(), "c1".into())
+            .await
+            .unwrap();
+        presence.release.notify_one();
+        refreshing.await.unwrap();
+        let left = presence.presence(other).await.unwrap();
+        assert!(left.is_empty(), "came back: {left:?}");
+    }
+
     /// A recovery or replay larger than the client's queue would cut the
     /// client off (1013) before it read any of it, at every reconnect: a
     /// replay keeps the newest that fit, and a recovery queues the oldest
