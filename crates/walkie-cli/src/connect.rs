@@ -13,7 +13,7 @@ use clap::Args;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use walkie::{ClientConfig, CloseCode, DeflateConfig, Message};
 
-use crate::units::parse_duration;
+use crate::units::parse_positive_duration;
 
 /// Exit codes scripts can rely on.
 mod exit {
@@ -41,7 +41,7 @@ pub struct ConnectArgs {
     pub count: Option<usize>,
 
     /// How long to wait for the connection, and for replies once stdin ends.
-    #[arg(short = 't', long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(short = 't', long, default_value = "10s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
 
     /// Do not read stdin: only print what arrives (until --count or close).
@@ -204,9 +204,12 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
                     let frame = ws.close_frame();
                     let why = frame.map(|f| f.to_string()).unwrap_or_else(|| "no status".into());
                     // Closed by the server: fine only if it was a normal
-                    // close and every expected message arrived.
+                    // close after everything expected arrived. While stdin
+                    // is open more lines may come, so nothing was complete
+                    // yet (--count ends the loop above once reached).
                     let normal = frame.is_none_or(|f| matches!(f.code.0, 1000 | 1001));
-                    if normal && received >= args.count.unwrap_or(sent) {
+                    let expected = args.count.unwrap_or(sent);
+                    if normal && !stdin_open && received >= expected {
                         eprintln!("walkie connect: closed by the server ({why})");
                         break exit::OK;
                     }

@@ -107,15 +107,66 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The query of `/demo/token`, as text: each parameter is checked on its
+/// own, so that a bad `ttl` is reported as such.
 #[derive(serde::Deserialize)]
 struct TokenQuery {
-    user: String,
-    /// Seconds until the token expires (2 to 86400; default 3600).
-    ttl: Option<u64>,
+    user: Option<String>,
+    ttl: Option<String>,
 }
 
-/// `GET /demo/token?user=ID[&ttl=SECONDS]`: a token for any user, signed with the secret
-/// of this run. Only without a configuration file (development); 404
+/// The range of `ttl`, in seconds, and its default.
+const TOKEN_TTL: std::ops::RangeInclusive<u64> = 2..=86_400;
+const DEFAULT_TOKEN_TTL: u64 = 3600;
+
+/// Why `/demo/token` refused a request (answered with 400).
+#[derive(Debug, PartialEq, Eq)]
+enum TokenRequestError {
+    /// No `user`, or not 1 to 64 letters, digits, - or _.
+    User,
+    /// `ttl` is not whole seconds within [`TOKEN_TTL`].
+    Ttl,
+}
+
+impl TokenRequestError {
+    fn message(&self) -> String {
+        match self {
+            TokenRequestError::User => "give ?user= with 1 to 64 letters, digits, - or _\n".into(),
+            TokenRequestError::Ttl => format!(
+                "ttl: give whole seconds from {} to {}\n",
+                TOKEN_TTL.start(),
+                TOKEN_TTL.end()
+            ),
+        }
+    }
+}
+
+/// The user and the token's lifetime in seconds.
+fn token_request(q: &TokenQuery) -> Result<(&str, u64), TokenRequestError> {
+    let user = q
+        .user
+        .as_deref()
+        .filter(|u| {
+            !u.is_empty()
+                && u.len() <= 64
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .ok_or(TokenRequestError::User)?;
+    let ttl = match q.ttl.as_deref() {
+        None => DEFAULT_TOKEN_TTL,
+        Some(t) => t
+            .parse()
+            .ok()
+            .filter(|t| TOKEN_TTL.contains(t))
+            .ok_or(TokenRequestError::Ttl)?,
+    };
+    Ok((user, ttl))
+}
+
+/// `GET /demo/token?user=ID[&ttl=SECONDS]`: a token for any user, signed
+/// with the secret of this run, valid for `ttl` seconds (2 to 86400;
+/// default 3600). Only without a configuration file (development); 404
 /// otherwise.
 async fn demo_token(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
@@ -128,24 +179,20 @@ async fn demo_token(
         )
             .into_response();
     };
-    let Some(axum::extract::Query(q)) = query.ok().filter(|q| {
-        !q.user.is_empty()
-            && q.user.len() <= 64
-            && q.user
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    }) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "give ?user= with 1 to 64 letters, digits, - or _\n",
-        )
-            .into_response();
+    let checked = match &query {
+        Ok(axum::extract::Query(q)) => token_request(q),
+        // Not a query string at all: say what to give.
+        Err(_) => Err(TokenRequestError::User),
+    };
+    let (user, ttl) = match checked {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.message()).into_response(),
     };
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-        + q.ttl.unwrap_or(3600).clamp(2, 86_400);
-    let claims = serde_json::json!({"sub": q.user, "exp": exp, "info": {"name": q.user}});
+        + ttl;
+    let claims = serde_json::json!({"sub": user, "exp": exp, "info": {"name": user}});
     match jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
@@ -175,11 +222,25 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
         .serve_connection(io, service);
-    tokio::select! {
-        r = conn => if let Err(e) = r {
-            debug!(%peer, "HTTP connection: {e}");
-        },
-        () = state.shutdown.cancelled() => {}
+    let mut conn = std::pin::pin!(conn);
+    let done = tokio::select! {
+        r = conn.as_mut() => r,
+        () = state.shutdown.cancelled() => {
+            // A request in flight may have done its work already (a
+            // publish committed): let it answer, within the shutdown
+            // timeout, instead of cutting it off with no reply.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(state.shutdown_timeout, conn).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(%peer, "HTTP request still running at the shutdown timeout");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = done {
+        debug!(%peer, "HTTP connection: {e}");
     }
 }
 

@@ -79,12 +79,21 @@ fn init_logging(json: bool) {
 }
 
 /// Runs a client command on a single-threaded runtime.
+///
+/// The runtime is shut down without waiting for its blocking threads: a
+/// read of stdin still pending there (the server closed first, or
+/// `--count` was reached) would otherwise keep the process alive until
+/// stdin ends.
 fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(f),
+        Ok(rt) => {
+            let code = rt.block_on(f);
+            rt.shutdown_background();
+            code
+        }
         Err(e) => {
             eprintln!("walkie: cannot start the async runtime: {e}");
             ExitCode::FAILURE

@@ -28,7 +28,7 @@ pub struct PublishArgs {
     pub url: String,
 
     /// The server's API key.
-    #[arg(long, env = "WALKIE_API_KEY")]
+    #[arg(long, env = "WALKIE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
     /// A key that makes a retried publish deliver only once.
@@ -41,7 +41,7 @@ pub struct PublishArgs {
     pub key: Option<String>,
 
     /// Give up after this long.
-    #[arg(long, short = 't', default_value = "10s", value_parser = crate::units::parse_duration)]
+    #[arg(long, short = 't', default_value = "10s", value_parser = crate::units::parse_positive_duration)]
     pub timeout: Duration,
 }
 
@@ -61,14 +61,12 @@ pub async fn run(args: PublishArgs) -> ExitCode {
             }
         }
     };
-    let Some(authority) = args
-        .url
-        .strip_prefix("http://")
-        .map(|rest| rest.trim_end_matches('/'))
-        .filter(|a| !a.is_empty() && !a.contains('/'))
-    else {
-        eprintln!("walkie: --url: give http://HOST:PORT (https is not supported by this command)");
-        return ExitCode::from(2);
+    let authority = match server_authority(&args.url) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("walkie: --url: {e}");
+            return ExitCode::from(2);
+        }
     };
     let mut body = json!({"channel": args.channel, "data": data});
     if let Some(k) = &args.idempotency_key {
@@ -78,7 +76,7 @@ pub async fn run(args: PublishArgs) -> ExitCode {
         body["key"] = json!(k);
     }
     let call = post(
-        authority,
+        &authority,
         "/api/publish",
         args.api_key.as_deref(),
         body.to_string(),
@@ -106,6 +104,48 @@ pub async fn run(args: PublishArgs) -> ExitCode {
     }
 }
 
+/// Why `--url` cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+enum UrlError {
+    /// Not `http://HOST[:PORT]` with nothing after it but a `/`.
+    NotHttp,
+    /// `http://HOST:` with nothing after the colon.
+    EmptyPort,
+}
+
+impl std::fmt::Display for UrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UrlError::NotHttp => "give http://HOST:PORT (https is not supported by this command)",
+            UrlError::EmptyPort => "the port after the colon is missing (give http://HOST:PORT)",
+        })
+    }
+}
+
+/// `HOST:PORT` to connect to from `--url`; a URL without a port means
+/// port 80, as it does for every HTTP client (a bare `HOST` is not a
+/// socket address).
+fn server_authority(url: &str) -> Result<String, UrlError> {
+    let authority = url
+        .strip_prefix("http://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+        .ok_or(UrlError::NotHttp)?;
+    if authority.ends_with(':') {
+        return Err(UrlError::EmptyPort);
+    }
+    // The last colon starts the port unless it is inside an IPv6 literal
+    // (`[::1]`).
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.contains(']'));
+    Ok(if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    })
+}
+
 /// One HTTP/1.1 POST; returns the status and body.
 async fn post(
     authority: &str,
@@ -129,4 +169,40 @@ async fn post(
     let bytes = response.into_body().collect().await?.to_bytes();
     driver.abort();
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_defaults_to_80() {
+        assert_eq!(
+            server_authority("http://localhost"),
+            Ok("localhost:80".into())
+        );
+        assert_eq!(
+            server_authority("http://localhost/"),
+            Ok("localhost:80".into())
+        );
+        assert_eq!(server_authority("http://[::1]"), Ok("[::1]:80".into()));
+        assert_eq!(
+            server_authority("http://127.0.0.1:3000/"),
+            Ok("127.0.0.1:3000".into())
+        );
+        assert_eq!(
+            server_authority("http://[::1]:8080"),
+            Ok("[::1]:8080".into())
+        );
+        assert_eq!(
+            server_authority("http://localhost:"),
+            Err(UrlError::EmptyPort)
+        );
+        assert_eq!(
+            server_authority("https://localhost"),
+            Err(UrlError::NotHttp)
+        );
+        assert_eq!(server_authority("http://h/api"), Err(UrlError::NotHttp));
+        assert_eq!(server_authority("http://"), Err(UrlError::NotHttp));
+    }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -21,7 +22,9 @@ use walkie_hub::{
 
 use crate::rooms::RoomSettings;
 use crate::shutdown::ShutdownWakers;
-use crate::units::{Toggle, parse_duration, parse_optional_duration, parse_size};
+use crate::units::{
+    Toggle, parse_duration, parse_optional_duration, parse_positive_duration, parse_size,
+};
 use crate::{handlers, http, rooms, ws};
 
 /// Options of `walkie serve`. Every flag also reads an environment variable.
@@ -56,24 +59,26 @@ pub struct ServeArgs {
     pub ping_interval: Toggle,
 
     /// Close a client that has not answered a keepalive ping within this long.
-    #[arg(long, env = "WALKIE_PING_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "WALKIE_PING_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
     pub ping_timeout: Duration,
 
     /// Close a client that sent nothing for this long; `off` disables it.
     #[arg(long, env = "WALKIE_IDLE_TIMEOUT", default_value = "off", value_parser = parse_optional_duration)]
     pub idle_timeout: Toggle,
 
-    /// Time a client has to send its request head (then 408).
-    #[arg(long, env = "WALKIE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// Time a client has, from connecting, to finish the TLS handshake (with
+    /// --tls-cert) and send its request head (then 408). More than 0.
+    #[arg(long, env = "WALKIE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
 
     /// On Ctrl-C or SIGTERM, time given to connections to close (with 1001)
-    /// before the process exits anyway.
+    /// and to HTTP requests in flight to be answered, before the process
+    /// exits anyway; 0 exits at once.
     #[arg(long, env = "WALKIE_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
-    /// Worker threads, each with its own event loop and listening socket
-    /// (default: one per available core).
+    /// Worker threads, each with its own event loop, accepting from one
+    /// listening socket (default: one per available core).
     #[arg(long, env = "WALKIE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
@@ -85,7 +90,7 @@ pub struct ServeArgs {
 
     /// The key backends give the HTTP API (`Authorization: apikey KEY`);
     /// overrides auth.api_key in --config. Without one the API is off.
-    #[arg(long, env = "WALKIE_API_KEY")]
+    #[arg(long, env = "WALKIE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
     /// Directory for durable data (room history). Default:
@@ -98,7 +103,12 @@ pub struct ServeArgs {
     /// nats://HOST:PORT[?replicas=N] (history in JetStream, a stream per
     /// channel with N replicas, default 1; delivery over NATS; presence in
     /// a key-value bucket; streams empty for an hour are deleted).
-    #[arg(long, env = "WALKIE_ENGINE", conflicts_with_all = ["in_memory", "data_dir"])]
+    #[arg(
+        long,
+        env = "WALKIE_ENGINE",
+        hide_env_values = true,
+        conflicts_with_all = ["in_memory", "data_dir"]
+    )]
     pub engine: Option<String>,
 
     /// Prefix of every key and channel the engine uses in Redis, and of
@@ -122,8 +132,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_ROOM_HISTORY", default_value = "100", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub room_history: u32,
 
-    /// How long a room keeps a message in its history.
-    #[arg(long, env = "WALKIE_ROOM_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    /// How long a room keeps a message in its history (more than 0).
+    #[arg(long, env = "WALKIE_ROOM_HISTORY_TTL", default_value = "24h", value_parser = parse_positive_duration)]
     pub room_history_ttl: Duration,
 
     /// Most messages waiting to be sent to one client; a client that falls
@@ -187,6 +197,9 @@ pub struct AppState {
     pub rooms: RoomSettings,
     /// Every connection's task, waited for on shutdown.
     pub tracker: TaskTracker,
+    /// `--shutdown-timeout`: how long a request in flight at shutdown may
+    /// take to be answered.
+    pub shutdown_timeout: Duration,
 }
 
 impl AppState {
@@ -217,33 +230,36 @@ impl ServeArgs {
     /// directory, or in memory; and presence, when the engine keeps it.
     fn broker(&self, rt: &tokio::runtime::Runtime) -> Result<Engine, String> {
         if let Some(url) = &self.engine {
+            // Shown only with its user info hidden: the log goes to the
+            // open `dashboard:logs` channel too.
+            let shown = redact_user_info(url);
+            let failed = |e: walkie_hub::EngineError| engine_error(&shown, &e);
             if url.starts_with("nats://") {
                 let broker = rt
                     .block_on(walkie_hub::NatsBroker::connect(url, &self.engine_prefix))
-                    .map_err(|e| format!("--engine {url}: {e}"))?;
+                    .map_err(failed)?;
                 let presence = walkie_hub::NatsPresence::new(&broker, self.presence_ttl);
-                rt.block_on(presence.open())
-                    .map_err(|e| format!("--engine {url}: {e}"))?;
+                rt.block_on(presence.open()).map_err(failed)?;
                 rt.spawn(delete_idle_streams(broker.clone()));
                 return Ok((
                     Arc::new(broker),
                     Some(Arc::new(presence)),
-                    format!("in NATS JetStream at {url}"),
+                    format!("in NATS JetStream at {shown}"),
                 ));
             }
             if !url.starts_with("redis://") {
                 return Err(format!(
-                    "--engine {url}: give redis://HOST:PORT or nats://HOST:PORT"
+                    "--engine {shown}: give redis://HOST:PORT or nats://HOST:PORT"
                 ));
             }
             let broker = rt
                 .block_on(walkie_hub::RedisBroker::connect(url, &self.engine_prefix))
-                .map_err(|e| format!("--engine {url}: {e}"))?;
+                .map_err(failed)?;
             let presence = walkie_hub::RedisPresence::new(&broker, self.presence_ttl);
             return Ok((
                 Arc::new(broker),
                 Some(Arc::new(presence)),
-                format!("in Redis at {url}"),
+                format!("in Redis at {shown}"),
             ));
         }
         if self.in_memory {
@@ -275,6 +291,52 @@ type Engine = (
     String,
 );
 
+/// `--engine URL: ERROR`, with user info hidden in both: the engines'
+/// errors repeat the URL they were given, password included.
+fn engine_error(shown: &str, e: &walkie_hub::EngineError) -> String {
+    format!("--engine {shown}: {}", redact_user_info(&e.to_string()))
+}
+
+/// `text` with the user info (`user:password@`, `:password@`, `token@`) of
+/// every URL in it replaced by `***@`. Engine URLs may carry a password,
+/// and whatever is logged at INFO is also published to the dashboard's
+/// open log channel. A URL's authority ends at `/`, `?`, `#`, white space
+/// or the next URL of a list (NATS takes `nats://a,nats://b`); as none of
+/// these may appear in user info, a password is never cut in two.
+fn redact_user_info(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (scheme, after) = rest.split_at(i + "://".len());
+        out.push_str(scheme);
+        let authority = &after[..authority_end(after)];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[authority.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The length of the authority at the start of `s` (what follows `://`).
+fn authority_end(s: &str) -> usize {
+    let delimiter = s
+        .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+        .unwrap_or(s.len());
+    // The next URL starts with its scheme, just before its `://`.
+    let next_url = s.find("://").map_or(s.len(), |i| {
+        s[..i]
+            .trim_end_matches(|c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            .len()
+    });
+    delimiter.min(next_url)
+}
+
 /// The hub's configuration from `--config`, or the built-in one.
 fn load_hub_config(path: Option<&std::path::Path>) -> Result<HubConfig, String> {
     let Some(path) = path else {
@@ -302,10 +364,10 @@ fn default_data_dir() -> Option<PathBuf> {
 ///
 /// Thread per core: each worker thread runs its own single-threaded tokio
 /// runtime with its own listening socket on the same address
-/// (`SO_REUSEPORT`), and the kernel spreads new connections over them. A
-/// connection lives on one thread for its whole life: no work stealing, no
-/// cross-thread wake-ups, and each thread serves its ready connections in
-/// turn. The main thread only waits for signals.
+/// (`SO_REUSEPORT`, see [`bind_all`]), and the kernel spreads new
+/// connections over them. A connection lives on one thread for its whole
+/// life: no work stealing, no cross-thread wake-ups, and each thread serves
+/// its ready connections in turn. The main thread only waits for signals.
 pub fn run(args: ServeArgs) -> ExitCode {
     let config = match args.server_config() {
         Ok(c) => c,
@@ -385,6 +447,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     // connections of every node through the control channel.
     if shared_engine {
         if let Err(e) = main_rt.block_on(hub.listen_control()) {
+            let e = redact_user_info(&e.to_string());
             eprintln!("walkie: --engine: cannot subscribe to the control channel: {e}");
             return ExitCode::FAILURE;
         }
@@ -404,8 +467,16 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .workers
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Inside the runtime: a tokio socket registers with it when it listens.
     let listeners = match main_rt.block_on(async { bind_all(args.bind, workers) }) {
         Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            eprintln!(
+                "walkie: --bind {}: cannot listen: {e} (is another walkie running there? give another --bind)",
+                args.bind
+            );
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             eprintln!("walkie: --bind {}: cannot listen: {e}", args.bind);
             return ExitCode::FAILURE;
@@ -438,17 +509,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
         demo_secret,
         rooms: args.room_settings(),
         tracker: tracker.clone(),
+        shutdown_timeout: args.shutdown_timeout,
     });
     let mut threads = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let (state, tracker, tls) = (state.clone(), tracker.clone(), tls.clone());
-        let listener = match listener.into_std() {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("walkie: cannot hand the listener to worker {i}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
         let rt = match runtime(&format!("walkie-{i}")) {
             Ok(rt) => rt,
             Err(e) => {
@@ -525,29 +590,44 @@ pub fn run(args: ServeArgs) -> ExitCode {
 }
 
 /// Binds `workers` listening sockets to `addr`. With several, they share
-/// the port with `SO_REUSEPORT`; a requested port 0 becomes the port the
-/// first one got.
-fn bind_all(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<TcpListener>> {
-    let bind = |addr: SocketAddr, shared: bool| -> std::io::Result<TcpListener> {
+/// the port with `SO_REUSEPORT`, and the kernel spreads new connections
+/// over them (one wake per connection, on one worker); a requested port 0
+/// becomes the port the first one got.
+///
+/// `SO_REUSEPORT` would also let a second `walkie serve` of the same user,
+/// started there by mistake, take a share of the connections silently: a
+/// plain bind of the address first (no `SO_REUSEPORT`) fails if anyone
+/// listens there, and is let go before the shared ones are made.
+fn bind_all(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let socket = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpSocket> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
+        // Only lets us rebind while old connections linger in TIME_WAIT;
+        // on Unix it never shares a port that someone listens on.
         socket.set_reuseaddr(true)?;
+        Ok(socket)
+    };
+    let shared = workers > 1;
+    if shared && addr.port() != 0 {
+        socket(addr)?.bind(addr)?;
+    }
+    let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = socket(addr)?;
         #[cfg(unix)]
         if shared {
             socket.set_reuseport(true)?;
         }
         socket.bind(addr)?;
-        socket.listen(4096)
+        socket.listen(4096)?.into_std()
     };
-    let shared = workers > 1;
-    let first = bind(addr, shared)?;
+    let first = bind(addr)?;
     let actual = first.local_addr()?;
     let mut all = vec![first];
     for _ in 1..workers {
-        all.push(bind(actual, shared)?);
+        all.push(bind(actual)?);
     }
     Ok(all)
 }
@@ -572,9 +652,13 @@ async fn accept_loop(
                     // small.
                     tracker.spawn(async move {
                         let _ = tcp.set_nodelay(true);
+                        // One deadline from accept to the request head.
+                        let deadline = Instant::now() + state.config.handshake_timeout;
                         match tls {
-                            None => handle(tcp, peer, state).await,
-                            Some(acceptor) => Box::pin(handle_tls(tcp, acceptor, peer, state)).await,
+                            None => handle(tcp, peer, state, deadline).await,
+                            Some(acceptor) => {
+                                Box::pin(handle_tls(tcp, acceptor, peer, state, deadline)).await;
+                            }
                         }
                     });
                 }
@@ -650,29 +734,46 @@ impl Signals {
     }
 }
 
-/// Runs the TLS handshake, then routes the connection.
+/// Runs the TLS handshake, then routes the connection. The handshake and
+/// the request head share one `deadline` (`--handshake-timeout` after
+/// accept), so that a slow handshake does not buy a slow head more time;
+/// and shutdown ends the wait at once, as it does in [`handle`]: a client
+/// that stalls mid-handshake must not hold the process past
+/// `--shutdown-timeout`.
 async fn handle_tls(
     tcp: tokio::net::TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     peer: SocketAddr,
     state: Arc<AppState>,
+    deadline: Instant,
 ) {
-    let timeout = state.config.handshake_timeout;
-    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => handle(stream, peer, state).await,
-        Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
-        Err(_) => debug!(%peer, "TLS handshake timed out"),
-    }
+    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
+    let stream = tokio::select! {
+        r = handshake => match r {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                debug!(%peer, "TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        () = state.shutdown.cancelled() => return,
+    };
+    handle(stream, peer, state, deadline).await;
 }
 
 /// Routes one connection: WebSocket upgrades by path, anything else to the
-/// HTTP routes.
-async fn handle<S>(stream: S, peer: SocketAddr, state: Arc<AppState>)
+/// HTTP routes. The request head must arrive by `deadline`.
+async fn handle<S>(stream: S, peer: SocketAddr, state: Arc<AppState>, deadline: Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let left = deadline.saturating_duration_since(Instant::now());
     let incoming = tokio::select! {
-        r = Box::pin(Incoming::read(stream, state.config.handshake_timeout)) => match r {
+        r = Box::pin(Incoming::read(stream, left)) => match r {
             Ok(i) => i,
             Err(e) => {
                 debug!(%peer, "no request: {e}");
@@ -740,4 +841,36 @@ fn parse_presence_ttl(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}`: at least 1s"));
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_is_hidden_in_every_url() {
+        for (given, shown) in [
+            (
+                "redis://:s3cret@127.0.0.1:6379/0",
+                "redis://***@127.0.0.1:6379/0",
+            ),
+            (
+                "nats://u:s3cret@h:4222?replicas=3",
+                "nats://***@h:4222?replicas=3",
+            ),
+            (
+                "nats://tok@h1:4222,nats://u:p@h2",
+                "nats://***@h1:4222,nats://***@h2",
+            ),
+            ("redis://:pa,ss@h", "redis://***@h"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            (
+                "engine unavailable: redis://u:s3cret@h:1: refused (os error 111)",
+                "engine unavailable: redis://***@h:1: refused (os error 111)",
+            ),
+            ("no url here", "no url here"),
+        ] {
+            assert_eq!(redact_user_info(given), shown, "{given}");
+        }
+    }
 }

@@ -9,9 +9,18 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 65536, 64K, 16M)"))?;
+    if !num.is_empty() && unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "`{s}`: sizes are whole numbers (use a smaller unit: 1536K, not 1.5M)"
+        ));
+    }
+    let n: usize = num.parse().map_err(|e: std::num::ParseIntError| {
+        if *e.kind() == std::num::IntErrorKind::PosOverflow {
+            format!("`{s}` is too large")
+        } else {
+            format!("`{s}` is not a size (examples: 65536, 64K, 16M)")
+        }
+    })?;
     let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -52,6 +61,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a duration that must be more than zero: for waits where zero
+/// would fail every attempt (`--handshake-timeout 0` would answer every
+/// request with 408) or end before starting.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}`: must be more than 0"));
+    }
+    Ok(d)
+}
+
 /// A duration that can be turned off (a newtype, so that clap does not read
 /// the `Option` as "flag may be absent").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +103,15 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12X").unwrap_err().contains("unit"));
         assert!(parse_size("abc").is_err());
+        assert!(parse_size("1.5M").unwrap_err().contains("whole numbers"));
+        assert!(parse_size("1,5M").unwrap_err().contains("whole numbers"));
+        let huge = parse_size("99999999999999999999999").unwrap_err();
+        assert!(huge.contains("too large"), "{huge}");
+        assert!(
+            parse_size("99999999999G")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     #[test]
@@ -94,5 +123,10 @@ mod tests {
         assert!(parse_duration("5 days").is_err());
         assert_eq!(parse_optional_duration("off"), Ok(Toggle(None)));
         assert!(parse_optional_duration("0s").is_err());
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
+        for zero in ["0", "0s", "0ms", "0.0"] {
+            let e = parse_positive_duration(zero).unwrap_err();
+            assert!(e.contains("more than 0"), "{zero}: {e}");
+        }
     }
 }

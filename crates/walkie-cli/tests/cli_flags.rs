@@ -207,3 +207,69 @@ fn startup_errors_show_even_with_logging_off() {
     assert!(run.stderr.contains("--tls-cert"), "{run:?}");
     drop(taken);
 }
+
+#[test]
+fn zero_timeouts_are_refused_naming_the_flag() {
+    // A zero handshake timeout would answer every request with 408.
+    for (flag, zero) in [
+        ("--handshake-timeout", "0"),
+        ("--handshake-timeout", "0s"),
+        ("--ping-timeout", "0ms"),
+        ("--room-history-ttl", "0"),
+    ] {
+        let run = walkie(&["serve", "--bind", "127.0.0.1:0", "--in-memory", flag, zero]);
+        assert_eq!(run.code(), Some(2), "{flag} {zero}: {run:?}");
+        assert!(run.stderr.contains(flag), "{flag} {zero}: {}", run.stderr);
+        assert!(run.stderr.contains("more than 0"), "{}", run.stderr);
+    }
+    for command in [
+        &["connect", "ws://127.0.0.1:9/", "-t", "0"][..],
+        &["publish", "news", "1", "--timeout", "0s"][..],
+    ] {
+        let run = walkie(command);
+        assert_eq!(run.code(), Some(2), "{command:?}: {run:?}");
+        assert!(run.stderr.contains("--timeout"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn size_errors_say_what_is_wrong() {
+    for (value, says) in [
+        ("1.5M", "whole numbers"),
+        ("99999999999999999999999", "too large"),
+        ("99999999999G", "too large"),
+    ] {
+        let run = walkie(&["serve", "--bind", "127.0.0.1:0", "--max-frame-size", value]);
+        assert_eq!(run.code(), Some(2), "{value}: {run:?}");
+        assert!(run.stderr.contains("--max-frame-size"), "{}", run.stderr);
+        assert!(run.stderr.contains(says), "{value}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn publish_url_without_a_port_means_port_80() {
+    // Whatever answers on port 80 (usually nobody), `localhost` with no
+    // port is a place to connect to, not "an invalid socket address".
+    let run = walkie(&[
+        "publish",
+        "--url",
+        "http://localhost",
+        "-t",
+        "3s",
+        "news",
+        "1",
+    ]);
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    assert!(
+        !run.stderr.contains("invalid socket address"),
+        "{}",
+        run.stderr
+    );
+    let run = walkie(&["publish", "--url", "http://localhost:", "news", "1"]);
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("--url") && run.stderr.contains("port"),
+        "{}",
+        run.stderr
+    );
+}

@@ -164,3 +164,50 @@ fn invalid_utf8_on_stdin_is_refused_unless_binary() {
     );
     assert_eq!(run.code(), Some(0), "{run:?}");
 }
+
+#[test]
+fn server_closing_while_stdin_is_open_exits_4() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    // Every reply arrived, but stdin is still open: more lines could have
+    // come, so the server closing first (1001 at its shutdown) is not a
+    // finished exchange.
+    let server = Server::start(&[]);
+    let mut child = common::ChildGuard(
+        Command::new(common::WALKIE)
+            .args(["connect", server.ws_url("/echo").as_str()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start walkie connect"),
+    );
+    let mut stdin = child.0.stdin.take().unwrap();
+    stdin.write_all(b"first\n").unwrap();
+    stdin.flush().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let echoed = rx.recv_timeout(LIMIT).expect("no echo");
+    assert_eq!(echoed, "first\n");
+
+    server.signal("TERM");
+    let deadline = std::time::Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "walkie connect still running after the server closed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(4), "{status}");
+    drop(stdin);
+}
