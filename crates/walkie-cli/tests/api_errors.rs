@@ -132,17 +132,11 @@ async fn a_body_over_the_limit_is_413_with_code_112() {
 
 #[tokio::test]
 async fn a_namespace_above_2_mb_takes_its_largest_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walkie.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[auth]\napi_key = \"{KEY}\"\n\n[namespaces.big]\nhistory_size = 1\nmax_message_size = {}\n",
-            4 << 20
-        ),
-    )
-    .unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let toml = format!(
+        "[auth]\napi_key = \"{KEY}\"\n\n[namespaces.big]\nhistory_size = 1\nmax_message_size = {}\n",
+        4 << 20
+    );
+    let (server, _dir) = Server::with_config(&toml, &[]);
     within(60, async {
         let body = json!({"channel": "big:a", "data": "x".repeat(3 << 20)}).to_string();
         let r = request(server.port, "POST", "/api/publish", &body).await;

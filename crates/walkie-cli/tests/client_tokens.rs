@@ -19,16 +19,10 @@ use walkie_hub::client::{Client, ClientError, ClientEvent, Options, SubscribeOpt
 const SECRET: &str = "client-token-secret";
 
 fn server() -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walkie.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[auth]\nhmac_secret = \"{SECRET}\"\n\n[namespaces.chat]\nallow_publish = true\n\n[namespaces.secret]\nprivate = true\n"
-        ),
-    )
-    .unwrap();
-    (Server::start(&["--config", config.to_str().unwrap()]), dir)
+    let toml = format!(
+        "[auth]\nhmac_secret = \"{SECRET}\"\n\n[namespaces.chat]\nallow_publish = true\n\n[namespaces.secret]\nprivate = true\n"
+    );
+    Server::with_config(&toml, &[])
 }
 
 /// A connection token for `sub`, expiring in `exp_in` seconds.

@@ -169,20 +169,16 @@ async fn share_channels_history_and_presence(url: &str, prefix: &str) -> (Server
 
 /// Two nodes sharing an HS256 secret, so that one token works on both.
 fn nodes_with_users(url: &str, prefix: &str) -> (Server, Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walkie.toml");
-    std::fs::write(
-        &config,
+    let (dir, config) = common::config_file(
         "[auth]\nhmac_secret = \"multinode\"\napi_key = \"k\"\n\n[namespaces.chat]\npresence = true\nallow_publish = true\n",
-    )
-    .unwrap();
+    );
     let args = [
         "--engine",
         url,
         "--engine-prefix",
         prefix,
         "--config",
-        config.to_str().unwrap(),
+        &config,
     ];
     (Server::start(&args), Server::start(&args), dir)
 }

@@ -14,14 +14,8 @@ use serde_json::json;
 
 #[tokio::test]
 async fn a_slow_reader_skips_to_the_latest_state_per_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walkie.toml");
-    std::fs::write(
-        &config,
-        "[auth]\nanonymous = true\napi_key = \"k\"\n[namespaces.scores]\nanonymous = true\noverflow = \"latest_per_key\"\nhistory_size = 0\nmax_message_size = \"64K\"\n",
-    )
-    .unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap(), "--client-queue", "8"]);
+    let toml = "[auth]\nanonymous = true\napi_key = \"k\"\n[namespaces.scores]\nanonymous = true\noverflow = \"latest_per_key\"\nhistory_size = 0\nmax_message_size = \"64K\"\n";
+    let (server, _dir) = Server::with_config(toml, &["--client-queue", "8"]);
     within(60, async {
         let (mut slow, _) = proto::connected(server.port, None).await;
         slow.ok("subscribe", json!({"channel": "scores:final"})).await;

@@ -15,16 +15,10 @@ use serde_json::{Value, json};
 const SECRET: &str = "serve-tokens-secret";
 
 fn server(anonymous: bool) -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walkie.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[auth]\nhmac_secret = \"{SECRET}\"\nanonymous = {anonymous}\n\n[namespaces.chat]\nanonymous = true\n\n[namespaces.secret]\nprivate = true\n"
-        ),
-    )
-    .unwrap();
-    (Server::start(&["--config", config.to_str().unwrap()]), dir)
+    let toml = format!(
+        "[auth]\nhmac_secret = \"{SECRET}\"\nanonymous = {anonymous}\n\n[namespaces.chat]\nanonymous = true\n\n[namespaces.secret]\nprivate = true\n"
+    );
+    Server::with_config(&toml, &[])
 }
 
 /// The close code of a `connect` with a token for `claims`.

@@ -16,12 +16,8 @@ use serde_json::json;
 const SECRET: &str = "test-secret";
 
 fn server() -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walkie.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let toml = format!(
+        r#"
             [auth]
             hmac_secret = "{SECRET}"
             anonymous = false
@@ -38,11 +34,8 @@ fn server() -> (Server, tempfile::TempDir) {
             [namespaces.notifications]
             history_size = 10
             "#
-        ),
-    )
-    .unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap()]);
-    (server, dir)
+    );
+    Server::with_config(&toml, &[])
 }
 
 fn user(sub: &str, exp_in: i64, channels: &[&str]) -> String {
@@ -495,12 +488,9 @@ async fn other_origins_are_refused_on_every_websocket_route() {
 /// them, rather than letting anyone read and write its channels.
 #[tokio::test]
 async fn a_private_rooms_namespace_refuses_rooms_by_url() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("walkie.toml");
     let toml =
         format!("[auth]\nhmac_secret = \"{SECRET}\"\n\n[namespaces.rooms]\nprivate = true\n");
-    std::fs::write(&config, toml).unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let (server, _dir) = Server::with_config(&toml, &[]);
     within(10, async {
         let r = http_exchange(server.port, upgrade_request("/rooms/x", "").as_bytes()).await;
         assert_eq!(r.status, 403, "{r:?}");

@@ -165,12 +165,31 @@ pub struct Server {
     log: Arc<Log>,
 }
 
+/// A configuration file holding `toml`, in a new temporary directory:
+/// the directory (keep it while the file is used) and the file's path.
+pub fn config_file(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walkie.toml");
+    std::fs::write(&path, toml).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
 impl Server {
     /// `walkie serve --bind 127.0.0.1:0 <args>` with `WALKIE_LOG=info`.
     pub fn start(args: &[&str]) -> Server {
         let mut all = vec!["serve", "--bind", "127.0.0.1:0"];
         all.extend_from_slice(args);
         Server::spawn(all, &[])
+    }
+
+    /// [`Server::start`] with `--config` a file holding `toml`; the
+    /// file's directory goes with it.
+    pub fn with_config(toml: &str, args: &[&str]) -> (Server, tempfile::TempDir) {
+        let (dir, path) = config_file(toml);
+        let mut all = vec!["--config", path.as_str()];
+        all.extend_from_slice(args);
+        (Server::start(&all), dir)
     }
 
     /// `walkie <args>` with `WALKIE_LOG=info` and `envs`; waits for the
