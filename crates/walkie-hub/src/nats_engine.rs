@@ -31,7 +31,9 @@
 //!   TTL by their publication time, so a TTL shorter than the duplicate
 //!   window, or than JetStream's age check interval, still holds. The
 //!   limits in effect are kept in the stream's description; a publish that
-//!   brings other limits updates the stream first.
+//!   brings other limits updates the stream first. A stream made by a read
+//!   trims nothing by count until then: a node with a stale cached stream
+//!   may publish to it before it learns that it must apply its limits.
 //! - **Idempotency.** A publish with an idempotency key sets `Nats-Msg-Id`
 //!   (the key in hex); the stream's duplicate window is the idempotency
 //!   TTL. A duplicate is not saved, and its acknowledgement gives the first
@@ -44,11 +46,13 @@
 //!   subject over core NATS. A node subscribes to that subject only for
 //!   channels with local subscribers, and delivers each channel from one
 //!   task: in order, and each saved publication once (dedup by offset and
-//!   epoch). A sequence that skips ahead of the previous one (a message
-//!   dropped on the way, or sent while the connection was down) is read
-//!   back from the stream before the newer one is delivered, and after a
-//!   reconnect each channel catches up from its stream, as the Redis engine
-//!   does from its history.
+//!   epoch), from the stream's position when the node subscribed. A
+//!   sequence that skips ahead of the previous one (a message dropped on
+//!   the way, or sent while the connection was down) is read back from the
+//!   stream before the newer one is delivered, and after a reconnect each
+//!   channel catches up from its stream, as the Redis engine does from its
+//!   history. A read-back that fails is tried again until it succeeds, and
+//!   nothing saved is delivered past the gap meanwhile (see `delivery.rs`).
 //! - **Presence** is a key-value bucket (`<prefix>presence`) whose entries
 //!   expire after [`PRESENCE_TTL`](crate::PRESENCE_TTL) unless put again;
 //!   each node's refresh task puts its own entries again
@@ -82,6 +86,8 @@
 //! - A publication must fit in the server's `max_payload` (1 MB by
 //!   default), headers included.
 //! - Needs NATS 2.9 or later with JetStream enabled.
+
+mod delivery;
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
@@ -143,10 +149,15 @@ impl Limits {
         })
     }
 
-    /// For a stream created by a read, before any publish says more.
+    /// For a stream created by a read, before any publish says more. It
+    /// trims nothing by count (`-1`: no limit): a node whose cached stream
+    /// is stale may publish to it before its first acknowledgement tells it
+    /// to apply its limits, and a limit of one would keep only the last of
+    /// those. What such publishes save expires after the default duplicate
+    /// window at the latest, as any stream's messages must outlive theirs.
     fn initial() -> Limits {
         Limits {
-            size: 1,
+            size: -1,
             ttl_ms: 0,
             dedup_ms: millis(DEFAULT_IDEMPOTENCY_TTL),
         }
@@ -237,6 +248,28 @@ async fn bounded<T, E: std::fmt::Display>(
             "nats: no answer within {} s",
             REQUEST_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+/// An idempotency key of a publication without history, claimed for one
+/// publish (see [`Inner::claim_live_key`]).
+struct Claim<'a> {
+    store: &'a kv::Store,
+    key: String,
+    /// The claim's revision: a release leaves a newer claim alone.
+    revision: u64,
+}
+
+impl Claim<'_> {
+    /// Gives the key up: a publication that was not sent has not used it.
+    async fn release(self, channel: &ChannelName) {
+        let released = self
+            .store
+            .delete_expect_revision(&self.key, Some(self.revision))
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(%channel, "nats engine: an idempotency key stays used by a failed publish: {e}");
+        }
     }
 }
 
@@ -743,14 +776,14 @@ impl Inner {
         )))
     }
 
-    /// Whether `key` was used on `channel` (without history) within `ttl`;
-    /// remembers it if not.
-    async fn live_key_seen(
+    /// Claims `key` on `channel` (without history) for `ttl`; `None` if it
+    /// was used within its TTL.
+    async fn claim_live_key(
         &self,
         channel: &ChannelName,
         key: &str,
         ttl: Duration,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<Option<Claim<'_>>, EngineError> {
         let store = self
             .live_keys
             .get_or_try_init(|| self.open_bucket(self.bucket("idem"), LIVE_KEYS_TTL))
@@ -762,27 +795,73 @@ impl Inner {
         );
         let now = now_ms();
         let until = Bytes::from((now + millis(ttl.min(LIVE_KEYS_TTL))).to_string());
+        let claimed = |revision| {
+            Some(Claim {
+                store,
+                key: k.clone(),
+                revision,
+            })
+        };
         match store.create(&k, until.clone()).await {
-            Ok(_) => return Ok(false),
+            Ok(revision) => return Ok(claimed(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(unavailable(e)),
         }
         let Some(entry) = store.entry(k.clone()).await.map_err(unavailable)? else {
-            return Ok(true);
+            return Ok(None);
         };
         let deadline: u64 = std::str::from_utf8(&entry.value)
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         if entry.operation == kv::Operation::Put && deadline > now {
-            return Ok(true);
+            return Ok(None);
         }
         match store.update(&k, until, entry.revision).await {
-            Ok(_) => Ok(false),
+            Ok(revision) => Ok(claimed(revision)),
             // Someone claimed it just now.
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// Publishes without history: over core NATS, on the delivery subject.
+    /// An idempotency key is claimed first, and given up if the message is
+    /// not sent, so that a retry with it is sent rather than suppressed.
+    async fn publish_live(
+        &self,
+        channel: &ChannelName,
+        body: Bytes,
+        options: &PublishOptions,
+    ) -> Result<PublishResult, EngineError> {
+        let known = self.ensure(channel, None).await?;
+        let position = StreamPosition {
+            offset: 0,
+            epoch: epoch_of(&known.stream).into(),
+        };
+        let claim = match &options.idempotency_key {
+            None => None,
+            Some(key) => {
+                let ttl = options.idempotency_ttl();
+                let Some(claim) = self.claim_live_key(channel, key, ttl).await? else {
+                    return Ok(PublishResult {
+                        position,
+                        suppressed: true,
+                    });
+                };
+                Some(claim)
+            }
+        };
+        if let Err(e) = bounded(self.client.publish(self.delivery_subject(channel), body)).await {
+            if let Some(claim) = claim {
+                claim.release(channel).await;
+            }
+            return Err(e);
+        }
+        Ok(PublishResult {
+            position,
+            suppressed: false,
+        })
     }
 
     async fn publish(
@@ -793,28 +872,7 @@ impl Inner {
     ) -> Result<PublishResult, EngineError> {
         let body = Bytes::from(encode(&new.at(0)));
         let Some(want) = Limits::of(options) else {
-            // Without history: core NATS, on the delivery subject.
-            let known = self.ensure(channel, None).await?;
-            let position = StreamPosition {
-                offset: 0,
-                epoch: epoch_of(&known.stream).into(),
-            };
-            if let Some(key) = &options.idempotency_key {
-                if self
-                    .live_key_seen(channel, key, options.idempotency_ttl())
-                    .await?
-                {
-                    return Ok(PublishResult {
-                        position,
-                        suppressed: true,
-                    });
-                }
-            }
-            bounded(self.client.publish(self.delivery_subject(channel), body)).await?;
-            return Ok(PublishResult {
-                position,
-                suppressed: false,
-            });
+            return self.publish_live(channel, body, options).await;
         };
         let subject = self.saved_subject(channel);
         for _ in 0..3 {
@@ -894,157 +952,6 @@ impl Inner {
             Err(e) => Err(unavailable(e)),
         }
     }
-
-    fn emit(
-        &self,
-        channel: &ChannelName,
-        p: &Publication,
-        epoch: &str,
-        at: &mut Option<(String, u64)>,
-    ) {
-        if p.offset != 0 {
-            if let Some((e, last)) = at {
-                if e == epoch && p.offset <= *last {
-                    return;
-                }
-            }
-            *at = Some((epoch.to_owned(), p.offset));
-        }
-        if let Some(events) = self.events.get() {
-            events.handle_publication(channel, p, epoch);
-        }
-    }
-
-    /// Delivers saved publications `after+1..=upto` of `stream` that were
-    /// not delivered.
-    async fn fill(
-        &self,
-        channel: &ChannelName,
-        stream: &str,
-        after: u64,
-        upto: u64,
-        at: &mut Option<(String, u64)>,
-    ) {
-        match self.fetch(stream, after + 1..=upto).await {
-            Ok(missed) => {
-                for p in &missed {
-                    self.emit(channel, p, epoch_of(stream), at);
-                }
-            }
-            Err(Fail::Gone) => {}
-            Err(Fail::Engine(e)) => {
-                tracing::warn!(%channel, "nats engine: cannot read back missed messages: {e}");
-            }
-        }
-    }
-
-    /// One message on a channel's delivery subject.
-    async fn on_message(
-        &self,
-        channel: &ChannelName,
-        m: async_nats::Message,
-        at: &mut Option<(String, u64)>,
-    ) {
-        let header = |name: async_nats::HeaderName| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        let seq = header(async_nats::header::NATS_SEQUENCE).and_then(|s| s.parse::<u64>().ok());
-        let Some(seq) = seq else {
-            // Without history: offset 0, not ordered against saved ones.
-            if let Ok(p) = decode(0, &m.payload) {
-                let epoch = at.as_ref().map(|(e, _)| e.clone()).unwrap_or_default();
-                self.emit(channel, &p, &epoch, at);
-            }
-            return;
-        };
-        let Some(stream) = header(async_nats::header::NATS_STREAM) else {
-            return;
-        };
-        let epoch = epoch_of(&stream).to_owned();
-        let previous = header(async_nats::header::NATS_LAST_SEQUENCE)
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(seq.saturating_sub(1));
-        match at.clone() {
-            Some((e, last)) if e == epoch => {
-                if seq <= last {
-                    return;
-                }
-                if previous > last {
-                    self.fill(channel, &stream, last, previous, at).await;
-                }
-            }
-            // A new stream (the history was removed): what it saved before
-            // this one was missed.
-            Some(_) if previous > 0 => self.fill(channel, &stream, 0, previous, at).await,
-            // The first since subscribing: the hub read history itself.
-            _ => {}
-        }
-        match decode(seq, &m.payload) {
-            Ok(p) => self.emit(channel, &p, &epoch, at),
-            Err(e) => tracing::warn!(%channel, "nats engine: {e}"),
-        }
-    }
-
-    /// After a reconnect: delivers what the channel saved meanwhile.
-    async fn catch_up(&self, channel: &ChannelName, at: &mut Option<(String, u64)>) {
-        self.forget(channel);
-        let since = at.as_ref().map(|(_, last)| *last);
-        let filter = HistoryFilter {
-            since,
-            limit: None,
-            reverse: false,
-        };
-        let mut h = match self.history(channel, filter).await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(%channel, "nats engine: catch-up failed: {e}");
-                return;
-            }
-        };
-        if at.as_ref().is_some_and(|(e, _)| **e != *h.position.epoch) {
-            tracing::warn!(%channel, "nats engine: history removed while disconnected (new epoch)");
-            let filter = HistoryFilter {
-                since: None,
-                ..filter
-            };
-            match self.history(channel, filter).await {
-                Ok(all) => h = all,
-                Err(e) => {
-                    tracing::warn!(%channel, "nats engine: catch-up failed: {e}");
-                    return;
-                }
-            }
-        }
-        for p in &h.publications {
-            self.emit(channel, p, &h.position.epoch, at);
-        }
-    }
-}
-
-/// Delivers one channel to the hub, until unsubscribed.
-async fn deliver(
-    inner: Arc<Inner>,
-    channel: ChannelName,
-    mut subscriber: async_nats::Subscriber,
-    mut reconnects: watch::Receiver<u64>,
-) {
-    // The latest saved publication delivered: its epoch and offset.
-    let mut at: Option<(String, u64)> = None;
-    loop {
-        tokio::select! {
-            m = subscriber.next() => match m {
-                Some(m) => inner.on_message(&channel, m, &mut at).await,
-                None => return,
-            },
-            changed = reconnects.changed() => match changed {
-                Ok(()) => inner.catch_up(&channel, &mut at).await,
-                Err(_) => return,
-            },
-        }
-    }
 }
 
 impl Broker for NatsBroker {
@@ -1062,14 +969,22 @@ impl Broker for NatsBroker {
             if lock(&i.local).contains_key(&channel) {
                 return Ok(());
             }
+            // Taken first: a reconnect from now on makes the task catch up.
+            let reconnects = i.reconnects.subscribe();
             let subscriber = bounded(i.client.subscribe(i.delivery_subject(&channel))).await?;
+            // Read once subscribed (the subscription goes to the server
+            // first): what the stream saves after this position arrives, or
+            // is read back; what it saved up to here is not delivered again
+            // by a catch-up (the hub reads history for its members itself).
+            let start = i.position(&channel).await?;
             // Subscribed meanwhile: dropping this subscriber unsubscribes.
             if let std::collections::hash_map::Entry::Vacant(e) = lock(&i.local).entry(channel) {
-                let task = tokio::spawn(deliver(
+                let task = tokio::spawn(delivery::deliver(
                     i.clone(),
                     e.key().clone(),
                     subscriber,
-                    i.reconnects.subscribe(),
+                    reconnects,
+                    start,
                 ));
                 e.insert(task);
             }

@@ -1,8 +1,11 @@
 //! What the NATS engine does beyond the shared conformance suite: history
 //! removed by another node, channel names that are special in NATS
-//! subjects, idempotency without history, catching up after the
-//! connection to NATS was cut, and presence read while entries expire. Needs `WALKIE_TEST_NATS` (`.ci/run` sets
-//! it); without it the tests say they were skipped. Each test deletes what
+//! subjects, idempotency without history (and its retry after a failed
+//! publish), catching up after the connection to NATS was cut, read-backs
+//! retried while the JetStream API does not answer, streams made by a read
+//! that trim nothing, and presence read while entries expire. Needs
+//! `WALKIE_TEST_NATS` (`.ci/run` sets it); without it the tests say they
+//! were skipped. Each test deletes what
 //! it made in NATS, even when it fails.
 
 use std::future::Future;
@@ -12,7 +15,8 @@ use std::time::Duration;
 
 use walkie_hub::conformance::Recorder;
 use walkie_hub::{
-    Broker, ChannelName, HistoryFilter, HistoryOptions, NatsBroker, NewPublication, PublishOptions,
+    Broker, ChannelName, HistoryFilter, HistoryOptions, NatsBroker, NewPublication, Publication,
+    PublishOptions,
 };
 
 fn nats(test: &str) -> Option<String> {
@@ -214,11 +218,17 @@ async fn idempotency_keys_hold_without_history_across_nodes() {
     .await;
 }
 
-/// A TCP proxy to NATS whose connections can be cut: while cut, it closes
-/// every connection at once.
+/// A TCP proxy to NATS that misbehaves on demand, each for as long as its
+/// flag is set: `cut` closes every connection at once (and refuses new
+/// ones); `drop_js` drops the client's requests to the JetStream API (they
+/// time out, as while JetStream has no leader); `drop_deliveries` drops the
+/// messages the server sends to the client's subscriptions (lost on the
+/// way), but not the replies to its requests.
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    drop_js: Arc<AtomicBool>,
+    drop_deliveries: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -231,41 +241,150 @@ impl Proxy {
             .to_owned();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let flag = cut.clone();
+        let proxy = Proxy {
+            port,
+            cut: Arc::default(),
+            drop_js: Arc::default(),
+            drop_deliveries: Arc::default(),
+        };
+        let (cut, drop_js, drop_deliveries) = (
+            proxy.cut.clone(),
+            proxy.drop_js.clone(),
+            proxy.drop_deliveries.clone(),
+        );
         tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                if flag.load(Ordering::SeqCst) {
+                if cut.load(Ordering::SeqCst) {
                     continue;
                 }
-                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                     continue;
                 };
-                let flag = flag.clone();
+                let (client_in, client_out) = client.into_split();
+                let (server_in, server_out) = server.into_split();
+                let drop_js = drop_js.clone();
+                let drop_deliveries = drop_deliveries.clone();
+                let up = relay(client_in, server_out, move |line| {
+                    drop_js.load(Ordering::SeqCst)
+                        && (line.starts_with(b"PUB $JS.API.") || line.starts_with(b"HPUB $JS.API."))
+                });
+                let down = relay(server_in, client_out, move |line| {
+                    drop_deliveries.load(Ordering::SeqCst)
+                        && (line.starts_with(b"MSG ") || line.starts_with(b"HMSG "))
+                        && !line
+                            .split(|b| *b == b' ')
+                            .nth(1)
+                            .unwrap_or_default()
+                            .starts_with(b"_INBOX.")
+                });
+                let cut = cut.clone();
                 tokio::spawn(async move {
-                    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
                     let watch = async {
-                        while !flag.load(Ordering::SeqCst) {
+                        while !cut.load(Ordering::SeqCst) {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                     };
                     tokio::select! {
-                        _ = copy => {}
+                        () = up => {}
+                        () = down => {}
                         () = watch => {}
                     }
                 });
             }
         });
-        Proxy { port, cut }
+        proxy
     }
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
+
+/// Copies NATS protocol frames from `from` to `to`, leaving out those whose
+/// control line `drop` selects; ends when either side closes.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    drop: impl Fn(&[u8]) -> bool,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut pending = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&chunk[..n]);
+        let mut out = Vec::with_capacity(pending.len());
+        let mut at = 0;
+        while let Some((line, len)) = frame(&pending[at..]) {
+            let whole = &pending[at..at + len];
+            if !drop(&whole[..line]) {
+                out.extend_from_slice(whole);
+            }
+            at += len;
+        }
+        pending.drain(..at);
+        if to.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The first whole frame in `buf`, if all of it is there: the length of its
+/// control line, and its length with its payload (`PUB`, `HPUB`, `MSG` and
+/// `HMSG` carry one, whose size is the line's last field).
+fn frame(buf: &[u8]) -> Option<(usize, usize)> {
+    let line = buf.windows(2).position(|w| w == b"\r\n")?;
+    let fields: Vec<&[u8]> = buf[..line]
+        .split(|b| *b == b' ' || *b == b'\t')
+        .filter(|f| !f.is_empty())
+        .collect();
+    let op = fields.first().copied().unwrap_or_default();
+    let mut len = line + 2;
+    if [&b"PUB"[..], b"HPUB", b"MSG", b"HMSG"]
+        .iter()
+        .any(|o| op.eq_ignore_ascii_case(o))
+    {
+        let size: usize = std::str::from_utf8(fields.last()?).ok()?.parse().ok()?;
+        len += size + 2;
+    }
+    (buf.len() >= len).then_some((line, len))
+}
+
+/// Waits up to 20 s for `n` publications on `channel`.
+async fn wait_long(seen: &Recorder, channel: &ChannelName, n: usize) -> Vec<Publication> {
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got = seen.wait_for(channel, n).await;
+        if got.len() >= n {
+            break;
+        }
+    }
+    got
+}
+
+/// Waits up to 20 s until `broker` has reconnected `n` times.
+async fn wait_reconnects(broker: &NatsBroker, n: u64) {
+    for _ in 0..200 {
+        if broker.reconnects() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no reconnect within 20 s");
+}
+
+fn offsets(delivered: &[Publication]) -> Vec<u64> {
+    delivered.iter().map(|p| p.offset).collect()
+}
+
+/// Longer than a JetStream request may take (3 s) before it fails.
+const REQUEST_FAILED: Duration = Duration::from_millis(3500);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_catches_up_on_what_it_missed_while_cut_off() {
@@ -314,6 +433,194 @@ async fn a_node_catches_up_on_what_it_missed_while_cut_off() {
             assert_eq!(delivered[5].data, "m6".as_bytes());
         },
     )
+    .await;
+}
+
+/// A message that arrives after a gap which cannot be read back yet (the
+/// JetStream API does not answer) waits for the gap: nothing is delivered
+/// past it until the read-back, retried, succeeds; then everything comes
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_delivered_past_a_gap_until_it_is_read_back() {
+    on_nats("nothing_is_delivered_past_a_gap", |u, p| async move {
+        let proxy = Proxy::start(&u).await;
+        let (behind, seen) = node(&proxy.url(), &p).await;
+        let (publisher, _) = node(&u, &p).await;
+        let ch = ChannelName::new("chat:gap").unwrap();
+        behind.subscribe(ch.clone()).await.unwrap();
+        let publish = |i: u32| {
+            let (publisher, ch) = (publisher.clone(), ch.clone());
+            async move {
+                publisher
+                    .publish(ch, NewPublication::text(format!("m{i}")), kept())
+                    .await
+                    .unwrap();
+            }
+        };
+        for i in 1..=3 {
+            publish(i).await;
+        }
+        assert_eq!(seen.wait_for(&ch, 3).await.len(), 3);
+        // 4 to 6 are lost on the way; then, with the JetStream API silent,
+        // 7 arrives: the gap before it cannot be read back.
+        proxy.drop_deliveries.store(true, Ordering::SeqCst);
+        for i in 4..=6 {
+            publish(i).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.drop_js.store(true, Ordering::SeqCst);
+        proxy.drop_deliveries.store(false, Ordering::SeqCst);
+        publish(7).await;
+        tokio::time::sleep(REQUEST_FAILED).await;
+        assert_eq!(offsets(&seen.on(&ch)), [1, 2, 3], "nothing past the gap");
+        proxy.drop_js.store(false, Ordering::SeqCst);
+        let delivered = wait_long(&seen, &ch, 7).await;
+        assert_eq!(offsets(&delivered), (1..=7).collect::<Vec<_>>());
+        assert_eq!(delivered[4].data, "m5".as_bytes());
+    })
+    .await;
+}
+
+/// A reconnect's catch-up that fails (the JetStream API does not answer
+/// yet) is tried again: what was missed arrives although nothing more is
+/// published on the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_catch_up_is_retried_on_a_quiet_channel() {
+    on_nats("a_failed_catch_up_is_retried", |u, p| async move {
+        let proxy = Proxy::start(&u).await;
+        let (behind, seen) = node(&proxy.url(), &p).await;
+        let (publisher, _) = node(&u, &p).await;
+        let ch = ChannelName::new("chat:quiet").unwrap();
+        behind.subscribe(ch.clone()).await.unwrap();
+        for i in 1..=3 {
+            publisher
+                .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
+                .await
+                .unwrap();
+        }
+        assert_eq!(seen.wait_for(&ch, 3).await.len(), 3);
+        proxy.cut.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in 4..=6 {
+            publisher
+                .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
+                .await
+                .unwrap();
+        }
+        proxy.drop_js.store(true, Ordering::SeqCst);
+        proxy.cut.store(false, Ordering::SeqCst);
+        wait_reconnects(&behind, 1).await;
+        tokio::time::sleep(REQUEST_FAILED).await;
+        assert_eq!(seen.on(&ch).len(), 3, "the first catch-up failed");
+        proxy.drop_js.store(false, Ordering::SeqCst);
+        let delivered = wait_long(&seen, &ch, 6).await;
+        assert_eq!(offsets(&delivered), (1..=6).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+/// A reconnect before anything was delivered catches up from where the
+/// stream was at subscribe: what history held before is not delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_delivers_nothing_from_before_the_subscribe() {
+    on_nats(
+        "a_catch_up_delivers_nothing_from_before",
+        |u, p| async move {
+            let proxy = Proxy::start(&u).await;
+            let (behind, seen) = node(&proxy.url(), &p).await;
+            let (publisher, _) = node(&u, &p).await;
+            let ch = ChannelName::new("chat:old").unwrap();
+            for i in 1..=3 {
+                publisher
+                    .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
+                    .await
+                    .unwrap();
+            }
+            behind.subscribe(ch.clone()).await.unwrap();
+            proxy.cut.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            publisher
+                .publish(ch.clone(), NewPublication::text("m4"), kept())
+                .await
+                .unwrap();
+            proxy.cut.store(false, Ordering::SeqCst);
+            wait_reconnects(&behind, 1).await;
+            assert!(!wait_long(&seen, &ch, 1).await.is_empty(), "caught up");
+            publisher
+                .publish(ch.clone(), NewPublication::text("m5"), kept())
+                .await
+                .unwrap();
+            seen.wait_for(&ch, 2).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(offsets(&seen.on(&ch)), [4, 5]);
+        },
+    )
+    .await;
+}
+
+/// A node whose cached stream is stale (the stream was deleted, and a read
+/// on another node made a new one) publishes many messages at once: the
+/// new stream keeps them all, not only the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_by_a_read_keeps_what_a_stale_node_publishes() {
+    on_nats("a_stream_made_by_a_read_keeps", |u, p| async move {
+        let (stale, _) = node(&u, &p).await;
+        let (reader, _) = node(&u, &p).await;
+        let ch = ChannelName::new("chat:stale").unwrap();
+        stale
+            .publish(ch.clone(), NewPublication::text("m0"), kept())
+            .await
+            .unwrap();
+        reader.delete_all().await.unwrap();
+        let fresh = reader.history(ch.clone(), all()).await.unwrap();
+        assert_eq!(fresh.position.offset, 0);
+        let results = futures_util::future::join_all(
+            (1..=20)
+                .map(|i| stale.publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())),
+        )
+        .await;
+        for r in results {
+            assert_eq!(r.unwrap().position.epoch, fresh.position.epoch);
+        }
+        let h = reader.history(ch.clone(), all()).await.unwrap();
+        assert_eq!(h.position.offset, 20);
+        assert_eq!(h.publications.len(), 20, "none trimmed");
+    })
+    .await;
+}
+
+/// A publish without history whose sending fails does not use up its
+/// idempotency key: the retry with that key is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_without_history_can_be_retried() {
+    on_nats("a_failed_publish_without_history", |u, p| async move {
+        let (broker, seen) = node(&u, &p).await;
+        let ch = ChannelName::new("game:retry").unwrap();
+        broker.subscribe(ch.clone()).await.unwrap();
+        let live = PublishOptions {
+            idempotency_key: Some("move-1".into()),
+            ..PublishOptions::default()
+        };
+        // Over the server's max_payload (1 MiB by default): not sent.
+        let too_big = NewPublication::text("x".repeat(2 << 20));
+        broker
+            .publish(ch.clone(), too_big, live.clone())
+            .await
+            .unwrap_err();
+        let retry = broker
+            .publish(ch.clone(), NewPublication::text("e4"), live.clone())
+            .await
+            .unwrap();
+        assert!(!retry.suppressed, "the failed publish kept its key");
+        let delivered = seen.wait_for(&ch, 1).await;
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].data, "e4".as_bytes());
+        let again = broker
+            .publish(ch.clone(), NewPublication::text("e4"), live)
+            .await
+            .unwrap();
+        assert!(again.suppressed, "a sent publish keeps its key");
+    })
     .await;
 }
 

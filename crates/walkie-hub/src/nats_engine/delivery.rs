@@ -1,0 +1,458 @@
+//! Delivering one channel to the hub: in order, each saved publication
+//! once, with what was missed read back from the channel's stream.
+//!
+//! A read-back can fail: a request times out, or JetStream has no leader
+//! yet after a server restart. The channel is then *behind*: nothing saved
+//! is delivered past the gap (that would skip what it holds for good), and
+//! the read-back is tried again, waiting longer each time, until it
+//! succeeds. Saved messages that arrive meanwhile are held in order, up to
+//! [`MAX_HELD`] messages or [`MAX_HELD_BYTES`]; past that they are let go
+//! and read from the stream with the rest (they are saved there: holding
+//! them only spares reading them back, and keeps them should the history
+//! turn over meanwhile). A publication without history is delivered at
+//! once even then: it is not ordered against saved ones.
+//!
+//! The hub has no way yet to hear that a channel is behind; a channel
+//! behind for [`LONG_BEHIND`] is logged as an error, and its retries go on.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Fail, Inner, epoch_of};
+use crate::channel::ChannelName;
+use crate::codec::decode;
+use crate::engine::EngineError;
+use crate::publication::{HistoryFilter, Publication, StreamPosition};
+
+/// The wait before the first retry of a failed read-back.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+
+/// The longest wait between two retries.
+const LAST_RETRY: Duration = Duration::from_secs(5);
+
+/// How long a channel may be behind before it is logged as an error.
+const LONG_BEHIND: Duration = Duration::from_secs(30);
+
+/// How many saved messages a channel holds while behind...
+const MAX_HELD: usize = 1024;
+
+/// ...and how many bytes of their payloads.
+const MAX_HELD_BYTES: usize = 8 << 20;
+
+/// A saved publication as it came on the delivery subject.
+#[derive(Debug)]
+struct Saved {
+    /// The stream that saved it.
+    stream: String,
+    seq: u64,
+    /// The sequence its stream saved before it.
+    previous: u64,
+    payload: Bytes,
+}
+
+/// What came on a channel's delivery subject.
+enum Incoming {
+    /// A publication without history (offset 0).
+    Live(Bytes),
+    Saved(Saved),
+    /// A sequence without its stream: not ours.
+    Foreign,
+}
+
+impl Incoming {
+    fn of(m: async_nats::Message) -> Incoming {
+        let header = |name: async_nats::HeaderName| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let seq = header(async_nats::header::NATS_SEQUENCE).and_then(|s| s.parse::<u64>().ok());
+        let Some(seq) = seq else {
+            return Incoming::Live(m.payload);
+        };
+        let Some(stream) = header(async_nats::header::NATS_STREAM) else {
+            return Incoming::Foreign;
+        };
+        let previous = header(async_nats::header::NATS_LAST_SEQUENCE)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(seq.saturating_sub(1));
+        Incoming::Saved(Saved {
+            stream,
+            seq,
+            previous,
+            payload: m.payload,
+        })
+    }
+}
+
+/// Where a channel's delivery stands.
+#[derive(Debug)]
+pub(super) struct Cursor {
+    /// The latest saved publication delivered (at first, the stream's
+    /// position when this node subscribed): what a read-back starts after.
+    at: StreamPosition,
+    /// Set while a read-back failed and is to be tried again.
+    behind: Option<Behind>,
+}
+
+/// A channel whose missed messages could not be read back yet.
+#[derive(Debug)]
+struct Behind {
+    /// When the first read-back failed (or the reconnect came).
+    since: Instant,
+    /// When to try again.
+    next_try: Instant,
+    /// The wait after the next try, if it fails too.
+    wait: Duration,
+    /// How many tries failed.
+    failures: u32,
+    /// Read the whole stream after `at` (after a reconnect, or once held
+    /// messages were let go), rather than the gap before the first held.
+    catch_up: bool,
+    /// Saved messages not delivered yet, in the order they came.
+    held: VecDeque<Saved>,
+    held_bytes: usize,
+    /// Whether being behind for long was logged.
+    reported: bool,
+}
+
+impl Behind {
+    fn new(now: Instant) -> Behind {
+        Behind {
+            since: now,
+            next_try: now,
+            wait: FIRST_RETRY,
+            failures: 0,
+            catch_up: false,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            reported: false,
+        }
+    }
+
+    /// Keeps a message for later; past the bounds, lets every held one go,
+    /// to be read from the stream instead.
+    fn hold(&mut self, s: Saved) {
+        self.held_bytes += s.payload.len();
+        self.held.push_back(s);
+        if self.held.len() > MAX_HELD || self.held_bytes > MAX_HELD_BYTES {
+            self.held.clear();
+            self.held_bytes = 0;
+            self.catch_up = true;
+        }
+    }
+
+    fn next_held(&mut self) -> Option<Saved> {
+        let s = self.held.pop_front()?;
+        self.held_bytes -= s.payload.len();
+        Some(s)
+    }
+
+    /// Puts back the message `next_held` gave, first in line.
+    fn unhold(&mut self, s: Saved) {
+        self.held_bytes += s.payload.len();
+        self.held.push_front(s);
+    }
+
+    /// A try failed: schedules the next, each wait twice the one before
+    /// up to [`LAST_RETRY`], and logs (once more as an error when the
+    /// channel has been behind for [`LONG_BEHIND`]).
+    fn failed(&mut self, channel: &ChannelName, e: &EngineError, now: Instant) {
+        self.failures += 1;
+        self.next_try = now + self.wait;
+        self.wait = (self.wait * 2).min(LAST_RETRY);
+        let behind_for = now.saturating_duration_since(self.since);
+        if self.failures == 1 {
+            tracing::warn!(%channel, "nats engine: cannot read back missed messages, retrying: {e}");
+        } else if behind_for >= LONG_BEHIND && !self.reported {
+            self.reported = true;
+            tracing::error!(
+                %channel,
+                secs = behind_for.as_secs(),
+                "nats engine: missed messages still cannot be read back; nothing newer is delivered on this channel until they are: {e}"
+            );
+        } else {
+            tracing::debug!(%channel, failures = self.failures, "nats engine: read-back failed again: {e}");
+        }
+    }
+}
+
+impl Cursor {
+    pub(super) fn new(at: StreamPosition) -> Cursor {
+        Cursor { at, behind: None }
+    }
+
+    /// When to try a failed read-back again, if one failed.
+    fn retry_at(&self) -> Option<Instant> {
+        self.behind.as_ref().map(|b| b.next_try)
+    }
+
+    /// After a reconnect: read the stream after `at` now.
+    fn need_catch_up(&mut self, now: Instant) {
+        let b = self.behind.get_or_insert_with(|| Behind::new(now));
+        b.catch_up = true;
+        b.next_try = now;
+        b.wait = FIRST_RETRY;
+    }
+
+    /// The gap before `s` could not be read back: `s` waits for it.
+    fn fall_behind(&mut self, channel: &ChannelName, s: Saved, e: &EngineError, now: Instant) {
+        let b = self.behind.get_or_insert_with(|| Behind::new(now));
+        b.failed(channel, e, now);
+        b.hold(s);
+    }
+}
+
+/// Whether trying again may help: data that is not a publication stays so.
+fn retryable(e: &EngineError) -> bool {
+    !matches!(e, EngineError::Storage(_))
+}
+
+impl Inner {
+    /// The channel's position now (its stream made if there is none).
+    pub(super) async fn position(
+        &self,
+        channel: &ChannelName,
+    ) -> Result<StreamPosition, EngineError> {
+        let only_position = HistoryFilter {
+            since: None,
+            limit: Some(0),
+            reverse: false,
+        };
+        Ok(self.history(channel, only_position).await?.position)
+    }
+
+    /// Hands a publication to the hub, unless it is a saved one at or
+    /// before `at` (delivered already); moves `at` past it.
+    fn emit(&self, channel: &ChannelName, p: &Publication, epoch: &str, at: &mut StreamPosition) {
+        if p.offset != 0 {
+            if *at.epoch == *epoch && p.offset <= at.offset {
+                return;
+            }
+            if *at.epoch != *epoch {
+                at.epoch = epoch.into();
+            }
+            at.offset = p.offset;
+        }
+        if let Some(events) = self.events.get() {
+            events.handle_publication(channel, p, epoch);
+        }
+    }
+
+    /// One message on a channel's delivery subject.
+    async fn on_message(&self, channel: &ChannelName, m: async_nats::Message, cursor: &mut Cursor) {
+        match Incoming::of(m) {
+            Incoming::Live(payload) => match decode(0, &payload) {
+                Ok(p) => {
+                    let epoch = cursor.at.epoch.clone();
+                    self.emit(channel, &p, &epoch, &mut cursor.at);
+                }
+                Err(e) => tracing::warn!(%channel, "nats engine: {e}"),
+            },
+            Incoming::Saved(s) => {
+                if let Some(b) = &mut cursor.behind {
+                    b.hold(s);
+                } else if let Err(e) = self.advance(channel, &s, &mut cursor.at).await {
+                    cursor.fall_behind(channel, s, &e, Instant::now());
+                }
+            }
+            Incoming::Foreign => {}
+        }
+    }
+
+    /// Delivers `s` after what its stream saved before it and was not
+    /// delivered (read back). Delivers nothing if that read-back fails.
+    async fn advance(
+        &self,
+        channel: &ChannelName,
+        s: &Saved,
+        at: &mut StreamPosition,
+    ) -> Result<(), EngineError> {
+        let epoch = epoch_of(&s.stream);
+        let same = *at.epoch == *epoch;
+        if same && s.seq <= at.offset {
+            return Ok(());
+        }
+        // The first not delivered: the one after `at`, or the first of a
+        // new stream (the history was removed: what it saved was missed).
+        let from = if same { at.offset + 1 } else { 1 };
+        if s.previous >= from {
+            match self.fetch(&s.stream, from..=s.previous).await {
+                Ok(missed) => {
+                    for p in &missed {
+                        self.emit(channel, p, epoch, at);
+                    }
+                }
+                // Deleted meanwhile: what it held went with it.
+                Err(Fail::Gone) => {}
+                Err(Fail::Engine(e)) if retryable(&e) => return Err(e),
+                Err(Fail::Engine(e)) => {
+                    tracing::error!(%channel, "nats engine: missed messages cannot be read, skipped: {e}");
+                }
+            }
+        }
+        match decode(s.seq, &s.payload) {
+            Ok(p) => self.emit(channel, &p, epoch, at),
+            Err(e) => tracing::warn!(%channel, "nats engine: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Delivers what the channel's stream saved after `at`: all it holds
+    /// if it is a new stream (the history was removed meanwhile).
+    async fn catch_up(
+        &self,
+        channel: &ChannelName,
+        at: &mut StreamPosition,
+    ) -> Result<(), EngineError> {
+        // The stream may have been replaced while this node was away.
+        self.forget(channel);
+        let after = HistoryFilter {
+            since: Some(at.offset),
+            limit: None,
+            reverse: false,
+        };
+        let mut h = self.history(channel, after).await?;
+        if h.position.epoch != at.epoch {
+            tracing::warn!(%channel, "nats engine: history removed while disconnected (new epoch)");
+            let all = HistoryFilter {
+                since: None,
+                ..after
+            };
+            h = self.history(channel, all).await?;
+        }
+        for p in &h.publications {
+            self.emit(channel, p, &h.position.epoch, at);
+        }
+        Ok(())
+    }
+
+    /// Tries again what a failed read-back (or a reconnect) left: the
+    /// catch-up, then the held messages in order. On failure, schedules
+    /// the next try.
+    async fn resume(&self, channel: &ChannelName, cursor: &mut Cursor) {
+        let Some(mut b) = cursor.behind.take() else {
+            return;
+        };
+        if b.catch_up {
+            match self.catch_up(channel, &mut cursor.at).await {
+                // Everything held was saved before this read: delivered now.
+                Ok(()) => {
+                    b.held.clear();
+                    b.held_bytes = 0;
+                }
+                Err(e) if retryable(&e) => {
+                    b.failed(channel, &e, Instant::now());
+                    cursor.behind = Some(b);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(%channel, "nats engine: cannot catch up, skipped: {e}");
+                }
+            }
+            b.catch_up = false;
+        }
+        while let Some(s) = b.next_held() {
+            if let Err(e) = self.advance(channel, &s, &mut cursor.at).await {
+                b.unhold(s);
+                b.failed(channel, &e, Instant::now());
+                cursor.behind = Some(b);
+                return;
+            }
+        }
+        if b.failures > 0 {
+            tracing::info!(%channel, failures = b.failures, "nats engine: missed messages read back");
+        }
+    }
+}
+
+/// Delivers one channel to the hub, from `start` (the stream's position
+/// when this node subscribed) until unsubscribed.
+pub(super) async fn deliver(
+    inner: Arc<Inner>,
+    channel: ChannelName,
+    mut subscriber: async_nats::Subscriber,
+    mut reconnects: watch::Receiver<u64>,
+    start: StreamPosition,
+) {
+    let mut cursor = Cursor::new(start);
+    loop {
+        let retry = cursor.retry_at();
+        tokio::select! {
+            m = subscriber.next() => match m {
+                Some(m) => inner.on_message(&channel, m, &mut cursor).await,
+                None => return,
+            },
+            changed = reconnects.changed() => match changed {
+                Ok(()) => {
+                    cursor.need_catch_up(Instant::now());
+                    inner.resume(&channel, &mut cursor).await;
+                }
+                Err(_) => return,
+            },
+            () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+                inner.resume(&channel, &mut cursor).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved(seq: u64, bytes: usize) -> Saved {
+        Saved {
+            stream: "s-1".into(),
+            seq,
+            previous: seq - 1,
+            payload: Bytes::from(vec![0; bytes]),
+        }
+    }
+
+    /// Held messages stay in order within the bounds; past them, all are
+    /// let go and the stream is read instead.
+    #[test]
+    fn held_messages_are_bounded() {
+        let mut b = Behind::new(Instant::now());
+        for seq in 1..=MAX_HELD as u64 {
+            b.hold(saved(seq, 1));
+        }
+        assert!(!b.catch_up);
+        assert_eq!(b.next_held().map(|s| s.seq), Some(1));
+        b.hold(saved(MAX_HELD as u64 + 1, 1));
+        assert!(!b.catch_up, "{MAX_HELD} held again");
+        b.hold(saved(MAX_HELD as u64 + 2, 1));
+        assert!(b.catch_up && b.held.is_empty() && b.held_bytes == 0);
+
+        let mut b = Behind::new(Instant::now());
+        b.hold(saved(1, MAX_HELD_BYTES));
+        assert!(!b.catch_up);
+        b.hold(saved(2, 1));
+        assert!(b.catch_up && b.held.is_empty(), "over the byte bound");
+    }
+
+    /// Retries wait twice as long each time, up to a bound.
+    #[test]
+    fn retries_back_off_up_to_a_bound() {
+        let channel = ChannelName::new("a").unwrap();
+        let now = Instant::now();
+        let mut b = Behind::new(now);
+        let e = EngineError::Unavailable("down".into());
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            b.failed(&channel, &e, now);
+            waits.push(b.next_try - now);
+        }
+        assert_eq!(waits[0], FIRST_RETRY);
+        assert_eq!(waits[1], FIRST_RETRY * 2);
+        assert_eq!(waits[7], LAST_RETRY);
+    }
+}
