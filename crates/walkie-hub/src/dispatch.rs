@@ -178,6 +178,24 @@ impl BrokerEvents for Dispatch {
         }
         self.deliver(channel, publication, epoch);
     }
+
+    /// Closes the queues of `channel`'s members here with
+    /// [`QueueClosed::Unavailable`](crate::QueueClosed::Unavailable): close
+    /// 1011, and the clients reconnect and recover.
+    fn channel_unavailable(&self, channel: &ChannelName) {
+        let Some(members) = self.members(channel) else {
+            return;
+        };
+        let queues: Vec<Arc<Queue>> = lock(&members)
+            .list
+            .iter()
+            .map(|m| m.queue.clone())
+            .collect();
+        tracing::warn!(%channel, members = queues.len(), "engine cannot deliver the channel in order: its members are cut off to recover");
+        for queue in queues {
+            queue.close(crate::QueueClosed::Unavailable);
+        }
+    }
 }
 
 impl Dispatch {

@@ -39,6 +39,15 @@ pub trait BrokerEvents: Send + Sync + 'static {
     /// for two publications of one channel at once. It must not block: the
     /// hub only queues the message for each local subscriber.
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str);
+
+    /// The engine cannot deliver `channel` in order for now: missed
+    /// publications it cannot read back (its store unreachable for long).
+    /// Rather than leave subscribers waiting without a word, the hub cuts
+    /// them off, to reconnect and recover from history when they can. The
+    /// engine goes on delivering what it can, in order.
+    fn channel_unavailable(&self, channel: &ChannelName) {
+        let _ = channel;
+    }
 }
 
 /// Pub/sub with history: the engine behind the hub.

@@ -558,6 +558,30 @@ mod tests {
         assert_eq!(kept.publications.len(), 1, "kept for nodes cut off");
     }
 
+    /// An engine that cannot deliver a channel in order says so, and the
+    /// channel's members here are cut off (1011), to recover when they can;
+    /// other channels' members stay.
+    #[tokio::test]
+    async fn members_of_a_channel_the_engine_cannot_deliver_are_cut_off() {
+        use crate::engine::BrokerEvents;
+        let hub = Hub::new(Arc::new(MemoryBroker::new()));
+        let (a, b) = (
+            ChannelName::new("a").unwrap(),
+            ChannelName::new("b").unwrap(),
+        );
+        let mut in_a = hub.client(crate::QueueLimits::default());
+        let mut in_b = hub.client(crate::QueueLimits::default());
+        in_a.subscribe(a.clone(), Format::Raw, Recover::Nothing)
+            .await
+            .unwrap();
+        in_b.subscribe(b, Format::Raw, Recover::Nothing)
+            .await
+            .unwrap();
+        hub.0.dispatch.channel_unavailable(&a);
+        assert_eq!(in_a.queue().closed().await, crate::QueueClosed::Unavailable);
+        assert!(!in_b.queue().is_closed());
+    }
+
     /// A presence manager whose first `add` while held waits to be let go,
     /// noting its channel: a refresh is then under way.
     #[derive(Default)]

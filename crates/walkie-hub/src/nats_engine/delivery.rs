@@ -12,8 +12,11 @@
 //! turn over meanwhile). A publication without history is delivered at
 //! once even then: it is not ordered against saved ones.
 //!
-//! The hub has no way yet to hear that a channel is behind; a channel
-//! behind for [`LONG_BEHIND`] is logged as an error, and its retries go on.
+//! A channel behind for [`LONG_BEHIND`] is logged as an error, and the hub
+//! is told ([`BrokerEvents::channel_unavailable`]): it cuts the channel's
+//! members off, to reconnect and recover from history. Retries go on.
+//!
+//! [`BrokerEvents::channel_unavailable`]: crate::engine::BrokerEvents::channel_unavailable
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -121,6 +124,8 @@ struct Behind {
     held_bytes: usize,
     /// Whether being behind for long was logged.
     reported: bool,
+    /// Whether the hub was told so.
+    told: bool,
 }
 
 impl Behind {
@@ -134,6 +139,7 @@ impl Behind {
             held: VecDeque::new(),
             held_bytes: 0,
             reported: false,
+            told: false,
         }
     }
 
@@ -187,6 +193,18 @@ impl Behind {
 impl Cursor {
     pub(super) fn new(at: StreamPosition) -> Cursor {
         Cursor { at, behind: None }
+    }
+
+    /// Whether the channel has been behind for [`LONG_BEHIND`] and the
+    /// hub was not told yet; true once per stretch behind.
+    fn newly_long_behind(&mut self) -> bool {
+        match &mut self.behind {
+            Some(b) if b.reported && !b.told => {
+                b.told = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// When to try a failed read-back again, if one failed.
@@ -401,6 +419,11 @@ pub(super) async fn deliver(
                 inner.resume(&channel, &mut cursor).await;
             }
         }
+        if cursor.newly_long_behind() {
+            if let Some(events) = inner.events.get() {
+                events.channel_unavailable(&channel);
+            }
+        }
     }
 }
 
@@ -437,6 +460,24 @@ mod tests {
         assert!(!b.catch_up);
         b.hold(saved(2, 1));
         assert!(b.catch_up && b.held.is_empty(), "over the byte bound");
+    }
+
+    /// The hub is told once per stretch behind, once it has lasted.
+    #[test]
+    fn the_hub_is_told_once_when_a_channel_stays_behind() {
+        let channel = ChannelName::new("a").unwrap();
+        let start = Instant::now();
+        let e = EngineError::Unavailable("down".into());
+        let mut cursor = Cursor::new(StreamPosition {
+            offset: 0,
+            epoch: "e".into(),
+        });
+        cursor.fall_behind(&channel, saved(1, 1), &e, start);
+        assert!(!cursor.newly_long_behind(), "just behind");
+        let b = cursor.behind.as_mut().unwrap();
+        b.failed(&channel, &e, start + LONG_BEHIND);
+        assert!(cursor.newly_long_behind());
+        assert!(!cursor.newly_long_behind(), "told once");
     }
 
     /// Retries wait twice as long each time, up to a bound.
