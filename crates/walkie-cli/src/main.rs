@@ -31,7 +31,7 @@ mod ws;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// A real-time WebSocket server and client.
 ///
@@ -107,8 +107,24 @@ fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The command line. `walkie connect` and `walkie publish` are parsed
+/// without the `WALKIE_*` variables of the top level's copy of the serve
+/// options: clap reads and checks them whatever the subcommand, and a
+/// server's setting in the environment (`WALKIE_WORKERS=0`, say) must not
+/// make a client command fail.
+fn parse() -> Cli {
+    let client = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "connect" || a == "publish");
+    if !client {
+        return Cli::parse();
+    }
+    let command = Cli::command().mut_args(|a| a.env(None::<&str>));
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     match command {
         Command::Serve(args) => {

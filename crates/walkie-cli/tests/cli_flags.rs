@@ -273,3 +273,22 @@ fn publish_url_without_a_port_means_port_80() {
         run.stderr
     );
 }
+
+/// A server's settings in the environment are not checked for the client
+/// commands (clap checked the top level's copy of the serve options
+/// whatever the subcommand).
+#[test]
+fn serve_settings_in_the_environment_do_not_break_client_commands() {
+    let envs = [("WALKIE_WORKERS", "0"), ("WALKIE_IN_MEMORY", "1")];
+    let run = run_walkie(
+        ["connect", "ws://127.0.0.1:1/echo", "--no-stdin"],
+        &envs,
+        None,
+        Duration::from_secs(10),
+    );
+    assert!(!run.stderr.contains("--workers"), "{}", run.stderr);
+    assert!(run.stderr.contains("127.0.0.1:1"), "{}", run.stderr);
+    let run = run_walkie(["serve"], &envs, None, Duration::from_secs(10));
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--workers"), "{}", run.stderr);
+}
