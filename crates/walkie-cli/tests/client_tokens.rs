@@ -74,6 +74,17 @@ async fn connected(events: &mut UnboundedReceiver<ClientEvent>) -> String {
     .await
 }
 
+/// The next disconnection's close code, and whether the client goes on.
+async fn disconnected(events: &mut UnboundedReceiver<ClientEvent>) -> (u16, bool) {
+    wait_for(events, |e| match e {
+        ClientEvent::Disconnected {
+            code, reconnecting, ..
+        } => Some((*code, *reconnecting)),
+        _ => None,
+    })
+    .await
+}
+
 async fn subscribed(events: &mut UnboundedReceiver<ClientEvent>, channel: &str) {
     wait_for(events, |e| match e {
         ClientEvent::Subscribed { channel: c, .. } if c == channel => Some(()),
@@ -88,13 +99,7 @@ async fn an_expired_token_ends_the_client() {
     within(30, async {
         let (client, mut events) = start(&server, user("42", 2));
         assert_eq!(connected(&mut events).await, "42");
-        let (code, reconnecting) = wait_for(&mut events, |e| match e {
-            ClientEvent::Disconnected {
-                code, reconnecting, ..
-            } => Some((*code, *reconnecting)),
-            _ => None,
-        })
-        .await;
+        let (code, reconnecting) = disconnected(&mut events).await;
         assert_eq!((code, reconnecting), (4002, false));
         let e = client.publish("chat:a", json!(1)).await.unwrap_err();
         assert!(
@@ -139,13 +144,7 @@ async fn a_token_given_before_the_expiry_is_used_to_reconnect() {
         // The server refuses it for this connection (another user), but it
         // is the newest token: the 4002 that follows is not final.
         assert!(client.set_token(user("43", 3600)).await.is_err());
-        let (code, reconnecting) = wait_for(&mut events, |e| match e {
-            ClientEvent::Disconnected {
-                code, reconnecting, ..
-            } => Some((*code, *reconnecting)),
-            _ => None,
-        })
-        .await;
+        let (code, reconnecting) = disconnected(&mut events).await;
         assert_eq!((code, reconnecting), (4002, true));
         assert_eq!(connected(&mut events).await, "43");
     })

@@ -94,11 +94,7 @@ async fn history_removed_by_another_node_starts_a_new_epoch_everywhere() {
         let (two, _) = node(&u, &p).await;
         let ch = ChannelName::new("chat:removed").unwrap();
         one.subscribe(ch.clone()).await.unwrap();
-        for i in 1..=3 {
-            one.publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                .await
-                .unwrap();
-        }
+        publish_numbered(&one, &ch, 1..=3).await;
         let before = one.history(ch.clone(), all()).await.unwrap().position;
         assert_eq!(before.offset, 3);
         // Node two removes the history; node one still knows the old stream.
@@ -379,6 +375,20 @@ async fn wait_reconnects(broker: &NatsBroker, n: u64) {
     panic!("no reconnect within 20 s");
 }
 
+/// Publishes `m{i}` for each `i` in `numbers` to `ch`, kept in history.
+async fn publish_numbered(
+    broker: &NatsBroker,
+    ch: &ChannelName,
+    numbers: std::ops::RangeInclusive<u32>,
+) {
+    for i in numbers {
+        broker
+            .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
+            .await
+            .unwrap();
+    }
+}
+
 fn offsets(delivered: &[Publication]) -> Vec<u64> {
     delivered.iter().map(|p| p.offset).collect()
 }
@@ -396,21 +406,11 @@ async fn a_node_catches_up_on_what_it_missed_while_cut_off() {
             let (publisher, _) = node(&u, &p).await;
             let ch = ChannelName::new("chat:cut").unwrap();
             behind.subscribe(ch.clone()).await.unwrap();
-            for i in 1..=3 {
-                publisher
-                    .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                    .await
-                    .unwrap();
-            }
+            publish_numbered(&publisher, &ch, 1..=3).await;
             assert_eq!(seen.wait_for(&ch, 3).await.len(), 3);
             proxy.cut.store(true, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(200)).await;
-            for i in 4..=8 {
-                publisher
-                    .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                    .await
-                    .unwrap();
-            }
+            publish_numbered(&publisher, &ch, 4..=8).await;
             assert_eq!(seen.on(&ch).len(), 3, "cut off: nothing arrives");
             proxy.cut.store(false, Ordering::SeqCst);
             // The reconnect's catch-up delivers what was missed, once each, in
@@ -492,21 +492,11 @@ async fn a_failed_catch_up_is_retried_on_a_quiet_channel() {
         let (publisher, _) = node(&u, &p).await;
         let ch = ChannelName::new("chat:quiet").unwrap();
         behind.subscribe(ch.clone()).await.unwrap();
-        for i in 1..=3 {
-            publisher
-                .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                .await
-                .unwrap();
-        }
+        publish_numbered(&publisher, &ch, 1..=3).await;
         assert_eq!(seen.wait_for(&ch, 3).await.len(), 3);
         proxy.cut.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        for i in 4..=6 {
-            publisher
-                .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                .await
-                .unwrap();
-        }
+        publish_numbered(&publisher, &ch, 4..=6).await;
         proxy.drop_js.store(true, Ordering::SeqCst);
         proxy.cut.store(false, Ordering::SeqCst);
         wait_reconnects(&behind, 1).await;
@@ -530,12 +520,7 @@ async fn a_catch_up_delivers_nothing_from_before_the_subscribe() {
             let (behind, seen) = node(&proxy.url(), &p).await;
             let (publisher, _) = node(&u, &p).await;
             let ch = ChannelName::new("chat:old").unwrap();
-            for i in 1..=3 {
-                publisher
-                    .publish(ch.clone(), NewPublication::text(format!("m{i}")), kept())
-                    .await
-                    .unwrap();
-            }
+            publish_numbered(&publisher, &ch, 1..=3).await;
             behind.subscribe(ch.clone()).await.unwrap();
             proxy.cut.store(true, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(200)).await;
