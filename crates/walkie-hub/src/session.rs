@@ -708,7 +708,8 @@ impl Session {
         let expires_in = fresh.expires_at.map(|exp| exp.saturating_sub(now));
         let mut fresh = fresh;
         if fresh.info.is_none() {
-            // The name given at connect, as the first token had no info.
+            // Keeps the connection's info: the last token's, or the name
+            // given at connect.
             fresh.info = self.identity().info.clone();
         }
         self.identity = Some(fresh);
