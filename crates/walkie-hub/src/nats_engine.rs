@@ -569,6 +569,13 @@ impl Inner {
         match self.js.create_stream(&config).await {
             Ok(_) => {}
             Err(e) if refused(&e, &[jetstream::ErrorCode::STREAM_NAME_EXIST]) => {
+                // Never shorter than another node made it: nodes started
+                // with different TTLs (`--presence-ttl`) would otherwise
+                // expire the entries of the node that refreshes less often
+                // while its clients are connected. The longest wins.
+                let mut config = config;
+                let existing = self.js.get_stream(&config.name).await.map_err(unavailable)?;
+                config.max_age = config.max_age.max(existing.cached_info().config.max_age);
                 self.js.update_stream(&config).await.map_err(unavailable)?;
             }
             Err(e) => return Err(unavailable(e)),

@@ -681,6 +681,32 @@ async fn a_bad_replicas_option_is_refused() {
     }
 }
 
+/// Nodes started with different presence TTLs share one bucket: the one
+/// with the shorter TTL must not expire the entries of the other, whose
+/// clients are still connected (it refreshes them less often).
+#[tokio::test]
+async fn a_node_with_a_shorter_presence_ttl_does_not_expire_the_others_entries() {
+    on_nats("a_shorter_presence_ttl", |url, prefix| async move {
+        use walkie_hub::{ClientInfo, PresenceManager};
+        let long = NatsBroker::connect(&url, &prefix).await.unwrap();
+        let long = walkie_hub::NatsPresence::new(&long, Duration::from_secs(60));
+        let short = NatsBroker::connect(&url, &prefix).await.unwrap();
+        let short = walkie_hub::NatsPresence::new(&short, Duration::from_secs(1));
+        let channel = ChannelName::new("room").unwrap();
+        let info = ClientInfo {
+            client: "connected".into(),
+            user: String::new(),
+            info: None,
+        };
+        long.add(channel.clone(), info).await.unwrap();
+        assert_eq!(short.presence(channel.clone()).await.unwrap().len(), 1);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let left = long.presence(channel).await.unwrap();
+        assert_eq!(left.len(), 1, "expired by the other node's TTL");
+    })
+    .await;
+}
+
 /// A presence read that starts while entries are expiring (a dead node's,
 /// whose TTL is running out) answers at once with what is left; counting
 /// on the entries the read started with, it waited for deliveries that
