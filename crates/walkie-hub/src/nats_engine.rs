@@ -574,7 +574,11 @@ impl Inner {
                 // expire the entries of the node that refreshes less often
                 // while its clients are connected. The longest wins.
                 let mut config = config;
-                let existing = self.js.get_stream(&config.name).await.map_err(unavailable)?;
+                let existing = self
+                    .js
+                    .get_stream(&config.name)
+                    .await
+                    .map_err(unavailable)?;
                 config.max_age = config.max_age.max(existing.cached_info().config.max_age);
                 self.js.update_stream(&config).await.map_err(unavailable)?;
             }
