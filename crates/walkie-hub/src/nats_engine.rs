@@ -427,17 +427,28 @@ impl NatsBroker {
             .unwrap_or_default()
             .as_secs() as i64;
         let idle = idle.as_secs() as i64;
-        let names = self
-            .inner
-            .our_streams(|info| {
-                let last = info
-                    .state
-                    .last_timestamp
-                    .unix_timestamp()
-                    .max(info.created.unix_timestamp());
-                info.state.messages == 0 && now - last >= idle
-            })
-            .await?;
+        let is_idle = |info: &stream::Info| {
+            let last = info
+                .state
+                .last_timestamp
+                .unix_timestamp()
+                .max(info.created.unix_timestamp());
+            info.state.messages == 0 && now - last >= idle
+        };
+        let listed = self.inner.our_streams(is_idle).await?;
+        // Looked at again just before it goes: listing every stream takes
+        // a while, and a publish meanwhile would be deleted with its
+        // stream after it was acknowledged. (A publish in the one round
+        // trip between this look and the delete still can: JetStream has
+        // no conditional delete.)
+        let mut names = Vec::with_capacity(listed.len());
+        for name in listed {
+            if let Ok(stream) = self.inner.js.get_stream(&name).await {
+                if is_idle(stream.cached_info()) {
+                    names.push(name);
+                }
+            }
+        }
         let deleted = self.inner.delete_streams(&names).await;
         if deleted > 0 {
             tracing::info!(deleted, "nats engine: deleted the streams of idle channels");
