@@ -28,6 +28,14 @@ export class WalkieError extends Error {
   }
 }
 
+// When to refresh a token the server says expires in `expiresIn` seconds:
+// at 80 % of its life, counted from a second less, as the server counts
+// whole seconds of its clock (a token may have less than `expiresIn`
+// left) and refuses every command once `exp` has passed.
+function refreshDelay(expiresIn) {
+  return Math.max(500, (expiresIn - 1) * 800);
+}
+
 function event(type, detail) {
   return new CustomEvent(type, { detail });
 }
@@ -267,9 +275,8 @@ export class Walkie extends EventTarget {
     this._setState('connected');
     this.dispatchEvent(event('connected', result));
     if (result.expires_in !== undefined && this.options.getToken) {
-      const ms = Math.max(1000, result.expires_in * 1000 * 0.8);
       clearTimeout(this._refreshTimer);
-      this._refreshTimer = setTimeout(() => this._refresh(), ms);
+      this._refreshTimer = setTimeout(() => this._refresh(), refreshDelay(result.expires_in));
     }
     for (const sub of this._subs.values()) this._resubscribe(sub);
     const outbox = this._outbox;
@@ -282,7 +289,7 @@ export class Walkie extends EventTarget {
       const token = await this._token();
       const r = await this._call('refresh', { token });
       if (r.expires_in !== undefined) {
-        this._refreshTimer = setTimeout(() => this._refresh(), Math.max(1000, r.expires_in * 800));
+        this._refreshTimer = setTimeout(() => this._refresh(), refreshDelay(r.expires_in));
       }
     } catch (e) {
       this.dispatchEvent(event('error', e));
