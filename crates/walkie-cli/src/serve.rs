@@ -77,8 +77,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
-    /// Worker threads, each with its own event loop, accepting from one
-    /// listening socket (default: one per available core).
+    /// Worker threads, each with its own event loop and listening socket
+    /// on the address (default: one per available core).
     #[arg(long, env = "WALKIE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
