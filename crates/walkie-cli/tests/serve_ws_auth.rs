@@ -498,3 +498,34 @@ async fn a_private_rooms_namespace_refuses_rooms_by_url() {
     })
     .await;
 }
+
+/// With `auth.audience` and `auth.issuer` set, a token signed with the right
+/// key but meant for another service (or from another issuer) is refused.
+#[tokio::test]
+async fn a_configured_audience_and_issuer_are_checked() {
+    let toml = format!(
+        "[auth]\nhmac_secret = \"{SECRET}\"\naudience = \"walkie\"\nissuer = \"https://id.example\"\n\n[namespaces.chat]\n"
+    );
+    let (server, _dir) = Server::with_config(&toml, &[]);
+    within(20, async {
+        let iss = "https://id.example";
+        for claims in [
+            json!({"sub": "42"}),
+            json!({"sub": "42", "aud": "billing", "iss": iss}),
+            json!({"sub": "42", "aud": "walkie", "iss": "https://other.example"}),
+        ] {
+            let mut c = proto::open(server.port).await;
+            let t = token(SECRET, claims.clone());
+            c.send_raw(&json!({"id": 1, "connect": {"token": t}}).to_string())
+                .await;
+            assert_eq!(c.closed().await, Some(4001), "{claims}");
+        }
+        let t = token(
+            SECRET,
+            json!({"sub": "42", "aud": ["api", "walkie"], "iss": iss}),
+        );
+        let (_, result) = proto::connected(server.port, Some(&t)).await;
+        assert_eq!(result["user"], "42");
+    })
+    .await;
+}

@@ -4,8 +4,9 @@
 //! Both kinds are signed with the same key, so each check refuses the other
 //! kind: a subscription token (it has `channel`) is no connection token, and
 //! a connection token (no `channel`) grants no subscription. `nbf` is
-//! honoured when present; `aud` is accepted whatever it says, since no
-//! audience is configured (identity providers add one routinely).
+//! honoured when present. `aud` and `iss` are checked (and required) when
+//! `auth.audience` and `auth.issuer` are set, and ignored otherwise
+//! (identity providers add them routinely).
 
 use std::collections::HashSet;
 
@@ -77,7 +78,10 @@ struct SubscribeClaims {
 /// Checks tokens with the configured key.
 #[derive(Clone)]
 pub struct Verifier {
-    key: Option<(DecodingKey, Algorithm)>,
+    key: Option<DecodingKey>,
+    /// What connection and subscription tokens are checked against.
+    connection: Validation,
+    subscription: Validation,
     /// `auth.anonymous`: a connection token may then name the anonymous
     /// user (`sub` = `""`), as a connection without a token may.
     anonymous: bool,
@@ -86,7 +90,12 @@ pub struct Verifier {
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
-            .field("algorithm", &self.key.as_ref().map(|(_, a)| a))
+            .field(
+                "algorithm",
+                &self.key.as_ref().map(|_| self.connection.algorithms[0]),
+            )
+            .field("audience", &self.connection.aud)
+            .field("issuer", &self.connection.iss)
             .field("anonymous", &self.anonymous)
             .finish()
     }
@@ -106,26 +115,28 @@ impl Verifier {
             std::fs::read(path)
                 .map_err(|e| ConfigError(format!("auth.{setting}: {}: {e}", path.display())))
         };
-        let key = if let Some(secret) = &auth.hmac_secret {
-            Some((
-                DecodingKey::from_secret(secret.as_bytes()),
+        let (key, alg) = if let Some(secret) = &auth.hmac_secret {
+            (
+                Some(DecodingKey::from_secret(secret.as_bytes())),
                 Algorithm::HS256,
-            ))
+            )
         } else if let Some(path) = &auth.rsa_public_key {
             let key = DecodingKey::from_rsa_pem(&pem(path, "rsa_public_key")?).map_err(|e| {
                 ConfigError(format!("auth.rsa_public_key: {}: {e}", path.display()))
             })?;
-            Some((key, Algorithm::RS256))
+            (Some(key), Algorithm::RS256)
         } else if let Some(path) = &auth.ecdsa_public_key {
             let key = DecodingKey::from_ec_pem(&pem(path, "ecdsa_public_key")?).map_err(|e| {
                 ConfigError(format!("auth.ecdsa_public_key: {}: {e}", path.display()))
             })?;
-            Some((key, Algorithm::ES256))
+            (Some(key), Algorithm::ES256)
         } else {
-            None
+            (None, Algorithm::HS256)
         };
         Ok(Verifier {
             key,
+            connection: Self::validation(alg, Kind::Connection, auth),
+            subscription: Self::validation(alg, Kind::Subscription, auth),
             anonymous: auth.anonymous,
         })
     }
@@ -133,9 +144,10 @@ impl Verifier {
     /// What jsonwebtoken checks for `kind`: `exp` and `nbf` when present,
     /// without leeway (the server's clock decides), `exp` required only in
     /// subscription tokens (a grant of a channel that never expires could
-    /// not be taken back), and no audience check: with none configured,
-    /// jsonwebtoken would refuse every token that has `aud`.
-    fn validation(alg: Algorithm, kind: Kind) -> Validation {
+    /// not be taken back), and `aud` and `iss` required and checked only
+    /// when configured: with no audience set, jsonwebtoken would refuse
+    /// every token that has `aud`.
+    fn validation(alg: Algorithm, kind: Kind, auth: &AuthConfig) -> Validation {
         let mut validation = Validation::new(alg);
         validation.required_spec_claims = match kind {
             Kind::Connection => HashSet::new(),
@@ -143,8 +155,18 @@ impl Verifier {
         };
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.validate_aud = false;
         validation.leeway = 0;
+        match &auth.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.required_spec_claims.insert("aud".to_owned());
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &auth.issuer {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
         validation
     }
 
@@ -153,8 +175,12 @@ impl Verifier {
         token: &str,
         kind: Kind,
     ) -> Result<T, AuthError> {
-        let (key, alg) = self.key.as_ref().ok_or(AuthError::NoKey)?;
-        jsonwebtoken::decode::<T>(token, key, &Self::validation(*alg, kind))
+        let key = self.key.as_ref().ok_or(AuthError::NoKey)?;
+        let validation = match kind {
+            Kind::Connection => &self.connection,
+            Kind::Subscription => &self.subscription,
+        };
+        jsonwebtoken::decode::<T>(token, key, validation)
             .map(|data| data.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -294,7 +320,48 @@ mod tests {
     }
 
     #[test]
-    fn an_audience_is_accepted() {
+    fn a_configured_audience_and_issuer_are_required() {
+        let v = Verifier::new(&AuthConfig {
+            hmac_secret: Some(SECRET.into()),
+            audience: Some("walkie".into()),
+            issuer: Some("https://id.example".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let iss = "https://id.example";
+        for aud in [json!("walkie"), json!(["api", "walkie"])] {
+            let t = token(json!({"sub": "42", "aud": aud, "iss": iss}));
+            assert_eq!(v.connect(&t).map(|id| id.user), Ok("42".into()), "{aud}");
+            let t = token(
+                json!({"sub": "42", "channel": "c", "exp": now() + 60, "aud": aud, "iss": iss}),
+            );
+            assert!(v.subscribe(&t, "42", "c").is_ok(), "{aud}");
+        }
+        for claims in [
+            json!({"sub": "42", "iss": iss}),
+            json!({"sub": "42", "aud": "api", "iss": iss}),
+            json!({"sub": "42", "aud": ["api"], "iss": iss}),
+            json!({"sub": "42", "aud": "walkie"}),
+            json!({"sub": "42", "aud": "walkie", "iss": "https://other.example"}),
+        ] {
+            let t = token(claims.clone());
+            assert!(
+                matches!(v.connect(&t), Err(AuthError::Invalid(_))),
+                "{claims}"
+            );
+            let mut sub = claims.clone();
+            sub["channel"] = json!("c");
+            sub["exp"] = json!(now() + 60);
+            let t = token(sub);
+            assert!(
+                matches!(v.subscribe(&t, "42", "c"), Err(AuthError::Invalid(_))),
+                "{claims}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_audience_is_accepted_when_none_is_configured() {
         let v = verifier(false);
         for aud in [json!("walkie"), json!(["walkie", "api"])] {
             let t = token(json!({"sub": "42", "aud": aud}));

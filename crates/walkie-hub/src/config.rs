@@ -71,6 +71,11 @@ pub struct AuthConfig {
     /// Origins browsers may connect from; empty: any.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// The audience tokens must name in `aud` (a string, or one element of
+    /// an array); unset: `aud` is not checked.
+    pub audience: Option<String>,
+    /// The issuer tokens must name in `iss`; unset: `iss` is not checked.
+    pub issuer: Option<String>,
 }
 
 /// One namespace's options. Every field has a default.
