@@ -497,6 +497,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
         "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME, the Walkie protocol at /ws; {workers} worker thread(s))"
     );
     info!("history kept {history_at}");
+    if demo_secret.is_some() && !local.ip().is_loopback() {
+        warn!(
+            "development mode on {local} (no --config): every channel is open, and /demo/token signs tokens for any user, to anyone who can reach this address; run with --config anywhere others can connect"
+        );
+    }
 
     let tracker = TaskTracker::new();
     let state = Arc::new(AppState {

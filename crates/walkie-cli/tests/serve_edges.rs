@@ -1,7 +1,8 @@
 //! Edges of `walkie serve`: engine passwords kept out of the log and of
 //! errors, a second server on an address in use, shutdown during a TLS
 //! handshake, one deadline for the TLS handshake and the request head, an
-//! HTTP request in flight at shutdown, and `/demo/token`'s `ttl`.
+//! HTTP request in flight at shutdown, `/demo/token`'s `ttl`, and the
+//! warning of development mode on an address others can reach.
 
 mod common;
 
@@ -273,4 +274,36 @@ async fn demo_token_reports_a_bad_ttl_as_such() {
         assert!(r.body.contains("?user="), "{}", r.body);
     })
     .await;
+}
+
+/// Development mode (no `--config`) on an address others can reach says
+/// so at start; on loopback, or with a configuration file, it does not.
+#[test]
+fn development_mode_off_loopback_warns_at_start() {
+    let warning = "development mode on";
+    let server = Server::spawn(["serve", "--bind", "0.0.0.0:0", "--in-memory"], &[]);
+    assert!(
+        server.wait_log(&[warning]).is_some(),
+        "{}",
+        server.log_text()
+    );
+
+    let server = Server::start(&["--in-memory"]);
+    let (_dir, config) = common::config_file("[default]\n");
+    let configured = Server::spawn(
+        [
+            "serve",
+            "--bind",
+            "0.0.0.0:0",
+            "--in-memory",
+            "--config",
+            &config,
+        ],
+        &[],
+    );
+    // Both have logged their address, after which the warning would come.
+    std::thread::sleep(Duration::from_millis(300));
+    for s in [&server, &configured] {
+        assert!(!s.log_text().contains(warning), "{}", s.log_text());
+    }
 }

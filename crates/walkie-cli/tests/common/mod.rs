@@ -322,7 +322,10 @@ fn parse_listening(line: &str) -> Option<(bool, u16)> {
     } else {
         (false, rest.strip_prefix("http://")?)
     };
-    let rest = rest.strip_prefix("127.0.0.1:")?;
+    // Loopback, or every address (which loopback reaches too).
+    let rest = rest
+        .strip_prefix("127.0.0.1:")
+        .or_else(|| rest.strip_prefix("0.0.0.0:"))?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     Some((https, digits.parse().ok()?))
 }
