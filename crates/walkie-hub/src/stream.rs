@@ -54,10 +54,20 @@ impl Stream {
 
     /// Appends a publication kept in history, dropping what falls out of
     /// the size and age limits.
-    pub(crate) fn append(&mut self, new: NewPublication, options: &PublishOptions) -> Publication {
+    ///
+    /// The payload kept is a copy: a message received in one frame shares
+    /// its connection's read buffer (32 KiB or more), so keeping the slice
+    /// would keep the whole buffer for as long as the history holds it, a
+    /// few bytes on the wire pinning kilobytes.
+    pub(crate) fn append(
+        &mut self,
+        mut new: NewPublication,
+        options: &PublishOptions,
+    ) -> Publication {
         let Some(history) = options.history else {
             return new.at(0);
         };
+        new.data = bytes::Bytes::copy_from_slice(&new.data);
         self.top += 1;
         let publication = new.at(self.top);
         self.ttl = history.ttl;
@@ -133,5 +143,33 @@ impl Idempotency {
     fn is_empty(&mut self, now: Instant) -> bool {
         self.keys.retain(|_, (until, _)| *until > now);
         self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publication::{HistoryOptions, Kind};
+
+    #[test]
+    fn history_keeps_its_own_copy_of_a_payload() {
+        let mut stream = Stream::new(Instant::now());
+        // A small message that is a slice of a large read buffer.
+        let buffer = bytes::Bytes::from(vec![b'x'; 32 * 1024]);
+        let payload = buffer.slice(100..101);
+        let options = PublishOptions {
+            history: Some(HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(60),
+            }),
+            ..PublishOptions::default()
+        };
+        let kept = stream.append(NewPublication::new(Kind::Binary, payload.clone()), &options);
+        assert_eq!(kept.data, payload);
+        let within = buffer.as_ptr_range();
+        assert!(
+            !within.contains(&kept.data.as_ptr()),
+            "history pins the read buffer"
+        );
     }
 }
