@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::deflate::Deflater;
 use crate::frame::{FrameHeader, OpCode};
-use crate::message::Message;
+use crate::message::{Message, Utf8Bytes};
 
 /// A message framed for the server role, cheap to clone (a reference count).
 ///
@@ -49,9 +49,20 @@ impl std::fmt::Debug for PreparedMessage {
 
 impl PreparedMessage {
     /// Frames `message` once (unmasked, uncompressed).
+    ///
+    /// The message kept is a view of the frame's payload, not `message`
+    /// itself: a message received in one frame is a slice of its
+    /// connection's read buffer, which a broadcast held in slow
+    /// subscribers' queues would otherwise keep alive.
     pub fn new(message: Message) -> Self {
         let payload = message.as_bytes();
         let frame = frame(opcode(&message), false, payload);
+        let payload = frame.slice(frame.len() - payload.len()..);
+        let message = match message {
+            // The same bytes, already valid UTF-8.
+            Message::Text(_) => Message::Text(Utf8Bytes::from_validated(payload)),
+            Message::Binary(_) => Message::Binary(payload),
+        };
         PreparedMessage {
             inner: Arc::new(Inner {
                 message,
@@ -109,4 +120,24 @@ fn frame(opcode: OpCode, rsv1: bool, payload: &[u8]) -> Bytes {
     header.encode(&mut buf);
     buf.put_slice(payload);
     buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_no_reference_to_the_message_it_was_given() {
+        let buffer = Bytes::from(vec![b'a'; 32 * 1024]);
+        for message in [
+            Message::Binary(buffer.slice(10..20)),
+            Message::Text(Utf8Bytes::from_validated(buffer.slice(10..20))),
+        ] {
+            let prepared = PreparedMessage::new(message.clone());
+            assert_eq!(prepared.message(), &message);
+            assert_eq!(&prepared.frame()[2..], message.as_bytes());
+            let within = buffer.as_ptr_range();
+            assert!(!within.contains(&prepared.message().as_bytes().as_ptr()));
+        }
+    }
 }
