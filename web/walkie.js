@@ -1,10 +1,11 @@
 // walkie.js: the browser client of the Walkie protocol (docs/protocol.md).
 // A dependency-free ES module: connect (with a token, and a callback that
 // fetches a fresh one), reconnect by itself with exponential backoff and
-// jitter, resubscribe with recovery so that nothing is missed or repeated
-// across a reconnect while history covers the gap (and say so when it
-// could not), presence, history, publish with a promise of the server's
-// ack, and events for the UI.
+// jitter (also when the connection went dead without a close: it pings a
+// server that stays silent), resubscribe with recovery so that nothing is
+// missed or repeated across a reconnect while history covers the gap (and
+// say so when it could not), presence, history, publish with a promise of
+// the server's ack, and events for the UI.
 //
 //   import { Walkie } from '/walkie.js';
 //   const walkie = new Walkie('ws://127.0.0.1:3000/ws');
@@ -19,6 +20,18 @@ const PROTOCOL = 'walkie.v1';
 /** Close codes after which reconnecting cannot help (docs/protocol.md). */
 const FINAL_CODES = new Set([1000, 1009, 4000, 4009]);
 
+/** setTimeout's longest delay: a longer one fires at once. */
+const MAX_DELAY = 2 ** 31 - 1;
+
+/** A connection that stayed up this long (ms) starts the backoff afresh. */
+const STABLE_AFTER = 5000;
+
+/**
+ * How long (ms) a socket may take to open and answer `connect` before it is
+ * given up and another is tried (the server itself waits 10 s for `connect`).
+ */
+const CONNECT_TIMEOUT = 15000;
+
 /** An error reply from the server: `code` as in docs/protocol.md. */
 export class WalkieError extends Error {
   constructor(code, message) {
@@ -31,9 +44,25 @@ export class WalkieError extends Error {
 // When to refresh a token the server says expires in `expiresIn` seconds:
 // at 80 % of its life, counted from a second less, as the server counts
 // whole seconds of its clock (a token may have less than `expiresIn`
-// left) and refuses every command once `exp` has passed.
+// left) and refuses every command once `exp` has passed. At most
+// setTimeout's limit (about 24.8 days): a longer delay would fire at once.
 function refreshDelay(expiresIn) {
-  return Math.max(500, (expiresIn - 1) * 800);
+  const ms = (expiresIn - 1) * 800;
+  return Math.min(MAX_DELAY, Math.max(500, Number.isFinite(ms) ? ms : MAX_DELAY));
+}
+
+// The server pings a quiet connection every `ping_interval` seconds, but a
+// browser answers WebSocket pings by itself and never shows them to the
+// page. So the client watches for a connection that went dead without a
+// close (a laptop's sleep, a dropped network): when nothing at all came
+// from the server for `idle` ms it sends the `ping` command, and if nothing
+// comes back within `wait` ms it drops the socket and reconnects.
+function pingTimes(pingInterval) {
+  const ms = pingInterval * 1000;
+  return {
+    idle: ms + Math.min(5000, Math.max(1000, ms / 2)),
+    wait: Math.min(5000, Math.max(2000, ms)),
+  };
 }
 
 function event(type, detail) {
@@ -43,8 +72,11 @@ function event(type, detail) {
 /**
  * One channel subscription. Events: `publication`, `join`, `leave`,
  * `subscribed` ({ recovered, offset, epoch, history }), `recovery_failed`
- * ({ offset, epoch }: history no longer covered the gap), `unsubscribed`,
- * `error` (WalkieError).
+ * ({ offset, epoch }: history no longer covered the gap), `unsubscribed`
+ * ({ code, reason } when the server refused the subscription or ended it;
+ * {} after `unsubscribe()`: either way the subscription is over and the
+ * client forgets it), `error` (WalkieError: comes before the
+ * `unsubscribed` of a refused or ended subscription).
  */
 export class Subscription extends EventTarget {
   constructor(client, channel, options) {
@@ -55,8 +87,12 @@ export class Subscription extends EventTarget {
     /** The last position seen: what a reconnect recovers from. */
     this.offset = null;
     this.epoch = null;
+    /** False once unsubscribed (by `unsubscribe()` or by the server). */
     this.active = true;
+    /** True between the server's subscribe reply and the connection's end. */
     this.subscribed = false;
+    // The socket the last subscribe went out on.
+    this._socket = null;
   }
 
   /** Publishes to this channel; resolves with { offset, epoch, duplicate }. */
@@ -79,13 +115,31 @@ export class Subscription extends EventTarget {
   /** Leaves the channel for good. */
   unsubscribe() {
     if (!this.active) return;
-    this.active = false;
-    this.client._forget(this);
-    if (this.subscribed && this.client.state === 'connected') {
-      this.client._call('unsubscribe', { channel: this.channel }).catch(() => {});
+    const client = this.client;
+    const socket = this._socket;
+    this._end();
+    // A subscribe sent on this socket is (or will be) a subscription on the
+    // server, reply or not yet: the server handles commands in order, so an
+    // unsubscribe sent now ends it.
+    if (socket && socket === client._ws) {
+      client._send('unsubscribe', { channel: this.channel }).catch(() => {});
     }
-    this.subscribed = false;
     this.dispatchEvent(event('unsubscribed', {}));
+  }
+
+  _end() {
+    this.active = false;
+    this.subscribed = false;
+    this._socket = null;
+    this.client._forget(this);
+  }
+
+  /** The server refused the subscription or ended it: forget it. */
+  _ended(error) {
+    if (!this.active) return;
+    this._end();
+    this.dispatchEvent(event('error', error));
+    this.dispatchEvent(event('unsubscribed', { code: error.code, reason: error.message }));
   }
 
   _params() {
@@ -125,8 +179,7 @@ export class Subscription extends EventTarget {
       this.offset = 0;
       this.epoch = body.epoch;
     } else if (kind === 'unsubscribe') {
-      this.subscribed = false;
-      this.dispatchEvent(event('error', new WalkieError(body.code, body.reason)));
+      this._ended(new WalkieError(body.code, body.reason));
     } else {
       this.dispatchEvent(event(kind, body.info));
     }
@@ -137,12 +190,15 @@ export class Subscription extends EventTarget {
  * A connection to a walkie server that keeps itself connected.
  *
  * Options: `token` (a JWT), `getToken` (async () => JWT: called to connect
- * and before the token expires), `name`, `minDelay` / `maxDelay` (backoff
- * in ms, default 500 / 20000).
+ * and before the token expires), `name` (shown to other clients as
+ * `info.name` in presence and join/leave, where the token has no `info`),
+ * `minDelay` / `maxDelay` (backoff in ms, default 500 / 20000).
  *
  * Events: `state` ({ state, previous }: 'disconnected', 'connecting',
  * 'connected'), `connected` (the connect result), `disconnected` ({ code,
- * reason, reconnect }), `error` (WalkieError or Error).
+ * reason, reconnect }; code 1006 where the client itself gave the socket up:
+ * no answer to `ping`, or no `connect` reply in time), `error` (WalkieError
+ * or Error).
  */
 export class Walkie extends EventTarget {
   constructor(url, options = {}) {
@@ -153,6 +209,10 @@ export class Walkie extends EventTarget {
     this.client = null;
     this.user = null;
     this._ws = null;
+    // Bumped whenever a connection attempt starts or a socket is dropped:
+    // callbacks of an older one (a token fetched, a refresh, a timer) find
+    // it changed and do nothing.
+    this._gen = 0;
     this._nextId = 1;
     this._pending = new Map();
     this._subs = new Map();
@@ -160,24 +220,40 @@ export class Walkie extends EventTarget {
     this._attempts = 0;
     this._timer = null;
     this._refreshTimer = null;
+    this._connectTimer = null;
+    this._pingTimer = null;
+    this._pongTimer = null;
+    this._lastSeen = 0;
+    this._connectedAt = 0;
+    // True from connect() until the client stops (disconnect(), or a close
+    // after which reconnecting cannot help): meanwhile a token is being
+    // fetched, a socket is open, or a reconnect is scheduled.
     this._wanted = false;
+    this._token = undefined; // the token of the current connection
+    this._refused = null; // { token, code } of a 4001 or 4002 close
     this._keyPrefix = Math.random().toString(36).slice(2, 10);
     this._keyCounter = 0;
   }
 
   /** Starts connecting (and keeps reconnecting until `disconnect`). */
   connect() {
+    if (this._wanted) return;
     this._wanted = true;
-    if (this.state === 'disconnected') this._open();
+    this._attempts = 0;
+    this._open();
   }
 
-  /** Closes the connection and stops reconnecting. */
+  /**
+   * Closes the connection and stops reconnecting. Commands not answered
+   * yet (publishes waiting for a connection included) fail with a
+   * WalkieError (code 0); subscriptions are kept for the next `connect`.
+   */
   disconnect() {
-    this._wanted = false;
-    clearTimeout(this._timer);
-    clearTimeout(this._refreshTimer);
-    if (this._ws) this._ws.close(1000, 'bye');
-    this._setState('disconnected');
+    const hadSocket = this._ws !== null;
+    this._stop();
+    if (hadSocket && !this._wanted) {
+      this.dispatchEvent(event('disconnected', { code: 1000, reason: 'disconnect()', reconnect: false }));
+    }
   }
 
   /** A subscription; it (re)subscribes whenever the client is connected. */
@@ -192,9 +268,10 @@ export class Walkie extends EventTarget {
   /**
    * Publishes; resolves with { offset, epoch, duplicate } once the server
    * stored it. Waits for a connection, and retries across reconnects with
-   * the same idempotency key, so the message is delivered once. For
-   * messages that are stale a moment later (positions), pass
-   * `{ retry: false, idempotencyKey: false }`: no retry, no key to store.
+   * the same idempotency key, so the message is delivered once; fails if
+   * the client stops first. For messages that are stale a moment later
+   * (positions), pass `{ retry: false, idempotencyKey: false }`: no retry,
+   * no key to store.
    */
   publish(channel, data, options = {}) {
     const params = { channel, data };
@@ -227,7 +304,7 @@ export class Walkie extends EventTarget {
   }
 
   _forget(sub) {
-    this._subs.delete(sub.channel);
+    if (this._subs.get(sub.channel) === sub) this._subs.delete(sub.channel);
   }
 
   _setState(state) {
@@ -237,31 +314,53 @@ export class Walkie extends EventTarget {
     this.dispatchEvent(event('state', { state, previous }));
   }
 
-  async _token() {
+  async _getToken() {
     if (this.options.getToken) return this.options.getToken();
     return this.options.token;
   }
 
   async _open() {
+    const gen = ++this._gen;
     this._setState('connecting');
     let token;
     try {
-      token = await this._token();
+      token = await this._getToken();
     } catch (e) {
+      if (gen !== this._gen || !this._wanted) return;
       this.dispatchEvent(event('error', e));
-      this._scheduleReconnect();
+      if (gen === this._gen) this._scheduleReconnect();
       return;
     }
-    if (!this._wanted) return;
-    const ws = new WebSocket(this.url, PROTOCOL);
+    if (gen !== this._gen || !this._wanted) return;
+    if (this._refused && token === this._refused.token) {
+      // getToken gave the token the server refused: it would be refused again.
+      const { code } = this._refused;
+      this._stop(new WalkieError(code, `the server refused the token (close ${code}) and getToken returned it again`));
+      return;
+    }
+    let ws;
+    try {
+      ws = new WebSocket(this.url, PROTOCOL);
+    } catch (e) {
+      // A malformed URL, say: trying again cannot help.
+      this._stop(e);
+      return;
+    }
     this._ws = ws;
+    this._token = token;
+    this._connectTimer = setTimeout(() => this._closed(ws, 1006, 'no connect reply in time'), CONNECT_TIMEOUT);
     ws.onopen = () => {
       const params = {};
       if (token) params.token = token;
       if (this.options.name) params.name = this.options.name;
-      this._send('connect', params)
-        .then((result) => this._connected(result))
-        .catch((e) => this.dispatchEvent(event('error', e)));
+      this._send('connect', params).then(
+        (result) => {
+          if (ws === this._ws) this._connected(result);
+        },
+        (e) => {
+          if (ws === this._ws) this.dispatchEvent(event('error', e));
+        },
+      );
     };
     ws.onmessage = (m) => this._message(m.data);
     ws.onclose = (e) => this._closed(ws, e.code, e.reason);
@@ -269,79 +368,176 @@ export class Walkie extends EventTarget {
   }
 
   _connected(result) {
-    this._attempts = 0;
+    clearTimeout(this._connectTimer);
+    this._connectTimer = null;
+    this._connectedAt = Date.now();
+    this._refused = null;
     this.client = result.client;
     this.user = result.user;
-    this._setState('connected');
-    this.dispatchEvent(event('connected', result));
-    if (result.expires_in !== undefined && this.options.getToken) {
-      clearTimeout(this._refreshTimer);
-      this._refreshTimer = setTimeout(() => this._refresh(), refreshDelay(result.expires_in));
+    if (result.expires_in !== undefined && this.options.getToken) this._scheduleRefresh(result.expires_in);
+    if (typeof result.ping_interval === 'number' && result.ping_interval > 0) {
+      this._pingTimes = pingTimes(result.ping_interval);
+      this._lastSeen = performance.now();
+      this._watch(this._gen);
     }
-    for (const sub of this._subs.values()) this._resubscribe(sub);
+    // Subscriptions and queued commands first, in the order they were made;
+    // then the events (whose listeners may subscribe, publish, disconnect).
+    for (const sub of [...this._subs.values()]) this._resubscribe(sub);
     const outbox = this._outbox;
     this._outbox = [];
     for (const item of outbox) this._dispatch(item);
+    const gen = this._gen;
+    this._setState('connected');
+    if (gen === this._gen) this.dispatchEvent(event('connected', result));
   }
 
-  async _refresh() {
+  _scheduleRefresh(expiresIn) {
+    clearTimeout(this._refreshTimer);
+    const gen = this._gen;
+    this._refreshTimer = setTimeout(() => this._refresh(gen), refreshDelay(expiresIn));
+  }
+
+  async _refresh(gen) {
     try {
-      const token = await this._token();
-      const r = await this._call('refresh', { token });
-      if (r.expires_in !== undefined) {
-        this._refreshTimer = setTimeout(() => this._refresh(), refreshDelay(r.expires_in));
-      }
+      const token = await this._getToken();
+      if (gen !== this._gen) return; // the connection it was for is gone
+      const r = await this._send('refresh', { token });
+      if (gen !== this._gen) return;
+      this._token = token;
+      if (r.expires_in !== undefined) this._scheduleRefresh(r.expires_in);
     } catch (e) {
-      this.dispatchEvent(event('error', e));
+      if (gen === this._gen) this.dispatchEvent(event('error', e));
     }
   }
 
+  /** Every so often: has the server sent anything lately? If not, ask. */
+  _watch(gen) {
+    if (gen !== this._gen) return;
+    const { idle, wait } = this._pingTimes;
+    const quiet = performance.now() - this._lastSeen;
+    if (quiet < idle) {
+      this._pingTimer = setTimeout(() => this._watch(gen), idle - quiet);
+      return;
+    }
+    const ws = this._ws;
+    this._send('ping', {}).catch(() => {});
+    // Any message from the server clears it (see _message).
+    clearTimeout(this._pongTimer);
+    this._pongTimer = setTimeout(() => this._closed(ws, 1006, 'no reply to ping'), wait);
+    this._pingTimer = setTimeout(() => this._watch(gen), idle);
+  }
+
   _resubscribe(sub) {
+    const ws = this._ws;
+    if (!ws || !sub.active || sub._socket === ws) return;
+    sub._socket = ws;
+    sub.subscribed = false; // pushes are dropped until the reply
     const params = sub._params();
     const recovering = params.recover === true;
-    this._send('subscribe', params)
-      .then((result) => sub._subscribed(result, recovering))
-      .catch((e) => sub.dispatchEvent(event('error', e)));
+    this._send('subscribe', params).then(
+      (result) => {
+        if (sub._socket === ws && sub.active) sub._subscribed(result, recovering);
+      },
+      (e) => {
+        if (sub._socket !== ws || !sub.active) return;
+        // Refused by the server: it would be refused after every reconnect
+        // too. (Code 0: the connection went; it subscribes on the next.)
+        if (e.code) sub._ended(e);
+        else sub.dispatchEvent(event('error', e));
+      },
+    );
+  }
+
+  /**
+   * Drops the current socket at once: its handlers go, it is closed, its
+   * timers stop, and the commands it had in flight are returned.
+   */
+  _detach() {
+    const ws = this._ws;
+    this._ws = null;
+    this._gen++;
+    for (const timer of ['_refreshTimer', '_connectTimer', '_pingTimer', '_pongTimer']) {
+      clearTimeout(this[timer]);
+      this[timer] = null;
+    }
+    this._connectedAt = 0;
+    for (const sub of this._subs.values()) {
+      sub.subscribed = false;
+      sub._socket = null;
+    }
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      if (ws.readyState === WebSocket.OPEN) ws.close(1000, 'bye');
+      else if (ws.readyState === WebSocket.CONNECTING) ws.onopen = () => ws.close(1000, 'bye');
+    }
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    return pending;
+  }
+
+  /**
+   * Stops for good (until the next `connect`): no socket, no reconnect, and
+   * every command not answered yet fails.
+   */
+  _stop(error) {
+    this._wanted = false;
+    clearTimeout(this._timer);
+    this._timer = null;
+    const failed = [...this._detach(), ...this._outbox];
+    this._outbox = [];
+    const gen = this._gen;
+    if (error) this.dispatchEvent(event('error', error));
+    for (const item of failed) item.reject(new WalkieError(0, 'disconnected'));
+    if (gen === this._gen) this._setState('disconnected');
   }
 
   _closed(ws, code, reason) {
     if (ws !== this._ws) return;
-    this._ws = null;
-    clearTimeout(this._refreshTimer);
-    for (const sub of this._subs.values()) sub.subscribed = false;
-    // Commands in flight: a retried publish goes back to the outbox (same
-    // idempotency key); anything else fails.
-    for (const item of this._pending.values()) {
-      if (item.retry) this._outbox.push(item);
-      else item.reject(new WalkieError(0, `connection closed (${code})`));
-    }
-    this._pending.clear();
+    const stable = this._connectedAt !== 0 && Date.now() - this._connectedAt >= STABLE_AFTER;
+    const pending = this._detach();
+    if (stable) this._attempts = 0;
+    const tokenProblem = code === 4001 || code === 4002;
+    if (tokenProblem) this._refused = { token: this._token, code };
     // A refused or expired token is final, unless there is a way to get a
     // fresh one.
-    const tokenProblem = code === 4001 || code === 4002;
     const final = tokenProblem ? !this.options.getToken : FINAL_CODES.has(code);
     const reconnect = this._wanted && !final;
-    this.dispatchEvent(event('disconnected', { code, reason, reconnect }));
-    if (reconnect) {
-      this._scheduleReconnect();
-    } else {
+    // Commands in flight: a retried publish goes back to the outbox, ahead
+    // of those queued after it (same idempotency key); anything else fails,
+    // and so does everything once the client stops.
+    const failed = [];
+    const retried = [];
+    for (const item of pending) (reconnect && item.retry ? retried : failed).push(item);
+    this._outbox = [...retried, ...this._outbox];
+    if (!reconnect) {
       this._wanted = false;
-      this._setState('disconnected');
+      failed.push(...this._outbox);
+      this._outbox = [];
     }
+    const gen = this._gen;
+    this.dispatchEvent(event('disconnected', { code, reason, reconnect }));
+    for (const item of failed) item.reject(new WalkieError(0, `connection closed (${code})`));
+    if (gen !== this._gen) return; // a listener called connect() or disconnect()
+    if (reconnect) this._scheduleReconnect();
+    else this._setState('disconnected');
   }
 
   _scheduleReconnect() {
-    this._setState('connecting');
+    if (!this._wanted) return;
     const min = this.options.minDelay ?? 500;
     const max = this.options.maxDelay ?? 20000;
     const base = Math.min(max, min * 2 ** this._attempts);
-    this._attempts += 1;
-    // Full jitter: many clients of a restarted server do not come back at once.
-    const delay = base / 2 + Math.random() * (base / 2);
+    this._attempts = Math.min(this._attempts + 1, 30);
+    // Equal jitter: a delay between half the backoff and all of it, so that
+    // the many clients of a restarted server do not all come back at once.
+    const delay = Math.min(MAX_DELAY, base / 2 + Math.random() * (base / 2));
     clearTimeout(this._timer);
+    const gen = this._gen;
     this._timer = setTimeout(() => {
-      if (this._wanted) this._open();
+      this._timer = null;
+      if (this._wanted && gen === this._gen) this._open();
     }, delay);
+    this._setState('connecting');
   }
 
   /** Sends a command when connected, or queues it until then. */
@@ -353,7 +549,10 @@ export class Walkie extends EventTarget {
     });
   }
 
-  /** Sends a command on the open socket (connect and subscribe use it directly). */
+  /**
+   * Sends a command on the open socket, or fails at once (connect,
+   * subscribe, unsubscribe, refresh and ping belong to one connection).
+   */
   _send(method, params) {
     return new Promise((resolve, reject) => {
       this._dispatch({ method, params, resolve, reject, retry: false });
@@ -373,6 +572,12 @@ export class Walkie extends EventTarget {
   }
 
   _message(data) {
+    // Anything from the server shows the connection is alive.
+    this._lastSeen = performance.now();
+    if (this._pongTimer !== null) {
+      clearTimeout(this._pongTimer);
+      this._pongTimer = null;
+    }
     let msg;
     try {
       msg = JSON.parse(data);
@@ -391,7 +596,10 @@ export class Walkie extends EventTarget {
       const body = msg[kind];
       if (!body) continue;
       const sub = this._subs.get(body.channel);
-      if (sub) sub._push(kind, body);
+      // Until its subscribe reply, pushes for the channel belong to an
+      // earlier subscription (the server sends a subscription's reply
+      // before any of its pushes).
+      if (sub && sub.subscribed) sub._push(kind, body);
     }
   }
 }

@@ -152,8 +152,10 @@ await runTests(
         // Two token lifetimes: without a refresh the server closes with 4002.
         await new Promise((resolve) => setTimeout(resolve, 7000));
         const state = w.state;
+        // Before disconnect(), whose own close is reported too.
+        const closed = [...closes];
         w.disconnect();
-        return { state, fetches, closes };
+        return { state, fetches, closes: closed };
       });
       await p.close();
       if (result.state !== 'connected' || result.closes.length > 0 || result.fetches < 3) {
