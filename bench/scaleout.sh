@@ -12,8 +12,9 @@
 # machine with more cores, WALKIE_NODE_CPUS=2,3,4 gives each node its own
 # core and WALKIE_LOAD_CPUS=8-15 spreads the generator over those cores (one
 # thread each). The engine runs where the system put it, and its CPU is read
-# from /proc over the measured window. WALKIE_NO_BUILD=1 uses the binaries
-# already in target/release.
+# (`walkie-bench cpu-time`: the kernel's process CPU clock, to the
+# nanosecond) before and after the whole `walkie-bench fanout` run.
+# WALKIE_NO_BUILD=1 uses the binaries already in target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 subs=${1:-300}
@@ -33,8 +34,8 @@ pids=()
 cleanup() { for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$out"; }
 trap cleanup EXIT
 
-cpu_of() { # total CPU seconds of a pid
-  awk '{ printf "%.3f\n", ($14 + $15) / 100 }' "/proc/$1/stat" 2>/dev/null || echo 0
+cpu_of() { # total CPU seconds of a pid (0 without one)
+  if [ -n "$1" ]; then "$bin/walkie-bench" cpu-time "$1" || echo 0; else echo 0; fi
 }
 
 run() { # engine-name engine-url nodes engine-pid

@@ -6,8 +6,10 @@
 // for performance (native masking); UTF-8 is validated with Node's
 // built-in `buffer.isUtf8`, so `utf-8-validate` is not needed.
 //
-// `deflate`: permessage-deflate with ws's defaults except `threshold: 0`,
-// so every message is compressed. ws runs zlib asynchronously on libuv's
+// `deflate`: permessage-deflate with ws's defaults (context takeover,
+// 15-bit windows) except `threshold: 0`, so every message is compressed,
+// and zlib level 1 (walkie's default level; zlib's default, which ws
+// keeps, is 6). ws runs zlib asynchronously on libuv's
 // thread pool; the JavaScript itself is single-threaded, and the suite's
 // taskset keeps every thread of the process on one core.
 
@@ -20,7 +22,9 @@ const { port, deflate } = parseArgs(NAME);
 const wss = new WebSocketServer({
   host: '127.0.0.1',
   port,
-  perMessageDeflate: deflate ? { threshold: 0 } : false,
+  perMessageDeflate: deflate
+    ? { threshold: 0, zlibDeflateOptions: { level: 1 } }
+    : false,
 });
 
 wss.on('error', (err) => fail(NAME, 'listen', err));

@@ -8,9 +8,10 @@ Command line: PORT [deflate]. stdout carries only `listening <port>`;
 errors go to stderr; exit status 2 on a bad command line.
 
 Without `deflate`: `compression=None`. With it: websockets' default
-permessage-deflate (`compression="deflate"`: context takeover, 12-bit
-windows, memLevel 5). websockets has no size threshold: it compresses
-every message.
+permessage-deflate settings (those of `compression="deflate"`: context
+takeover, 12-bit windows, memLevel 5) but at zlib level 1, walkie's default
+level (zlib's default, which websockets keeps, is 6). websockets has no size
+threshold: it compresses every message.
 
 Everything else is websockets' default, including its keepalive (a ping
 after 20 s of silence, close after 20 s more without a pong) and the
@@ -22,6 +23,7 @@ import sys
 
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 
 NAME = "websockets-echo"
 
@@ -50,13 +52,24 @@ async def echo(websocket):
         pass
 
 
+def deflate_extension():
+    # What `compression="deflate"` enables (websockets 17.4,
+    # `enable_server_permessage_deflate`), with level 1 added.
+    return ServerPerMessageDeflateFactory(
+        server_max_window_bits=12,
+        client_max_window_bits=12,
+        compress_settings={"level": 1, "memLevel": 5},
+    )
+
+
 async def main(port, deflate):
     try:
         server = await serve(
             echo,
             "127.0.0.1",
             port,
-            compression="deflate" if deflate else None,
+            compression=None,
+            extensions=[deflate_extension()] if deflate else None,
         )
     except OSError as err:
         print(f"{NAME}: listen: {err}", file=sys.stderr)

@@ -1,7 +1,8 @@
 //! The fan-out load: one publisher and many subscribers in one room, on one
 //! thread (or the subscribers spread over several, the publisher on the
 //! first). The publisher sends small binary messages at a fixed rate, each
-//! carrying a sequence number and its send time in its first 16 bytes;
+//! carrying a sequence number and the time its batch was written in its
+//! first 16 bytes;
 //! every subscriber reads frame headers and those 16 bytes only, and
 //! records publish-to-delivery latency.
 
@@ -520,8 +521,9 @@ async fn run_window(
     }
 
     tokio::time::sleep(spec.warmup).await;
+    let clock = procfs::CpuClock::of(std::process::id());
     announce(spec.announce, "start");
-    let cpu0 = procfs::cpu_seconds(std::process::id()).ok();
+    let cpu0 = clock.seconds().ok();
     let threads0 = threads_cpu(part);
     common
         .first_seq
@@ -535,7 +537,7 @@ async fn run_window(
         .end_seq
         .store(common.next_seq.load(Ordering::Relaxed), Ordering::Release);
     common.stop_publishing.store(true, Ordering::Release);
-    let cpu1 = procfs::cpu_seconds(std::process::id()).ok();
+    let cpu1 = clock.seconds().ok();
     let threads1 = threads_cpu(part);
     announce(spec.announce, "end");
 
@@ -568,7 +570,14 @@ fn quantile_us(h: &Histogram<u64>, q: f64, expected: u64, received: u64) -> Opti
 
 /// Publishes at `rate` until told to stop: every time the timer fires
 /// (tokio's timer has 1 ms granularity), the messages due are tagged and
-/// written in one write. To a room, each message is a binary message of
+/// written in one write. Each message's tag carries the time the batch is
+/// written, not its scheduled time: latency runs from the publisher's
+/// write to the subscriber's read, so the generator's own timer (1 ms
+/// granularity, which would add 0 to about 2 ms to every figure and hide
+/// the servers' differences) does not count, and neither does a batch
+/// delayed by a server that stopped reading the publisher (that shows as
+/// a lower publish rate and in the later messages' latency instead).
+/// To a room, each message is a binary message of
 /// `size` bytes; to a Walkie protocol `channel`, a `publish` command whose
 /// `data` is a string of `size` characters.
 async fn publish(

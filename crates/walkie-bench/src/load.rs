@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::threads::share;
-use crate::wire::{FrameCounter, deflate_alone, handshake, masked_frame};
+use crate::wire::{FrameCounter, deflate_each, handshake, masked_frame, varied_payloads};
 
 /// How messages are offered.
 #[derive(Debug, Clone, Copy)]
@@ -226,6 +226,14 @@ async fn run_part(spec: Spec, part: Option<Part>) -> (Outcome, Histogram<u64>) {
     let (first, total) = part
         .as_ref()
         .map_or((0, spec.conns), |p| (p.first, p.total));
+    let opcode = if spec.binary { 2 } else { 1 };
+    // With permessage-deflate, every connection of this thread sends the
+    // same ring of compressed frames (see `deflate_ring`), built once.
+    let ring = Rc::new(if spec.deflate {
+        deflate_ring(opcode, &payload, first)
+    } else {
+        Vec::new()
+    });
     // Connections still opening, and the signal that none is left.
     let opening = Rc::new(Cell::new(spec.conns));
     let opened = Rc::new(tokio::sync::Notify::new());
@@ -244,6 +252,7 @@ async fn run_part(spec: Spec, part: Option<Part>) -> (Outcome, Histogram<u64>) {
                     ready.clone(),
                     connected.clone(),
                 );
+                let ring = ring.clone();
                 let (opening, opened) = (opening.clone(), opened.clone());
                 tokio::task::spawn_local(async move {
                     let source =
@@ -262,8 +271,16 @@ async fn run_part(spec: Spec, part: Option<Part>) -> (Outcome, Histogram<u64>) {
                     ready.wait().await;
                     if let Some((stream, leftover, deflate)) = conn {
                         let slot = (i, total);
-                        if let Err(e) =
-                            drive(stream, leftover, deflate, &spec, &payload, slot, &shared).await
+                        let single;
+                        let frames: &[Vec<u8>] = if deflate {
+                            &ring
+                        } else {
+                            // One frame, masked with this connection's key.
+                            let key = (i as u32).wrapping_mul(2_654_435_761).to_be_bytes();
+                            single = [masked_frame(opcode, false, &payload, key)];
+                            &single
+                        };
+                        if let Err(e) = drive(stream, leftover, frames, &spec, slot, &shared).await
                         {
                             shared.error(e);
                         }
@@ -336,28 +353,55 @@ async fn connect(
     }
 }
 
-/// Sends and receives on one connection until the run stops; `(index,
-/// total)`: the connection's place among all the run's connections.
+/// Bytes of distinct payloads in a deflate ring: twice the largest window
+/// (32 KiB), so that no message repeats within the window of a server that
+/// keeps its compression context.
+const RING_BYTES: usize = 64 * 1024;
+
+/// The frames a thread's connections send when the server accepted
+/// permessage-deflate: distinct payloads ([`varied_payloads`]), each
+/// compressed on its own (the client offers `client_no_context_takeover`)
+/// and masked once, enough of them that the ring's payloads span twice a
+/// 32 KiB window (2,048 of 32 bytes; at least 16). Each connection starts
+/// at its own place in the ring and sends the frames in turn: as cheap per
+/// message as one frame sent again and again, and a server compressing
+/// with context takeover cannot answer a message with a single
+/// back-reference to the one before. `first`: the thread's first
+/// connection, for the masking key.
+fn deflate_ring(opcode: u8, payload: &[u8], first: usize) -> Vec<Vec<u8>> {
+    let key = (first as u32).wrapping_mul(2_654_435_761).to_be_bytes();
+    let count = RING_BYTES.div_ceil(payload.len().max(1)).clamp(16, 4096);
+    deflate_each(&varied_payloads(payload, count))
+        .iter()
+        .map(|c| masked_frame(opcode, true, c, key))
+        .collect()
+}
+
+/// Sends and receives on one connection until the run stops, sending
+/// `frames` in turn (one frame, or a deflate ring); `(index, total)`: the
+/// connection's place among all the run's connections.
 async fn drive(
     mut stream: TcpStream,
     leftover: Vec<u8>,
-    deflate: bool,
+    frames: &[Vec<u8>],
     spec: &Spec,
-    payload: &[u8],
     (index, total): (usize, usize),
     shared: &Shared,
 ) -> std::io::Result<()> {
-    let key = (index as u32).wrapping_mul(2_654_435_761).to_be_bytes();
-    let opcode = if spec.binary { 2 } else { 1 };
-    let frame = if deflate {
-        masked_frame(opcode, true, &deflate_alone(payload), key)
-    } else {
-        masked_frame(opcode, false, payload, key)
+    // The next frame to send: each connection starts at its own place.
+    let mut turn = index % frames.len();
+    let mut next_frame = || {
+        let f = &frames[turn];
+        turn += 1;
+        if turn == frames.len() {
+            turn = 0;
+        }
+        f
     };
     let mut counter = FrameCounter::default();
     let mut sent: VecDeque<Instant> = VecDeque::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::with_capacity(frame.len() * 16);
+    let mut out = Vec::with_capacity(frames[0].len() * 16);
 
     let mut on_bytes = |data: &[u8], sent: &mut VecDeque<Instant>| -> std::io::Result<u64> {
         let seen = counter.feed(data);
@@ -383,7 +427,7 @@ async fn drive(
     match spec.mode {
         Mode::ClosedLoop { in_flight } => {
             for _ in 0..in_flight {
-                out.extend_from_slice(&frame);
+                out.extend_from_slice(next_frame());
                 sent.push_back(Instant::now());
             }
             stream.write_all(&out).await?;
@@ -399,7 +443,7 @@ async fn drive(
                 out.clear();
                 let now = Instant::now();
                 for _ in 0..replies {
-                    out.extend_from_slice(&frame);
+                    out.extend_from_slice(next_frame());
                     sent.push_back(now);
                 }
                 stream.write_all(&out).await?;
@@ -412,15 +456,21 @@ async fn drive(
             while !shared.stop.get() {
                 tokio::select! {
                     () = tokio::time::sleep_until(next.into()) => {
-                        // Catch up on every send that is due. Latency
-                        // counts from the actual write: the sends do not
-                        // wait for replies (open loop), so only tokio's
-                        // 1 ms timer granularity could delay them, and that
-                        // is the generator's lateness, not the server's.
+                        // Catch up on every send that is due, in one write.
+                        // Latency counts from the actual send (the instant
+                        // just before this write, the same for every message
+                        // in it), not from each message's scheduled time
+                        // `next`: the lateness of the timer (1 ms granularity)
+                        // or of a busy generator is left out, so these cases'
+                        // p50/p99 are the server's response time to what was
+                        // sent, not what a client on that schedule would see.
+                        // (The fan-out publisher stamps scheduled times.)
+                        // The cpu cases are judged on CPU per message; the
+                        // latency columns are secondary.
                         out.clear();
                         let now = Instant::now();
                         while next <= now {
-                            out.extend_from_slice(&frame);
+                            out.extend_from_slice(next_frame());
                             sent.push_back(now);
                             next += interval;
                         }

@@ -9,7 +9,8 @@
 //! - `fanout.rs`: one publisher and many subscribers in one room, at a fixed
 //!   publish rate: deliveries, losses, publish-to-delivery latency.
 //! - `idle.rs`: many idle connections, held while the suite reads memory.
-//! - `procfs.rs`: a server's CPU time and resident memory from /proc.
+//! - `procfs.rs`: a server's CPU time (the kernel's process CPU clock, to
+//!   the nanosecond) and resident memory (/proc).
 //! - `peers.rs`: the servers compared, how each is built and started.
 //! - `suite.rs`: every case against every peer, pinned cores, medians,
 //!   the Markdown table.
@@ -48,6 +49,17 @@ enum Command {
     /// Fan-out: one publisher and many subscribers in one room; measure
     /// deliveries, losses and publish-to-delivery latency.
     Fanout(FanoutArgs),
+    /// Print the CPU time of processes so far (user plus system, all
+    /// threads, exited ones included), in seconds to the nanosecond, one
+    /// line each: for scripts that sample a server over a window.
+    CpuTime(CpuTimeArgs),
+}
+
+#[derive(Debug, Args)]
+struct CpuTimeArgs {
+    /// Process ids.
+    #[arg(required = true)]
+    pids: Vec<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -491,10 +503,30 @@ fn run_suite(args: SuiteArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Prints each process's CPU seconds; from /proc ticks, with a note on
+/// stderr, where the kernel's CPU clock cannot be had.
+fn run_cpu_time(args: CpuTimeArgs) -> ExitCode {
+    for pid in args.pids {
+        let clock = procfs::CpuClock::of(pid);
+        if let Some(why) = &clock.fallback {
+            eprintln!("walkie-bench cpu-time: {why}");
+        }
+        match clock.seconds() {
+            Ok(s) => println!("{s:.9}"),
+            Err(e) => {
+                eprintln!("walkie-bench cpu-time: {pid}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Load(args) => run_load(args),
         Command::Suite(args) => run_suite(args),
         Command::Fanout(args) => run_fanout(args),
+        Command::CpuTime(args) => run_cpu_time(args),
     }
 }

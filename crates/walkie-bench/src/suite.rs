@@ -202,6 +202,14 @@ pub struct RunResult {
     pub p99_us: f64,
     pub p999_us: f64,
     pub cpu_us_per_msg: Option<f64>,
+    /// The server's CPU time over the measured window divided by the
+    /// window's length: 1.0 is one core busy all the time (cpu and fan-out
+    /// cases).
+    pub server_util: Option<f64>,
+    /// Set where the server's CPU time came from /proc in 10 ms ticks
+    /// instead of the kernel's process CPU clock: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_note: Option<String>,
     pub rss_per_conn: Option<f64>,
     /// Fan-out: deliveries of the window's messages that never arrived,
     /// out of `expected`.
@@ -225,8 +233,56 @@ pub struct RunResult {
 pub struct CaseResult {
     pub case: &'static str,
     pub peer: &'static str,
+    /// The runs that gave a result (the medians are theirs).
     pub runs: Vec<RunResult>,
+    /// Why each of the other runs gave none.
+    pub failed: Vec<String>,
+    /// Why no run gave a result (the first failure), if none did.
     pub skipped: Option<String>,
+}
+
+/// A server's CPU time over the load generator's measured window, sampled
+/// when the generator prints `start` and `end`.
+struct CpuWindow {
+    clock: procfs::CpuClock,
+    start: Option<(f64, Instant)>,
+    /// CPU seconds used, and the wall-clock seconds between the samples.
+    used: Option<(f64, f64)>,
+}
+
+impl CpuWindow {
+    fn new(pid: u32) -> Self {
+        CpuWindow {
+            clock: procfs::CpuClock::of(pid),
+            start: None,
+            used: None,
+        }
+    }
+
+    fn start(&mut self) {
+        self.start = self.clock.seconds().ok().map(|c| (c, Instant::now()));
+    }
+
+    fn end(&mut self) {
+        self.used = match (self.start, self.clock.seconds().ok()) {
+            (Some((c0, t0)), Some(c1)) => Some((c1 - c0, t0.elapsed().as_secs_f64())),
+            _ => None,
+        };
+    }
+
+    /// CPU seconds used in the window.
+    fn cpu(&self) -> Option<f64> {
+        self.used.map(|(c, _)| c)
+    }
+
+    /// Share of one core used in the window.
+    fn util(&self) -> Option<f64> {
+        self.used.filter(|(_, w)| *w > 0.0).map(|(c, w)| c / w)
+    }
+
+    fn note(&self) -> Option<String> {
+        self.clock.fallback.clone()
+    }
 }
 
 /// A server process, killed on drop.
@@ -367,21 +423,14 @@ fn run_load(s: &Settings, server: &Server, kind: Kind) -> Result<RunResult, Stri
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start the load generator: {e}"))?;
-    let pid = server.child.id();
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut cpu_start = None;
-    let mut cpu_used = None;
+    let mut window = CpuWindow::new(server.child.id());
     let mut outcome: Option<Outcome> = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| e.to_string())?;
         match line.trim() {
-            "start" => cpu_start = procfs::cpu_seconds(pid).ok(),
-            "end" => {
-                cpu_used = match (cpu_start, procfs::cpu_seconds(pid).ok()) {
-                    (Some(a), Some(b)) => Some(b - a),
-                    _ => None,
-                }
-            }
+            "start" => window.start(),
+            "end" => window.end(),
             json => outcome = serde_json::from_str(json).ok(),
         }
     }
@@ -392,9 +441,12 @@ fn run_load(s: &Settings, server: &Server, kind: Kind) -> Result<RunResult, Stri
         p50_us: o.p50_us,
         p99_us: o.p99_us,
         p999_us: o.p999_us,
-        cpu_us_per_msg: cpu_used
+        cpu_us_per_msg: window
+            .cpu()
             .filter(|_| cpu && o.messages > 0)
             .map(|c| c * 1e6 / o.messages as f64),
+        server_util: window.util().filter(|_| cpu),
+        cpu_note: window.note().filter(|_| cpu),
         connected: o.connected,
         errors: o.errors,
         first_error: o.first_error.or_else(|| {
@@ -456,24 +508,21 @@ fn run_fanout(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start the load generator: {e}"))?;
-    let pid = server.child.id();
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut cpu_start = None;
-    let mut cpu_used = None;
+    let mut window = CpuWindow::new(server.child.id());
     let (mut busy_start, mut busy) = (None, None);
     let mut outcome: Option<FanoutOutcome> = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| e.to_string())?;
         match line.trim() {
             "start" => {
-                cpu_start = procfs::cpu_seconds(pid).ok();
+                window.start();
+                // The machine's busy time is only in /proc/stat, in ticks:
+                // enough to flag a noisy run.
                 busy_start = procfs::machine_busy_seconds().ok();
             }
             "end" => {
-                cpu_used = match (cpu_start, procfs::cpu_seconds(pid).ok()) {
-                    (Some(a), Some(b)) => Some(b - a),
-                    _ => None,
-                };
+                window.end();
                 busy = match (busy_start, procfs::machine_busy_seconds().ok()) {
                     (Some(a), Some(b)) => Some(b - a),
                     _ => None,
@@ -485,6 +534,7 @@ fn run_fanout(
     let _ = child.wait();
     drop(server);
     let o = outcome.ok_or("the load generator printed no result")?;
+    let cpu_used = window.cpu();
     // A quantile among the lost deliveries is beyond the grace period:
     // infinite here (null in results.json, "> 3 s" in the table).
     let beyond = |q: Option<f64>| q.unwrap_or(f64::INFINITY);
@@ -496,6 +546,8 @@ fn run_fanout(
         cpu_us_per_msg: cpu_used
             .filter(|_| o.deliveries > 0)
             .map(|c| c * 1e6 / o.deliveries as f64),
+        server_util: window.util(),
+        cpu_note: window.note(),
         lost: Some(o.lost),
         expected: Some(o.expected),
         publish_rate: Some(o.publish_rate),
@@ -633,6 +685,7 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
                     case: case.id,
                     peer: peer.name,
                     runs: Vec::new(),
+                    failed: Vec::new(),
                     skipped: None,
                 });
                 results.len() - 1
@@ -704,7 +757,12 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
     for (i, outcome) in outcomes {
         match outcome {
             Ok(run) => results[i].runs.push(run),
-            Err(e) => results[i].skipped = Some(e),
+            Err(e) => results[i].failed.push(e),
+        }
+    }
+    for r in &mut results {
+        if r.runs.is_empty() {
+            r.skipped = r.failed.first().cloned();
         }
     }
     bar.finish_and_clear();
@@ -754,6 +812,26 @@ fn fmt_us(us: f64) -> String {
     }
 }
 
+/// Server utilisation (a share of one core) at or above which a server
+/// counts as saturated: its CPU per message is then marked `>=`.
+const SATURATED: f64 = 0.9;
+
+/// The legend under the tables that show the server's CPU.
+const CPU_LEGEND: &str = "*server util*: the server's CPU time over the measured window (the kernel's process CPU clock, all threads) divided by the window's length; 100 % is one core. `>=`: the server's median utilisation was 90 % or more: it was saturated, so its core set the figure (about 1 core / the achieved rate), it batches more and falls behind the offered rate; the figure is a lower bound of its CPU per message (per delivery) at the offered rate, and its ratio is not like-for-like.";
+
+/// A CPU figure, marked `>=` where the server was saturated.
+fn fmt_cpu(m: f64, util: Option<f64>) -> String {
+    if util.is_some_and(|u| u >= SATURATED) {
+        format!(">={}", fmt_num(m))
+    } else {
+        fmt_num(m)
+    }
+}
+
+fn fmt_util(util: Option<f64>) -> String {
+    util.map_or("-".into(), |u| format!("{:.0}%", u * 100.0))
+}
+
 /// The report as a Markdown document: one table per case, peers as rows,
 /// ratios against walkie.
 pub fn report(s: &Settings, results: &[CaseResult]) -> String {
@@ -777,18 +855,20 @@ pub fn report(s: &Settings, results: &[CaseResult]) -> String {
             .and_then(|r| stat(&r.runs, unit))
             .map(|(m, _)| m);
         let latency = matches!(case.kind, Kind::Load { .. });
+        let cpu = matches!(case.kind, Kind::Load { cpu: true, .. });
         out.push_str(&format!(
             "| peer | {figure} (median) | spread | vs walkie |"
         ));
+        let mut columns = 4;
+        if cpu {
+            out.push_str(" server util |");
+            columns += 1;
+        }
         if latency {
             out.push_str(" achieved msgs/s | p50 | p99 | p99.9 |");
+            columns += 4;
         }
-        out.push('\n');
-        out.push_str(if latency {
-            "|---|---|---|---|---|---|---|---|\n"
-        } else {
-            "|---|---|---|---|\n"
-        });
+        out.push_str(&format!("\n|{}\n", "---|".repeat(columns)));
         for peer in &s.peers {
             let Some(r) = by.get(&(case.id, peer.name)) else {
                 continue;
@@ -798,20 +878,24 @@ pub fn report(s: &Settings, results: &[CaseResult]) -> String {
                 out.push_str(&format!(
                     "| {} | - | - | - |{} {why}\n",
                     peer.label,
-                    if latency { " | | | |" } else { "" }
+                    " |".repeat(columns - 4)
                 ));
                 continue;
             }
             let (m, spread) = stat(&r.runs, unit).unwrap_or((f64::NAN, 0.0));
+            let util = stat(&r.runs, |x| x.server_util).map(|(u, _)| u);
             let ratio = ours
                 .map(|o| format!("{:.2}x", m / o))
                 .unwrap_or_else(|| "-".into());
             out.push_str(&format!(
                 "| {} | {} | ±{:.0}% | {ratio} |",
                 peer.label,
-                fmt_num(m),
+                if cpu { fmt_cpu(m, util) } else { fmt_num(m) },
                 spread * 50.0
             ));
+            if cpu {
+                out.push_str(&format!(" {} |", fmt_util(util)));
+            }
             if latency {
                 let med = |f: fn(&RunResult) -> f64| {
                     stat(&r.runs, |x| Some(f(x)))
@@ -826,19 +910,32 @@ pub fn report(s: &Settings, results: &[CaseResult]) -> String {
                     fmt_us(med(|x| x.p999_us))
                 ));
             }
-            let errors: u64 = r.runs.iter().map(|x| x.errors).sum();
-            if errors > 0 || r.runs.iter().any(|x| x.first_error.is_some()) {
-                let first = r
-                    .runs
-                    .iter()
-                    .find_map(|x| x.first_error.clone())
-                    .unwrap_or_default();
-                out.push_str(&format!(" {errors} error(s): {first}"));
-            }
+            out.push_str(&row_notes(r));
             out.push('\n');
+        }
+        if cpu {
+            out.push_str(&format!("\n{CPU_LEGEND}\n"));
         }
     }
     out
+}
+
+/// The end of a peer's row: connection errors, runs that gave no result
+/// (`n/N runs`: the medians are of the n), CPU time read in ticks.
+fn row_notes(r: &CaseResult) -> String {
+    let mut note = errors_note(&r.runs);
+    if let Some(first) = r.failed.first() {
+        note.push_str(&format!(
+            " ({}/{} runs; {} failed: {first})",
+            r.runs.len(),
+            r.runs.len() + r.failed.len(),
+            r.failed.len()
+        ));
+    }
+    if let Some(why) = r.runs.iter().find_map(|x| x.cpu_note.clone()) {
+        note.push_str(&format!(" ({why})"));
+    }
+    note
 }
 
 /// Errors of a peer's runs, for the end of its row.
@@ -856,8 +953,8 @@ fn errors_note(runs: &[RunResult]) -> String {
 }
 
 /// A fan-out case's table: deliveries per second, losses, latency, the
-/// server's CPU per delivery (both with ratios to walkie), and how busy
-/// the load generator was.
+/// server's CPU per delivery (both with ratios to walkie) and utilisation,
+/// and how busy the load generator was.
 fn fanout_table(
     out: &mut String,
     s: &Settings,
@@ -878,9 +975,9 @@ fn fanout_table(
             .unwrap_or_else(|| "-".into())
     };
     out.push_str(
-        "| peer | deliveries/s (median) | spread | vs walkie | lost | p50 | p99 | p99.9 | server CPU us/delivery | vs walkie | published/s | load gen CPU |\n",
+        "| peer | deliveries/s (median) | spread | vs walkie | lost | p50 | p99 | p99.9 | server CPU us/delivery | vs walkie | server util | published/s | load gen CPU |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for peer in &s.peers {
         let Some(r) = by.get(&(case.id, peer.name)) else {
             continue;
@@ -888,7 +985,7 @@ fn fanout_table(
         if r.runs.is_empty() {
             let why = r.skipped.clone().unwrap_or_else(|| "no result".into());
             out.push_str(&format!(
-                "| {} | - | - | - | | | | | | | | | {why}\n",
+                "| {} | - | - | - | | | | | | | | | | {why}\n",
                 peer.label
             ));
             continue;
@@ -913,8 +1010,9 @@ fn fanout_table(
             })
         };
         let c = med(&cpu);
+        let util = med(&|x| x.server_util);
         out.push_str(&format!(
-            "| {} | {} | ±{:.0}% | {} | {lost} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | ±{:.0}% | {} | {lost} | {} | {} | {} | {} | {} | {} | {} | {} |",
             peer.label,
             fmt_num(m),
             spread * 50.0,
@@ -922,12 +1020,13 @@ fn fanout_table(
             us(|x| x.p50_us),
             us(|x| x.p99_us),
             us(|x| x.p999_us),
-            c.map_or("-".into(), fmt_num),
+            c.map_or("-".into(), |c| fmt_cpu(c, util)),
             c.map_or("-".into(), |c| ratio(c, our_cpu)),
+            fmt_util(util),
             med(&|x| x.publish_rate).map_or("-".into(), fmt_num),
             med(&|x| x.load_cpu).map_or("-".into(), |l| format!("{:.0}%", l * 100.0)),
         ));
-        out.push_str(&errors_note(&r.runs));
+        out.push_str(&row_notes(r));
         if let Some(other) = r
             .runs
             .iter()
@@ -942,6 +1041,7 @@ fn fanout_table(
         }
         out.push('\n');
     }
+    out.push_str(&format!("\n{CPU_LEGEND}\n"));
 }
 
 /// Other processes' CPU (cores) during a fan-out window above which the
@@ -950,7 +1050,107 @@ const NOISY: f64 = 0.15;
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_list;
+    use super::*;
+
+    fn settings(cases: &[&str]) -> Settings {
+        Settings {
+            peers: peers::all()
+                .into_iter()
+                .filter(|p| ["walkie", "uws"].contains(&p.name))
+                .collect(),
+            cases: super::cases()
+                .into_iter()
+                .filter(|c| cases.contains(&c.id))
+                .collect(),
+            runs: 3,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(2),
+            server_cpu: 0,
+            load_cpus: "1".into(),
+            load_threads: 1,
+            paths: Paths {
+                root: PathBuf::new(),
+                out: PathBuf::new(),
+            },
+            build: false,
+        }
+    }
+
+    fn run(cpu: f64, util: f64) -> RunResult {
+        RunResult {
+            rate: 50_000.0,
+            cpu_us_per_msg: Some(cpu),
+            server_util: Some(util),
+            ..RunResult::default()
+        }
+    }
+
+    fn row<'a>(report: &'a str, label: &str) -> &'a str {
+        report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label}")))
+            .unwrap_or_else(|| panic!("no row {label} in\n{report}"))
+    }
+
+    #[test]
+    fn cpu_rows_show_utilisation_saturation_and_failed_runs() {
+        let s = settings(&["cpu-100x32"]);
+        let results = vec![
+            CaseResult {
+                case: "cpu-100x32",
+                peer: "walkie",
+                runs: vec![run(4.0, 0.2), run(4.2, 0.21), run(4.4, 0.22)],
+                failed: Vec::new(),
+                skipped: None,
+            },
+            CaseResult {
+                case: "cpu-100x32",
+                peer: "uws",
+                runs: vec![run(19.0, 0.95), run(20.0, 0.97)],
+                failed: vec!["uws exited (signal 9)".into()],
+                skipped: None,
+            },
+        ];
+        let report = report(&s, &results);
+        assert!(report.contains("| server util |"), "{report}");
+        let ours = row(&report, "walkie");
+        assert!(
+            ours.contains("| 4.20 |") && ours.contains("| 21% |"),
+            "{ours}"
+        );
+        assert!(!ours.contains("runs"), "{ours}");
+        let theirs = row(&report, "uWebSockets");
+        assert!(theirs.contains("| >=19.5 |"), "{theirs}");
+        assert!(theirs.contains("| 96% |"), "{theirs}");
+        assert!(
+            theirs.ends_with("(2/3 runs; 1 failed: uws exited (signal 9))"),
+            "{theirs}"
+        );
+        assert!(report.contains("`>=`"), "the legend: {report}");
+    }
+
+    #[test]
+    fn fanout_rows_show_utilisation() {
+        let s = settings(&["fanout-1k"]);
+        let fanout = |util: f64| RunResult {
+            rate: 1.5e6,
+            cpu_us_per_msg: Some(0.6),
+            server_util: Some(util),
+            lost: Some(0),
+            expected: Some(1000),
+            ..RunResult::default()
+        };
+        let results = vec![CaseResult {
+            case: "fanout-1k",
+            peer: "walkie",
+            runs: vec![fanout(0.92)],
+            failed: Vec::new(),
+            skipped: None,
+        }];
+        let report = report(&s, &results);
+        let ours = row(&report, "walkie");
+        assert!(ours.contains("| >=0.60 | 1.00x | 92% |"), "{ours}");
+    }
 
     #[test]
     fn cpu_lists_count_every_cpu_once() {

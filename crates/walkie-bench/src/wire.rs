@@ -101,10 +101,53 @@ pub fn masked_frame(opcode: u8, rsv1: bool, payload: &[u8], key: [u8; 4]) -> Vec
     f
 }
 
-/// A message's payload compressed on its own (no context), as
-/// permessage-deflate sends it: sync flush, trailing 00 00 ff ff removed.
-pub fn deflate_alone(payload: &[u8]) -> Vec<u8> {
+/// Bytes at the start of each of [`varied_payloads`]' payloads that differ.
+const VARIED: usize = 8;
+
+/// `count` distinct variants of `payload`: in each, the first 8 bytes (all
+/// of them, if it is shorter) are replaced by pseudo-random ASCII letters
+/// and digits (valid UTF-8, for text frames), the same sequence every run.
+/// With permessage-deflate, a server that keeps its compression context
+/// would send a message identical to the one before as a single
+/// back-reference: these make every reply carry a few new literals, as
+/// real messages (an id, a counter, a timestamp) do.
+pub fn varied_payloads(payload: &[u8], count: usize) -> Vec<Vec<u8>> {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    // splitmix64: any fixed sequence will do.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (0..count)
+        .map(|_| {
+            let mut p = payload.to_vec();
+            for b in p.iter_mut().take(VARIED) {
+                *b = ALNUM[(next() % ALNUM.len() as u64) as usize];
+            }
+            p
+        })
+        .collect()
+}
+
+/// Each payload compressed on its own (no context), as permessage-deflate
+/// sends it: sync flush, trailing 00 00 ff ff removed. One compressor,
+/// reset between them.
+pub fn deflate_each(payloads: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut c = Compress::new(Compression::default(), false);
+    payloads
+        .iter()
+        .map(|p| {
+            c.reset();
+            deflate_with(&mut c, p)
+        })
+        .collect()
+}
+
+fn deflate_with(c: &mut Compress, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 64);
     loop {
         let before = c.total_in() as usize;
@@ -491,6 +534,35 @@ mod tests {
                 });
             }
             assert_eq!(seen, expect, "split {split}");
+        }
+    }
+
+    #[test]
+    fn varied_payloads_differ_and_compress_alone() {
+        let payload: Vec<u8> = (0..32).map(|i| b'a' + (i % 26) as u8).collect();
+        let payloads = varied_payloads(&payload, 2048);
+        let distinct: std::collections::HashSet<&Vec<u8>> = payloads.iter().collect();
+        assert_eq!(distinct.len(), 2048);
+        assert_eq!(
+            varied_payloads(&payload, 3),
+            payloads[..3],
+            "same every run"
+        );
+        for p in &payloads {
+            assert!(std::str::from_utf8(p).is_ok());
+            assert_eq!(p[8..], payload[8..]);
+        }
+        assert_eq!(varied_payloads(b"abc", 1)[0].len(), 3);
+        let compressed = deflate_each(&payloads[..20]);
+        for (p, c) in payloads.iter().zip(&compressed) {
+            assert_eq!(*c, deflate_each(std::slice::from_ref(p))[0], "no context");
+            let mut d = flate2::Decompress::new(false);
+            let mut input = c.clone();
+            input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+            let mut out = Vec::with_capacity(64);
+            d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+                .unwrap();
+            assert_eq!(out, *p);
         }
     }
 

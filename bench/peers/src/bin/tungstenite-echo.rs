@@ -3,8 +3,9 @@
 //! queues while messages are ready and flushes when the stream would
 //! block); this does the same on the unsplit stream (no `BiLock`), with at
 //! most 32 replies per flush as in yawc's comparison benchmark, on a
-//! current-thread runtime. Pings and the closing handshake are answered by
-//! tungstenite. No handshake callback, so any path is accepted.
+//! current-thread runtime, each connection in `tokio::task::unconstrained`
+//! as in the other Rust peers. Pings and the closing handshake are answered
+//! by tungstenite. No handshake callback, so any path is accepted.
 //!
 //! tokio-tungstenite 0.30 / tungstenite 0.30 have no permessage-deflate
 //! (no feature for it): `deflate` exits with status 3.
@@ -45,8 +46,12 @@ async fn handle_client(stream: TcpStream) -> Result<()> {
 }
 
 fn main() {
-    serve(NAME, args(NAME, false), |stream| async move {
-        // Per-connection errors are normal under load; not logged.
-        let _ = handle_client(stream).await;
+    serve(NAME, args(NAME, false), |stream| {
+        // Opted out of tokio's cooperative budget, as the other Rust peers'
+        // connections are (their crates' examples do it).
+        tokio::task::unconstrained(async move {
+            // Per-connection errors are normal under load; not logged.
+            let _ = handle_client(stream).await;
+        })
     })
 }

@@ -5,10 +5,10 @@
 //! with one `flush`. Pings and the closing handshake are answered by yawc.
 //!
 //! `deflate`: permessage-deflate is accepted when the client offers it, at
-//! yawc's default level (6) with context takeover and 15-bit windows, and
-//! every message is compressed (`compression_threshold` 0, which is also
-//! yawc's default). Built with yawc's `zlib` feature: zlib-rs instead of
-//! miniz_oxide.
+//! zlib level 1 (walkie's default level; yawc's own default is 6) with
+//! context takeover and 15-bit windows, and every message is compressed
+//! (`compression_threshold` 0, which is also yawc's default). Built with
+//! yawc's `zlib` feature: zlib-rs instead of miniz_oxide.
 
 use futures_util::{FutureExt, SinkExt};
 use http_body_util::Empty;
@@ -51,11 +51,13 @@ fn options(deflate: bool) -> Options {
     // turned on because RFC 6455 requires it and every other peer does it.
     let options = Options::default().with_utf8();
     if deflate {
+        // Level 1, as walkie compresses by default, so that the deflate
+        // case compares like with like (yawc's default is 6).
         // With the `zlib` feature (zlib-rs, the faster backend; without it
         // yawc uses miniz_oxide), yawc answers a bare `client_max_window_bits`
         // offer with 9; 15 keeps zlib's usual window, as without the feature.
         options
-            .with_compression_level(CompressionLevel::default())
+            .with_compression_level(CompressionLevel::new(1))
             .with_compression_threshold(0)
             .with_client_max_window_bits(15)
     } else {
