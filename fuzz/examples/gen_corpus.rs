@@ -192,7 +192,8 @@ fn server_handshake() -> Vec<(&'static str, Vec<u8>)> {
         protocols: vec!["chat".into(), "superchat".into()],
         deflate: Some(DeflateConfig::default()),
         headers: vec![("Origin".into(), "http://localhost".into())],
-    });
+    })
+    .unwrap();
     // The client's key is random: replace it with a fixed one.
     let generated = String::from_utf8(generated).unwrap();
     let generated = generated

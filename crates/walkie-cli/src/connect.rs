@@ -135,7 +135,14 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
     if !args.subscribe.is_empty() {
         return ExitCode::from(channels(&args, config).await);
     }
-    let mut ws = match walkie::connect_with(&args.url, &config).await {
+    // No high-water mark: over one, the connection stops reading while a
+    // write waits (against peers that send but never read), and a line
+    // longer than the mark would stop us reading an echoing server that
+    // waits for us. Stdin is read only once the previous line went out
+    // (below), so the queue holds one line and control frames.
+    let mut config = config;
+    config.write_buffer_high = usize::MAX;
+    let ws = match walkie::connect_with(&args.url, &config).await {
         Ok((ws, _)) => ws,
         Err(walkie::Error::InvalidUrl(e)) => {
             eprintln!("walkie connect: invalid URL {e}");
@@ -147,6 +154,13 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
         }
     };
 
+    // Reading goes on while a line goes out: an echoing server may wait
+    // for us to read its answers before it reads on, and a client that
+    // only read between sends would then wait on it forever. Stdin is read
+    // again once the previous line was written, so one line at a time is
+    // in memory.
+    let (mut reader, mut writer) = ws.split();
+    let mut writing = false;
     // Split on bytes, not on UTF-8 lines: with --binary any bytes may come.
     let mut lines = BufReader::new(tokio::io::stdin()).split(b'\n');
     let mut line_no = 0usize;
@@ -159,7 +173,7 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
             break exit::OK;
         }
         tokio::select! {
-            line = lines.next_segment(), if stdin_open => match line {
+            line = lines.next_segment(), if stdin_open && !writing => match line {
                 Ok(Some(mut line)) => {
                     line_no += 1;
                     if line.last() == Some(&b'\r') {
@@ -176,10 +190,11 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
                             }
                         }
                     };
-                    if let Err(e) = ws.send(message).await {
+                    if let Err(e) = writer.feed(message).await {
                         eprintln!("walkie connect: send failed: {e}");
                         break exit::CLOSED;
                     }
+                    writing = true;
                     sent += 1;
                 }
                 Ok(None) => {
@@ -191,7 +206,14 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
                     break exit::USAGE;
                 }
             },
-            message = ws.recv() => match message {
+            written = writer.flush(), if writing => match written {
+                Ok(()) => writing = false,
+                Err(e) => {
+                    eprintln!("walkie connect: send failed: {e}");
+                    break exit::CLOSED;
+                }
+            },
+            message = reader.recv() => match message {
                 Some(Ok(m)) => {
                     print(&m);
                     received += 1;
@@ -201,7 +223,8 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
                     break exit::CLOSED;
                 }
                 None => {
-                    let frame = ws.close_frame();
+                    let frame = reader.close_frame();
+                    let frame = frame.as_ref();
                     let why = frame.map(|f| f.to_string()).unwrap_or_else(|| "no status".into());
                     // Closed by the server: fine only if it was a normal
                     // close after everything expected arrived. While stdin
@@ -228,7 +251,13 @@ pub async fn run(args: ConnectArgs) -> ExitCode {
         }
     };
     if code != exit::CLOSED {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(CloseCode::NORMAL, "")).await;
+        // Our close frame, then whatever arrives until the server's answer.
+        let close = async {
+            writer.close(CloseCode::NORMAL, "").await?;
+            while reader.recv().await.is_some() {}
+            Ok::<_, walkie::Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
     ExitCode::from(code)
 }

@@ -211,3 +211,91 @@ fn server_closing_while_stdin_is_open_exits_4() {
     assert_eq!(status.code(), Some(4), "{status}");
     drop(stdin);
 }
+
+#[test]
+fn many_long_lines_to_echo_all_come_back() {
+    // 64 lines of 1 MiB: more than the socket buffers of both directions
+    // hold, so a client that stopped reading while a send waited for room
+    // (and an echo server that stops reading while its answer waits) would
+    // deadlock.
+    const LINES: usize = 64;
+    const LEN: usize = 1 << 20;
+    let server = Server::start(&[]);
+    let mut input = Vec::with_capacity(LINES * (LEN + 1));
+    for i in 0..LINES {
+        input.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, LEN));
+        input.push(b'\n');
+    }
+    let run = run_walkie(
+        ["connect", server.ws_url("/echo").as_str(), "-t", "30s"],
+        &[],
+        Some(&input),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), LINES, "stderr: {}", run.stderr);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line.len(), LEN, "line {i}");
+        assert!(
+            line.bytes().all(|b| b == b'a' + (i % 26) as u8),
+            "line {i} out of order or garbled"
+        );
+    }
+}
+
+#[test]
+fn reads_while_a_send_waits_for_room() {
+    // An echo server over small socket buffers that pauses before each
+    // answer and writes it in full before reading on: meanwhile the
+    // client's next line fills the buffers towards the server, and its send
+    // waits for room, while the answer waits for the client to read. A
+    // client that stopped reading while a send waited would never see its
+    // first echo.
+    const LINES: usize = 8;
+    const LEN: usize = 1 << 20;
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(64 * 1024).unwrap();
+            socket.set_send_buffer_size(64 * 1024).unwrap();
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = socket.listen(16).unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = walkie::accept(tcp, &walkie::ServerConfig::default())
+                .await
+                .unwrap();
+            while let Some(Ok(m)) = ws.recv().await {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if ws.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    let mut input = Vec::with_capacity(LINES * (LEN + 1));
+    for i in 0..LINES {
+        input.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, LEN));
+        input.push(b'\n');
+    }
+    let run = run_walkie(
+        ["connect", &format!("ws://{addr}/"), "-t", "20s"],
+        &[],
+        Some(&input),
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code(), Some(0), "stderr: {}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), LINES, "stderr: {}", run.stderr);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line.len(), LEN, "line {i}");
+        assert!(line.bytes().all(|b| b == b'a' + (i % 26) as u8), "line {i}");
+    }
+}

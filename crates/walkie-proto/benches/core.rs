@@ -148,7 +148,7 @@ fn handshake(c: &mut Criterion) {
         b.iter(|| {
             let (req, _) = Request::parse(black_box(head)).unwrap().unwrap();
             let up = req.upgrade().unwrap();
-            black_box(up.accept(None, Some(&cfg), &[]).response.len())
+            black_box(up.accept(None, Some(&cfg), &[]).unwrap().response.len())
         })
     });
 }

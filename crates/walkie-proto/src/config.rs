@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 /// Limits and timers of one connection. Every field documents its unit and
-/// default; [`Config::validate`] rejects values that cannot work.
+/// default; [`Config::validate`] rejects values that cannot work. A size of
+/// `usize::MAX` sets no limit; a duration too long to add to an `Instant`
+/// (`Duration::MAX`, say) never runs out.
 ///
 /// ```
 /// use std::time::Duration;

@@ -279,6 +279,9 @@ impl DeflateParams {
 pub struct Deflater {
     compress: Compress,
     reset_each_message: bool,
+    /// Tests: make the next `compress` fail.
+    #[cfg(test)]
+    pub(crate) fail_next: bool,
 }
 
 impl std::fmt::Debug for Deflater {
@@ -301,12 +304,18 @@ impl Deflater {
         Deflater {
             compress: Compress::new_with_window_bits(Compression::new(level), false, bits),
             reset_each_message,
+            #[cfg(test)]
+            fail_next: false,
         }
     }
 
     /// Compresses one whole message, appending the payload (without the
     /// trailing `00 00 ff ff`) to `dst`.
     pub fn compress(&mut self, input: &[u8], dst: &mut BytesMut) -> Result<(), DeflateError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next) {
+            return Err(DeflateError);
+        }
         let start = dst.len();
         let mut input = input;
         loop {
@@ -356,11 +365,17 @@ fn compress_into(
 /// Inflates incoming messages for one connection.
 pub struct Inflater {
     decompress: Decompress,
+    /// The peer's deflate stream ended (a block with BFINAL set) inside the
+    /// message in progress: the rest of that message is ignored, and the
+    /// next message starts a new stream.
+    ended: bool,
 }
 
 impl std::fmt::Debug for Inflater {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inflater").finish_non_exhaustive()
+        f.debug_struct("Inflater")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
     }
 }
 
@@ -389,11 +404,18 @@ impl Inflater {
     pub fn new() -> Self {
         Inflater {
             decompress: Decompress::new_with_window_bits(false, 15),
+            ended: false,
         }
     }
 
     /// Inflates one fragment of a compressed message, appending to `dst`.
     /// Pass `last` for the final fragment, so the sync-flush tail is added.
+    ///
+    /// A peer may end its deflate stream inside a message, with a block
+    /// that has BFINAL set (RFC 7692 section 7.2.3.4): whatever follows in
+    /// that message, the tail included, is then ignored, and the next
+    /// message starts a new stream (with context takeover too: the ended
+    /// stream's window is gone).
     ///
     /// `dst` never grows past `limit` bytes: a decompression bomb fails with
     /// [`InflateError::TooLarge`] after at most `limit` bytes of output.
@@ -404,9 +426,16 @@ impl Inflater {
         dst: &mut Vec<u8>,
         limit: usize,
     ) -> Result<(), InflateError> {
-        self.inflate_part(input, dst, limit)?;
+        if !self.ended {
+            self.inflate_part(input, dst, limit)?;
+        }
         if last {
-            self.inflate_part(&TAIL, dst, limit)?;
+            if !self.ended {
+                self.inflate_part(&TAIL, dst, limit)?;
+            }
+            if std::mem::take(&mut self.ended) {
+                self.decompress.reset(false);
+            }
         }
         Ok(())
     }
@@ -420,7 +449,7 @@ impl Inflater {
         loop {
             // Room for one byte past the limit, so crossing it is detected
             // instead of stalling; growth doubles but never passes limit + 1.
-            let allowed = (limit + 1).saturating_sub(dst.len());
+            let allowed = limit.saturating_add(1).saturating_sub(dst.len());
             if allowed == 0 {
                 return Err(InflateError::TooLarge);
             }
@@ -442,9 +471,9 @@ impl Inflater {
                 return Err(InflateError::TooLarge);
             }
             if status == Status::StreamEnd {
-                // The peer ended the deflate stream (BFINAL): the next message
-                // starts a new one.
-                self.decompress.reset(false);
+                // The peer ended the deflate stream (BFINAL): the rest of the
+                // message is ignored; `inflate` resets at its end.
+                self.ended = true;
                 return Ok(());
             }
             if written < chunk {
@@ -499,6 +528,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, b"Hello");
+    }
+
+    // RFC 7692 section 7.2.3.4: "Hello" in a block with BFINAL set, then
+    // the byte that lets the tail be appended. Each message ends the
+    // stream: what follows it in the message is ignored, the tail included.
+    #[test]
+    fn rfc_example_bfinal_twice() {
+        const HELLO_BFINAL: &[u8] = &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+        let mut i = Inflater::new();
+        for _ in 0..3 {
+            let mut out = Vec::new();
+            i.inflate(HELLO_BFINAL, true, &mut out, 100).unwrap();
+            assert_eq!(out, b"Hello");
+        }
+        // Ended in a first fragment: the next fragments are ignored.
+        let mut out = Vec::new();
+        i.inflate(HELLO_BFINAL, false, &mut out, 100).unwrap();
+        i.inflate(&[0xff, 0xff], false, &mut out, 100).unwrap();
+        i.inflate(&[0xff], true, &mut out, 100).unwrap();
+        assert_eq!(out, b"Hello");
+        // A message with the usual sync flush follows.
+        let mut d = Deflater::new(6, 15, false);
+        let mut wire = BytesMut::new();
+        d.compress(b"after", &mut wire).unwrap();
+        let mut out = Vec::new();
+        i.inflate(&wire, true, &mut out, 100).unwrap();
+        assert_eq!(out, b"after");
     }
 
     #[test]

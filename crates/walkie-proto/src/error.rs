@@ -111,7 +111,8 @@ pub enum Error {
     /// the middle of a frame.
     #[error("connection closed without a close frame")]
     UnexpectedEof,
-    /// Compressing an outgoing message failed (close code 1011).
+    /// Compressing an outgoing message failed: the send returned
+    /// [`SendError::Compression`] and a close frame with 1011 was queued.
     #[error("compression failed")]
     Compression,
 }
@@ -120,8 +121,9 @@ pub enum Error {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
-    /// A close frame was already sent: no frame may follow it.
-    #[error("the connection is closing: no frame may follow a close frame")]
+    /// A close frame was already sent (no frame may follow it), or the
+    /// connection is over: it failed, timed out, or its transport ended.
+    #[error("the connection is closing or closed: nothing more may be sent")]
     Closing,
     /// Control frame payloads are at most 125 bytes.
     #[error("control frame payload of {0} bytes exceeds 125")]
@@ -129,7 +131,9 @@ pub enum SendError {
     /// Close codes 1005, 1006, 1015 and codes outside the registry cannot be sent.
     #[error("close code {0} cannot be sent")]
     InvalidCloseCode(u16),
-    /// Compressing the message failed.
+    /// Compressing the message failed. The compressor's state is lost, so
+    /// the connection is failed: a close frame with 1011 is queued and the
+    /// next [`crate::Connection::poll_event`] returns [`Error::Compression`].
     #[error("compression failed")]
     Compression,
 }

@@ -52,7 +52,7 @@ pub mod utf8;
 
 pub use close::{CloseCode, CloseFrame};
 pub use config::{Config, ConfigError};
-pub use connection::{Buffers, Connection, Event, Role, State};
+pub use connection::{Buffers, Connection, Event, ReadBuffer, Role, State};
 pub use deflate::{DeflateConfig, DeflateParams};
 pub use error::{Error, ProtocolError, SendError};
 pub use frame::{FrameHeader, OpCode};
@@ -61,4 +61,4 @@ pub use message::{Message, Utf8Bytes};
 pub use outgoing::Outgoing;
 pub use prepared::PreparedMessage;
 
-pub use bytes::{Buf, Bytes, BytesMut};
+pub use bytes::{Buf, BufMut, Bytes, BytesMut};

@@ -8,7 +8,8 @@ use bytes::Bytes;
 /// Reference-counted bytes that are valid UTF-8.
 ///
 /// Cloning is cheap (a reference count), so one received text message can be
-/// handed to many subscribers, or echoed back, without copying.
+/// handed to many subscribers, or echoed back, without copying. Received
+/// text may share the connection's read buffer: see [`Message`].
 #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Utf8Bytes(Bytes);
 
@@ -109,6 +110,17 @@ impl PartialEq<&str> for Utf8Bytes {
 }
 
 /// A complete application message.
+///
+/// # Memory
+///
+/// A received message that arrived in a single uncompressed frame is not
+/// copied out of the connection's read buffer: its bytes are a slice of that
+/// buffer's allocation, which stays alive as long as the message (or any
+/// clone of it) does, however much larger it is. A message kept for long
+/// (queued for a slow consumer, stored in a cache or history) should be
+/// copied first, with [`Bytes::copy_from_slice`] (or
+/// `Utf8Bytes::from(text.as_str())`). Fragmented and compressed messages are
+/// assembled into a buffer of their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// A text message (opcode 0x1), always valid UTF-8.

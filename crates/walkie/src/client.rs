@@ -1,6 +1,7 @@
 //! Connecting to `ws://` and `wss://` URLs.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,20 +32,30 @@ pub struct WsUrl {
 }
 
 impl WsUrl {
-    /// Parses a URL; `http://` and `https://` are accepted as aliases.
+    /// Parses a URL; `http://` and `https://` are accepted as aliases, and
+    /// schemes in any case. User info (`user:password@`) is refused rather
+    /// than dropped: send credentials in a header.
     pub fn parse(url: &str) -> Result<WsUrl> {
         let bad = |why: &str| Error::InvalidUrl(format!("{url}: {why}"));
         let uri: http::Uri = url.parse().map_err(|e| bad(&format!("{e}")))?;
-        let tls = match uri.scheme_str() {
+        let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
+        let tls = match scheme.as_deref() {
             Some("ws" | "http") => false,
             Some("wss" | "https") => true,
-            Some(other) => {
+            Some(_) => {
+                let other = uri.scheme_str().unwrap_or_default();
                 return Err(bad(&format!(
                     "unsupported scheme {other:?}, use ws:// or wss://"
                 )));
             }
             None => return Err(bad("missing scheme, use ws:// or wss://")),
         };
+        let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad(
+                "user info (user:password@) is not supported; send credentials in a header",
+            ));
+        }
         let host = uri.host().ok_or_else(|| bad("missing host"))?;
         let host = host
             .trim_start_matches('[')
@@ -53,13 +64,27 @@ impl WsUrl {
         if host.is_empty() {
             return Err(bad("missing host"));
         }
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let target = uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .filter(|p| !p.is_empty())
-            .unwrap_or("/")
-            .to_owned();
+        // The port as written: `http` forgets one that is not a `u16`.
+        let port = match authority.as_str().rsplit_once(':') {
+            Some((_, port)) if !port.ends_with(']') && !port.is_empty() => {
+                match port.parse::<u16>() {
+                    Ok(p) if p > 0 => p,
+                    _ => return Err(bad(&format!("port {port} is not in 1-65535"))),
+                }
+            }
+            _ => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+        };
+        // `path()` is "/" when the URL has none, as in `ws://host?x=1`.
+        let target = match uri.query() {
+            Some(query) => format!("{}?{query}", uri.path()),
+            None => uri.path().to_owned(),
+        };
         Ok(WsUrl {
             tls,
             host,
@@ -173,7 +198,11 @@ pub async fn connect_with(
 }
 
 async fn open(url: &WsUrl, config: &ClientConfig) -> Result<MaybeTlsStream> {
-    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await?
+        .collect();
+    let tcp = connect_any(&addrs, deadline).await?;
     tcp.set_nodelay(true)?;
     if !url.tls {
         return Ok(MaybeTlsStream::Plain(tcp));
@@ -191,6 +220,26 @@ async fn open(url: &WsUrl, config: &ClientConfig) -> Result<MaybeTlsStream> {
     Ok(MaybeTlsStream::Tls(Box::new(tls)))
 }
 
+/// Connects to the first of `addrs` that answers. Each gets an equal share
+/// of the time left until `deadline`: an address that drops packets (a
+/// broken IPv6 route, say) does not use up the time of those after it, and
+/// one that refuses at once leaves its share to them.
+async fn connect_any(addrs: &[SocketAddr], deadline: tokio::time::Instant) -> Result<TcpStream> {
+    let mut last = None;
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = Some(Error::Io(e)),
+            Err(_) => last = Some(Error::ConnectTimeout),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "the host has no address").into()
+    }))
+}
+
 /// Runs the client handshake over an already connected transport.
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
@@ -205,7 +254,7 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         deflate: config.deflate.clone(),
         headers: config.headers.clone(),
     };
-    let (hs, bytes) = ClientHandshake::new(&request);
+    let (mut hs, bytes) = ClientHandshake::new(&request)?;
     let exchange = async {
         stream.write_all(&bytes).await?;
         stream.flush().await?;
@@ -239,7 +288,55 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    /// An address that drops connection attempts: a listener whose accept
+    /// queue is full (Linux drops the SYNs it has no room for), and the
+    /// connections that fill it. `None` where attempts are not dropped.
+    async fn blackhole() -> Option<(tokio::net::TcpListener, Vec<TcpStream>)> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..8 {
+            let attempt = TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_millis(300), attempt).await {
+                Ok(Ok(tcp)) => queued.push(tcp),
+                Ok(Err(_)) => return None,
+                Err(_) => return Some((listener, queued)),
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn an_address_that_drops_packets_leaves_time_for_the_next() {
+        let Some((dead, _queued)) = blackhole().await else {
+            eprintln!("connection attempts are not dropped here: nothing to test");
+            return;
+        };
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addrs = [dead.local_addr().unwrap(), good.local_addr().unwrap()];
+        let start = tokio::time::Instant::now();
+        let tcp = connect_any(&addrs, start + Duration::from_secs(2))
+            .await
+            .expect("the second address got no time");
+        assert_eq!(tcp.peer_addr().unwrap(), addrs[1]);
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(1900), "{elapsed:?}");
+        // All dropped: the deadline holds.
+        let err = connect_any(
+            &addrs[..1],
+            tokio::time::Instant::now() + Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::ConnectTimeout), "{err}");
+    }
 
     #[test]
     fn parses_urls() {
@@ -257,6 +354,53 @@ mod tests {
         assert_eq!(u.host_header(), "[::1]:9000");
         for bad in ["ftp://x/", "127.0.0.1:3000", "ws:///path", "not a url"] {
             assert!(WsUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_query_without_a_path_gets_one() {
+        let u = WsUrl::parse("ws://example.com?token=x").unwrap();
+        assert_eq!(u.target, "/?token=x");
+        let u = WsUrl::parse("ws://example.com:8080?a=1&b=2").unwrap();
+        assert_eq!((u.port, u.target.as_str()), (8080, "/?a=1&b=2"));
+        let u = WsUrl::parse("ws://example.com/").unwrap();
+        assert_eq!(u.target, "/");
+    }
+
+    #[test]
+    fn ports_out_of_range_are_refused_by_name() {
+        for (url, port) in [
+            ("ws://example.com:99999/", "99999"),
+            ("wss://[::1]:65536/", "65536"),
+            ("ws://example.com:0/", "0"),
+        ] {
+            let err = WsUrl::parse(url).unwrap_err().to_string();
+            assert!(err.contains(&format!("port {port}")), "{url}: {err}");
+        }
+        assert_eq!(WsUrl::parse("ws://example.com:65535/").unwrap().port, 65535);
+        // An empty port is the scheme's default.
+        assert_eq!(WsUrl::parse("wss://example.com:/").unwrap().port, 443);
+        assert_eq!(WsUrl::parse("ws://[::1]/").unwrap().port, 80);
+    }
+
+    #[test]
+    fn schemes_in_any_case() {
+        let u = WsUrl::parse("WSS://example.com/x").unwrap();
+        assert_eq!((u.tls, u.port, u.target.as_str()), (true, 443, "/x"));
+        assert!(!WsUrl::parse("Ws://example.com").unwrap().tls);
+        assert!(WsUrl::parse("HTTPS://example.com").unwrap().tls);
+        let err = WsUrl::parse("FTP://example.com").unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme \"FTP\""), "{err}");
+    }
+
+    #[test]
+    fn user_info_is_refused() {
+        for url in [
+            "ws://user:pass@example.com/",
+            "wss://token@example.com:8443/",
+        ] {
+            let err = WsUrl::parse(url).unwrap_err().to_string();
+            assert!(err.contains("user info"), "{url}: {err}");
         }
     }
 }

@@ -69,7 +69,9 @@ pub struct ClientConfig {
     /// (see [`crate::tls`] for a custom CA or, for local tests only, no
     /// verification).
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// How long the TCP (and TLS) connection may take. Default: 10 s.
+    /// How long the TCP (and TLS) connection may take. A host with several
+    /// addresses gives each an equal share of the time left, so that one
+    /// that drops packets leaves time for the next. Default: 10 s.
     pub connect_timeout: Duration,
     /// How long the server may take to answer the upgrade. Default: 10 s.
     pub handshake_timeout: Duration,

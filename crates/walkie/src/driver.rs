@@ -76,6 +76,9 @@ pub(crate) struct Driver<S> {
     /// 0 for none: 8 bytes where an `Option<Instant>` takes 16), and the
     /// data pointer of the waker it wakes (a pointer, not the waker: 8 bytes
     /// less for every connection; a task's waker keeps its data pointer).
+    /// Once `finishing`, `timer_at` is the deadline of the last writes
+    /// instead, registered or not (`timer_task` 0 when not). Dropping the
+    /// driver cancels the registration.
     timer_at: u64,
     timer_task: usize,
     /// Bytes queued above which senders wait and reading pauses; a `u32`
@@ -85,6 +88,13 @@ pub(crate) struct Driver<S> {
     finished: bool,
     /// The end of the connection was reported to the reader.
     reported_end: bool,
+    /// Everything queued was written, but the transport's flush waits (a
+    /// TLS stream holding records the socket had no room for): flush again
+    /// when it has room, though nothing is queued.
+    flush_pending: bool,
+    /// The connection is over and its last bytes are being written, within
+    /// `close_timeout` (see `poll_finish_timer`).
+    finishing: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
@@ -98,6 +108,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             write_high: u32::try_from(write_high).unwrap_or(u32::MAX),
             finished: false,
             reported_end: false,
+            flush_pending: false,
+            finishing: false,
         }
     }
 
@@ -119,7 +131,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
         }
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let flushed = Pin::new(&mut self.stream).poll_flush(cx);
+        self.flush_pending = flushed.is_pending();
+        flushed
+    }
+
+    /// Writes everything queued and flushes, as `poll_write_out`, while
+    /// running the connection's deadlines: a peer that reads nothing
+    /// cannot hold a writer forever.
+    pub(crate) fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        match self.poll_write_out(cx) {
+            Poll::Ready(result) => Poll::Ready(result.map_err(Error::from)),
+            Poll::Pending => self.poll_stalled(cx).map(Err),
+        }
+    }
+
+    /// While a write waits for the transport: runs the deadlines that
+    /// `poll_event` would (keepalive, idle, close), as the task may poll
+    /// nothing else meanwhile. Pending while the connection may still get
+    /// room; an error once it is over: a keepalive or idle timeout failed
+    /// it (the reader gets the reason), or its last writes are past
+    /// `close_timeout`.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<Error> {
+        loop {
+            if self.finished {
+                return Poll::Ready(Error::Closed);
+            }
+            let Some(deadline) = self.conn.poll_timeout() else {
+                if self.conn.is_closed() {
+                    ready!(self.poll_finish_timer(cx));
+                    return Poll::Ready(Error::Closed);
+                }
+                return Poll::Pending;
+            };
+            ready!(self.poll_timer(deadline, cx));
+            let now = self.clock();
+            // A keepalive ping may be queued: into pooled buffers.
+            self.ensure_buffers();
+            self.conn.handle_timeout(now);
+            if self.conn.is_closed() {
+                return Poll::Ready(Error::Closed);
+            }
+        }
     }
 
     /// Waits until fewer than `write_high` bytes are queued, and makes sure
@@ -129,7 +182,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             return Poll::Ready(Err(Error::Closed));
         }
         while !self.has_room()? {
-            ready!(self.poll_write_out(cx))?;
+            match self.poll_write_out(cx) {
+                Poll::Ready(result) => result?,
+                Poll::Pending => return self.poll_stalled(cx).map(Err),
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -201,18 +257,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     let _ = self.poll_finish(&mut Context::from_waker(ww));
                     self.reported_end = true;
                     self.finished = true;
+                    // A split writer waiting for room: it is over.
+                    if let Some(ww) = write_waker {
+                        ww.wake_by_ref();
+                    }
                     return Poll::Ready(Err(e.into()));
                 }
             }
             if self.conn.is_closed() {
                 let ww = write_waker.unwrap_or(cx.waker());
-                let result = ready!(self.poll_finish(&mut Context::from_waker(ww)));
+                let result = match self.poll_finish(&mut Context::from_waker(ww)) {
+                    Poll::Ready(result) => result.map_err(Error::from),
+                    Poll::Pending => {
+                        // A peer that reads nothing gets `close_timeout`
+                        // for our last bytes, then the transport is
+                        // dropped without them.
+                        ready!(self.poll_finish_timer(cx));
+                        self.finished = true;
+                        // A split writer waiting for room: it is over.
+                        if let Some(ww) = write_waker {
+                            ww.wake_by_ref();
+                        }
+                        Err(walkie_proto::Error::CloseTimeout.into())
+                    }
+                };
                 self.reported_end = true;
-                return Poll::Ready(result.map(|()| None).map_err(Error::from));
+                return Poll::Ready(result.map(|()| None));
             }
 
             let mut write_pending = false;
-            if self.conn.has_data_to_send() {
+            // Nothing queued may still wait in the transport (a TLS stream's
+            // records): flushed as soon as the socket has room.
+            if self.conn.has_data_to_send() || self.flush_pending {
                 let ww = write_waker.unwrap_or(cx.waker());
                 match self.poll_write_out(&mut Context::from_waker(ww)) {
                     Poll::Ready(Ok(())) => {}
@@ -246,11 +322,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             // before.
             let want = self.conn.read_hint().clamp(READ_CHUNK, MAX_READ_CHUNK);
             self.ensure_buffers();
-            let buf = self.conn.read_buffer();
+            let mut buf = self.conn.read_buffer();
             if buf.capacity() - buf.len() < MIN_READ_SPACE.max(want) {
                 buf.reserve(want);
             }
-            match poll_read_buf(Pin::new(&mut self.stream), cx, buf) {
+            match poll_read_buf(Pin::new(&mut self.stream), cx, &mut buf) {
                 Poll::Ready(Ok(0)) => self.conn.handle_eof(),
                 Poll::Ready(Ok(_)) => {
                     let now = self.clock();
@@ -303,10 +379,61 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         let at = timers.nanos(deadline);
         let covered = self.timer_at > timers.nanos(now) && self.timer_at <= at;
         if !(covered && self.timer_task == task) {
-            timers.register(deadline, cx.waker().clone());
-            self.timer_at = at;
+            // This task's earlier registration is no longer needed; another
+            // task's (the other half of a split) is left to fire.
+            let replace = if self.timer_task == task {
+                self.timer_at
+            } else {
+                0
+            };
+            self.timer_at = timers.register(deadline, cx.waker(), replace);
             self.timer_task = task;
         }
         Poll::Pending
+    }
+
+    /// Whether the last writes of a connection that is over (which the core
+    /// gives no deadline) are past `close_timeout`, counted from the first
+    /// call; if not, makes sure the runtime's timers wake this task by then.
+    fn poll_finish_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.timers.is_none() {
+            self.timers = timer::current();
+        }
+        let Some(timers) = &self.timers else {
+            return Poll::Pending;
+        };
+        let now = timers.now();
+        let task = cx.waker().data() as usize;
+        if !self.finishing {
+            self.finishing = true;
+            // The core's deadlines are over: this task's registration for
+            // them is not needed (another task's is left to fire).
+            if self.timer_at != 0 && self.timer_task == task {
+                timers.cancel(self.timer_at, task);
+            }
+            self.timer_at = timers.nanos(now + self.conn.config().close_timeout);
+            self.timer_task = 0;
+        }
+        let deadline = timers.instant(self.timer_at);
+        if deadline <= now {
+            return Poll::Ready(());
+        }
+        if self.timer_task != task {
+            self.timer_at = timers.register(deadline, cx.waker(), 0);
+            self.timer_task = task;
+        }
+        Poll::Pending
+    }
+}
+
+impl<S> Drop for Driver<S> {
+    /// Cancels the pending timer registration, which would otherwise keep
+    /// the task that registered it (its memory) until the deadline.
+    fn drop(&mut self) {
+        if let Some(timers) = &self.timers {
+            if self.timer_at != 0 && self.timer_task != 0 {
+                timers.cancel(self.timer_at, self.timer_task);
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use walkie_proto::handshake::{HandshakeError, MAX_HEAD_SIZE, Request, Upgrade};
+use walkie_proto::handshake::{HandshakeError, MAX_HEAD_SIZE, Request, RequestParser, Upgrade};
 use walkie_proto::{Connection, Role};
 
 use crate::config::ServerConfig;
@@ -34,8 +34,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Incoming<S> {
     pub async fn read(mut stream: S, timeout: Duration) -> Result<Incoming<S>> {
         let mut buf = BytesMut::with_capacity(1024);
         let deadline = tokio::time::Instant::now() + timeout;
+        // Parses the head once it is complete, not after every read.
+        let mut parser = RequestParser::new();
         loop {
-            match Request::parse(&buf) {
+            match parser.parse(&buf) {
                 Ok(Some((request, head_len))) => {
                     return Ok(Incoming {
                         stream,
@@ -99,7 +101,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Incoming<S> {
                 return Err(e.into());
             }
         };
-        let accepted = upgrade.accept(protocol, config.deflate.as_ref(), &[]);
+        let accepted = match upgrade.accept(protocol, config.deflate.as_ref(), &[]) {
+            Ok(a) => a,
+            Err(e) => {
+                respond_and_close(&mut self.stream, &e.response()).await;
+                return Err(e.into());
+            }
+        };
         self.stream.write_all(&accepted.response).await?;
         self.stream.flush().await?;
         let deflate = match (accepted.deflate, config.deflate.as_ref()) {

@@ -176,10 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
         .await
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued; see [`crate::WebSocket::flush`].
     pub async fn flush(&mut self) -> Result<()> {
-        self.with_driver(|d, cx| d.poll_write_out(cx)).await?;
-        Ok(())
+        self.with_driver(|d, cx| d.poll_write_all(cx)).await
     }
 
     /// Sends a close frame. The reader sees the end of the connection once the

@@ -10,15 +10,18 @@
 //! A connection registers a deadline only when it needs a wake-up earlier
 //! than the one it already has; keepalive deadlines move *later* with every
 //! message, so a busy connection registers about once per ping interval. An
-//! entry that fires early (its deadline moved) or for a finished connection
-//! wakes a task that finds nothing due: harmless. The queue is a binary heap:
-//! registrations are rare enough that a hashed wheel would not pay off.
+//! entry that fires early (its deadline moved) wakes a task that finds
+//! nothing due: harmless. A connection remembers its entry's key, replaces
+//! the entry when it registers an earlier deadline for the same task, and
+//! cancels it when dropped: an entry holds a waker, hence the task's
+//! memory, which a closed connection's task would otherwise keep until the
+//! deadline (a ping interval). The queue is an ordered map: registrations
+//! are rare enough that a hashed wheel would not pay off.
 //!
 //! The ticker runs on the runtime and sleeps with tokio's clock, so tests on
 //! a paused clock drive connection deadlines too.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Waker;
@@ -27,33 +30,15 @@ use std::time::{Duration, Instant};
 /// How often the per-runtime ticker wakes. Deadlines fire up to this late.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
-/// One waiting deadline: 24 bytes, as every idle connection has one.
-struct Entry {
-    /// Nanoseconds after the timers' `base`.
-    at: u64,
-    waker: Waker,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.at.cmp(&other.at)
-    }
-}
+/// A waiting deadline's key: nanoseconds after the timers' `base`, and the
+/// data pointer of the waker it wakes. Keys are unique (see
+/// [`Timers::register`]), so that a connection cancels its own entry only.
+type Key = (u64, usize);
 
 /// The deadlines of one runtime's connections, and its coarse clock.
 pub(crate) struct Timers {
-    queue: Mutex<BinaryHeap<Reverse<Entry>>>,
+    /// One entry (32 bytes and the map's share) for every idle connection.
+    queue: Mutex<BTreeMap<Key, Waker>>,
     /// The clock connections read for every message: the time of the
     /// latest tick, as nanoseconds after `base`. Reading it is one atomic
     /// load, where the system clock can cost a system call (in some virtual
@@ -90,6 +75,11 @@ impl Timers {
         self.base + Duration::from_nanos(self.ticked.load(Ordering::Relaxed))
     }
 
+    /// `nanos` after `base`, as an instant.
+    pub(crate) fn instant(&self, nanos: u64) -> Instant {
+        self.base + Duration::from_nanos(nanos)
+    }
+
     /// `t` as nanoseconds after `base` (0 for anything before it).
     pub(crate) fn nanos(&self, t: Instant) -> u64 {
         let nanos = t.saturating_duration_since(self.base).as_nanos();
@@ -100,10 +90,38 @@ impl Timers {
         self.ticked.fetch_max(self.nanos(now), Ordering::Relaxed);
     }
 
-    /// Wakes `waker` once `at` has passed (within one tick).
-    pub(crate) fn register(&self, at: Instant, waker: Waker) {
-        let at = self.nanos(at);
-        lock(&self.queue).push(Reverse(Entry { at, waker }));
+    /// Wakes `waker` once `at` has passed (within one tick), and removes
+    /// the entry `replace` (nanoseconds a registration for the same waker
+    /// returned; 0 for none). Returns the entry's nanoseconds, for
+    /// [`Timers::cancel`]: at most `at`'s, a few nanoseconds earlier if
+    /// another registration for the same waker (two connections that one
+    /// task polls) has that instant.
+    pub(crate) fn register(&self, at: Instant, waker: &Waker, replace: u64) -> u64 {
+        let task = waker.data() as usize;
+        let mut at = self.nanos(at);
+        let replaced = {
+            let mut q = lock(&self.queue);
+            let replaced = if replace == 0 {
+                None
+            } else {
+                q.remove(&(replace, task))
+            };
+            while at > 1 && q.contains_key(&(at, task)) {
+                at -= 1;
+            }
+            q.insert((at, task), waker.clone());
+            replaced
+        };
+        // Outside the lock: the last waker of a task frees it.
+        drop(replaced);
+        at
+    }
+
+    /// Removes the entry that [`Timers::register`] made for `task` at `at`
+    /// nanoseconds, if it has not fired.
+    pub(crate) fn cancel(&self, at: u64, task: usize) {
+        let removed = lock(&self.queue).remove(&(at, task));
+        drop(removed);
     }
 
     /// Wakes every entry due at `now`.
@@ -112,10 +130,11 @@ impl Timers {
         let mut due = Vec::new();
         {
             let mut q = lock(&self.queue);
-            while q.peek().is_some_and(|e| e.0.at <= now) {
-                if let Some(Reverse(e)) = q.pop() {
-                    due.push(e.waker);
+            while let Some(entry) = q.first_entry() {
+                if entry.key().0 > now {
+                    break;
                 }
+                due.push(entry.remove());
             }
         }
         // Woken outside the lock: a waker may run code of its own.
@@ -173,13 +192,48 @@ mod tests {
         let timers = current().unwrap();
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let now = crate::driver::now();
-        timers.register(now + Duration::from_secs(1), Waker::from(count.clone()));
-        timers.register(now + Duration::from_secs(5), Waker::from(count.clone()));
+        let waker = Waker::from(count.clone());
+        timers.register(now + Duration::from_secs(1), &waker, 0);
+        timers.register(now + Duration::from_secs(5), &waker, 0);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
         // The same runtime shares one set of timers.
         assert!(Arc::ptr_eq(&timers, &current().unwrap()));
+    }
+
+    /// A cancelled or replaced entry lets go of its waker at once, and
+    /// never fires; two entries of one waker at one instant are cancelled
+    /// one at a time.
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_and_replaced_entries_let_go_of_their_waker() {
+        let timers = current().unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let task = waker.data() as usize;
+        let now = crate::driver::now();
+        let later = now + Duration::from_secs(5);
+
+        let at = timers.register(later, &waker, 0);
+        assert_eq!(Arc::strong_count(&count), 3);
+        timers.cancel(at, task);
+        assert_eq!(Arc::strong_count(&count), 2);
+
+        let at = timers.register(later, &waker, 0);
+        let earlier = timers.register(now + Duration::from_secs(1), &waker, at);
+        assert_eq!(Arc::strong_count(&count), 3, "replaced");
+
+        // Two connections of one task, one deadline: two entries.
+        let first = timers.register(later, &waker, 0);
+        let second = timers.register(later, &waker, 0);
+        assert_ne!(first, second);
+        timers.cancel(first, task);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 2, "the second still fires");
+        assert_eq!(Arc::strong_count(&count), 2);
+        timers.cancel(earlier, task);
     }
 }

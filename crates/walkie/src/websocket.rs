@@ -118,7 +118,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     }
 
     /// Waits until fewer bytes than the high-water mark are queued: what
-    /// [`feed`] waits for before it queues.
+    /// [`feed`] waits for before it queues. Meanwhile the keepalive and
+    /// idle deadlines run: a peer that reads nothing fails the connection
+    /// when they pass, and this returns an error (`recv` then gives the
+    /// reason).
     ///
     /// [`feed`]: WebSocket::feed
     pub async fn ready(&mut self) -> Result<()> {
@@ -174,10 +177,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued. A peer that reads nothing holds it until
+    /// a keepalive or idle deadline fails the connection (or, once it is
+    /// over, `close_timeout` passes): then it returns an error.
     pub async fn flush(&mut self) -> Result<()> {
-        poll_fn(|cx| self.driver.poll_write_out(cx)).await?;
-        Ok(())
+        poll_fn(|cx| self.driver.poll_write_all(cx)).await
     }
 
     /// Sends a ping (payload at most 125 bytes). The pong is handled by

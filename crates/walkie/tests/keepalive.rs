@@ -1,11 +1,13 @@
 //! Keepalive and close deadlines, on tokio's paused clock over an in-memory
 //! transport: the runtime jumps to each deadline instead of sleeping.
 
+use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use walkie::proto::{Config, Connection, Role};
-use walkie::{CloseCode, WebSocket};
+use walkie::{CloseCode, Message, WebSocket};
 
 fn server_over_duplex(config: Config) -> (WebSocket<DuplexStream>, DuplexStream) {
     let (a, b) = tokio::io::duplex(64 * 1024);
@@ -99,4 +101,106 @@ async fn close_gives_up_after_the_close_timeout() {
         "{result:?}"
     );
     assert_eq!(start.elapsed().as_secs(), 10);
+}
+
+/// A peer that reads nothing: a sender waiting for room still runs the
+/// keepalive deadlines, and gives up when the unanswered ping times out.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_room_fails_when_keepalive_times_out() {
+    let (mut ws, _peer) = server_over_duplex(Config::default());
+    let start = tokio::time::Instant::now();
+    ws.feed(Message::binary(vec![0u8; 1 << 20])).await.unwrap();
+    let ready = tokio::time::timeout(Duration::from_secs(120), ws.ready())
+        .await
+        .expect("still waiting for room after 120 s");
+    assert!(ready.is_err(), "{ready:?}");
+    assert_eq!(start.elapsed().as_secs(), 40);
+    let result = ws.recv().await.map(|r| r.map_err(|e| e.to_string()));
+    assert!(
+        matches!(&result, Some(Err(e)) if e.contains("keepalive")),
+        "{result:?}"
+    );
+}
+
+/// The same for `send`, which waits for everything to be written.
+#[tokio::test(start_paused = true)]
+async fn a_send_to_a_peer_that_reads_nothing_fails_in_time() {
+    let (mut ws, _peer) = server_over_duplex(Config::default());
+    let send = tokio::time::timeout(
+        Duration::from_secs(120),
+        ws.send(Message::binary(vec![0u8; 1 << 20])),
+    )
+    .await
+    .expect("still sending after 120 s");
+    assert!(send.is_err(), "{send:?}");
+    // The split writer too.
+    let (ws, _peer) = server_over_duplex(Config::default());
+    let (mut reader, mut writer) = ws.split();
+    let send = tokio::time::timeout(
+        Duration::from_secs(120),
+        writer.send(Message::binary(vec![0u8; 1 << 20])),
+    )
+    .await
+    .expect("the writer is still sending after 120 s");
+    assert!(send.is_err(), "{send:?}");
+    let result = reader.recv().await.map(|r| r.map_err(|e| e.to_string()));
+    assert!(
+        matches!(&result, Some(Err(e)) if e.contains("keepalive")),
+        "{result:?}"
+    );
+}
+
+/// A peer that sends its close frame but reads nothing: once the close
+/// handshake is over, our last bytes get `close_timeout`, then the
+/// connection ends.
+#[tokio::test(start_paused = true)]
+async fn last_writes_to_a_peer_that_reads_nothing_give_up_after_close_timeout() {
+    let (a, mut peer) = tokio::io::duplex(4096);
+    let conn = Connection::new(
+        Role::Server,
+        Config::default(),
+        None,
+        tokio::time::Instant::now().into_std(),
+    );
+    let mut ws = WebSocket::from_parts(a, conn, &[], None, 64 * 1024);
+    // More than the pipe holds, less than the high-water mark: the
+    // connection keeps reading.
+    ws.feed(Message::binary(vec![0u8; 32 * 1024]))
+        .await
+        .unwrap();
+    // A masked close frame, 1000.
+    peer.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(120), ws.recv())
+        .await
+        .expect("still finishing after 120 s")
+        .map(|r| r.map_err(|e| e.to_string()));
+    assert!(
+        matches!(&result, Some(Err(e)) if e.contains("close handshake timed out")),
+        "{result:?}"
+    );
+    assert_eq!(start.elapsed().as_secs(), 10);
+    assert!(ws.recv().await.is_none());
+}
+
+/// A dropped connection cancels its keepalive deadline: the waker it
+/// registered (its task, in a runtime) is let go at once, not at the
+/// deadline.
+#[tokio::test]
+async fn a_dropped_connection_lets_go_of_its_timer_waker() {
+    struct Task;
+    impl std::task::Wake for Task {
+        fn wake(self: Arc<Self>) {}
+    }
+    let task = Arc::new(Task);
+    let waker = Waker::from(task.clone());
+    let (mut ws, peer) = server_over_duplex(Config::default());
+    let mut cx = Context::from_waker(&waker);
+    assert!(ws.poll_recv(&mut cx).is_pending());
+    drop(peer);
+    assert!(Arc::strong_count(&task) > 2, "no deadline registered");
+    drop(ws);
+    assert_eq!(Arc::strong_count(&task), 2);
 }

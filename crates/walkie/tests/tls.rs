@@ -129,3 +129,50 @@ fn bad_certificate_files_are_named_in_the_error() {
         .to_string();
     assert!(err.contains("/nonexistent/cert.pem"), "{err}");
 }
+
+/// wss:// over a small pipe: a reader that pauses leaves the end of our
+/// answer in the server's TLS stream (the socket had no room for its
+/// records, though every byte of the message was handed over). Nothing is
+/// queued then, but the records must still leave once the pipe drains.
+#[tokio::test]
+async fn tls_records_left_in_the_stream_go_out_when_the_socket_drains() {
+    within(20, async {
+        let pki = Pki::new("stall");
+        let server_tls =
+            walkie::tls::server_config(&pki.dir.join("cert.pem"), &pki.dir.join("key.pem"))
+                .unwrap();
+        let client_tls = walkie::tls::client_config_with_ca(&pki.dir.join("ca.pem")).unwrap();
+        let (a, b) = tokio::io::duplex(16 * 1024);
+        tokio::spawn(async move {
+            let stream = tokio_rustls::TlsAcceptor::from(server_tls)
+                .accept(a)
+                .await
+                .unwrap();
+            let mut ws = walkie::accept(stream, &ServerConfig::default())
+                .await
+                .unwrap();
+            while let Some(Ok(m)) = ws.recv().await {
+                if ws.feed(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(client_tls)
+            .connect(name, b)
+            .await
+            .unwrap();
+        let (mut ws, _) =
+            walkie::client::handshake(stream, "localhost", "/", &ClientConfig::default())
+                .await
+                .unwrap();
+        let big = walkie::Message::binary(vec![7u8; 1 << 20]);
+        for _ in 0..3 {
+            ws.send(big.clone()).await.unwrap();
+            // Not reading for a moment: the answer fills the pipe.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert_eq!(ws.recv().await.unwrap().unwrap(), big);
+        }
+    })
+    .await;
+}

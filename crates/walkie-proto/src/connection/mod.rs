@@ -48,6 +48,7 @@ use crate::outgoing::Outgoing;
 use crate::utf8::Utf8Validator;
 
 pub use bytes::Bytes;
+pub use recv::ReadBuffer;
 
 /// Which end of the connection this is. It decides the masking direction
 /// (section 5.1) and who closes the TCP connection (section 7.1.1).
@@ -64,7 +65,8 @@ pub enum Role {
 pub enum Event {
     /// A complete message.
     Message(Message),
-    /// A ping; the matching pong is already queued.
+    /// A ping. The matching pong is already queued, unless we had sent a
+    /// close frame (no frame may follow it) or the connection is over.
     Ping(Bytes),
     /// A pong.
     Pong(Bytes),

@@ -2,7 +2,8 @@
 
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::buf::UninitSlice;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{Connection, Event, PartialFrame, PartialMessage, Role};
 use crate::close::CloseFrame;
@@ -11,6 +12,105 @@ use crate::error::{Error, ProtocolError};
 use crate::frame::{FrameHeader, OpCode};
 use crate::mask::apply_mask;
 use crate::message::{Message, Utf8Bytes};
+
+/// A connection's read buffer, open for appending only (see
+/// [`Connection::read_buffer`]).
+///
+/// The bytes it holds were received but not yet consumed, and the decoder
+/// may already have unmasked them and checked that they are valid UTF-8:
+/// changing them would break the promise a text message makes. So this
+/// gives no access to them, only room after them: it is a
+/// [`bytes::BufMut`], which the I/O layer reads into directly (with
+/// `tokio::io::AsyncReadExt::read_buf` or `tokio_util::io::poll_read_buf`,
+/// say).
+///
+/// ```
+/// use std::time::Instant;
+/// use walkie_proto::{BufMut, Config, Connection, Event, Message, Role};
+///
+/// let now = Instant::now();
+/// let mut server = Connection::new(Role::Server, Config::default(), None, now);
+/// let mut buf = server.read_buffer();
+/// buf.reserve(64);
+/// // A masked text frame, "Hi", with an all-zero mask key.
+/// buf.put_slice(b"\x81\x82\0\0\0\0Hi");
+/// assert_eq!(buf.len(), 8);
+/// server.handle_read(now);
+/// assert_eq!(
+///     server.poll_event().unwrap(),
+///     Some(Event::Message(Message::text("Hi")))
+/// );
+/// ```
+///
+/// Bytes already received cannot be changed or dropped through it:
+///
+/// ```compile_fail
+/// # use std::time::Instant;
+/// # use walkie_proto::{Config, Connection, Role};
+/// # let mut server = Connection::new(Role::Server, Config::default(), None, Instant::now());
+/// server.read_buffer().clear();
+/// ```
+///
+/// ```compile_fail
+/// # use std::time::Instant;
+/// # use walkie_proto::{Config, Connection, Role};
+/// # let mut server = Connection::new(Role::Server, Config::default(), None, Instant::now());
+/// server.read_buffer()[0] = b'x';
+/// ```
+#[derive(Debug)]
+pub struct ReadBuffer<'a> {
+    buf: &'a mut BytesMut,
+}
+
+impl ReadBuffer<'_> {
+    /// How many received bytes wait to be decoded.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether no received bytes wait to be decoded.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The bytes the buffer holds without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Room for at least `additional` more bytes without reallocating.
+    pub fn reserve(&mut self, additional: usize) {
+        self.buf.reserve(additional);
+    }
+
+    /// Appends `data` (as [`Connection::handle_data`] does).
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+}
+
+// SAFETY: every method forwards to `BytesMut`'s implementation, which upholds
+// the trait's contract; `chunk_mut` only exposes the spare capacity after the
+// bytes held, never the bytes themselves.
+unsafe impl BufMut for ReadBuffer<'_> {
+    fn remaining_mut(&self) -> usize {
+        self.buf.remaining_mut()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller initialised the first `cnt` bytes of
+        // `chunk_mut`, which is `BytesMut`'s own chunk.
+        unsafe { self.buf.advance_mut(cnt) }
+    }
+
+    fn chunk_mut(&mut self) -> &mut UninitSlice {
+        self.buf.chunk_mut()
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        self.buf.extend_from_slice(src);
+    }
+}
 
 impl Connection {
     /// Feeds bytes read from the transport at time `now`.
@@ -21,8 +121,13 @@ impl Connection {
 
     /// The buffer the I/O layer may read into directly, to avoid a copy.
     /// Call [`Connection::handle_read`] after adding bytes to it.
-    pub fn read_buffer(&mut self) -> &mut BytesMut {
-        &mut self.buffers().read
+    ///
+    /// It can only be appended to: the bytes it already holds may have been
+    /// unmasked and validated by the decoder (see [`ReadBuffer`]).
+    pub fn read_buffer(&mut self) -> ReadBuffer<'_> {
+        ReadBuffer {
+            buf: &mut self.buffers().read,
+        }
     }
 
     /// How many more bytes would complete the frame now arriving (0 when no
@@ -172,7 +277,10 @@ impl Connection {
             let so_far = self.message.as_ref().map_or(0, |m| m.data.len());
             let compressed = h.rsv1 || self.message.as_ref().is_some_and(|m| m.compressed);
             // Compressed sizes are checked while inflating.
-            if !compressed && so_far + len > self.config.max_message_size {
+            let too_large = so_far
+                .checked_add(len)
+                .is_none_or(|total| total > self.config.max_message_size);
+            if !compressed && too_large {
                 return Err(ProtocolError::MessageTooLarge {
                     max: self.config.max_message_size,
                 });
@@ -292,9 +400,14 @@ impl Connection {
         if !fin {
             return Ok(None);
         }
-        let Some(msg) = self.message.take() else {
+        let Some(mut msg) = self.message.take() else {
             return Ok(None);
         };
+        // The buffer grew by doubling: it may be nearly twice the message,
+        // and the message keeps all of it alive.
+        if msg.data.capacity() > msg.data.len() + msg.data.len() / 2 {
+            msg.data.shrink_to_fit();
+        }
         let data = Bytes::from(msg.data);
         Ok(Some(Event::Message(if msg.text {
             self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;

@@ -6,7 +6,8 @@ use bytes::{BufMut, Bytes};
 use rand::RngCore as _;
 
 use super::{Connection, Role};
-use crate::close::{CloseFrame, MAX_CLOSE_REASON};
+use crate::close::{CloseCode, CloseFrame, MAX_CLOSE_REASON};
+use crate::error::Error;
 use crate::error::SendError;
 use crate::frame::{FrameHeader, MAX_CONTROL_PAYLOAD, OpCode};
 use crate::mask::apply_mask;
@@ -48,7 +49,7 @@ impl Connection {
     /// compression without context takeover); otherwise the message is
     /// framed as by [`Connection::send`].
     pub fn send_prepared(&mut self, prepared: &PreparedMessage) -> Result<(), SendError> {
-        if self.close_sent().is_some() || self.closed {
+        if !self.can_send() {
             return Err(SendError::Closing);
         }
         if self.role == Role::Client {
@@ -58,7 +59,8 @@ impl Connection {
             None => prepared.frame(),
             Some(c) if c.shares_prepared => match prepared.deflated(c.level) {
                 Some(frame) => frame,
-                None => return Err(SendError::Compression),
+                // Compressing the shared frame failed: compress it here.
+                None => return self.send(prepared.message().clone()),
             },
             Some(_) => return self.send(prepared.message().clone()),
         };
@@ -97,7 +99,7 @@ impl Connection {
     /// without a status) and starts the `close_timeout` deadline from `now`.
     /// Messages still arrive until the peer answers.
     pub fn send_close(&mut self, now: Instant, frame: Option<CloseFrame>) -> Result<(), SendError> {
-        if self.close_sent().is_some() || self.closed {
+        if !self.can_send() {
             return Err(SendError::Closing);
         }
         if let Some(f) = &frame {
@@ -125,8 +127,15 @@ impl Connection {
         self.ending_mut().close_sent = Some(frame);
     }
 
+    /// Whether a frame may still be sent: no close frame was sent (none may
+    /// follow it) and the connection is not over (failed, timed out, or the
+    /// transport ended).
+    fn can_send(&self) -> bool {
+        self.close_sent().is_none() && !self.is_closed()
+    }
+
     fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
-        if self.close_sent().is_some() || self.closed {
+        if !self.can_send() {
             return Err(SendError::Closing);
         }
         if payload.len() > MAX_CONTROL_PAYLOAD {
@@ -137,7 +146,7 @@ impl Connection {
     }
 
     fn send_data(&mut self, opcode: OpCode, payload: Payload<'_>) -> Result<(), SendError> {
-        if self.close_sent().is_some() || self.closed {
+        if !self.can_send() {
             return Err(SendError::Closing);
         }
         let Some(c) = &mut self.compression else {
@@ -146,9 +155,19 @@ impl Connection {
         };
         let mut scratch = std::mem::take(&mut c.scratch);
         scratch.clear();
-        c.deflater
+        if c.deflater
             .compress(payload.as_slice(), &mut scratch)
-            .map_err(|_| SendError::Compression)?;
+            .is_err()
+        {
+            // The compressor's state no longer matches what the peer's
+            // inflater has seen: no later message could be sent. Fail the
+            // connection with 1011; `poll_event` reports it.
+            self.fail(
+                Error::Compression,
+                CloseFrame::new(CloseCode::INTERNAL_ERROR, "compression failed"),
+            );
+            return Err(SendError::Compression);
+        }
         self.write_frame(opcode, true, Payload::Slice(&scratch));
         if let Some(c) = &mut self.compression {
             c.scratch = scratch;

@@ -469,6 +469,23 @@ fn s7_eof_in_the_middle_of_a_frame_is_abnormal() {
 }
 
 #[test]
+fn s7_nothing_is_sent_once_the_transport_ended() {
+    let mut s = server();
+    s.handle_eof();
+    assert!(s.is_closed());
+    assert_eq!(s.send_text("x"), Err(SendError::Closing));
+    assert_eq!(s.send(Message::binary(vec![1u8])), Err(SendError::Closing));
+    assert_eq!(s.send_ping(b""), Err(SendError::Closing));
+    assert_eq!(s.send_pong(b""), Err(SendError::Closing));
+    assert_eq!(
+        s.send_prepared(&crate::prepared::PreparedMessage::new(Message::text("p"))),
+        Err(SendError::Closing)
+    );
+    assert_eq!(s.send_close(at(0), None), Err(SendError::Closing));
+    assert!(!s.has_data_to_send());
+}
+
+#[test]
 fn s7_messages_before_eof_are_delivered_first() {
     let mut s = server();
     s.handle_data(t0(), &cf(true, 1, b"last words"));
@@ -603,6 +620,41 @@ fn rfc7692_fragmented_compressed_message() {
     assert_eq!(evs[1], text(&"Hello, compressed world".repeat(20)));
 }
 
+// RFC 7692 section 7.2.3.4: a sender may end each message's deflate
+// stream with BFINAL; the next message then starts a new stream.
+#[test]
+fn rfc7692_bfinal_messages_decode_one_after_another() {
+    const HELLO_BFINAL: &[u8] = &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+    for takeover in [true, false] {
+        let cfg = DeflateConfig {
+            client_no_context_takeover: !takeover,
+            ..DeflateConfig::default()
+        };
+        let (_, mut s) = deflate_pair(cfg);
+        for _ in 0..3 {
+            s.handle_data(t0(), &raw(true, 4, 1, HELLO_BFINAL, true));
+            assert_eq!(events(&mut s), vec![text("Hello")], "takeover {takeover}");
+        }
+        // A stream ended in the first fragment: the rest of the message is
+        // ignored, and the next message starts afresh.
+        let mut wire = raw(false, 4, 1, HELLO_BFINAL, true);
+        wire.extend(raw(true, 0, 0, b"\xff\xff\xff", true));
+        wire.extend(raw(true, 4, 1, HELLO_BFINAL, true));
+        s.handle_data(t0(), &wire);
+        assert_eq!(
+            events(&mut s),
+            vec![text("Hello"), text("Hello")],
+            "takeover {takeover}"
+        );
+        // An ordinary message after them still decodes.
+        let mut d = crate::deflate::Deflater::new(6, 15, false);
+        let mut z = BytesMut::new();
+        d.compress(b"after", &mut z).unwrap();
+        s.handle_data(t0(), &raw(true, 4, 1, &z, true));
+        assert_eq!(events(&mut s), vec![text("after")], "takeover {takeover}");
+    }
+}
+
 #[test]
 fn rfc7692_rsv1_on_a_continuation_fails_1002() {
     let (_, mut s) = deflate_pair(DeflateConfig::default());
@@ -667,6 +719,79 @@ fn rfc7692_compressed_invalid_utf8_fails_1007() {
     );
 }
 
+#[test]
+fn rfc7692_a_failed_compression_fails_the_connection_with_1011() {
+    let (mut c, mut s) = deflate_pair(DeflateConfig::default());
+    c.send_text("before").unwrap();
+    transfer(&mut c, &mut s);
+    assert_eq!(events(&mut s), vec![text("before")]);
+    c.compression.as_mut().unwrap().deflater.fail_next = true;
+    assert_eq!(c.send_text("lost"), Err(SendError::Compression));
+    assert!(c.is_closed());
+    assert_eq!(events(&mut c), vec![Err(Error::Compression)]);
+    let frames = sent_frames(&mut c);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0].0, OpCode::Close);
+    assert_eq!(&frames[0].1[..2], &1011u16.to_be_bytes());
+    assert_eq!(c.send_text("after"), Err(SendError::Closing));
+}
+
+/// The capacity kept alive by a received message's bytes.
+fn kept_capacity(m: Message) -> usize {
+    Vec::from(m.into_bytes()).capacity()
+}
+
+#[test]
+fn assembled_messages_hold_little_more_than_their_size() {
+    // Fragmented: the buffer doubled from 1000 to 2000 bytes for 1001.
+    let mut s = server();
+    let mut wire = cf(false, 2, &[1; 1000]);
+    wire.extend(cf(true, 0, &[2; 1]));
+    s.handle_data(t0(), &wire);
+    let Some(Ok(Event::Message(m))) = events(&mut s).pop() else {
+        panic!("no message")
+    };
+    assert_eq!(m.len(), 1001);
+    let cap = kept_capacity(m);
+    assert!(cap <= 1501, "1001 bytes hold {cap}");
+
+    // Inflated: the output grew in 4 KiB steps, then doubled.
+    let (mut c, mut s) = deflate_pair(DeflateConfig::default());
+    let data: Vec<u8> = (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    c.send_binary(&data).unwrap();
+    transfer(&mut c, &mut s);
+    let Some(Ok(Event::Message(m))) = events(&mut s).pop() else {
+        panic!("no message")
+    };
+    assert_eq!(m.as_bytes(), &data[..]);
+    let cap = kept_capacity(m);
+    assert!(cap <= 7500, "5000 bytes hold {cap}");
+}
+
+#[test]
+fn no_size_limit_with_usize_max() {
+    let config = Config {
+        max_frame_size: usize::MAX,
+        max_message_size: usize::MAX,
+        ..Config::default()
+    };
+    config.validate().unwrap();
+    let cfg = DeflateConfig::default();
+    let offer = crate::extension::parse_extensions(&cfg.client_offer()).unwrap();
+    let params = cfg.accept_offer(&offer).unwrap();
+    for deflate in [None, Some((params, &cfg))] {
+        let mut c = Connection::new(Role::Client, config.clone(), deflate, t0());
+        let mut s = Connection::new(Role::Server, config.clone(), deflate, t0());
+        c.send_text("whole").unwrap();
+        transfer(&mut c, &mut s);
+        let mut wire = cf(false, 1, b"frag");
+        wire.extend(cf(true, 0, b"ments"));
+        s.handle_data(t0(), &wire);
+        // Compressed or not, whole or in fragments.
+        assert_eq!(events(&mut s), vec![text("whole"), text("fragments")]);
+    }
+}
+
 // --------------------------------------------------- timers
 
 #[test]
@@ -717,6 +842,47 @@ fn no_timers_once_closed() {
     s.handle_data(t0(), &cf(true, 8, b""));
     events(&mut s);
     assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn durations_too_long_for_an_instant_never_run_out() {
+    let forever = Config {
+        ping_interval: Some(Duration::MAX),
+        ping_timeout: Duration::MAX,
+        idle_timeout: Some(Duration::MAX),
+        close_timeout: Duration::MAX,
+        ..Config::default()
+    };
+    forever.validate().unwrap();
+    let mut s = Connection::new(Role::Server, forever.clone(), None, t0());
+    assert_eq!(s.poll_timeout(), None);
+    s.handle_timeout(at(1_000_000));
+    assert!(!s.is_closed());
+    assert_eq!(sent_frames(&mut s), vec![]);
+    s.send_close(at(1_000_001), None).unwrap();
+    assert_eq!(s.poll_timeout(), None);
+    s.handle_timeout(at(2_000_000));
+    assert!(!s.is_closed());
+
+    // The peer's close started the deadline.
+    let mut c = Connection::new(Role::Client, forever, None, t0());
+    c.handle_data(at(5), &raw(true, 0, 8, b"", false));
+    assert_eq!(events(&mut c), vec![Ok(Event::Close(None))]);
+    assert_eq!(c.poll_timeout(), None);
+    c.handle_timeout(at(2_000_000));
+    assert!(!c.is_closed());
+
+    // A ping sent, then an answer awaited forever.
+    let patient = Config {
+        ping_timeout: Duration::MAX,
+        ..Config::default()
+    };
+    let mut s = Connection::new(Role::Server, patient, None, t0());
+    s.handle_timeout(at(20));
+    assert_eq!(sent_frames(&mut s), vec![(OpCode::Ping, vec![])]);
+    assert_eq!(s.poll_timeout(), None);
+    s.handle_timeout(at(2_000_000));
+    assert!(!s.is_closed());
 }
 
 // ------------------------------------------- two cores, both directions
@@ -804,6 +970,37 @@ fn provided_buffers_that_still_hold_bytes_are_emptied_first() {
         events(&mut s),
         vec![Ok(Event::Message(Message::Text("fresh".into())))]
     );
+}
+
+#[test]
+fn reading_into_the_read_buffer_in_pieces() {
+    let mut c = client();
+    c.send_text(&"é".repeat(3000)).unwrap();
+    let wire = take_output(&mut c);
+    let mut s = server();
+    for piece in wire.chunks(1000) {
+        let mut buf = s.read_buffer();
+        let held = buf.len();
+        buf.reserve(piece.len());
+        assert!(buf.capacity() >= held + piece.len());
+        // As an I/O layer reads: into the spare capacity, then advance.
+        let chunk = buf.chunk_mut();
+        let n = piece.len().min(chunk.len());
+        chunk[..n].copy_from_slice(&piece[..n]);
+        // SAFETY: the first `n` bytes of the chunk were written.
+        unsafe { buf.advance_mut(n) };
+        buf.put_slice(&piece[n..]);
+        assert_eq!(buf.len(), held + piece.len());
+        s.handle_read(t0());
+        let evs = events(&mut s);
+        if evs.is_empty() {
+            // Part of the frame was unmasked and validated in place.
+            assert!(s.frame.is_some_and(|f| f.processed > 0));
+        } else {
+            assert_eq!(evs, vec![text(&"é".repeat(3000))]);
+        }
+    }
+    assert!(s.read_buffer().is_empty());
 }
 
 #[test]

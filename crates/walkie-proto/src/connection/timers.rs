@@ -6,7 +6,7 @@
 //! layer may sleep until an older, earlier deadline and simply find nothing
 //! due when it wakes.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Connection, Role};
 use crate::close::{CloseCode, CloseFrame};
@@ -54,11 +54,17 @@ impl Connection {
             // Keepalive stops once closing; only the close deadline remains.
             return t.close_deadline;
         }
-        let keepalive = self.config.ping_interval.map(|interval| match t.ping_sent {
-            Some(sent) => sent + self.config.ping_timeout,
-            None => t.last_recv + interval,
-        });
-        let idle = self.config.idle_timeout.map(|d| t.last_recv + d);
+        let keepalive = self
+            .config
+            .ping_interval
+            .and_then(|interval| match t.ping_sent {
+                Some(sent) => sent.checked_add(self.config.ping_timeout),
+                None => t.last_recv.checked_add(interval),
+            });
+        let idle = self
+            .config
+            .idle_timeout
+            .and_then(|d| t.last_recv.checked_add(d));
         match (keepalive, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -92,7 +98,7 @@ impl Connection {
         }
         let t = self.timers;
         if let Some(idle) = self.config.idle_timeout {
-            if now >= t.last_recv + idle {
+            if reached(now, t.last_recv, idle) {
                 self.fail(
                     Error::IdleTimeout,
                     CloseFrame::new(CloseCode::GOING_AWAY, "idle timeout"),
@@ -104,13 +110,13 @@ impl Connection {
             return;
         };
         match t.ping_sent {
-            Some(sent) if now >= sent + self.config.ping_timeout => {
+            Some(sent) if reached(now, sent, self.config.ping_timeout) => {
                 self.fail(
                     Error::KeepaliveTimeout,
                     CloseFrame::new(CloseCode::INTERNAL_ERROR, "keepalive ping timeout"),
                 );
             }
-            None if now >= t.last_recv + interval => {
+            None if reached(now, t.last_recv, interval) => {
                 // Sending a ping cannot fail while open.
                 let _ = self.send_ping(b"");
                 self.timers.ping_sent = Some(now);
@@ -119,10 +125,19 @@ impl Connection {
         }
     }
 
-    /// Starts the close deadline from the latest known time.
+    /// Starts the close deadline from the latest known time. A timeout too
+    /// long to add to it sets none: the wait never ends.
     pub(super) fn arm_close_deadline(&mut self) {
         if self.timers.close_deadline.is_none() {
-            self.timers.close_deadline = Some(self.timers.now + self.config.close_timeout);
+            self.timers.close_deadline = self.timers.now.checked_add(self.config.close_timeout);
         }
     }
+}
+
+/// Whether `now` is at least `duration` after `since`. A duration too long
+/// to add to an `Instant` (`Duration::MAX`, say) is never reached.
+fn reached(now: Instant, since: Instant, duration: Duration) -> bool {
+    since
+        .checked_add(duration)
+        .is_some_and(|deadline| now >= deadline)
 }

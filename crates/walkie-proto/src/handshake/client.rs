@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use base64::Engine as _;
 use rand::RngCore as _;
 
-use super::http::{HeaderList, ResponseHead};
+use super::http::{HeadScan, HeaderList, ResponseHead, Single, check_header_line, is_token};
 use super::{HandshakeError, accept_key};
 use crate::deflate::{DeflateConfig, DeflateParams};
 use crate::extension::parse_extensions;
@@ -31,6 +31,14 @@ pub struct ClientHandshake {
     expected_accept: String,
     protocols: Vec<String>,
     deflate: Option<DeflateConfig>,
+    /// How much of the response was searched for its end.
+    scan: HeadScan,
+}
+
+/// Whether `s` can be the request target or the `Host` value: not empty, no
+/// space, no control character.
+fn is_visible(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b > b' ' && b != 0x7f)
 }
 
 /// The server's accepted response.
@@ -46,7 +54,25 @@ pub struct ServerResponse {
 
 impl ClientHandshake {
     /// Builds the request head with a fresh random key.
-    pub fn new(req: &ClientRequest) -> (ClientHandshake, Vec<u8>) {
+    ///
+    /// Fails with [`HandshakeError::InvalidHeadField`] when a value of `req`
+    /// cannot be written into the head: a target or host that is empty or
+    /// holds a space or a control character, a subprotocol or header name
+    /// that is not an HTTP token, or a header value with a control character
+    /// (CR, LF, NUL...), which could add lines to the request.
+    pub fn new(req: &ClientRequest) -> Result<(ClientHandshake, Vec<u8>), HandshakeError> {
+        if !is_visible(&req.target) {
+            return Err(HandshakeError::InvalidHeadField("request target"));
+        }
+        if !is_visible(&req.host) {
+            return Err(HandshakeError::InvalidHeadField("Host value"));
+        }
+        if !req.protocols.iter().all(|p| is_token(p)) {
+            return Err(HandshakeError::InvalidHeadField("subprotocol"));
+        }
+        for (name, value) in &req.headers {
+            check_header_line(name, value)?;
+        }
         let mut nonce = [0u8; 16];
         rand::rng().fill_bytes(&mut nonce);
         let key = base64::engine::general_purpose::STANDARD.encode(nonce);
@@ -75,26 +101,29 @@ impl ClientHandshake {
             let _ = write!(head, "{name}: {value}\r\n");
         }
         head.push_str("\r\n");
-        (
+        Ok((
             ClientHandshake {
                 expected_accept: accept_key(key.as_bytes()),
                 protocols: req.protocols.clone(),
                 deflate: req.deflate.clone(),
+                scan: HeadScan::default(),
             },
             head.into_bytes(),
-        )
+        ))
     }
 
-    /// Checks the server's response at the front of `buf`.
+    /// Checks the server's response at the front of `buf`: the bytes read
+    /// so far, given again with more appended after each read.
     ///
     /// Returns `Ok(None)` until the whole head is in `buf`, then the accepted
     /// response and the head's length; bytes after the head are the first
-    /// WebSocket frames.
+    /// WebSocket frames. The head is parsed once its end has arrived, each
+    /// byte being searched for it once.
     pub fn parse_response(
-        &self,
+        &mut self,
         buf: &[u8],
     ) -> Result<Option<(ServerResponse, usize)>, HandshakeError> {
-        let Some((head, len)) = ResponseHead::parse(buf)? else {
+        let Some((head, len)) = ResponseHead::parse_scanned(&mut self.scan, buf)? else {
             return Ok(None);
         };
         if head.status != 101 {
@@ -107,14 +136,21 @@ impl ClientHandshake {
         if !h.has_token("connection", "upgrade") {
             return Err(HandshakeError::MissingConnectionUpgrade);
         }
-        if h.get("sec-websocket-accept") != Some(self.expected_accept.as_str()) {
+        if h.single("Sec-WebSocket-Accept")?.text() != Some(self.expected_accept.as_str()) {
             return Err(HandshakeError::InvalidAccept);
         }
-        let protocol = match h.get("sec-websocket-protocol") {
-            None => None,
-            Some(p) if self.protocols.iter().any(|o| o == p) => Some(p.to_owned()),
-            Some(_) => return Err(HandshakeError::UnexpectedProtocol),
+        let protocol = match h.single("Sec-WebSocket-Protocol")? {
+            Single::Absent => None,
+            Single::Text(p) if self.protocols.iter().any(|o| o == p) => Some(p.to_owned()),
+            Single::Text(_) | Single::NotUtf8 => return Err(HandshakeError::UnexpectedProtocol),
         };
+        // An extension answer we could not read would leave us unsure of
+        // what the server compresses.
+        if h.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("sec-websocket-extensions") && std::str::from_utf8(v).is_err()
+        }) {
+            return Err(HandshakeError::InvalidExtensionResponse);
+        }
         let mut deflate = None;
         for value in h.get_all("sec-websocket-extensions") {
             let exts =
@@ -145,14 +181,14 @@ mod tests {
     use super::*;
 
     fn pair(req: ClientRequest) -> (ClientHandshake, Request) {
-        let (hs, bytes) = ClientHandshake::new(&req);
+        let (hs, bytes) = ClientHandshake::new(&req).unwrap();
         let parsed = Request::parse(&bytes).unwrap().unwrap().0;
         (hs, parsed)
     }
 
     #[test]
     fn our_request_is_accepted_by_our_server() {
-        let (hs, req) = pair(ClientRequest {
+        let (mut hs, req) = pair(ClientRequest {
             host: "localhost:3000".into(),
             target: "/chat".into(),
             protocols: vec!["walkie.v1".into()],
@@ -161,7 +197,9 @@ mod tests {
         });
         assert_eq!(req.origin(), Some("http://localhost"));
         let up = req.upgrade().unwrap();
-        let acc = up.accept(Some("walkie.v1"), Some(&DeflateConfig::default()), &[]);
+        let acc = up
+            .accept(Some("walkie.v1"), Some(&DeflateConfig::default()), &[])
+            .unwrap();
         let mut wire = acc.response.clone();
         wire.extend_from_slice(b"\x81\x00");
         let (res, len) = hs.parse_response(&wire).unwrap().unwrap();
@@ -172,7 +210,7 @@ mod tests {
 
     #[test]
     fn rejects_a_wrong_accept_key() {
-        let (hs, _) = pair(ClientRequest {
+        let (mut hs, _) = pair(ClientRequest {
             host: "a".into(),
             target: "/".into(),
             ..Default::default()
@@ -191,13 +229,13 @@ mod tests {
 
     #[test]
     fn rejects_unoffered_protocol_and_extension() {
-        let (hs, req) = pair(ClientRequest {
+        let (mut hs, req) = pair(ClientRequest {
             host: "a".into(),
             target: "/".into(),
             ..Default::default()
         });
         let up = req.upgrade().unwrap();
-        let base = String::from_utf8(up.accept(None, None, &[]).response).unwrap();
+        let base = String::from_utf8(up.accept(None, None, &[]).unwrap().response).unwrap();
         let with = |line: &str| base.replacen("\r\n\r\n", &format!("\r\n{line}\r\n\r\n"), 1);
         assert_eq!(
             hs.parse_response(with("Sec-WebSocket-Protocol: chat").as_bytes())
@@ -209,5 +247,145 @@ mod tests {
                 .unwrap_err(),
             HandshakeError::InvalidExtensionResponse
         );
+    }
+
+    fn request() -> ClientRequest {
+        ClientRequest {
+            host: "example.com:8080".into(),
+            target: "/chat?room=1".into(),
+            protocols: vec!["chat".into()],
+            headers: vec![("Authorization".into(), "Bearer x\ty".into())],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn refuses_values_that_would_break_the_head() {
+        assert!(ClientHandshake::new(&request()).is_ok());
+        let field = |e: Result<_, HandshakeError>| match e {
+            Err(HandshakeError::InvalidHeadField(f)) => f,
+            other => panic!("{:?}", other.map(|_| ())),
+        };
+        for target in ["", "/a b", "/\r\nX-Injected: 1", "/\0", "/\n"] {
+            let req = ClientRequest {
+                target: target.into(),
+                ..request()
+            };
+            assert_eq!(
+                field(ClientHandshake::new(&req)),
+                "request target",
+                "{target:?}"
+            );
+        }
+        for host in ["", "a\r\nX-Injected: 1", "a b", "a\0"] {
+            let req = ClientRequest {
+                host: host.into(),
+                ..request()
+            };
+            assert_eq!(field(ClientHandshake::new(&req)), "Host value", "{host:?}");
+        }
+        for protocol in ["", "a b", "chat\r\nX-Injected: 1", "a,b"] {
+            let req = ClientRequest {
+                protocols: vec!["ok".into(), protocol.into()],
+                ..request()
+            };
+            assert_eq!(
+                field(ClientHandshake::new(&req)),
+                "subprotocol",
+                "{protocol:?}"
+            );
+        }
+        for (name, value, what) in [
+            ("X-A\r\nX-Injected", "1", "header name"),
+            ("", "1", "header name"),
+            ("X A", "1", "header name"),
+            ("X-A:", "1", "header name"),
+            ("X-A", "1\r\nX-Injected: 1", "header value"),
+            ("X-A", "1\nX-Injected: 1", "header value"),
+            ("X-A", "1\r", "header value"),
+            ("X-A", "a\0b", "header value"),
+        ] {
+            let req = ClientRequest {
+                headers: vec![(name.into(), value.into())],
+                ..request()
+            };
+            assert_eq!(
+                field(ClientHandshake::new(&req)),
+                what,
+                "{name:?}: {value:?}"
+            );
+        }
+    }
+
+    /// The server's answer to `req`, with `extra` header lines.
+    fn response_with(req: &Request, extra: &[u8]) -> Vec<u8> {
+        let up = req.upgrade().unwrap();
+        let base = up.accept(None, None, &[]).unwrap().response;
+        let mut wire = base[..base.len() - 2].to_vec();
+        wire.extend_from_slice(extra);
+        wire.extend_from_slice(b"\r\n");
+        wire
+    }
+
+    #[test]
+    fn rejects_repeated_or_unreadable_single_headers() {
+        let (mut hs, req) = pair(ClientRequest {
+            protocols: vec!["chat".into()],
+            ..request()
+        });
+        let accept = accept_key(req.headers.get("sec-websocket-key").unwrap().as_bytes());
+        let accept_line = format!("Sec-WebSocket-Accept: {accept}\r\n");
+        for (extra, err) in [
+            (
+                accept_line.clone().into_bytes(),
+                HandshakeError::RepeatedHeader("Sec-WebSocket-Accept"),
+            ),
+            (
+                b"Sec-WebSocket-Accept: \xff\r\n".to_vec(),
+                HandshakeError::RepeatedHeader("Sec-WebSocket-Accept"),
+            ),
+            (
+                b"Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: chat\r\n".to_vec(),
+                HandshakeError::RepeatedHeader("Sec-WebSocket-Protocol"),
+            ),
+            (
+                b"Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: \xff\r\n".to_vec(),
+                HandshakeError::RepeatedHeader("Sec-WebSocket-Protocol"),
+            ),
+            (
+                b"Sec-WebSocket-Protocol: \xff\r\n".to_vec(),
+                HandshakeError::UnexpectedProtocol,
+            ),
+            (
+                b"Sec-WebSocket-Extensions: \xff\r\n".to_vec(),
+                HandshakeError::InvalidExtensionResponse,
+            ),
+        ] {
+            let wire = response_with(&req, &extra);
+            assert_eq!(
+                ClientHandshake::parse_response(&mut hs.clone(), &wire).unwrap_err(),
+                err,
+                "{}",
+                String::from_utf8_lossy(&extra)
+            );
+        }
+        // The same response with the protocol once is accepted.
+        let wire = response_with(&req, b"Sec-WebSocket-Protocol: chat\r\n");
+        let (res, _) = hs.parse_response(&wire).unwrap().unwrap();
+        assert_eq!(res.protocol.as_deref(), Some("chat"));
+    }
+
+    #[test]
+    fn a_response_sent_a_byte_at_a_time_is_parsed_once_complete() {
+        let (mut hs, req) = pair(request());
+        let pad = format!("X-Pad: {}\r\n", "p".repeat(1000)).repeat(10);
+        let wire = response_with(&req, pad.as_bytes());
+        let n = super::super::http::tests::parses(|| {
+            for end in 0..wire.len() {
+                assert!(hs.parse_response(&wire[..end]).unwrap().is_none());
+            }
+            assert_eq!(hs.parse_response(&wire).unwrap().unwrap().1, wire.len());
+        });
+        assert_eq!(n, 2);
     }
 }

@@ -14,7 +14,7 @@ mod http;
 mod server;
 
 pub use client::{ClientHandshake, ClientRequest, ServerResponse};
-pub use http::{HeaderList, MAX_HEAD_SIZE, MAX_HEADERS, Request};
+pub use http::{HeaderList, MAX_HEAD_SIZE, MAX_HEADERS, Request, RequestParser};
 pub use server::{Accepted, Upgrade};
 
 use base64::Engine as _;
@@ -57,8 +57,9 @@ pub enum HandshakeError {
     /// Section 4.1: HTTP/1.1 or later is required.
     #[error("HTTP/1.1 is required for a WebSocket upgrade")]
     HttpVersion,
-    /// Section 4.1: a Host header is required.
-    #[error("missing Host header")]
+    /// Section 4.1: a Host header is required (once, RFC 9112 section 3.2),
+    /// and its value must be text.
+    #[error("missing or invalid Host header")]
     MissingHost,
     /// Section 4.2.1: `Upgrade` must include `websocket`.
     #[error("missing or invalid Upgrade header (expected \"websocket\")")]
@@ -98,6 +99,19 @@ pub enum HandshakeError {
     /// Client side: the server's extension answer is not one we can accept.
     #[error("server answered with extensions that were not offered or are invalid")]
     InvalidExtensionResponse,
+    /// A header that may appear only once appears several times: `Host`,
+    /// `Sec-WebSocket-Key` in a request (RFC 9112 section 3.2, RFC 6455
+    /// section 11.3.1), `Sec-WebSocket-Accept` or `Sec-WebSocket-Protocol`
+    /// in a response (RFC 6455 sections 11.3.3 and 11.3.4).
+    #[error("repeated {0} header")]
+    RepeatedHeader(&'static str),
+    /// A value given to build a head cannot be written into it: the request
+    /// target or `Host` is empty or holds a space or a control character, a
+    /// header value holds a control character (CR, LF and NUL among them,
+    /// which would let it add header lines), or a header name or subprotocol
+    /// is not an HTTP token. It names the value that is wrong.
+    #[error("invalid {0} for an HTTP head")]
+    InvalidHeadField(&'static str),
 }
 
 impl HandshakeError {
@@ -108,6 +122,8 @@ impl HandshakeError {
             HandshakeError::MethodNotGet => 405,
             HandshakeError::UnsupportedVersion => 426,
             HandshakeError::Rejected { status, .. } => *status,
+            // Our own values, not the client's request, are wrong.
+            HandshakeError::InvalidHeadField(_) => 500,
             _ => 400,
         }
     }

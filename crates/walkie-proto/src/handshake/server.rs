@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use base64::Engine as _;
 
-use super::http::reason_phrase;
+use super::http::{Single, check_header_line, is_token, reason_phrase};
 use super::{HandshakeError, Request, accept_key};
 use crate::deflate::{DeflateConfig, DeflateParams};
 use crate::extension::{Extension, parse_extensions};
@@ -30,12 +30,6 @@ pub struct Accepted {
     pub deflate: Option<DeflateParams>,
 }
 
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
 impl Request {
     /// Checks that this request is a valid WebSocket upgrade (section 4.2.1).
     pub fn upgrade(&self) -> Result<Upgrade, HandshakeError> {
@@ -45,7 +39,7 @@ impl Request {
         if self.version < 1 {
             return Err(HandshakeError::HttpVersion);
         }
-        if self.headers.get("host").is_none() {
+        if self.headers.single("Host")?.text().is_none() {
             return Err(HandshakeError::MissingHost);
         }
         if !self.headers.has_token("upgrade", "websocket") {
@@ -55,16 +49,14 @@ impl Request {
             return Err(HandshakeError::MissingConnectionUpgrade);
         }
         // Section 4.4: a version mismatch is answered with 426 and the
-        // versions we support, before anything else about the request.
-        let mut versions = self.headers.get_all("sec-websocket-version");
-        match (versions.next(), versions.next()) {
-            (Some("13"), None) => {}
+        // versions we support, before anything else about the request; so is
+        // a repeated or unreadable version.
+        match self.headers.single("Sec-WebSocket-Version") {
+            Ok(Single::Text("13")) => {}
             _ => return Err(HandshakeError::UnsupportedVersion),
         }
-        let mut keys = self.headers.get_all("sec-websocket-key");
-        let key = match (keys.next(), keys.next()) {
-            (Some(key), None) => key,
-            _ => return Err(HandshakeError::InvalidKey),
+        let Some(key) = self.headers.single("Sec-WebSocket-Key")?.text() else {
+            return Err(HandshakeError::InvalidKey);
         };
         match base64::engine::general_purpose::STANDARD.decode(key) {
             Ok(raw) if raw.len() == 16 => {}
@@ -116,12 +108,19 @@ impl Upgrade {
     /// offered it), negotiates permessage-deflate if `deflate` is given and
     /// the client offered it, and builds the 101 response with
     /// `extra_headers` appended.
+    ///
+    /// Fails with [`HandshakeError::InvalidHeadField`] when a name in
+    /// `extra_headers` is not an HTTP token or a value holds a control
+    /// character (CR, LF, NUL...), which could add lines to the response.
     pub fn accept(
         &self,
         protocol: Option<&str>,
         deflate: Option<&DeflateConfig>,
         extra_headers: &[(&str, &str)],
-    ) -> Accepted {
+    ) -> Result<Accepted, HandshakeError> {
+        for (name, value) in extra_headers {
+            check_header_line(name, value)?;
+        }
         let protocol = protocol
             .filter(|p| self.protocols.iter().any(|o| o == p))
             .map(str::to_owned);
@@ -148,11 +147,11 @@ impl Upgrade {
             let _ = write!(head, "{name}: {value}\r\n");
         }
         head.push_str("\r\n");
-        Accepted {
+        Ok(Accepted {
             response: head.into_bytes(),
             protocol,
             deflate,
-        }
+        })
     }
 }
 
@@ -179,7 +178,7 @@ mod tests {
         let up = req.upgrade().unwrap();
         assert_eq!(up.protocols(), ["chat", "superchat"]);
         let chosen = up.select_protocol(&["superchat", "chat"]);
-        let acc = up.accept(chosen, None, &[]);
+        let acc = up.accept(chosen, None, &[]).unwrap();
         let text = String::from_utf8(acc.response).unwrap();
         assert!(text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
@@ -239,13 +238,15 @@ mod tests {
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
         );
         let up = req.upgrade().unwrap();
-        let acc = up.accept(None, Some(&DeflateConfig::default()), &[]);
+        let acc = up
+            .accept(None, Some(&DeflateConfig::default()), &[])
+            .unwrap();
         assert!(acc.deflate.is_some());
         let text = String::from_utf8(acc.response).unwrap();
         assert!(text.contains("Sec-WebSocket-Extensions: permessage-deflate\r\n"));
 
         // Not enabled on our side: no extension header at all.
-        let acc = up.accept(None, None, &[]);
+        let acc = up.accept(None, None, &[]).unwrap();
         assert!(acc.deflate.is_none());
         assert!(
             !String::from_utf8(acc.response)
@@ -257,7 +258,91 @@ mod tests {
     #[test]
     fn protocol_not_offered_is_not_selected() {
         let up = with_version("").upgrade().unwrap();
-        let acc = up.accept(Some("chat"), None, &[]);
+        let acc = up.accept(Some("chat"), None, &[]).unwrap();
         assert_eq!(acc.protocol, None);
+    }
+
+    #[test]
+    fn refuses_extra_headers_that_would_break_the_response() {
+        let up = with_version("").upgrade().unwrap();
+        let acc = up.accept(None, None, &[("X-Ok", "fine\tvalue")]).unwrap();
+        assert!(
+            String::from_utf8(acc.response)
+                .unwrap()
+                .ends_with("\r\nX-Ok: fine\tvalue\r\n\r\n")
+        );
+        for (name, value, what) in [
+            ("X-A", "1\r\nSet-Cookie: x=1", "header value"),
+            ("X-A", "1\n", "header value"),
+            ("X-A", "\0", "header value"),
+            ("X-A\r\nSet-Cookie", "x=1", "header name"),
+            ("X-A:", "1", "header name"),
+            ("", "1", "header name"),
+        ] {
+            let err = up.accept(None, None, &[(name, value)]).unwrap_err();
+            assert_eq!(
+                err,
+                HandshakeError::InvalidHeadField(what),
+                "{name:?}: {value:?}"
+            );
+            assert_eq!(err.status(), 500);
+        }
+    }
+
+    fn raw_request(extra: &[u8]) -> Request {
+        let mut head = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n".to_vec();
+        head.extend_from_slice(extra);
+        head.extend_from_slice(b"\r\n");
+        Request::parse(&head).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn rejects_repeated_or_unreadable_single_headers() {
+        const HOST: &[u8] = b"Host: a\r\n";
+        const VERSION: &[u8] = b"Sec-WebSocket-Version: 13\r\n";
+        const KEY: &[u8] = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        let ok = [HOST, VERSION, KEY].concat();
+        assert!(raw_request(&ok).upgrade().is_ok());
+        for (extra, err) in [
+            (
+                [HOST, HOST, VERSION, KEY].concat(),
+                HandshakeError::RepeatedHeader("Host"),
+            ),
+            (
+                [HOST, b"Host: \xff\r\n", VERSION, KEY].concat(),
+                HandshakeError::RepeatedHeader("Host"),
+            ),
+            (
+                [b"Host: \xff\r\n", VERSION, KEY].concat(),
+                HandshakeError::MissingHost,
+            ),
+            (
+                [HOST, VERSION, b"Sec-WebSocket-Version: \xff\r\n", KEY].concat(),
+                HandshakeError::UnsupportedVersion,
+            ),
+            (
+                [HOST, b"Sec-WebSocket-Version: \xff\r\n", KEY].concat(),
+                HandshakeError::UnsupportedVersion,
+            ),
+            (
+                [HOST, VERSION, KEY, KEY].concat(),
+                HandshakeError::RepeatedHeader("Sec-WebSocket-Key"),
+            ),
+            (
+                [HOST, VERSION, KEY, b"Sec-WebSocket-Key: \xff\r\n"].concat(),
+                HandshakeError::RepeatedHeader("Sec-WebSocket-Key"),
+            ),
+            (
+                [HOST, VERSION, b"Sec-WebSocket-Key: \xff\r\n"].concat(),
+                HandshakeError::InvalidKey,
+            ),
+        ] {
+            assert_eq!(
+                raw_request(&extra).upgrade().unwrap_err(),
+                err,
+                "{}",
+                String::from_utf8_lossy(&extra)
+            );
+        }
     }
 }
