@@ -11,17 +11,24 @@
 //! than the one it already has; keepalive deadlines move *later* with every
 //! message, so a busy connection registers about once per ping interval. An
 //! entry that fires early (its deadline moved) wakes a task that finds
-//! nothing due: harmless. A connection remembers its entry's key, replaces
-//! the entry when it registers an earlier deadline for the same task, and
-//! cancels it when dropped: an entry holds a waker, hence the task's
-//! memory, which a closed connection's task would otherwise keep until the
-//! deadline (a ping interval). The queue is an ordered map: registrations
-//! are rare enough that a hashed wheel would not pay off.
+//! nothing due: harmless. The queue is a binary heap of 24-byte entries
+//! (every idle connection has one): registrations are rare enough that a
+//! hashed wheel would not pay off.
+//!
+//! An entry holds a waker, hence its task's memory. So that a closed
+//! connection's task is not kept until its deadline (a ping interval), a
+//! connection cancels its entry when dropped, and the entry it replaces
+//! when it registers an earlier one. A heap cannot remove an entry in the
+//! middle: cancelled entries are counted aside, skipped when they come due,
+//! and swept out all at once when they reach an eighth of the heap. Dead
+//! tasks held are then bounded by the live connections, and a live
+//! connection costs no more than the heap's entry.
 //!
 //! The ticker runs on the runtime and sleeps with tokio's clock, so tests on
 //! a paused clock drive connection deadlines too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::Waker;
@@ -30,15 +37,88 @@ use std::time::{Duration, Instant};
 /// How often the per-runtime ticker wakes. Deadlines fire up to this late.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
-/// A waiting deadline's key: nanoseconds after the timers' `base`, and the
-/// data pointer of the waker it wakes. Keys are unique (see
-/// [`Timers::register`]), so that a connection cancels its own entry only.
+/// One waiting deadline: 24 bytes, as every idle connection has one.
+struct Entry {
+    /// Nanoseconds after the timers' `base`.
+    at: u64,
+    waker: Waker,
+}
+
+impl Entry {
+    fn key(&self) -> Key {
+        (self.at, self.waker.data() as usize)
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.at.cmp(&other.at)
+    }
+}
+
+/// An entry's key: its nanoseconds and its waker's data pointer (the task).
+/// Two entries may share one (two connections that one task polls, with
+/// the same deadline): hence counts.
 type Key = (u64, usize);
+
+/// Cancelled entries below this many are never swept (only skipped when
+/// due): sweeping a small heap often gains nothing.
+const SWEEP_MIN: usize = 64;
+
+#[derive(Default)]
+struct Queue {
+    heap: BinaryHeap<Reverse<Entry>>,
+    /// Entries cancelled but still in `heap`, by key.
+    cancelled: HashMap<Key, u32>,
+    cancelled_total: usize,
+}
+
+impl Queue {
+    /// Takes the cancelled entry `key` out of the count, if it is one.
+    fn uncount(&mut self, key: Key) -> bool {
+        let Some(count) = self.cancelled.get_mut(&key) else {
+            return false;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.cancelled.remove(&key);
+        }
+        self.cancelled_total -= 1;
+        true
+    }
+
+    /// Counts `key` as cancelled, and sweeps the heap when cancelled
+    /// entries reach an eighth of it; returns the wakers swept out, to drop
+    /// outside the lock.
+    fn cancel(&mut self, key: Key) -> Vec<Reverse<Entry>> {
+        *self.cancelled.entry(key).or_insert(0) += 1;
+        self.cancelled_total += 1;
+        if self.cancelled_total < SWEEP_MIN.max(self.heap.len() / 8) {
+            return Vec::new();
+        }
+        let (kept, swept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.heap)
+            .into_vec()
+            .into_iter()
+            .partition(|Reverse(e)| !self.uncount(e.key()));
+        self.heap = BinaryHeap::from(kept);
+        swept
+    }
+}
 
 /// The deadlines of one runtime's connections, and its coarse clock.
 pub(crate) struct Timers {
-    /// One entry (32 bytes and the map's share) for every idle connection.
-    queue: Mutex<BTreeMap<Key, Waker>>,
+    queue: Mutex<Queue>,
     /// The clock connections read for every message: the time of the
     /// latest tick, as nanoseconds after `base`. Reading it is one atomic
     /// load, where the system clock can cost a system call (in some virtual
@@ -90,53 +170,62 @@ impl Timers {
         self.ticked.fetch_max(self.nanos(now), Ordering::Relaxed);
     }
 
-    /// Wakes `waker` once `at` has passed (within one tick), and removes
+    /// Wakes `waker` once `at` has passed (within one tick), and cancels
     /// the entry `replace` (nanoseconds a registration for the same waker
     /// returned; 0 for none). Returns the entry's nanoseconds, for
-    /// [`Timers::cancel`]: at most `at`'s, a few nanoseconds earlier if
-    /// another registration for the same waker (two connections that one
-    /// task polls) has that instant.
+    /// [`Timers::cancel`].
     pub(crate) fn register(&self, at: Instant, waker: &Waker, replace: u64) -> u64 {
+        let at = self.nanos(at);
         let task = waker.data() as usize;
-        let mut at = self.nanos(at);
-        let replaced = {
+        let swept = {
             let mut q = lock(&self.queue);
-            let replaced = if replace == 0 {
-                None
-            } else {
-                q.remove(&(replace, task))
-            };
-            while at > 1 && q.contains_key(&(at, task)) {
-                at -= 1;
-            }
-            q.insert((at, task), waker.clone());
-            replaced
+            q.heap.push(Reverse(Entry {
+                at,
+                waker: waker.clone(),
+            }));
+            self.cancel_locked(&mut q, replace, task)
         };
         // Outside the lock: the last waker of a task frees it.
-        drop(replaced);
+        drop(swept);
         at
     }
 
-    /// Removes the entry that [`Timers::register`] made for `task` at `at`
-    /// nanoseconds, if it has not fired.
+    /// Cancels the entry that [`Timers::register`] made for `task` at `at`
+    /// nanoseconds, unless it has fired (or is firing) already.
     pub(crate) fn cancel(&self, at: u64, task: usize) {
-        let removed = lock(&self.queue).remove(&(at, task));
-        drop(removed);
+        let swept = self.cancel_locked(&mut lock(&self.queue), at, task);
+        drop(swept);
     }
 
-    /// Wakes every entry due at `now`.
+    /// Under the queue's lock, so that an entry is either still in the heap
+    /// or fired: the ticker moves the clock past a deadline before it pops
+    /// what is due, so an entry not yet due by the clock is in the heap.
+    fn cancel_locked(&self, q: &mut Queue, at: u64, task: usize) -> Vec<Reverse<Entry>> {
+        if at == 0 || task == 0 || at <= self.ticked.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        q.cancel((at, task))
+    }
+
+    /// Wakes every entry due at `now` (cancelled ones are dropped instead).
     fn fire(&self, now: Instant) {
         let now = self.nanos(now);
         let mut due = Vec::new();
+        let mut dropped = Vec::new();
         {
             let mut q = lock(&self.queue);
-            while let Some(entry) = q.first_entry() {
-                if entry.key().0 > now {
+            while q.heap.peek().is_some_and(|e| e.0.at <= now) {
+                let Some(Reverse(e)) = q.heap.pop() else {
                     break;
+                };
+                if q.uncount(e.key()) {
+                    dropped.push(e.waker);
+                } else {
+                    due.push(e.waker);
                 }
-                due.push(entry.remove());
             }
         }
+        drop(dropped);
         // Woken outside the lock: a waker may run code of its own.
         for w in due {
             w.wake();
@@ -203,11 +292,12 @@ mod tests {
         assert!(Arc::ptr_eq(&timers, &current().unwrap()));
     }
 
-    /// A cancelled or replaced entry lets go of its waker at once, and
-    /// never fires; two entries of one waker at one instant are cancelled
-    /// one at a time.
+    /// A cancelled or replaced entry never fires, and lets go of its
+    /// waker when it comes due or when the cancelled entries are swept;
+    /// of two entries of one waker at one instant, one is cancelled; an
+    /// entry that fired is not cancelled afterwards.
     #[tokio::test(start_paused = true)]
-    async fn cancelled_and_replaced_entries_let_go_of_their_waker() {
+    async fn cancelled_and_replaced_entries_never_fire() {
         let timers = current().unwrap();
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
@@ -216,24 +306,51 @@ mod tests {
         let later = now + Duration::from_secs(5);
 
         let at = timers.register(later, &waker, 0);
-        assert_eq!(Arc::strong_count(&count), 3);
         timers.cancel(at, task);
-        assert_eq!(Arc::strong_count(&count), 2);
-
-        let at = timers.register(later, &waker, 0);
-        let earlier = timers.register(now + Duration::from_secs(1), &waker, at);
-        assert_eq!(Arc::strong_count(&count), 3, "replaced");
-
+        let replaced = timers.register(later, &waker, 0);
+        let earlier = timers.register(now + Duration::from_secs(1), &waker, replaced);
         // Two connections of one task, one deadline: two entries.
         let first = timers.register(later, &waker, 0);
         let second = timers.register(later, &waker, 0);
-        assert_ne!(first, second);
+        assert_eq!(first, second);
         timers.cancel(first, task);
+        assert_eq!(Arc::strong_count(&count), 2 + 5, "nothing swept yet");
+
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        assert_eq!(count.0.load(Ordering::SeqCst), 2, "the second still fires");
-        assert_eq!(Arc::strong_count(&count), 2);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the earlier one");
+        // Fired already: not cancelled, nor counted as such.
         timers.cancel(earlier, task);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 2, "one of the two");
+        assert_eq!(Arc::strong_count(&count), 2, "all let go");
+    }
+
+    /// Cancelled entries are swept out once they are an eighth of the heap
+    /// (and at least `SWEEP_MIN`): their wakers are let go before they are
+    /// due, the others stay and fire.
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_entries_are_swept() {
+        let timers = current().unwrap();
+        let (a, b) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let (a_waker, b_waker) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        let at = crate::driver::now() + Duration::from_secs(20);
+        for _ in 0..1000 {
+            timers.register(at, &a_waker, 0);
+        }
+        let b_keys: Vec<u64> = (0..200).map(|_| timers.register(at, &b_waker, 0)).collect();
+        // 1,200 entries: swept at the 150th cancelled.
+        for key in &b_keys[..149] {
+            timers.cancel(*key, b_waker.data() as usize);
+        }
+        assert_eq!(Arc::strong_count(&b), 2 + 200, "swept too early");
+        timers.cancel(b_keys[149], b_waker.data() as usize);
+        assert_eq!(Arc::strong_count(&b), 2 + 50, "not swept");
+        assert_eq!(Arc::strong_count(&a), 2 + 1000);
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        assert_eq!(a.0.load(Ordering::SeqCst), 1000);
+        assert_eq!(b.0.load(Ordering::SeqCst), 50);
     }
 }
