@@ -18,7 +18,9 @@ pub struct ServerConfig {
     /// gets 408 and is disconnected. Default: 10 s.
     pub handshake_timeout: Duration,
     /// Bytes queued for sending above which `send` and `feed` wait for the
-    /// socket to drain (backpressure). Default: 64 KiB.
+    /// socket to drain (backpressure), and the connection stops reading
+    /// while a write waits: a peer that sends without reading what it is
+    /// sent is not read either. Default: 64 KiB.
     pub write_buffer_high: usize,
     /// `connection` as the connections share it: each holds a pointer, not
     /// a copy. Made on the first accept; remade if `connection` changed.
@@ -75,8 +77,13 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long the server may take to answer the upgrade. Default: 10 s.
     pub handshake_timeout: Duration,
-    /// Bytes queued for sending above which `send` and `feed` wait.
-    /// Default: 64 KiB.
+    /// Bytes queued for sending above which `send` and `feed` wait, and
+    /// reading pauses while a write waits (see
+    /// [`ServerConfig::write_buffer_high`]). A client that sends messages
+    /// larger than this to a server that answers each one before it reads
+    /// the next (an echo) must read concurrently *and* raise this above
+    /// its largest message, or both ends can wait on each other; `walkie
+    /// connect` sets `usize::MAX`. Default: 64 KiB.
     pub write_buffer_high: usize,
 }
 
