@@ -118,6 +118,12 @@ export interface HistoryOptions {
  */
 export class WalkieError extends Error {
   code: number;
+  /**
+   * On a failed `publish` that had one: the idempotency key it was sent
+   * with. A publish that failed because the connection went may have been
+   * stored all the same; retrying with this key cannot deliver it twice.
+   */
+  idempotencyKey?: string;
 }
 
 export class Subscription extends EventTarget {

@@ -60,7 +60,7 @@ function refreshDelay(expiresIn) {
 function pingTimes(pingInterval) {
   const ms = pingInterval * 1000;
   return {
-    idle: ms + Math.min(5000, Math.max(1000, ms / 2)),
+    idle: Math.min(MAX_DELAY, ms + Math.min(5000, Math.max(1000, ms / 2))),
     wait: Math.min(5000, Math.max(2000, ms)),
   };
 }
@@ -269,7 +269,9 @@ export class Walkie extends EventTarget {
    * Publishes; resolves with { offset, epoch, duplicate } once the server
    * stored it. Waits for a connection, and retries across reconnects with
    * the same idempotency key, so the message is delivered once; fails if
-   * the client stops first. For messages that are stale a moment later
+   * the client stops first (a publish already sent may then have been
+   * stored all the same: retry it with the same key, which the error
+   * carries as `idempotencyKey`). For messages that are stale a moment later
    * (positions), pass `{ retry: false, idempotencyKey: false }`: no retry,
    * no key to store.
    */
@@ -284,7 +286,11 @@ export class Walkie extends EventTarget {
     if (!retry && this.state !== 'connected') {
       return Promise.reject(new WalkieError(0, 'not connected'));
     }
-    return this._call('publish', params, { retry });
+    return this._call('publish', params, { retry }).catch((e) => {
+      // For a retry that cannot be delivered twice: the key it was sent with.
+      if (e instanceof WalkieError && params.idempotency_key) e.idempotencyKey = params.idempotency_key;
+      throw e;
+    });
   }
 
   presence(channel) {
@@ -421,9 +427,11 @@ export class Walkie extends EventTarget {
     }
     const ws = this._ws;
     this._send('ping', {}).catch(() => {});
-    // Any message from the server clears it (see _message).
-    clearTimeout(this._pongTimer);
-    this._pongTimer = setTimeout(() => this._closed(ws, 1006, 'no reply to ping'), wait);
+    // Any message from the server clears it (see _message). One already
+    // running is left to fire: `wait` may be longer than `idle`.
+    if (this._pongTimer === null) {
+      this._pongTimer = setTimeout(() => this._closed(ws, 1006, 'no reply to ping'), wait);
+    }
     this._pingTimer = setTimeout(() => this._watch(gen), idle);
   }
 

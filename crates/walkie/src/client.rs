@@ -198,7 +198,7 @@ pub async fn connect_with(
 }
 
 async fn open(url: &WsUrl, config: &ClientConfig) -> Result<MaybeTlsStream> {
-    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let deadline = crate::driver::deadline_after(config.connect_timeout);
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await?
         .collect();

@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -140,9 +140,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     /// running the connection's deadlines: a peer that reads nothing
     /// cannot hold a writer forever.
     pub(crate) fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let queued = self.conn.queued_len();
         match self.poll_write_out(cx) {
             Poll::Ready(result) => Poll::Ready(result.map_err(Error::from)),
-            Poll::Pending => self.poll_stalled(cx).map(Err),
+            Poll::Pending => self.poll_stalled(cx, queued).map(Err),
         }
     }
 
@@ -151,8 +152,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     /// nothing else meanwhile. Pending while the connection may still get
     /// room; an error once it is over: a keepalive or idle timeout failed
     /// it (the reader gets the reason), or its last writes are past
-    /// `close_timeout`.
-    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<Error> {
+    /// `close_timeout`. `queued` is what was queued before the write that
+    /// returned Pending: if it took some bytes, the peer is reading (the
+    /// pongs it sends are not read meanwhile).
+    fn poll_stalled(&mut self, cx: &mut Context<'_>, queued: usize) -> Poll<Error> {
+        if self.conn.queued_len() < queued {
+            let now = self.clock();
+            self.conn.handle_write_progress(now);
+        }
         loop {
             if self.finished {
                 return Poll::Ready(Error::Closed);
@@ -182,9 +189,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             return Poll::Ready(Err(Error::Closed));
         }
         while !self.has_room()? {
+            let queued = self.conn.queued_len();
             match self.poll_write_out(cx) {
                 Poll::Ready(result) => result?,
-                Poll::Pending => return self.poll_stalled(cx).map(Err),
+                Poll::Pending => return self.poll_stalled(cx, queued).map(Err),
             }
         }
         Poll::Ready(Ok(()))
@@ -302,7 +310,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
 
             if let Some(deadline) = self.conn.poll_timeout() {
-                if self.poll_timer(deadline, cx).is_ready() {
+                // Split halves register the shared waker (it wakes both),
+                // as the writer does while it waits for room: one entry
+                // that each replaces, not one per half in turn.
+                let tw = write_waker.unwrap_or(cx.waker());
+                if self
+                    .poll_timer(deadline, &mut Context::from_waker(tw))
+                    .is_ready()
+                {
                     let now = self.clock();
                     // A keepalive ping may be written: into pooled buffers.
                     self.ensure_buffers();
@@ -411,7 +426,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             if self.timer_at != 0 && self.timer_task == task {
                 timers.cancel(self.timer_at, task);
             }
-            self.timer_at = timers.nanos(now + self.conn.config().close_timeout);
+            // A timeout too long for an `Instant` never runs out.
+            self.timer_at = now
+                .checked_add(self.conn.config().close_timeout)
+                .map_or(u64::MAX, |at| timers.nanos(at));
             self.timer_task = 0;
         }
         let deadline = timers.instant(self.timer_at);
@@ -424,6 +442,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         }
         Poll::Pending
     }
+}
+
+/// `timeout` from now, as tokio's timers take it; a timeout too long for an
+/// `Instant` (`Duration::MAX`: never) ends in about thirty years.
+pub(crate) fn deadline_after(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 impl<S> Drop for Driver<S> {

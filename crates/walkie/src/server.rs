@@ -33,7 +33,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Incoming<S> {
     /// away gives an I/O error.
     pub async fn read(mut stream: S, timeout: Duration) -> Result<Incoming<S>> {
         let mut buf = BytesMut::with_capacity(1024);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::driver::deadline_after(timeout);
         // Parses the head once it is complete, not after every read.
         let mut parser = RequestParser::new();
         loop {

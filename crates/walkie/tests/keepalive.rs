@@ -208,3 +208,60 @@ async fn dropped_connections_let_go_of_their_timer_wakers() {
     drop(connections);
     assert_eq!(Arc::strong_count(&task), 2);
 }
+
+/// A peer that reads slowly but steadily is alive: a send that waits for
+/// room much longer than the keepalive's interval and timeout completes,
+/// though the peer's pongs are not read meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_send_to_a_peer_that_reads_slowly_completes() {
+    let (a, mut peer) = tokio::io::duplex(4096);
+    let conn = Connection::new(
+        Role::Server,
+        Config::default(),
+        None,
+        tokio::time::Instant::now().into_std(),
+    );
+    let mut ws = WebSocket::from_parts(a, conn, &[], None, 64 * 1024);
+    // 1 KiB a second: a 200 KiB message takes 200 s, five times the 40 s
+    // of the default keepalive (20 s interval, 20 s timeout).
+    let reading = tokio::spawn(async move {
+        let mut total = 0usize;
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match peer.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let send = ws.send(Message::binary(vec![7u8; 200 * 1024])).await;
+    assert!(send.is_ok(), "{send:?} after {:?}", started.elapsed());
+    assert!(started.elapsed() > Duration::from_secs(150));
+    drop(ws);
+    assert!(reading.await.unwrap() >= 200 * 1024);
+}
+
+/// `Duration::MAX` as the close timeout means "never": the last writes to
+/// a peer that reads nothing wait (no panic adding it to the clock).
+#[tokio::test(start_paused = true)]
+async fn a_close_timeout_of_duration_max_never_runs_out() {
+    let (a, mut peer) = tokio::io::duplex(4096);
+    let mut config = Config::default();
+    config.close_timeout = Duration::MAX;
+    let conn = Connection::new(
+        Role::Server,
+        config,
+        None,
+        tokio::time::Instant::now().into_std(),
+    );
+    let mut ws = WebSocket::from_parts(a, conn, &[], None, 64 * 1024);
+    ws.feed(Message::binary(vec![0u8; 16 * 1024]))
+        .await
+        .unwrap();
+    // The peer's close frame (masked, empty), then it reads nothing.
+    peer.write_all(&[0x88, 0x80, 1, 2, 3, 4]).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(3600), ws.recv()).await;
+    assert!(ended.is_err(), "ended: {ended:?}");
+}

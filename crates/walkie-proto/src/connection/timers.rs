@@ -125,6 +125,17 @@ impl Connection {
         }
     }
 
+    /// Records that the transport took bytes it had no room for before:
+    /// the peer is reading, so it is alive. This counts for the keepalive
+    /// and idle deadlines as received data does: an I/O layer that stops
+    /// reading while a write waits for room (backpressure) would otherwise
+    /// miss the pongs of a peer that reads slowly but steadily, and fail it.
+    pub fn handle_write_progress(&mut self, now: Instant) {
+        if !self.is_closed() {
+            self.timers.on_receive(now);
+        }
+    }
+
     /// Starts the close deadline from the latest known time. A timeout too
     /// long to add to it sets none: the wait never ends.
     pub(super) fn arm_close_deadline(&mut self) {
