@@ -462,6 +462,14 @@ impl Broker for DurableBroker {
         let _ = self.events.set(events);
     }
 
+    /// Publications are delivered from the writer thread, after each
+    /// batch's commit: handed to a worker ([`crate::Hub::deliver_here`]),
+    /// the fan-out neither delays the next commit nor wakes every
+    /// subscriber's task from outside the runtime.
+    fn delivers_from_own_thread(&self) -> bool {
+        true
+    }
+
     fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
         // One process: every publication is delivered anyway; the sweep
         // keeps the channel while this node wants it.
