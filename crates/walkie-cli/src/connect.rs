@@ -274,7 +274,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// line was acknowledged (with --no-stdin and no --count: until Ctrl-C or a
 /// final close).
 async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
-    use walkie_hub::client::{Client, ClientEvent, Options, SubscribeOptions};
+    use walkie_hub::client::{Client, ClientError, ClientEvent, Options, SubscribeOptions};
 
     if let Err(e) = walkie::WsUrl::parse(&args.url) {
         eprintln!("walkie connect: invalid URL {e}");
@@ -289,8 +289,10 @@ async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
             history: args.history,
             token: None,
         };
-        if client.subscribe(channel, sub).await.is_err() {
-            return exit::CONNECT;
+        match client.subscribe(channel, sub).await {
+            // The same channel given twice.
+            Ok(()) | Err(ClientError::AlreadySubscribed { .. }) => {}
+            Err(_) => return exit::CONNECT,
         }
     }
     let target = args.subscribe[0].clone();
@@ -340,7 +342,10 @@ async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
                     received += 1;
                 }
                 Some(ClientEvent::Connected { .. }) => ever_connected = true,
-                Some(ClientEvent::SubscribeFailed { channel, error }) => {
+                Some(ClientEvent::SubscribeFailed { channel, error, retrying: true, .. }) => {
+                    eprintln!("walkie connect: cannot subscribe to {channel} yet: {error}; retrying");
+                }
+                Some(ClientEvent::SubscribeFailed { channel, error, .. }) => {
                     eprintln!("walkie connect: cannot subscribe to {channel}: {error}");
                     break exit::CLOSED;
                 }

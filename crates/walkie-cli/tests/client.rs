@@ -25,9 +25,7 @@ async fn api_publish(port: u16, channel: &str, data: Value) {
     assert_eq!(r.status, 200, "{r:?}");
 }
 
-async fn next_publication(
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<ClientEvent>,
-) -> (u64, Value) {
+async fn next_publication(events: &mut tokio::sync::mpsc::Receiver<ClientEvent>) -> (u64, Value) {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
             Ok(Some(ClientEvent::Publication { offset, data, .. })) => return (offset, data),

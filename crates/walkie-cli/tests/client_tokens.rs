@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{Server, within};
 use proto::{now, token};
 use serde_json::json;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 use walkie_hub::client::{Client, ClientError, ClientEvent, Options, SubscribeOptions};
 
 const SECRET: &str = "client-token-secret";
@@ -38,7 +38,7 @@ fn grant(channel: &str, exp_in: u64) -> String {
     )
 }
 
-fn start(server: &Server, token: String) -> (Client, UnboundedReceiver<ClientEvent>) {
+fn start(server: &Server, token: String) -> (Client, Receiver<ClientEvent>) {
     let mut options = Options::new(server.ws_url("/ws"));
     options.token = Some(token);
     options.min_delay = Duration::from_millis(50);
@@ -48,7 +48,7 @@ fn start(server: &Server, token: String) -> (Client, UnboundedReceiver<ClientEve
 /// The first event that `want` picks, within 10 s; panics on a
 /// `Disconnected` that `want` does not pick.
 async fn wait_for<T>(
-    events: &mut UnboundedReceiver<ClientEvent>,
+    events: &mut Receiver<ClientEvent>,
     want: impl Fn(&ClientEvent) -> Option<T>,
 ) -> T {
     loop {
@@ -66,7 +66,7 @@ async fn wait_for<T>(
     }
 }
 
-async fn connected(events: &mut UnboundedReceiver<ClientEvent>) -> String {
+async fn connected(events: &mut Receiver<ClientEvent>) -> String {
     wait_for(events, |e| match e {
         ClientEvent::Connected { user, .. } => Some(user.clone()),
         _ => None,
@@ -75,7 +75,7 @@ async fn connected(events: &mut UnboundedReceiver<ClientEvent>) -> String {
 }
 
 /// The next disconnection's close code, and whether the client goes on.
-async fn disconnected(events: &mut UnboundedReceiver<ClientEvent>) -> (u16, bool) {
+async fn disconnected(events: &mut Receiver<ClientEvent>) -> (u16, bool) {
     wait_for(events, |e| match e {
         ClientEvent::Disconnected {
             code, reconnecting, ..
@@ -85,7 +85,7 @@ async fn disconnected(events: &mut UnboundedReceiver<ClientEvent>) -> (u16, bool
     .await
 }
 
-async fn subscribed(events: &mut UnboundedReceiver<ClientEvent>, channel: &str) {
+async fn subscribed(events: &mut Receiver<ClientEvent>, channel: &str) {
     wait_for(events, |e| match e {
         ClientEvent::Subscribed { channel: c, .. } if c == channel => Some(()),
         _ => None,
@@ -136,19 +136,69 @@ async fn set_token_refreshes_the_connection_before_it_expires() {
 }
 
 #[tokio::test]
-async fn a_token_given_before_the_expiry_is_used_to_reconnect() {
+async fn a_token_refused_in_refresh_is_not_used_to_reconnect() {
     let (server, _dir) = server();
     within(30, async {
         let (client, mut events) = start(&server, user("42", 2));
         connected(&mut events).await;
-        // The server refuses it for this connection (another user), but it
-        // is the newest token: the 4002 that follows is not final.
+        // The server refuses it for this connection (another user): the
+        // client forgets it, and the 4002 that follows ends it.
         assert!(client.set_token(user("43", 3600)).await.is_err());
         let (code, reconnecting) = disconnected(&mut events).await;
-        assert_eq!((code, reconnecting), (4002, true));
-        assert_eq!(connected(&mut events).await, "43");
+        assert_eq!((code, reconnecting), (4002, false));
     })
     .await;
+}
+
+#[tokio::test]
+async fn reconnects_use_the_token_the_server_accepted_or_a_newer_one() {
+    let (mut server, dir) = server();
+    let port = server.port;
+    let config = dir.path().join("walkie.toml");
+    let restart = |server: &mut Server| {
+        server.signal("TERM");
+        assert!(server.wait_exit(Duration::from_secs(15)).is_some());
+    };
+    let respawn = || {
+        let bind = format!("127.0.0.1:{port}");
+        Server::spawn(
+            [
+                "serve",
+                "--bind",
+                &bind,
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    within(60, async {
+        let (client, mut events) = start(&server, user("42", 3600));
+        connected(&mut events).await;
+        // A token with a bad signature: refused, and forgotten.
+        let bad = token("another-secret", json!({"sub": "42", "exp": now() + 3600}));
+        let refused = client.set_token(bad).await.unwrap_err();
+        assert!(
+            matches!(refused, ClientError::Server { code: 101, .. }),
+            "{refused:?}"
+        );
+        restart(&mut server);
+        let (_, reconnecting) = disconnected(&mut events).await;
+        assert!(reconnecting);
+        server = respawn();
+        assert_eq!(connected(&mut events).await, "42");
+
+        // One given while disconnected is kept for the next connect.
+        restart(&mut server);
+        let (_, reconnecting) = disconnected(&mut events).await;
+        assert!(reconnecting);
+        assert_eq!(client.set_token(user("43", 3600)).await, Ok(None));
+        server = respawn();
+        assert_eq!(connected(&mut events).await, "43");
+        client.stop();
+    })
+    .await;
+    drop(server);
 }
 
 #[tokio::test]
@@ -192,10 +242,13 @@ async fn a_refused_subscription_is_forgotten() {
             .subscribe("secret:vault", SubscribeOptions::default())
             .await
             .unwrap();
-        let error = wait_for(&mut events, |e| match e {
-            ClientEvent::SubscribeFailed { channel, error } if channel == "secret:vault" => {
-                Some(error.clone())
-            }
+        let (error, retrying) = wait_for(&mut events, |e| match e {
+            ClientEvent::SubscribeFailed {
+                channel,
+                error,
+                retrying,
+                ..
+            } if channel == "secret:vault" => Some((error.clone(), *retrying)),
             _ => None,
         })
         .await;
@@ -203,6 +256,7 @@ async fn a_refused_subscription_is_forgotten() {
             matches!(error, ClientError::Server { code: 103, .. }),
             "{error:?}"
         );
+        assert!(!retrying);
         // Not kept for a retry: a subscribe with a token goes out now.
         let with_token = SubscribeOptions {
             token: Some(grant("secret:vault", 3600)),
