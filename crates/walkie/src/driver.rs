@@ -279,8 +279,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     Poll::Pending => {
                         // A peer that reads nothing gets `close_timeout`
                         // for our last bytes, then the transport is
-                        // dropped without them.
-                        ready!(self.poll_finish_timer(cx));
+                        // dropped without them. The timer wakes both
+                        // halves of a split connection, as every other
+                        // deadline does.
+                        ready!(self.poll_finish_timer(&mut Context::from_waker(ww)));
                         self.finished = true;
                         // A split writer waiting for room: it is over.
                         if let Some(ww) = write_waker {
