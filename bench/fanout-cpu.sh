@@ -4,25 +4,31 @@
 # nanosecond: `walkie-bench cpu-time` reads the kernel's process CPU clock
 # (all threads), falling back to /proc ticks with a note on stderr.
 #
-#   bench/fanout-cpu.sh PEER SUBSCRIBERS RATE     # PEER: walkie or uws
+#   bench/fanout-cpu.sh PEER SUBSCRIBERS RATE     # PEER: walkie, walkie-durable or uws
+#
+# `walkie` runs the suite's `--in-memory` server; `walkie-durable` the
+# default engine (history in redb, in a fresh data directory).
 #
 # The server is pinned to core 0 and the generator to core 1; needs
 # `cargo build --release -p walkie-cli -p walkie-bench` and, for uws,
 # `npm ci` in bench/node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-peer=${1:?give walkie or uws}
+peer=${1:?give walkie, walkie-durable or uws}
 subs=${2:-1000}
 rate=${3:-1000}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+tmp=$(mktemp -d)
 case $peer in
-  walkie) WALKIE_LOG=warn taskset -c 0 target/release/walkie serve --bind "127.0.0.1:$port" --in-memory \
-            --no-deflate --room-history 1 --client-queue 100000 --client-queue-bytes 64M >/dev/null 2>&1 & ;;
+  walkie|walkie-durable)
+    engine=(--in-memory)
+    [ "$peer" = walkie-durable ] && engine=(--data-dir "$tmp/data")
+    WALKIE_LOG=warn taskset -c 0 target/release/walkie serve --bind "127.0.0.1:$port" "${engine[@]}" \
+      --no-deflate --room-history 1 --client-queue 100000 --client-queue-bytes 64M >/dev/null 2>&1 & ;;
   uws) taskset -c 0 node bench/node/uws-fanout.js "$port" >/dev/null 2>&1 & ;;
-  *) echo "bench/fanout-cpu.sh: PEER is walkie or uws, not $peer" >&2; exit 2 ;;
+  *) echo "bench/fanout-cpu.sh: PEER is walkie, walkie-durable or uws, not $peer" >&2; exit 2 ;;
 esac
 server=$!
-tmp=$(mktemp -d)
 trap 'kill $server 2>/dev/null; rm -rf "$tmp"' EXIT
 sleep 1.5
 cpu() { target/release/walkie-bench cpu-time "$server"; }

@@ -202,8 +202,11 @@ where
             }
             Step::Popped(Err(why)) => why,
             Step::Received(Some(Ok(message))) => {
-                let Err(e) = Box::pin(publish(state, channel, message)).await else {
-                    continue;
+                let e = match Box::pin(publish(ws, state, channel, message)).await {
+                    Ok(None) => continue,
+                    Ok(Some(Some(e))) => return format!("connection failed: {e}"),
+                    Ok(Some(None)) => return "closed by the client".into(),
+                    Err(e) => e,
                 };
                 warn!(room = %channel, "publish failed: {e}");
                 let why = format!("publish failed: {e}");
@@ -237,30 +240,83 @@ where
     }
 }
 
-/// Publishes a message a member sent to its room, and counts it.
-async fn publish(
+/// The most messages one publish takes from a member's burst, and the
+/// bytes past which it takes no more.
+const BURST_MESSAGES: usize = 256;
+const BURST_BYTES: usize = 1 << 20;
+
+/// How the connection ended while a burst was read: `None` when closed by
+/// the client, the error when it failed.
+type Ended = Option<walkie::Error>;
+
+/// Publishes `first`, a message a member sent to its room, together with
+/// the ones it sent right after that are already read or readable, and
+/// counts them. One publish for the burst lets the durable engine save it
+/// in one commit and reach each member with it in one write, instead of a
+/// commit and a write per message, which could not keep up with a busy
+/// room (see `docs/performance.md`). Answers how the connection ended if
+/// it ended behind the burst, once the burst is published.
+async fn publish<S>(
+    ws: &Shared<S>,
     state: &AppState,
     channel: &ChannelName,
-    message: Message,
-) -> Result<(), walkie_hub::EngineError> {
+    first: Message,
+) -> Result<Option<Ended>, walkie_hub::EngineError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut burst = vec![first];
+    let mut bytes = burst[0].len();
+    let mut ended = None;
+    poll_fn(|cx| {
+        while burst.len() < BURST_MESSAGES && bytes < BURST_BYTES {
+            match ws.lock().poll_recv(cx) {
+                std::task::Poll::Ready(Some(Ok(message))) => {
+                    bytes += message.len();
+                    burst.push(message);
+                }
+                std::task::Poll::Ready(Some(Err(e))) => {
+                    ended = Some(Some(e));
+                    break;
+                }
+                std::task::Poll::Ready(None) => {
+                    ended = Some(None);
+                    break;
+                }
+                std::task::Poll::Pending => break,
+            }
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
     let metrics = state.hub.metrics();
-    walkie_hub::Metrics::inc(&metrics.messages_in);
+    metrics
+        .messages_in
+        .fetch_add(burst.len() as u64, std::sync::atomic::Ordering::Relaxed);
     metrics
         .bytes_in
-        .fetch_add(message.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let publication = match message {
-        Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
-        Message::Binary(b) => NewPublication::new(Kind::Binary, b),
-    };
+        .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    let publications = burst
+        .into_iter()
+        .map(|message| match message {
+            Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
+            Message::Binary(b) => NewPublication::new(Kind::Binary, b),
+        })
+        .collect();
     let options = PublishOptions {
         history: Some(state.rooms.history),
         ..PublishOptions::default()
     };
-    state
+    let results = state
         .hub
-        .publish(channel.clone(), publication, options)
-        .await
-        .map(drop)
+        .publish_many(channel.clone(), publications, options)
+        .await;
+    // A failed message stops the member: the ones after it may have been
+    // published, as a client's retry after a reconnect could do too.
+    results
+        .into_iter()
+        .find_map(Result::err)
+        .map_or(Ok(ended), Err)
 }
 
 #[cfg(test)]

@@ -394,3 +394,36 @@ async fn members_on_every_thread_get_every_message_in_order() {
     })
     .await;
 }
+
+/// On the default (durable) engine a member's burst is published as one
+/// batch: every message of a burst that ends with the sender's close
+/// reaches the others, in order, and is kept in history.
+#[tokio::test]
+async fn a_burst_ended_by_a_close_is_published_whole_and_in_order() {
+    let server = Server::start(&["--room-history", "1000"]);
+    within(30, async {
+        let mut reader = join(&server, "/rooms/burst").await;
+        let mut writer = join(&server, "/rooms/burst").await;
+        joined(&server, "burst", 2).await;
+        let count = 600;
+        for i in 0..count {
+            writer.feed_now(format!("b{i}")).unwrap();
+        }
+        // The close goes out behind the burst, in the same writes.
+        writer.start_close(CloseCode::NORMAL, "done").unwrap();
+        writer.flush().await.unwrap();
+        for i in 0..count {
+            assert_eq!(next(&mut reader).await, Message::text(format!("b{i}")));
+        }
+        drop(writer);
+        let mut late = join(&server, "/rooms/burst?history=1000").await;
+        for i in 0..count {
+            assert_eq!(
+                next(&mut late).await,
+                Message::text(format!("b{i}")),
+                "kept in history, in order"
+            );
+        }
+    })
+    .await;
+}

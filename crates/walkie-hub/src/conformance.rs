@@ -101,7 +101,7 @@ fn all() -> HistoryFilter {
 
 /// How many checks [`run_all`] runs, so many brokers it asks `make` for:
 /// engines that open their connections up front open this many.
-pub const CHECKS: usize = 12;
+pub const CHECKS: usize = 13;
 
 /// Runs every check, each on a fresh broker from `make`.
 pub async fn run_all<F: Fn() -> Arc<dyn Broker>>(make: F) {
@@ -117,6 +117,7 @@ pub async fn run_all<F: Fn() -> Arc<dyn Broker>>(make: F) {
     concurrent_publishes_keep_one_order(make()).await;
     channels_are_isolated(make()).await;
     payload_kind_and_key_survive(make()).await;
+    publish_many_keeps_order(make()).await;
 }
 
 /// Offsets 1, 2, 3... in one epoch, delivered in that order.
@@ -562,4 +563,59 @@ pub async fn presence_add_remove_and_isolation(p: Arc<dyn crate::PresenceManager
     p.remove(a.clone(), "c1".into()).await.unwrap();
     p.remove(a.clone(), "c3".into()).await.unwrap();
     assert!(p.presence(a).await.unwrap().is_empty());
+}
+
+/// A batch is published in order, as single publishes would be, and a
+/// key shared by the batch delivers its first message only.
+pub async fn publish_many_keeps_order(broker: Arc<dyn Broker>) {
+    let s = Setup::new(broker).await;
+    let ch = s.channel("many").await;
+    s.broker
+        .publish(ch.clone(), NewPublication::text("m1"), kept(100))
+        .await
+        .unwrap();
+    let batch = (2..=30)
+        .map(|i| NewPublication::text(format!("m{i}")))
+        .collect();
+    let results = s.broker.publish_many(ch.clone(), batch, kept(100)).await;
+    let offsets: Vec<u64> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().position.offset)
+        .collect();
+    assert_eq!(
+        offsets,
+        (2..=30).collect::<Vec<_>>(),
+        "one result each, in order"
+    );
+    let keyed = PublishOptions {
+        idempotency_key: Some("batch-key".into()),
+        ..kept(100)
+    };
+    let batch = vec![NewPublication::text("keyed"), NewPublication::text("again")];
+    let results = s.broker.publish_many(ch.clone(), batch, keyed).await;
+    let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+    assert!(
+        !results[0].suppressed,
+        "the first of a keyed batch is published"
+    );
+    assert!(results[1].suppressed, "the rest share its key");
+    assert_eq!(results[0].position, results[1].position);
+    assert!(
+        s.broker
+            .publish_many(ch.clone(), Vec::new(), kept(100))
+            .await
+            .is_empty()
+    );
+    let delivered = s.events.wait_for(&ch, 31).await;
+    let data: Vec<String> = delivered
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+        .collect();
+    let mut expected: Vec<String> = (1..=30).map(|i| format!("m{i}")).collect();
+    expected.push("keyed".into());
+    assert_eq!(data, expected, "delivered once each, in order");
+    let offsets: Vec<u64> = delivered.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (1..=31).collect::<Vec<_>>());
+    let h = s.broker.history(ch.clone(), all()).await.unwrap();
+    assert_eq!(h.publications.len(), 31);
 }

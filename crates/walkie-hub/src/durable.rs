@@ -523,6 +523,50 @@ impl Broker for DurableBroker {
         })
     }
 
+    /// Every publication goes to the writer at once, in order, so that
+    /// they are saved in one transaction (or a few, past [`MAX_BATCH`])
+    /// and delivered together after it.
+    fn publish_many(
+        &self,
+        channel: ChannelName,
+        publications: Vec<NewPublication>,
+        options: PublishOptions,
+    ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
+        if options.history.is_none() && options.idempotency_key.is_none() {
+            // Nothing to save: each is delivered at once (see `publish`).
+            return Box::pin(async move {
+                let mut results = Vec::with_capacity(publications.len());
+                for new in publications {
+                    results.push(self.publish(channel.clone(), new, options.clone()).await);
+                }
+                results
+            });
+        }
+        let replies: Vec<_> = publications
+            .into_iter()
+            .map(|new| {
+                let (reply, rx) = oneshot::channel();
+                let sent = self.send(Request::Publish {
+                    channel: channel.clone(),
+                    new,
+                    options: options.clone(),
+                    reply,
+                });
+                sent.map(|()| rx)
+            })
+            .collect();
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(replies.len());
+            for reply in replies {
+                results.push(match reply {
+                    Ok(rx) => rx.await.unwrap_or(Err(EngineError::Stopped)),
+                    Err(e) => Err(e),
+                });
+            }
+            results
+        })
+    }
+
     fn history(
         &self,
         channel: ChannelName,

@@ -101,6 +101,32 @@ pub trait Broker: Send + Sync + 'static {
         options: PublishOptions,
     ) -> BoxFuture<'_, Result<PublishResult, EngineError>>;
 
+    /// Publishes `publications` to `channel` in order, as if by
+    /// [`Broker::publish`] one after another with the same options (so a
+    /// shared idempotency key delivers the first and suppresses the rest),
+    /// and answers one result per publication, in order. An engine may save
+    /// and deliver them together: a room member's burst of messages costs
+    /// one commit and reaches each subscriber in one write, instead of one
+    /// commit and one write per message. The default publishes them one at
+    /// a time.
+    fn publish_many(
+        &self,
+        channel: ChannelName,
+        publications: Vec<NewPublication>,
+        options: PublishOptions,
+    ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(publications.len());
+            for publication in publications {
+                results.push(
+                    self.publish(channel.clone(), publication, options.clone())
+                        .await,
+                );
+            }
+            results
+        })
+    }
+
     /// Reads history, and the stream's position.
     fn history(
         &self,

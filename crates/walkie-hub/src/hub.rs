@@ -281,6 +281,31 @@ impl Hub {
         Ok(r)
     }
 
+    /// Publishes several messages to one channel, in order, as
+    /// [`Broker::publish_many`] does: one result per message.
+    pub async fn publish_many(
+        &self,
+        channel: ChannelName,
+        publications: Vec<NewPublication>,
+        options: PublishOptions,
+    ) -> Vec<Result<PublishResult, EngineError>> {
+        let results = self
+            .0
+            .broker
+            .publish_many(channel, publications, options)
+            .await;
+        let published = results
+            .iter()
+            .filter(|r| matches!(r, Ok(r) if !r.suppressed))
+            .count();
+        self.0
+            .dispatch
+            .metrics
+            .published
+            .fetch_add(published as u64, std::sync::atomic::Ordering::Relaxed);
+        results
+    }
+
     /// Reads a channel's history.
     pub async fn history(
         &self,
