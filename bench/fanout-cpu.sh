@@ -4,10 +4,13 @@
 # nanosecond: `walkie-bench cpu-time` reads the kernel's process CPU clock
 # (all threads), falling back to /proc ticks with a note on stderr.
 #
-#   bench/fanout-cpu.sh PEER SUBSCRIBERS RATE     # PEER: walkie, walkie-durable or uws
+#   bench/fanout-cpu.sh PEER SUBSCRIBERS RATE [ws]   # PEER: walkie, walkie-durable or uws
 #
 # `walkie` runs the suite's `--in-memory` server; `walkie-durable` the
-# default engine (history in redb, in a fresh data directory).
+# default engine (history in redb, in a fresh data directory). With `ws`
+# (walkie only), subscribers and publisher use the Walkie protocol at /ws
+# on channel `fanout:bench` (`bench/walkie-fanout.toml`), as the suite's
+# `fanout-ws-1k` case does; otherwise they are members of /rooms/fanout.
 #
 # The server is pinned to core 0 and the generator to core 1; needs
 # `cargo build --release -p walkie-cli -p walkie-bench` and, for uws,
@@ -17,13 +20,19 @@ cd "$(dirname "$0")/.."
 peer=${1:?give walkie, walkie-durable or uws}
 subs=${2:-1000}
 rate=${3:-1000}
+mode=(--path /rooms/fanout)
+config=()
+if [ "${4:-}" = ws ]; then
+  mode=(--path /ws --channel fanout:bench)
+  config=(--config bench/walkie-fanout.toml)
+fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 tmp=$(mktemp -d)
 case $peer in
   walkie|walkie-durable)
     engine=(--in-memory)
     [ "$peer" = walkie-durable ] && engine=(--data-dir "$tmp/data")
-    WALKIE_LOG=warn taskset -c 0 target/release/walkie serve --bind "127.0.0.1:$port" "${engine[@]}" \
+    WALKIE_LOG=warn taskset -c 0 target/release/walkie serve --bind "127.0.0.1:$port" "${engine[@]}" "${config[@]}" \
       --no-deflate --room-history 1 --client-queue 100000 --client-queue-bytes 64M >/dev/null 2>&1 & ;;
   uws) taskset -c 0 node bench/node/uws-fanout.js "$port" >/dev/null 2>&1 & ;;
   *) echo "bench/fanout-cpu.sh: PEER is walkie, walkie-durable or uws, not $peer" >&2; exit 2 ;;
@@ -32,7 +41,7 @@ server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$tmp"' EXIT
 sleep 1.5
 cpu() { target/release/walkie-bench cpu-time "$server"; }
-taskset -c 1 target/release/walkie-bench fanout --addr "127.0.0.1:$port" --path /rooms/fanout \
+taskset -c 1 target/release/walkie-bench fanout --addr "127.0.0.1:$port" "${mode[@]}" \
   --subscribers "$subs" --rate "$rate" --size 64 --sources 127.0.0.2-127.0.0.41 \
   --warmup 2s --duration 5s --announce |
   while read -r line; do

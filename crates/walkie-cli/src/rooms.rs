@@ -11,8 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 use walkie::{CloseCode, Incoming, Message};
 use walkie_hub::{
-    ChannelName, Format, HistoryOptions, Kind, NewPublication, PublishOptions, QueueClosed,
-    QueueLimits, Recover,
+    ChannelName, Format, HistoryOptions, Kind, NewPublication, PublishOptions, PublishRequest,
+    QueueClosed, QueueLimits, Recover,
 };
 
 use crate::outbox::{Counted, Sent, Shared, close_within, send_batch};
@@ -296,21 +296,22 @@ where
     metrics
         .bytes_in
         .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
-    let publications = burst
-        .into_iter()
-        .map(|message| match message {
-            Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
-            Message::Binary(b) => NewPublication::new(Kind::Binary, b),
-        })
-        .collect();
     let options = PublishOptions {
         history: Some(state.rooms.history),
         ..PublishOptions::default()
     };
-    let results = state
-        .hub
-        .publish_many(channel.clone(), publications, options)
-        .await;
+    let requests = burst
+        .into_iter()
+        .map(|message| PublishRequest {
+            channel: channel.clone(),
+            publication: match message {
+                Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
+                Message::Binary(b) => NewPublication::new(Kind::Binary, b),
+            },
+            options: options.clone(),
+        })
+        .collect();
+    let results = state.hub.publish_many(requests).await;
     // A failed message stops the member: the ones after it may have been
     // published, as a client's retry after a reconnect could do too.
     results

@@ -218,32 +218,18 @@ where
                 }
             }
             Step::Received(Some(Ok(Message::Text(text)))) => {
-                // Busy until the reply is queued: what the hub publishes
+                // Busy until the replies are queued: what the hub publishes
                 // meanwhile (to a channel just joined, say) goes to the
-                // queue, after the reply, and not straight to the socket.
+                // queue, after the replies, and not straight to the socket.
                 ws.set_busy(true);
-                let handled = Box::pin(session.handle_text(&text, now())).await;
-                let result = match handled {
-                    // Before anything the command queued (a subscribe's
-                    // recovered messages): the queue is drained after.
-                    // Queued at once: a client that reads nothing is paused
-                    // by `recv` and `send_batch`, which both still see
-                    // shutdown.
-                    Ok(reply) => ws.lock().feed_now(Message::text(reply)),
-                    Err(close) => return Box::pin(close_with(ws, close)).await,
-                };
-                ws.set_busy(false);
-                if let Err(e) = result {
-                    return format!("send failed: {e}");
+                if let Err(why) = Box::pin(handle_burst(ws, session, text)).await {
+                    return why;
                 }
+                ws.set_busy(false);
                 continue;
             }
             Step::Received(Some(Ok(Message::Binary(_)))) => {
-                let close = CloseReason {
-                    code: 4000,
-                    reason: "binary messages are not part of the protocol".into(),
-                };
-                return Box::pin(close_with(ws, close)).await;
+                return Box::pin(close_with(ws, binary_refused())).await;
             }
             Step::Received(Some(Err(e))) => return format!("connection failed: {e}"),
             Step::Received(None) => return "closed by the client".into(),
@@ -258,6 +244,79 @@ where
         };
         close_within(ws, code, reason).await;
         return reason.into();
+    }
+}
+
+/// The most commands one burst takes, and the bytes past which it takes
+/// no more.
+const BURST_MESSAGES: usize = 256;
+const BURST_BYTES: usize = 1 << 20;
+
+/// What a burst of commands ran into, behind it.
+enum After {
+    Binary,
+    Failed(walkie::Error),
+    Closed,
+}
+
+/// The close for a binary message.
+fn binary_refused() -> CloseReason {
+    CloseReason {
+        code: 4000,
+        reason: "binary messages are not part of the protocol".into(),
+    }
+}
+
+/// Handles `first` and the commands the client sent right after it that
+/// are already read or readable, together (`Session::handle_texts`: a
+/// burst of publishes is one batch for the engine), and queues the
+/// replies. `Err` once the connection is over, with why.
+async fn handle_burst<S>(
+    ws: &Shared<S>,
+    session: &mut Session,
+    first: walkie::Utf8Bytes,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut texts = vec![first];
+    let mut bytes = texts[0].len();
+    let mut after = None;
+    poll_fn(|cx| {
+        while texts.len() < BURST_MESSAGES && bytes < BURST_BYTES {
+            match ws.lock().poll_recv(cx) {
+                Poll::Ready(Some(Ok(Message::Text(text)))) => {
+                    bytes += text.len();
+                    texts.push(text);
+                }
+                Poll::Ready(Some(Ok(Message::Binary(_)))) => after = Some(After::Binary),
+                Poll::Ready(Some(Err(e))) => after = Some(After::Failed(e)),
+                Poll::Ready(None) => after = Some(After::Closed),
+                Poll::Pending => break,
+            }
+            if after.is_some() {
+                break;
+            }
+        }
+        Poll::Ready(())
+    })
+    .await;
+    let (replies, close) = session.handle_texts(&texts, now()).await;
+    for reply in replies {
+        // Queued at once: a client that reads nothing is paused by `recv`
+        // and `send_batch`, which both still see shutdown.
+        if let Err(e) = ws.lock().feed_now(Message::text(reply)) {
+            return Err(format!("send failed: {e}"));
+        }
+    }
+    if let Some(close) = close {
+        return Err(close_with(ws, close).await);
+    }
+    match after {
+        None => Ok(()),
+        Some(After::Binary) => Err(close_with(ws, binary_refused()).await),
+        Some(After::Failed(e)) => Err(format!("connection failed: {e}")),
+        Some(After::Closed) => Err("closed by the client".into()),
     }
 }
 

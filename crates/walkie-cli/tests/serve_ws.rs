@@ -588,3 +588,52 @@ async fn a_history_reply_is_capped_at_the_queue_bytes_and_pages_on() {
     })
     .await;
 }
+
+/// A burst of commands sent without waiting, on the default (durable)
+/// engine: consecutive publishes go to the engine as one batch, yet every
+/// command is answered, in order, as if handled one at a time. A
+/// `history` in the middle sees every publish before it; a refused
+/// publish is answered in its place; a binary message behind the burst
+/// closes with 4000 only after the replies.
+#[tokio::test]
+async fn a_burst_of_commands_is_answered_in_order_with_publishes_batched() {
+    let server = Server::start(&[]);
+    within(30, async {
+        let (mut a, _) = proto::connected(server.port, None).await;
+        let (mut b, _) = proto::connected(server.port, None).await;
+        b.ok("subscribe", json!({"channel": "burst"})).await;
+        let count = 300u64;
+        for i in 1..=count {
+            let command = match i {
+                150 => json!({"id": 1000 + i, "history": {"channel": "burst", "limit": 0}}),
+                200 => json!({"id": 1000 + i, "publish": {"channel": "burst", "data": i, "idempotency_key": ""}}),
+                _ => json!({"id": 1000 + i, "publish": {"channel": "burst", "data": i}}),
+            };
+            a.ws.feed_now(command.to_string()).unwrap();
+        }
+        a.ws.feed_now(Message::binary(vec![1u8])).unwrap();
+        a.ws.flush().await.unwrap();
+        let mut offset = 0;
+        for i in 1..=count {
+            let reply = a.next().await.expect("a reply for every command");
+            assert_eq!(reply["id"], 1000 + i, "replies in order: {reply}");
+            match i {
+                150 => assert_eq!(
+                    reply["result"]["offset"], offset,
+                    "history sees every publish sent before it"
+                ),
+                200 => assert_eq!(reply["error"]["code"], 107, "refused in its place: {reply}"),
+                _ => {
+                    offset += 1;
+                    assert_eq!(reply["result"]["offset"], offset, "{reply}");
+                }
+            }
+        }
+        assert_eq!(a.closed().await, Some(4000), "then the binary message closes");
+        for expected in 1..=offset {
+            let p = b.publication().await;
+            assert_eq!(p["offset"], expected);
+        }
+    })
+    .await;
+}

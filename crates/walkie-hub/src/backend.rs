@@ -11,7 +11,9 @@ use crate::channel::ChannelName;
 use crate::config::NamespaceConfig;
 use crate::presence::PresenceStats;
 use crate::protocol::{self, ErrorCode, Position, ReplyError};
-use crate::publication::{HistoryFilter, Kind, NewPublication, PublishOptions};
+use crate::publication::{
+    HistoryFilter, Kind, NewPublication, PublishOptions, PublishRequest, PublishResult,
+};
 use crate::session::{MAX_HISTORY_LIMIT, Node};
 
 /// Most channels in one broadcast.
@@ -141,6 +143,28 @@ pub(crate) async fn publish_in(
     p: Publish,
     publisher: Publisher<'_>,
 ) -> Result<Value, ReplyError> {
+    let r = prepare_publish(channel, ns, p, publisher)?;
+    let r = node
+        .hub
+        .publish(r.channel, r.publication, r.options)
+        .await
+        .map_err(internal)?;
+    Ok(published(&r))
+}
+
+/// `publish`'s reply.
+pub(crate) fn published(r: &PublishResult) -> Value {
+    json!({"offset": r.position.offset, "epoch": &*r.position.epoch, "duplicate": r.suppressed})
+}
+
+/// Checks a publish against the namespace's limits and makes the request
+/// for the engine.
+pub(crate) fn prepare_publish(
+    channel: ChannelName,
+    ns: &NamespaceConfig,
+    p: Publish,
+    publisher: Publisher<'_>,
+) -> Result<PublishRequest, ReplyError> {
     for (name, key) in [("idempotency_key", &p.idempotency_key), ("key", &p.key)] {
         if key
             .as_ref()
@@ -185,12 +209,11 @@ pub(crate) async fn publish_in(
         idempotency_key: p.idempotency_key.map(|k| publisher.scoped(&k)),
         ..PublishOptions::default()
     };
-    let r = node
-        .hub
-        .publish(channel, publication, options)
-        .await
-        .map_err(internal)?;
-    Ok(json!({"offset": r.position.offset, "epoch": &*r.position.epoch, "duplicate": r.suppressed}))
+    Ok(PublishRequest {
+        channel,
+        publication,
+        options,
+    })
 }
 
 /// Publishes one message to many channels; each gets its own result.

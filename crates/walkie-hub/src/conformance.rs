@@ -22,6 +22,7 @@ use crate::engine::{Broker, BrokerEvents};
 use crate::memory::lock;
 use crate::publication::{
     HistoryFilter, HistoryOptions, Kind, NewPublication, Publication, PublishOptions,
+    PublishRequest,
 };
 
 /// Publications delivered to a broker's events, in arrival order.
@@ -565,47 +566,51 @@ pub async fn presence_add_remove_and_isolation(p: Arc<dyn crate::PresenceManager
     assert!(p.presence(a).await.unwrap().is_empty());
 }
 
-/// A batch is published in order, as single publishes would be, and a
-/// key shared by the batch delivers its first message only.
+/// A batch is published in order, as single publishes would be: one
+/// result each, offsets without gaps, a key used earlier in the batch
+/// suppresses the later message, and channels may be mixed.
 pub async fn publish_many_keeps_order(broker: Arc<dyn Broker>) {
     let s = Setup::new(broker).await;
     let ch = s.channel("many").await;
+    let other = s.channel("many-other").await;
     s.broker
         .publish(ch.clone(), NewPublication::text("m1"), kept(100))
         .await
         .unwrap();
-    let batch = (2..=30)
-        .map(|i| NewPublication::text(format!("m{i}")))
-        .collect();
-    let results = s.broker.publish_many(ch.clone(), batch, kept(100)).await;
-    let offsets: Vec<u64> = results
-        .iter()
-        .map(|r| r.as_ref().unwrap().position.offset)
-        .collect();
-    assert_eq!(
-        offsets,
-        (2..=30).collect::<Vec<_>>(),
-        "one result each, in order"
-    );
+    let request = |channel: &ChannelName, text: String, options: PublishOptions| PublishRequest {
+        channel: channel.clone(),
+        publication: NewPublication::text(text),
+        options,
+    };
     let keyed = PublishOptions {
         idempotency_key: Some("batch-key".into()),
         ..kept(100)
     };
-    let batch = vec![NewPublication::text("keyed"), NewPublication::text("again")];
-    let results = s.broker.publish_many(ch.clone(), batch, keyed).await;
-    let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+    let mut batch: Vec<PublishRequest> = (2..=30)
+        .map(|i| request(&ch, format!("m{i}"), kept(100)))
+        .collect();
+    batch.insert(10, request(&other, "elsewhere".into(), kept(100)));
+    batch.push(request(&ch, "keyed".into(), keyed.clone()));
+    batch.push(request(&ch, "again".into(), keyed));
+    let results: Vec<_> = s
+        .broker
+        .publish_many(batch)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let offsets: Vec<u64> = results.iter().map(|r| r.position.offset).collect();
+    let mut expected: Vec<u64> = (2..=31).collect();
+    expected.insert(10, 1);
+    expected.push(31);
+    assert_eq!(offsets, expected, "one result each, in order");
     assert!(
-        !results[0].suppressed,
-        "the first of a keyed batch is published"
+        !results[30].suppressed,
+        "the first use of a key is published"
     );
-    assert!(results[1].suppressed, "the rest share its key");
-    assert_eq!(results[0].position, results[1].position);
-    assert!(
-        s.broker
-            .publish_many(ch.clone(), Vec::new(), kept(100))
-            .await
-            .is_empty()
-    );
+    assert!(results[31].suppressed, "a key used earlier in the batch");
+    assert_eq!(results[30].position, results[31].position);
+    assert!(s.broker.publish_many(Vec::new()).await.is_empty());
     let delivered = s.events.wait_for(&ch, 31).await;
     let data: Vec<String> = delivered
         .iter()
@@ -616,6 +621,7 @@ pub async fn publish_many_keeps_order(broker: Arc<dyn Broker>) {
     assert_eq!(data, expected, "delivered once each, in order");
     let offsets: Vec<u64> = delivered.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, (1..=31).collect::<Vec<_>>());
+    assert_eq!(s.events.wait_for(&other, 1).await.len(), 1);
     let h = s.broker.history(ch.clone(), all()).await.unwrap();
     assert_eq!(h.publications.len(), 31);
 }

@@ -34,8 +34,8 @@ use crate::codec::{decode, encode};
 use crate::engine::{BoxFuture, Broker, BrokerEvents, EngineError};
 use crate::memory::lock;
 use crate::publication::{
-    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
-    StreamPosition, new_epoch, now_ms,
+    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishRequest,
+    PublishResult, StreamPosition, new_epoch, now_ms,
 };
 
 /// Channel -> its stream's state (see [`Meta`]).
@@ -363,6 +363,21 @@ impl DurableBroker {
             .map_err(|_| EngineError::Stopped)
     }
 
+    /// Waits for the writer's replies to requests sent, in order.
+    async fn await_replies(
+        replies: &mut Vec<
+            Result<oneshot::Receiver<Result<PublishResult, EngineError>>, EngineError>,
+        >,
+        results: &mut Vec<Result<PublishResult, EngineError>>,
+    ) {
+        for reply in replies.drain(..) {
+            results.push(match reply {
+                Ok(rx) => rx.await.unwrap_or(Err(EngineError::Stopped)),
+                Err(e) => Err(e),
+            });
+        }
+    }
+
     /// Reads history from a snapshot; `None` if the stream has no epoch yet.
     fn read(
         db: &Database,
@@ -523,46 +538,34 @@ impl Broker for DurableBroker {
         })
     }
 
-    /// Every publication goes to the writer at once, in order, so that
-    /// they are saved in one transaction (or a few, past [`MAX_BATCH`])
-    /// and delivered together after it.
+    /// Every request that saves something goes to the writer at once, in
+    /// order, so that they are saved in one transaction (or a few, past
+    /// [`MAX_BATCH`]) and delivered together after it. One that saves
+    /// nothing is published as by `publish`, after those before it.
     fn publish_many(
         &self,
-        channel: ChannelName,
-        publications: Vec<NewPublication>,
-        options: PublishOptions,
+        requests: Vec<PublishRequest>,
     ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
-        if options.history.is_none() && options.idempotency_key.is_none() {
-            // Nothing to save: each is delivered at once (see `publish`).
-            return Box::pin(async move {
-                let mut results = Vec::with_capacity(publications.len());
-                for new in publications {
-                    results.push(self.publish(channel.clone(), new, options.clone()).await);
-                }
-                results
-            });
-        }
-        let replies: Vec<_> = publications
-            .into_iter()
-            .map(|new| {
-                let (reply, rx) = oneshot::channel();
-                let sent = self.send(Request::Publish {
-                    channel: channel.clone(),
-                    new,
-                    options: options.clone(),
-                    reply,
-                });
-                sent.map(|()| rx)
-            })
-            .collect();
         Box::pin(async move {
-            let mut results = Vec::with_capacity(replies.len());
-            for reply in replies {
-                results.push(match reply {
-                    Ok(rx) => rx.await.unwrap_or(Err(EngineError::Stopped)),
-                    Err(e) => Err(e),
-                });
+            let mut results = Vec::with_capacity(requests.len());
+            let mut replies = Vec::new();
+            for r in requests {
+                let saved = r.options.history.is_some() || r.options.idempotency_key.is_some();
+                if saved {
+                    let (reply, rx) = oneshot::channel();
+                    let sent = self.send(Request::Publish {
+                        channel: r.channel,
+                        new: r.publication,
+                        options: r.options,
+                        reply,
+                    });
+                    replies.push(sent.map(|()| rx));
+                    continue;
+                }
+                Self::await_replies(&mut replies, &mut results).await;
+                results.push(self.publish(r.channel, r.publication, r.options).await);
             }
+            Self::await_replies(&mut replies, &mut results).await;
             results
         })
     }

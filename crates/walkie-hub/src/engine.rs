@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use crate::channel::ChannelName;
 use crate::publication::{
-    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
+    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishRequest,
+    PublishResult,
 };
 
 /// A boxed future, so that engines can be chosen at run time.
@@ -101,27 +102,21 @@ pub trait Broker: Send + Sync + 'static {
         options: PublishOptions,
     ) -> BoxFuture<'_, Result<PublishResult, EngineError>>;
 
-    /// Publishes `publications` to `channel` in order, as if by
-    /// [`Broker::publish`] one after another with the same options (so a
-    /// shared idempotency key delivers the first and suppresses the rest),
-    /// and answers one result per publication, in order. An engine may save
-    /// and deliver them together: a room member's burst of messages costs
-    /// one commit and reaches each subscriber in one write, instead of one
-    /// commit and one write per message. The default publishes them one at
-    /// a time.
+    /// Publishes each request in order, as if by [`Broker::publish`] one
+    /// after another (a later request with an idempotency key already used
+    /// is suppressed), and answers one result per request, in order. An
+    /// engine may save and deliver them together: a burst of messages from
+    /// one connection then costs one commit and reaches each subscriber in
+    /// one write, instead of a commit and a write per message. The default
+    /// publishes them one at a time.
     fn publish_many(
         &self,
-        channel: ChannelName,
-        publications: Vec<NewPublication>,
-        options: PublishOptions,
+        requests: Vec<PublishRequest>,
     ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
         Box::pin(async move {
-            let mut results = Vec::with_capacity(publications.len());
-            for publication in publications {
-                results.push(
-                    self.publish(channel.clone(), publication, options.clone())
-                        .await,
-                );
+            let mut results = Vec::with_capacity(requests.len());
+            for r in requests {
+                results.push(self.publish(r.channel, r.publication, r.options).await);
             }
             results
         })

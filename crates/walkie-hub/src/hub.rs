@@ -13,7 +13,8 @@ use crate::memory::lock;
 use crate::metrics::Metrics;
 use crate::presence::{ClientInfo, MemoryPresence, PresenceManager};
 use crate::publication::{
-    History, HistoryFilter, Kind, NewPublication, PublishOptions, PublishResult, StreamPosition,
+    History, HistoryFilter, Kind, NewPublication, PublishOptions, PublishRequest, PublishResult,
+    StreamPosition,
 };
 use crate::queue::{Queue, QueueLimits};
 
@@ -281,19 +282,13 @@ impl Hub {
         Ok(r)
     }
 
-    /// Publishes several messages to one channel, in order, as
-    /// [`Broker::publish_many`] does: one result per message.
+    /// Publishes several messages, in order, as [`Broker::publish_many`]
+    /// does: one result per message.
     pub async fn publish_many(
         &self,
-        channel: ChannelName,
-        publications: Vec<NewPublication>,
-        options: PublishOptions,
+        requests: Vec<PublishRequest>,
     ) -> Vec<Result<PublishResult, EngineError>> {
-        let results = self
-            .0
-            .broker
-            .publish_many(channel, publications, options)
-            .await;
+        let results = self.0.broker.publish_many(requests).await;
         let published = results
             .iter()
             .filter(|r| matches!(r, Ok(r) if !r.suppressed))

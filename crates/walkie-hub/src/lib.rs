@@ -69,7 +69,7 @@ pub use nats_engine::{NatsBroker, NatsPresence};
 pub use presence::{ClientInfo, MemoryPresence, PresenceManager, PresenceStats, presence_json};
 pub use publication::{
     DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, HistoryOptions, Kind, NewPublication,
-    Publication, PublishOptions, PublishResult, StreamPosition, now_ms,
+    Publication, PublishOptions, PublishRequest, PublishResult, StreamPosition, now_ms,
 };
 pub use queue::{Entry, OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued, Sink, Taken};
 pub use redis_engine::{PRESENCE_TTL, RedisBroker, RedisPresence};

@@ -154,6 +154,17 @@ pub struct PublishOptions {
     pub idempotency_ttl: Duration,
 }
 
+/// One publish of a batch ([`crate::Broker::publish_many`]).
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// Where to.
+    pub channel: crate::ChannelName,
+    /// What.
+    pub publication: NewPublication,
+    /// How.
+    pub options: PublishOptions,
+}
+
 /// The default for [`PublishOptions::idempotency_ttl`].
 pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(300);
 

@@ -331,6 +331,77 @@ impl Session {
 
     /// Handles one text message: the reply to send, or why to close.
     pub async fn handle_text(&mut self, text: &str, now: u64) -> Result<String, CloseReason> {
+        let command = self.parse(text, now).await?;
+        self.dispatch(command, now).await
+    }
+
+    /// Handles text messages read together, in order, as [`handle_text`]
+    /// would one after another: the replies, in order, and why to close if
+    /// one of them closes the connection (the replies before it are
+    /// given, the messages after it are not handled). Consecutive
+    /// `publish` commands go to the engine as one batch
+    /// ([`Hub::publish_many`]): a client that publishes without waiting
+    /// for each reply has its burst saved in one commit and delivered in
+    /// one write per subscriber.
+    ///
+    /// [`handle_text`]: Session::handle_text
+    pub async fn handle_texts<T: std::ops::Deref<Target = str>>(
+        &mut self,
+        texts: &[T],
+        now: u64,
+    ) -> (Vec<String>, Option<CloseReason>) {
+        let mut replies = Vec::with_capacity(texts.len());
+        let mut publishes = Vec::new();
+        for text in texts {
+            let command = match self.parse(text, now).await {
+                Ok(command) => command,
+                Err(close) => {
+                    self.publish_batch(&mut publishes, &mut replies).await;
+                    return (replies.into_iter().flatten().collect(), Some(close));
+                }
+            };
+            if command.method == "publish" && self.identity.is_some() {
+                let id = command.id;
+                match self.prepare_publish(&command) {
+                    Ok(request) => {
+                        publishes.push((replies.len(), id, request));
+                        replies.push(None);
+                    }
+                    Err(e) => replies.push(Some(self.reply(id, Err(e)))),
+                }
+                continue;
+            }
+            self.publish_batch(&mut publishes, &mut replies).await;
+            match self.dispatch(command, now).await {
+                Ok(reply) => replies.push(Some(reply)),
+                Err(close) => return (replies.into_iter().flatten().collect(), Some(close)),
+            }
+        }
+        self.publish_batch(&mut publishes, &mut replies).await;
+        (replies.into_iter().flatten().collect(), None)
+    }
+
+    /// Publishes the batch of `handle_texts` and puts each reply in its
+    /// place.
+    async fn publish_batch(
+        &mut self,
+        publishes: &mut Vec<(usize, u64, crate::PublishRequest)>,
+        replies: &mut [Option<String>],
+    ) {
+        if publishes.is_empty() {
+            return;
+        }
+        let (places, requests): (Vec<(usize, u64)>, Vec<_>) =
+            publishes.drain(..).map(|(at, id, r)| ((at, id), r)).unzip();
+        let results = self.node.hub.publish_many(requests).await;
+        for ((at, id), result) in places.into_iter().zip(results) {
+            let result = result.map(|r| backend::published(&r)).map_err(internal);
+            replies[at] = Some(self.reply(id, result));
+        }
+    }
+
+    /// Checks a text message and parses it into a command, counting it.
+    async fn parse(&mut self, text: &str, now: u64) -> Result<Command, CloseReason> {
         // Before `connect`, nothing large is needed (a token is a few KiB),
         // and a large JSON document parses into many times its size.
         if self.identity.is_none() && text.len() > MAX_BEFORE_CONNECT {
@@ -342,17 +413,22 @@ impl Session {
             return Err(close);
         }
         let command = protocol::parse(text).map_err(|e| CloseReason::new(4000, e.0))?;
-        let id = command.id;
-        let metrics = self.node.hub.metrics().clone();
+        let metrics = self.node.hub.metrics();
         Metrics::inc(&metrics.messages_in);
         metrics
             .bytes_in
             .fetch_add(text.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(command)
+    }
+
+    /// Runs one command: the reply to send, or why to close.
+    async fn dispatch(&mut self, command: Command, now: u64) -> Result<String, CloseReason> {
+        let id = command.id;
         let result = match command.method.as_str() {
             "connect" => {
                 let connected = self.connect(&command, now).await;
                 if connected.is_err() {
-                    Metrics::inc(&metrics.auth_failures);
+                    Metrics::inc(&self.node.hub.metrics().auth_failures);
                 }
                 return connected;
             }
@@ -370,18 +446,23 @@ impl Session {
                 format!("unknown method `{other}`"),
             )),
         };
-        Ok(match result {
+        Ok(self.reply(id, result))
+    }
+
+    /// A command's reply, counting refusals for lack of rights.
+    fn reply(&self, id: u64, result: Reply) -> String {
+        match result {
             Ok(v) => protocol::reply(id, v),
             Err(e) => {
                 if matches!(
                     e.code,
                     ErrorCode::Unauthorized | ErrorCode::PermissionDenied | ErrorCode::TokenExpired
                 ) {
-                    Metrics::inc(&metrics.auth_failures);
+                    Metrics::inc(&self.node.hub.metrics().auth_failures);
                 }
                 protocol::reply_error(id, &e)
             }
-        })
+        }
     }
 
     /// Leaves every channel (presence and leave events) before the
@@ -660,6 +741,19 @@ impl Session {
     }
 
     async fn publish(&mut self, command: &Command) -> Reply {
+        let r = self.prepare_publish(command)?;
+        let r = self
+            .node
+            .hub
+            .publish(r.channel, r.publication, r.options)
+            .await
+            .map_err(internal)?;
+        Ok(backend::published(&r))
+    }
+
+    /// Checks a `publish` (rights, the namespace's limits) and makes the
+    /// request for the engine.
+    fn prepare_publish(&self, command: &Command) -> Result<crate::PublishRequest, ReplyError> {
         let p: backend::Publish = command.params()?;
         let (channel, ns) = self.channel(&p.channel)?;
         if !ns.allow_publish {
@@ -673,7 +767,7 @@ impl Session {
         let info = json!({"user": user, "client": self.client.id()});
         let info = Bytes::from(info.to_string());
         let publisher = backend::Publisher::User { user, info };
-        backend::publish_in(&self.node, channel, &ns, p, publisher).await
+        backend::prepare_publish(channel, &ns, p, publisher)
     }
 
     async fn history(&mut self, command: &Command) -> Reply {
