@@ -82,12 +82,22 @@ async fn broadcast_history_presence_and_disconnect() {
             &server,
             "broadcast",
             Some(KEY),
-            r#"{"channels":["scores","results","bad:x"],"data":"2-1"}"#,
+            r#"{"channels":["scores","bad:x","results"],"data":"2-1"}"#,
         )
         .await;
         assert_eq!(status, 200);
+        // One result per channel, in the order given, a refusal in its
+        // place (the others are published as one batch).
+        let channels: Vec<&str> = r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["channel"].as_str().unwrap())
+            .collect();
+        assert_eq!(channels, ["scores", "bad:x", "results"]);
         assert_eq!(r["results"][0]["offset"], 1);
-        assert_eq!(r["results"][2]["error"]["code"], 102);
+        assert_eq!(r["results"][1]["error"]["code"], 102);
+        assert_eq!(r["results"][2]["offset"], 1);
         assert_eq!(a.publication().await["data"], "2-1");
 
         let (_, h) = api(&server, "history", Some(KEY), r#"{"channel":"results"}"#).await;

@@ -149,11 +149,11 @@ pub(crate) async fn publish_in(
         .publish(r.channel, r.publication, r.options)
         .await
         .map_err(internal)?;
-    Ok(published(&r))
+    Ok(published_reply(&r))
 }
 
 /// `publish`'s reply.
-pub(crate) fn published(r: &PublishResult) -> Value {
+pub(crate) fn published_reply(r: &PublishResult) -> Value {
     json!({"offset": r.position.offset, "epoch": &*r.position.epoch, "duplicate": r.suppressed})
 }
 
@@ -224,25 +224,48 @@ pub async fn broadcast(node: &Node, b: Broadcast) -> Result<Value, ReplyError> {
             format!("give 1 to {MAX_BROADCAST} channels"),
         ));
     }
-    let mut results = Vec::with_capacity(b.channels.len());
-    for name in b.channels {
+    // Every channel's publish goes to the engine in one batch: on the
+    // durable engine, one commit for all of them instead of one each.
+    let mut results: Vec<Option<Value>> = Vec::with_capacity(b.channels.len());
+    let mut places = Vec::new();
+    let mut requests = Vec::new();
+    for name in &b.channels {
         let one = Publish {
             channel: name.clone(),
             data: b.data.clone(),
             idempotency_key: None,
             key: None,
         };
-        results.push(match publish(node, one).await {
-            Ok(mut r) => {
+        let prepared = channel(node, name)
+            .and_then(|(channel, ns)| prepare_publish(channel, &ns, one, Publisher::Api));
+        match prepared {
+            Ok(request) => {
+                places.push(results.len());
+                requests.push(request);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(failed(name, &e))),
+        }
+    }
+    let published = node.hub.publish_many(requests).await;
+    for (at, result) in places.into_iter().zip(published) {
+        let name = &b.channels[at];
+        results[at] = Some(match result {
+            Ok(r) => {
+                let mut r = published_reply(&r);
                 r["channel"] = json!(name);
                 r
             }
-            Err(e) => {
-                json!({"channel": name, "error": {"code": e.code as u16, "message": e.message}})
-            }
+            Err(e) => failed(name, &internal(e)),
         });
     }
+    let results: Vec<Value> = results.into_iter().flatten().collect();
     Ok(json!({ "results": results }))
+}
+
+/// One channel's error in `broadcast`'s results.
+fn failed(name: &str, e: &ReplyError) -> Value {
+    json!({"channel": name, "error": {"code": e.code as u16, "message": e.message}})
 }
 
 /// A channel's history.

@@ -395,7 +395,9 @@ impl Session {
             publishes.drain(..).map(|(at, id, r)| ((at, id), r)).unzip();
         let results = self.node.hub.publish_many(requests).await;
         for ((at, id), result) in places.into_iter().zip(results) {
-            let result = result.map(|r| backend::published(&r)).map_err(internal);
+            let result = result
+                .map(|r| backend::published_reply(&r))
+                .map_err(internal);
             replies[at] = Some(self.reply(id, result));
         }
     }
@@ -748,7 +750,7 @@ impl Session {
             .publish(r.channel, r.publication, r.options)
             .await
             .map_err(internal)?;
-        Ok(backend::published(&r))
+        Ok(backend::published_reply(&r))
     }
 
     /// Checks a `publish` (rights, the namespace's limits) and makes the
