@@ -64,8 +64,10 @@ struct CpuTimeArgs {
 
 #[derive(Debug, Args)]
 struct SuiteArgs {
-    /// Peers to compare (comma-separated), from: walkie, uws, fastwebsockets,
-    /// yawc, tungstenite, tokio-websockets, ws, python, reflector.
+    /// Peers to compare (comma-separated), from: walkie, walkie-durable (the
+    /// default engine, fan-out and idle-room cases only), uws,
+    /// fastwebsockets, yawc, tungstenite, tokio-websockets, ws, python,
+    /// reflector.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     peers: Vec<String>,
     /// Cases to run (comma-separated ids, or `all`); `--list` shows them.

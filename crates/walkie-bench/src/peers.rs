@@ -16,14 +16,18 @@ pub struct Peer {
     pub label: &'static str,
     /// The program and its arguments before `PORT [deflate]`.
     program: Program,
+    /// Whether the echo and idle cases run it (`walkie-durable` is for the
+    /// fan-out cases: its echo is walkie's).
+    pub echo: bool,
     /// The fan-out server, if this peer has one.
     fanout: Option<Program>,
 }
 
 #[derive(Debug, Clone)]
 enum Program {
-    /// `walkie serve`.
-    Walkie,
+    /// `walkie serve`: `--in-memory`, or with `durable` the default
+    /// engine, history in redb in a fresh data directory.
+    Walkie { durable: bool },
     /// A binary of the `bench/peers` crate.
     RustPeer(&'static str),
     /// A Node script in `bench/node`.
@@ -38,55 +42,71 @@ pub fn all() -> Vec<Peer> {
         Peer {
             name: "walkie",
             label: "walkie (this repo)",
-            program: Program::Walkie,
-            fanout: Some(Program::Walkie),
+            program: Program::Walkie { durable: false },
+            echo: true,
+            fanout: Some(Program::Walkie { durable: false }),
+        },
+        Peer {
+            name: "walkie-durable",
+            label: "walkie, default engine (history in redb)",
+            program: Program::Walkie { durable: true },
+            echo: false,
+            fanout: Some(Program::Walkie { durable: true }),
         },
         Peer {
             name: "uws",
             label: "uWebSockets (uWS.js)",
             program: Program::Node("uws-echo.js"),
+            echo: true,
             fanout: Some(Program::Node("uws-fanout.js")),
         },
         Peer {
             name: "fastwebsockets",
             label: "fastwebsockets",
             program: Program::RustPeer("fastwebsockets-echo"),
+            echo: true,
             fanout: None,
         },
         Peer {
             name: "yawc",
             label: "yawc",
             program: Program::RustPeer("yawc-echo"),
+            echo: true,
             fanout: None,
         },
         Peer {
             name: "tungstenite",
             label: "tokio-tungstenite",
             program: Program::RustPeer("tungstenite-echo"),
+            echo: true,
             fanout: None,
         },
         Peer {
             name: "tokio-websockets",
             label: "tokio-websockets",
             program: Program::RustPeer("tokio-websockets-echo"),
+            echo: true,
             fanout: None,
         },
         Peer {
             name: "ws",
             label: "Node ws",
             program: Program::Node("ws-echo.js"),
+            echo: true,
             fanout: Some(Program::Node("ws-fanout.js")),
         },
         Peer {
             name: "python",
             label: "Python websockets",
             program: Program::Python("websockets-echo.py"),
+            echo: true,
             fanout: None,
         },
         Peer {
             name: "reflector",
             label: "raw byte reflector (no protocol)",
             program: Program::RustPeer("reflector"),
+            echo: true,
             fanout: None,
         },
     ]
@@ -119,7 +139,7 @@ impl Peer {
 
     /// Whether this peer speaks the Walkie protocol (walkie alone).
     pub fn has_protocol(&self) -> bool {
-        matches!(self.fanout, Some(Program::Walkie))
+        matches!(self.fanout, Some(Program::Walkie { .. }))
     }
 
     /// The command that starts this peer's fan-out server on `port`, pinned
@@ -137,7 +157,7 @@ impl Peer {
             return None;
         }
         let mut cmd = program_command(program, paths, port, false, cpu);
-        if let Program::Walkie = program {
+        if let Program::Walkie { .. } = program {
             // A room at /rooms/fanout is the fan-out: keep one message of
             // history (the least there is), and queues long enough that
             // they are not what limits a subscriber (an overflow
@@ -156,7 +176,7 @@ impl Peer {
     /// What must exist before this peer can start, for the build step.
     pub fn needs(&self) -> Need {
         match self.program {
-            Program::Walkie => Need::Walkie,
+            Program::Walkie { .. } => Need::Walkie,
             Program::RustPeer(_) => Need::RustPeers,
             Program::Node(_) => Need::Node,
             Program::Python(_) => Need::Python,
@@ -176,13 +196,21 @@ fn program_command(
     cmd.arg("-c").arg(cpu.to_string());
     let root = &paths.root;
     match program {
-        Program::Walkie => {
+        Program::Walkie { durable } => {
             cmd.arg(root.join("target/release/walkie"))
                 .args(["serve", "--bind"])
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(format!("127.0.0.1:{port}"));
+            if *durable {
+                // A fresh database per server: a run starts with no
+                // history, as a fresh `--in-memory` server does.
+                let dir = paths.out.join(format!("walkie-data-{port}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                cmd.arg("--data-dir").arg(dir);
+            } else {
                 // Echo keeps no history; several benchmark servers may
                 // run at once.
-                .arg("--in-memory");
+                cmd.arg("--in-memory");
+            }
             if !deflate {
                 cmd.arg("--no-deflate");
             }

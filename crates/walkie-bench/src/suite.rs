@@ -663,7 +663,18 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
             peers::prepare(need, &s.paths)?;
         }
     }
-    let steps = (s.peers.len() * s.cases.len() * s.runs) as u64;
+    let runs_peer = |case: &Case, peer: &Peer| {
+        peer.echo
+            || matches!(
+                case.kind,
+                Kind::Fanout { .. } | Kind::Idle { room: true, .. }
+            )
+    };
+    let steps = s
+        .cases
+        .iter()
+        .map(|c| s.peers.iter().filter(|p| runs_peer(c, p)).count() * s.runs)
+        .sum::<usize>() as u64;
     let bar = ProgressBar::new(steps);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -702,11 +713,12 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
         if group.is_empty() {
             continue;
         }
+        let echo: Vec<&Peer> = s.peers.iter().filter(|p| p.echo).collect();
         let servers: Vec<Result<Server, String>> =
-            s.peers.iter().map(|p| start(p, s, deflate)).collect();
+            echo.iter().map(|p| start(p, s, deflate)).collect();
         for case in group {
             for i in 0..s.runs {
-                for (peer, server) in s.peers.iter().zip(&servers) {
+                for (peer, server) in echo.iter().zip(&servers) {
                     bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
                     let outcome = match server {
                         Err(e) => Err(e.clone()),
@@ -747,7 +759,7 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
             continue;
         };
         for i in 0..s.runs {
-            for peer in &s.peers {
+            for peer in s.peers.iter().filter(|p| room || p.echo) {
                 bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
                 outcomes.push((slot(case, peer), run_idle(s, peer, conns, room, fd_limit)));
                 bar.inc(1);
