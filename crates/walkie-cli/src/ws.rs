@@ -151,6 +151,7 @@ enum Step {
     Shutdown,
     Popped(Result<(), QueueClosed>),
     Deadline,
+    Backlog,
     Received(Option<walkie::Result<Message>>),
 }
 
@@ -188,6 +189,9 @@ where
             () = poll_fn(|cx| shutdown.poll(cx)) => Step::Shutdown,
             popped = session.queue().pop_all(&mut batch) => Step::Popped(popped),
             () = poll_fn(|cx| deadline.poll(cx)) => Step::Deadline,
+            // Commands read together take their turns here, after what
+            // the one before queued was sent.
+            () = std::future::ready(()), if session.has_backlog() => Step::Backlog,
             next = poll_fn(|cx| ws.lock().poll_recv(cx)) => Step::Received(next),
         };
         let closed = match step {
@@ -216,6 +220,14 @@ where
                     Some(close) => return Box::pin(close_with(ws, close)).await,
                     None => continue,
                 }
+            }
+            Step::Backlog => {
+                ws.set_busy(true);
+                if let Err(why) = Box::pin(handle_next(ws, session)).await {
+                    return why;
+                }
+                ws.set_busy(false);
+                continue;
             }
             Step::Received(Some(Ok(Message::Text(text)))) => {
                 // Busy until the replies are queued: what the hub publishes
@@ -267,10 +279,12 @@ fn binary_refused() -> CloseReason {
     }
 }
 
-/// Handles `first` and the commands the client sent right after it that
-/// are already read or readable, together (`Session::handle_texts`: a
-/// burst of publishes is one batch for the engine), and queues the
-/// replies. `Err` once the connection is over, with why.
+/// Reads `first` and the commands the client sent right after it that are
+/// already readable into the session's backlog, then handles the first
+/// of them (a run of publishes is one batch: `Session::handle_next`); the
+/// loop handles the rest, sending what they queue in between, as it would
+/// had they come one at a time. `Err` once the connection is over, with
+/// why: if it ended behind the burst, the burst is handled first.
 async fn handle_burst<S>(
     ws: &Shared<S>,
     session: &mut Session,
@@ -279,15 +293,23 @@ async fn handle_burst<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut texts = vec![first];
-    let mut bytes = texts[0].len();
+    // Before `connect`, nothing large is needed (see the session's limit).
+    let max_bytes = if session.is_connected() {
+        BURST_BYTES
+    } else {
+        walkie_hub::MAX_BEFORE_CONNECT
+    };
+    let mut bytes = first.len();
+    let mut count = 1;
+    session.queue_text(first);
     let mut after = None;
     poll_fn(|cx| {
-        while texts.len() < BURST_MESSAGES && bytes < BURST_BYTES {
+        while count < BURST_MESSAGES && bytes < max_bytes {
             match ws.lock().poll_recv(cx) {
                 Poll::Ready(Some(Ok(Message::Text(text)))) => {
                     bytes += text.len();
-                    texts.push(text);
+                    count += 1;
+                    session.queue_text(text);
                 }
                 Poll::Ready(Some(Ok(Message::Binary(_)))) => after = Some(After::Binary),
                 Poll::Ready(Some(Err(e))) => after = Some(After::Failed(e)),
@@ -301,7 +323,32 @@ where
         Poll::Ready(())
     })
     .await;
-    let (replies, close) = session.handle_texts(&texts, now()).await;
+    let Some(after) = after else {
+        return handle_next(ws, session).await;
+    };
+    // The connection is ending: what came before the end is handled.
+    let handled = async {
+        while session.has_backlog() {
+            handle_next(ws, session).await?;
+        }
+        Ok(())
+    }
+    .await;
+    match after {
+        After::Failed(e) => Err(format!("connection failed: {e}")),
+        _ if handled.is_err() => handled,
+        After::Binary => Err(Box::pin(close_with(ws, binary_refused())).await),
+        After::Closed => Err("closed by the client".into()),
+    }
+}
+
+/// Handles the session's next waiting command (or run of publishes) and
+/// queues the replies. `Err` once the connection is over, with why.
+async fn handle_next<S>(ws: &Shared<S>, session: &mut Session) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (replies, close) = session.handle_next(now()).await;
     for reply in replies {
         // Queued at once: a client that reads nothing is paused by `recv`
         // and `send_batch`, which both still see shutdown.
@@ -309,14 +356,9 @@ where
             return Err(format!("send failed: {e}"));
         }
     }
-    if let Some(close) = close {
-        return Err(close_with(ws, close).await);
-    }
-    match after {
+    match close {
+        Some(close) => Err(Box::pin(close_with(ws, close)).await),
         None => Ok(()),
-        Some(After::Binary) => Err(close_with(ws, binary_refused()).await),
-        Some(After::Failed(e)) => Err(format!("connection failed: {e}")),
-        Some(After::Closed) => Err("closed by the client".into()),
     }
 }
 

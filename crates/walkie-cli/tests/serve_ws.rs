@@ -637,3 +637,57 @@ async fn a_burst_of_commands_is_answered_in_order_with_publishes_batched() {
     })
     .await;
 }
+
+/// Commands sent together that are not publishes take their turns one at
+/// a time, what each queued being sent before the next is handled: the
+/// messages a `subscribe` replays come before the reply to an
+/// `unsubscribe` sent right behind it, never after it.
+#[tokio::test]
+async fn commands_sent_together_send_what_each_queued_in_turn() {
+    let server = Server::start(&[]);
+    within(30, async {
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        for i in 1..=5 {
+            publisher
+                .ok("publish", json!({"channel": "replay", "data": i}))
+                .await;
+        }
+        let (mut a, _) = proto::connected(server.port, None).await;
+        for command in [
+            json!({"id": 10, "subscribe": {"channel": "replay", "history": 5}}),
+            json!({"id": 11, "unsubscribe": {"channel": "replay"}}),
+            json!({"id": 12, "ping": {}}),
+        ] {
+            a.ws.feed_now(command.to_string()).unwrap();
+        }
+        a.ws.flush().await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let m = a.next().await.expect("the connection stays open");
+            let done = m["id"] == 12;
+            seen.push(m);
+            if done {
+                break;
+            }
+        }
+        let unsubscribed = seen
+            .iter()
+            .position(|m| m["id"] == 11)
+            .expect("the unsubscribe reply");
+        let last_pub = seen
+            .iter()
+            .rposition(|m| m.get("pub").is_some())
+            .expect("the replayed messages");
+        assert!(
+            last_pub < unsubscribed,
+            "a replayed message came after the unsubscribe reply: {seen:?}"
+        );
+        let replayed: Vec<_> = seen
+            .iter()
+            .filter_map(|m| m.get("pub"))
+            .map(|p| p["data"].clone())
+            .collect();
+        assert_eq!(replayed, [1, 2, 3, 4, 5].map(|i| json!(i)));
+    })
+    .await;
+}

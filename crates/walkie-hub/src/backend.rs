@@ -143,7 +143,8 @@ pub(crate) async fn publish_in(
     p: Publish,
     publisher: Publisher<'_>,
 ) -> Result<Value, ReplyError> {
-    let r = prepare_publish(channel, ns, p, publisher)?;
+    let data = Bytes::from(p.data.to_string());
+    let r = prepare_publish(channel, ns, p, data, publisher)?;
     let r = node
         .hub
         .publish(r.channel, r.publication, r.options)
@@ -158,11 +159,13 @@ pub(crate) fn published_reply(r: &PublishResult) -> Value {
 }
 
 /// Checks a publish against the namespace's limits and makes the request
-/// for the engine.
+/// for the engine; `data` is `p`'s data as JSON text (`p.data` is not
+/// read: a broadcast serialises its data once for every channel).
 pub(crate) fn prepare_publish(
     channel: ChannelName,
     ns: &NamespaceConfig,
     p: Publish,
+    data: Bytes,
     publisher: Publisher<'_>,
 ) -> Result<PublishRequest, ReplyError> {
     for (name, key) in [("idempotency_key", &p.idempotency_key), ("key", &p.key)] {
@@ -184,7 +187,6 @@ pub(crate) fn prepare_publish(
             ),
         ));
     }
-    let data = p.data.to_string();
     if data.len() > ns.max_message_size {
         return Err(err(
             ErrorCode::MessageTooLarge,
@@ -196,7 +198,7 @@ pub(crate) fn prepare_publish(
         ));
     }
     let publication = NewPublication {
-        data: Bytes::from(data),
+        data,
         kind: Kind::Json,
         key: p.key.map(Into::into),
         info: match &publisher {
@@ -229,15 +231,18 @@ pub async fn broadcast(node: &Node, b: Broadcast) -> Result<Value, ReplyError> {
     let mut results: Vec<Option<Value>> = Vec::with_capacity(b.channels.len());
     let mut places = Vec::new();
     let mut requests = Vec::new();
+    // One copy of the data, shared by every channel's publication.
+    let data = Bytes::from(b.data.to_string());
     for name in &b.channels {
         let one = Publish {
             channel: name.clone(),
-            data: b.data.clone(),
+            data: Value::Null,
             idempotency_key: None,
             key: None,
         };
-        let prepared = channel(node, name)
-            .and_then(|(channel, ns)| prepare_publish(channel, &ns, one, Publisher::Api));
+        let prepared = channel(node, name).and_then(|(channel, ns)| {
+            prepare_publish(channel, &ns, one, data.clone(), Publisher::Api)
+        });
         match prepared {
             Ok(request) => {
                 places.push(results.len());
@@ -248,6 +253,7 @@ pub async fn broadcast(node: &Node, b: Broadcast) -> Result<Value, ReplyError> {
         }
     }
     let published = node.hub.publish_many(requests).await;
+    debug_assert_eq!(published.len(), places.len(), "one result per publish");
     for (at, result) in places.into_iter().zip(published) {
         let name = &b.channels[at];
         results[at] = Some(match result {

@@ -590,6 +590,9 @@ pub async fn publish_many_keeps_order(broker: Arc<dyn Broker>) {
         .map(|i| request(&ch, format!("m{i}"), kept(100)))
         .collect();
     batch.insert(10, request(&other, "elsewhere".into(), kept(100)));
+    // Between saved ones, one that saves nothing.
+    let unsaved = PublishOptions::default();
+    batch.insert(20, request(&other, "unsaved".into(), unsaved));
     batch.push(request(&ch, "keyed".into(), keyed.clone()));
     batch.push(request(&ch, "again".into(), keyed));
     let results: Vec<_> = s
@@ -600,16 +603,17 @@ pub async fn publish_many_keeps_order(broker: Arc<dyn Broker>) {
         .map(Result::unwrap)
         .collect();
     let offsets: Vec<u64> = results.iter().map(|r| r.position.offset).collect();
-    let mut expected: Vec<u64> = (2..=31).collect();
+    let mut expected: Vec<u64> = (2..=30).collect();
     expected.insert(10, 1);
-    expected.push(31);
+    expected.insert(20, 0);
+    expected.extend([31, 31]);
     assert_eq!(offsets, expected, "one result each, in order");
     assert!(
-        !results[30].suppressed,
+        !results[31].suppressed,
         "the first use of a key is published"
     );
-    assert!(results[31].suppressed, "a key used earlier in the batch");
-    assert_eq!(results[30].position, results[31].position);
+    assert!(results[32].suppressed, "a key used earlier in the batch");
+    assert_eq!(results[31].position, results[32].position);
     assert!(s.broker.publish_many(Vec::new()).await.is_empty());
     let delivered = s.events.wait_for(&ch, 31).await;
     let data: Vec<String> = delivered
@@ -621,7 +625,13 @@ pub async fn publish_many_keeps_order(broker: Arc<dyn Broker>) {
     assert_eq!(data, expected, "delivered once each, in order");
     let offsets: Vec<u64> = delivered.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, (1..=31).collect::<Vec<_>>());
-    assert_eq!(s.events.wait_for(&other, 1).await.len(), 1);
+    let elsewhere = s.events.wait_for(&other, 2).await;
+    let data: Vec<&[u8]> = elsewhere.iter().map(|p| &p.data[..]).collect();
+    assert_eq!(data, [&b"elsewhere"[..], b"unsaved"]);
+    // Nothing delivered twice, however late.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.events.on(&ch).len(), 31);
+    assert_eq!(s.events.on(&other).len(), 2);
     let h = s.broker.history(ch.clone(), all()).await.unwrap();
     assert_eq!(h.publications.len(), 31);
 }

@@ -74,5 +74,6 @@ pub use publication::{
 pub use queue::{Entry, OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued, Sink, Taken};
 pub use redis_engine::{PRESENCE_TTL, RedisBroker, RedisPresence};
 pub use session::{
-    CONNECT_TIMEOUT_SECS, CloseReason, MAX_HISTORY_LIMIT, MAX_SUBSCRIPTIONS, Node, Session,
+    CONNECT_TIMEOUT_SECS, CloseReason, MAX_BEFORE_CONNECT, MAX_HISTORY_LIMIT, MAX_SUBSCRIPTIONS,
+    Node, Session,
 };

@@ -93,6 +93,17 @@ pub struct Session {
     subs: HashMap<ChannelName, Sub>,
     /// When `connect` must have arrived by.
     connect_deadline: u64,
+    /// Commands read and not handled yet (see [`Session::handle_next`]);
+    /// boxed, as most connections never have any.
+    backlog: Option<Box<Backlog>>,
+}
+
+/// Commands read together, waiting their turn.
+#[derive(Debug, Default)]
+struct Backlog {
+    texts: std::collections::VecDeque<walkie_proto::Utf8Bytes>,
+    /// A command parsed, to end a run of publishes, and not run yet.
+    parsed: Option<Command>,
 }
 
 type Reply = Result<Value, ReplyError>;
@@ -187,6 +198,7 @@ impl Session {
             identity: None,
             subs: HashMap::new(),
             connect_deadline: now + CONNECT_TIMEOUT_SECS,
+            backlog: None,
         }
     }
 
@@ -335,53 +347,92 @@ impl Session {
         self.dispatch(command, now).await
     }
 
-    /// Handles text messages read together, in order, as [`handle_text`]
-    /// would one after another: the replies, in order, and why to close if
-    /// one of them closes the connection (the replies before it are
-    /// given, the messages after it are not handled). Consecutive
-    /// `publish` commands go to the engine as one batch
-    /// ([`Hub::publish_many`]): a client that publishes without waiting
-    /// for each reply has its burst saved in one commit and delivered in
-    /// one write per subscriber.
+    /// Whether `connect` succeeded.
+    pub fn is_connected(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// Adds a text message read from the connection to the commands
+    /// waiting their turn ([`Session::handle_next`]).
+    pub fn queue_text(&mut self, text: walkie_proto::Utf8Bytes) {
+        self.backlog.get_or_insert_default().texts.push_back(text);
+    }
+
+    /// Whether commands wait their turn.
+    pub fn has_backlog(&self) -> bool {
+        self.backlog
+            .as_ref()
+            .is_some_and(|b| b.parsed.is_some() || !b.texts.is_empty())
+    }
+
+    /// Handles the next waiting command, as [`handle_text`] would, or, if
+    /// it is a `publish`, it and the `publish` commands right behind it as
+    /// one batch for the engine ([`Hub::publish_many`]): a client that
+    /// publishes without waiting for each reply has its burst saved in one
+    /// commit and delivered in one write per subscriber. Answers the
+    /// replies, in order, and why to close if a command closes the
+    /// connection (the commands waiting are then dropped). Between two
+    /// calls the caller sends what the commands queued, as it would between
+    /// two commands handled one at a time.
     ///
     /// [`handle_text`]: Session::handle_text
-    pub async fn handle_texts<T: std::ops::Deref<Target = str>>(
-        &mut self,
-        texts: &[T],
-        now: u64,
-    ) -> (Vec<String>, Option<CloseReason>) {
-        let mut replies = Vec::with_capacity(texts.len());
+    pub async fn handle_next(&mut self, now: u64) -> (Vec<String>, Option<CloseReason>) {
+        let mut replies = Vec::new();
         let mut publishes = Vec::new();
-        for text in texts {
-            let command = match self.parse(text, now).await {
-                Ok(command) => command,
-                Err(close) => {
-                    self.publish_batch(&mut publishes, &mut replies).await;
-                    return (replies.into_iter().flatten().collect(), Some(close));
+        while let Some(backlog) = self.backlog.as_mut() {
+            let command = match backlog.parsed.take() {
+                Some(command) => command,
+                None => {
+                    let Some(text) = backlog.texts.pop_front() else {
+                        break;
+                    };
+                    match self.parse(&text, now).await {
+                        Ok(command) => command,
+                        Err(close) => {
+                            self.backlog = None;
+                            self.publish_batch(&mut publishes, &mut replies).await;
+                            return (replies.into_iter().flatten().collect(), Some(close));
+                        }
+                    }
                 }
             };
-            if command.method == "publish" && self.identity.is_some() {
-                let id = command.id;
-                match self.prepare_publish(&command) {
-                    Ok(request) => {
-                        publishes.push((replies.len(), id, request));
-                        replies.push(None);
-                    }
-                    Err(e) => replies.push(Some(self.reply(id, Err(e)))),
+            let batched = command.method == "publish" && self.identity.is_some();
+            if !batched && !replies.is_empty() {
+                // The end of a run of publishes: this command's turn is
+                // the next call's.
+                if let Some(backlog) = self.backlog.as_mut() {
+                    backlog.parsed = Some(command);
                 }
-                continue;
+                break;
             }
-            self.publish_batch(&mut publishes, &mut replies).await;
-            match self.dispatch(command, now).await {
-                Ok(reply) => replies.push(Some(reply)),
-                Err(close) => return (replies.into_iter().flatten().collect(), Some(close)),
+            if !batched {
+                let handled = self.dispatch(command, now).await;
+                match handled {
+                    Ok(reply) => replies.push(Some(reply)),
+                    Err(close) => {
+                        self.backlog = None;
+                        return (replies.into_iter().flatten().collect(), Some(close));
+                    }
+                }
+                break;
             }
+            let id = command.id;
+            match self.prepare_publish(&command) {
+                Ok(request) => {
+                    publishes.push((replies.len(), id, request));
+                    replies.push(None);
+                }
+                Err(e) => replies.push(Some(self.reply(id, Err(e)))),
+            }
+        }
+        if !self.has_backlog() {
+            self.backlog = None;
         }
         self.publish_batch(&mut publishes, &mut replies).await;
         (replies.into_iter().flatten().collect(), None)
     }
 
-    /// Publishes the batch of `handle_texts` and puts each reply in its
+    /// Publishes the batch of `handle_next` and puts each reply in its
     /// place.
     async fn publish_batch(
         &mut self,
@@ -394,6 +445,7 @@ impl Session {
         let (places, requests): (Vec<(usize, u64)>, Vec<_>) =
             publishes.drain(..).map(|(at, id, r)| ((at, id), r)).unzip();
         let results = self.node.hub.publish_many(requests).await;
+        debug_assert_eq!(results.len(), places.len(), "one result per publish");
         for ((at, id), result) in places.into_iter().zip(results) {
             let result = result
                 .map(|r| backend::published_reply(&r))
@@ -769,7 +821,8 @@ impl Session {
         let info = json!({"user": user, "client": self.client.id()});
         let info = Bytes::from(info.to_string());
         let publisher = backend::Publisher::User { user, info };
-        backend::prepare_publish(channel, &ns, p, publisher)
+        let data = Bytes::from(p.data.to_string());
+        backend::prepare_publish(channel, &ns, p, data, publisher)
     }
 
     async fn history(&mut self, command: &Command) -> Reply {
