@@ -229,6 +229,61 @@ where
     Ok(())
 }
 
+/// The most messages one burst takes (see [`read_burst`]).
+const BURST_MESSAGES: usize = 256;
+/// The bytes past which a burst takes no more (a caller may set less).
+pub const BURST_BYTES: usize = 1 << 20;
+
+/// What a burst ran into, behind the messages it read.
+pub enum Behind {
+    /// The client closed the connection.
+    Closed,
+    /// The connection failed.
+    Failed(walkie::Error),
+    /// A message `take` refused; the connection is to be closed for it.
+    Refused,
+}
+
+/// Reads the messages a client sent right after one already read (of
+/// `bytes` bytes) that are readable now, handing each to `take`, until
+/// [`BURST_MESSAGES`] are read in all, `max_bytes` are read or nothing
+/// more is readable. A burst handled as one (one publish, one commit, one
+/// write per subscriber) is what lets a busy sender be kept up with (see
+/// `docs/performance.md`). `take` answers `false` for a message it
+/// refuses, which ends the burst. Answers what ended it, if the connection is ending
+/// behind it.
+pub async fn read_burst<S>(
+    ws: &Shared<S>,
+    mut bytes: usize,
+    max_bytes: usize,
+    mut take: impl FnMut(walkie::Message) -> bool,
+) -> Option<Behind>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut count = 1;
+    poll_fn(|cx| {
+        while count < BURST_MESSAGES && bytes < max_bytes {
+            let behind = match ws.lock().poll_recv(cx) {
+                Poll::Ready(Some(Ok(message))) => {
+                    bytes += message.len();
+                    count += 1;
+                    if take(message) {
+                        continue;
+                    }
+                    Behind::Refused
+                }
+                Poll::Ready(Some(Err(e))) => Behind::Failed(e),
+                Poll::Ready(None) => Behind::Closed,
+                Poll::Pending => break,
+            };
+            return Poll::Ready(Some(behind));
+        }
+        Poll::Ready(None)
+    })
+    .await
+}
+
 /// Closes, giving up after the close timeout even if the peer reads
 /// nothing (a slow consumer's socket may be full). Boxed: the timeout's
 /// state would otherwise be part of every connection's task, for a path

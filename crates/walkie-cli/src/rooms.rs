@@ -15,7 +15,9 @@ use walkie_hub::{
     QueueClosed, QueueLimits, Recover,
 };
 
-use crate::outbox::{Counted, Sent, Shared, close_within, send_batch};
+use crate::outbox::{
+    BURST_BYTES, Behind, Counted, Sent, Shared, close_within, read_burst, send_batch,
+};
 use crate::serve::AppState;
 
 /// The longest room name, in bytes.
@@ -204,8 +206,11 @@ where
             Step::Received(Some(Ok(message))) => {
                 let e = match Box::pin(publish(ws, state, channel, message)).await {
                     Ok(None) => continue,
-                    Ok(Some(Some(e))) => return format!("connection failed: {e}"),
-                    Ok(Some(None)) => return "closed by the client".into(),
+                    Ok(Some(Behind::Failed(e))) => return format!("connection failed: {e}"),
+                    // Every message is taken: nothing is refused.
+                    Ok(Some(Behind::Closed | Behind::Refused)) => {
+                        return "closed by the client".into();
+                    }
                     Err(e) => e,
                 };
                 warn!(room = %channel, "publish failed: {e}");
@@ -240,15 +245,6 @@ where
     }
 }
 
-/// The most messages one publish takes from a member's burst, and the
-/// bytes past which it takes no more.
-const BURST_MESSAGES: usize = 256;
-const BURST_BYTES: usize = 1 << 20;
-
-/// How the connection ended while a burst was read: `None` when closed by
-/// the client, the error when it failed.
-type Ended = Option<walkie::Error>;
-
 /// Publishes `first`, a message a member sent to its room, together with
 /// the ones it sent right after that are already read or readable, and
 /// counts them. One publish for the burst lets the durable engine save it
@@ -261,32 +257,16 @@ async fn publish<S>(
     state: &AppState,
     channel: &ChannelName,
     first: Message,
-) -> Result<Option<Ended>, walkie_hub::EngineError>
+) -> Result<Option<Behind>, walkie_hub::EngineError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut bytes = first.len();
     let mut burst = vec![first];
-    let mut bytes = burst[0].len();
-    let mut ended = None;
-    poll_fn(|cx| {
-        while burst.len() < BURST_MESSAGES && bytes < BURST_BYTES {
-            match ws.lock().poll_recv(cx) {
-                std::task::Poll::Ready(Some(Ok(message))) => {
-                    bytes += message.len();
-                    burst.push(message);
-                }
-                std::task::Poll::Ready(Some(Err(e))) => {
-                    ended = Some(Some(e));
-                    break;
-                }
-                std::task::Poll::Ready(None) => {
-                    ended = Some(None);
-                    break;
-                }
-                std::task::Poll::Pending => break,
-            }
-        }
-        std::task::Poll::Ready(())
+    let behind = read_burst(ws, bytes, BURST_BYTES, |message| {
+        bytes += message.len();
+        burst.push(message);
+        true
     })
     .await;
     let metrics = state.hub.metrics();
@@ -317,7 +297,7 @@ where
     results
         .into_iter()
         .find_map(Result::err)
-        .map_or(Ok(ended), Err)
+        .map_or(Ok(behind), Err)
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use walkie::{CloseCode, Incoming, Message};
 use walkie_hub::protocol::SUBPROTOCOL;
 use walkie_hub::{CloseReason, QueueClosed, Session};
 
-use crate::outbox::{Counted, Sent, Shared, close_within, send_batch};
+use crate::outbox::{
+    BURST_BYTES, Behind, Counted, Sent, Shared, close_within, read_burst, send_batch,
+};
 use crate::serve::AppState;
 
 /// Seconds since the Unix epoch: the session's clock (token expiries are
@@ -259,18 +261,6 @@ where
     }
 }
 
-/// The most commands one burst takes, and the bytes past which it takes
-/// no more.
-const BURST_MESSAGES: usize = 256;
-const BURST_BYTES: usize = 1 << 20;
-
-/// What a burst of commands ran into, behind it.
-enum After {
-    Binary,
-    Failed(walkie::Error),
-    Closed,
-}
-
 /// The close for a binary message.
 fn binary_refused() -> CloseReason {
     CloseReason {
@@ -299,31 +289,17 @@ where
     } else {
         walkie_hub::MAX_BEFORE_CONNECT
     };
-    let mut bytes = first.len();
-    let mut count = 1;
+    let bytes = first.len();
     session.queue_text(first);
-    let mut after = None;
-    poll_fn(|cx| {
-        while count < BURST_MESSAGES && bytes < max_bytes {
-            match ws.lock().poll_recv(cx) {
-                Poll::Ready(Some(Ok(Message::Text(text)))) => {
-                    bytes += text.len();
-                    count += 1;
-                    session.queue_text(text);
-                }
-                Poll::Ready(Some(Ok(Message::Binary(_)))) => after = Some(After::Binary),
-                Poll::Ready(Some(Err(e))) => after = Some(After::Failed(e)),
-                Poll::Ready(None) => after = Some(After::Closed),
-                Poll::Pending => break,
-            }
-            if after.is_some() {
-                break;
-            }
+    let behind = read_burst(ws, bytes, max_bytes, |message| match message {
+        Message::Text(text) => {
+            session.queue_text(text);
+            true
         }
-        Poll::Ready(())
+        Message::Binary(_) => false,
     })
     .await;
-    let Some(after) = after else {
+    let Some(behind) = behind else {
         return handle_next(ws, session).await;
     };
     // The connection is ending: what came before the end is handled.
@@ -334,11 +310,11 @@ where
         Ok(())
     }
     .await;
-    match after {
-        After::Failed(e) => Err(format!("connection failed: {e}")),
+    match behind {
+        Behind::Failed(e) => Err(format!("connection failed: {e}")),
         _ if handled.is_err() => handled,
-        After::Binary => Err(Box::pin(close_with(ws, binary_refused())).await),
-        After::Closed => Err("closed by the client".into()),
+        Behind::Refused => Err(Box::pin(close_with(ws, binary_refused())).await),
+        Behind::Closed => Err("closed by the client".into()),
     }
 }
 

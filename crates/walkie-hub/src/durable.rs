@@ -152,6 +152,9 @@ pub enum OpenError {
     },
 }
 
+/// Where the writer's answer to a publish comes.
+type Reply = oneshot::Receiver<Result<PublishResult, EngineError>>;
+
 enum Request {
     Publish {
         channel: ChannelName,
@@ -363,11 +366,28 @@ impl DurableBroker {
             .map_err(|_| EngineError::Stopped)
     }
 
+    /// Whether a publish saves something (history or an idempotency key),
+    /// and so goes through the writer.
+    fn saves(options: &PublishOptions) -> bool {
+        options.history.is_some() || options.idempotency_key.is_some()
+    }
+
+    /// Hands a publish that saves something to the writer, which replies
+    /// once it is committed and delivered.
+    fn send_publish(&self, request: PublishRequest) -> Result<Reply, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Publish {
+            channel: request.channel,
+            new: request.publication,
+            options: request.options,
+            reply,
+        })?;
+        Ok(rx)
+    }
+
     /// Waits for the writer's replies to requests sent, in order.
     async fn await_replies(
-        replies: &mut Vec<
-            Result<oneshot::Receiver<Result<PublishResult, EngineError>>, EngineError>,
-        >,
+        replies: &mut Vec<Result<Reply, EngineError>>,
         results: &mut Vec<Result<PublishResult, EngineError>>,
     ) {
         for reply in replies.drain(..) {
@@ -504,7 +524,7 @@ impl Broker for DurableBroker {
         options: PublishOptions,
     ) -> BoxFuture<'_, Result<PublishResult, EngineError>> {
         Box::pin(async move {
-            if options.history.is_none() && options.idempotency_key.is_none() {
+            if !Self::saves(&options) {
                 // Nothing to save: deliver at once instead of waiting for
                 // the next commit (positions, presence events).
                 let db = self.db.clone();
@@ -527,12 +547,10 @@ impl Broker for DurableBroker {
                     suppressed: false,
                 });
             }
-            let (reply, rx) = oneshot::channel();
-            self.send(Request::Publish {
+            let rx = self.send_publish(PublishRequest {
                 channel,
-                new,
+                publication: new,
                 options,
-                reply,
             })?;
             rx.await.map_err(|_| EngineError::Stopped)?
         })
@@ -550,16 +568,8 @@ impl Broker for DurableBroker {
             let mut results = Vec::with_capacity(requests.len());
             let mut replies = Vec::new();
             for r in requests {
-                let saved = r.options.history.is_some() || r.options.idempotency_key.is_some();
-                if saved {
-                    let (reply, rx) = oneshot::channel();
-                    let sent = self.send(Request::Publish {
-                        channel: r.channel,
-                        new: r.publication,
-                        options: r.options,
-                        reply,
-                    });
-                    replies.push(sent.map(|()| rx));
+                if Self::saves(&r.options) {
+                    replies.push(self.send_publish(r));
                     continue;
                 }
                 Self::await_replies(&mut replies, &mut results).await;
