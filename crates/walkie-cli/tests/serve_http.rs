@@ -116,6 +116,22 @@ async fn slow_head(port: u16) {
     );
 }
 
+async fn malformed_line_of_an_unfinished_head(port: u16) {
+    // The head never ends; its second line, sent after the first was
+    // read (the first bytes of a head are checked at once anyway), is not
+    // a header.
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.write_all(b"Host 127.0.0.1\r\n").await.unwrap();
+    let bytes = read_all(&mut stream, Duration::from_secs(5)).await;
+    let r = HttpResponse::parse(&bytes)
+        .unwrap_or_else(|| panic!("malformed line: no response: {bytes:?}"));
+    // Not 408: the line is refused when it ends, not when the head's
+    // timeout runs out.
+    assert_eq!(r.status, 400, "malformed line: {r:?}");
+}
+
 #[tokio::test]
 async fn http_routes_and_errors_then_still_serving() {
     let mut server = Server::start(&["--handshake-timeout", "1s"]);
@@ -130,6 +146,7 @@ async fn http_routes_and_errors_then_still_serving() {
         tls_client_hello_on_plain_port(port).await;
         head_too_large(port).await;
         slow_head(port).await;
+        malformed_line_of_an_unfinished_head(port).await;
         // And once more after the errors.
         health(port).await;
         server.assert_serves("the HTTP errors").await;

@@ -128,7 +128,12 @@ pub struct Request {
 }
 
 /// Finds where a head arriving in pieces ends, looking at each byte once,
-/// so that it is parsed once it is complete rather than after every read.
+/// so that it is parsed when that may give an answer rather than after
+/// every read: on the first bytes, once the head is complete and, for a
+/// request ([`HeadScan::per_line`]), after a read that ended a line (a
+/// malformed line is refused then, not at the timeout). A head has at most
+/// [`MAX_HEADERS`] + 1 lines before it fails, so a request sent a byte at a
+/// time is parsed at most that many times more than one sent whole.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct HeadScan {
     /// How far the buffer was searched for the end of the head.
@@ -139,17 +144,33 @@ pub(super) struct HeadScan {
     started: bool,
     /// Whether the end of the head was found.
     ended: bool,
+    /// Whether to parse after each read that ends a line.
+    per_line: bool,
 }
 
 impl HeadScan {
+    /// A scan that also answers "worth parsing" after each read that ends
+    /// a line: a server refuses a malformed request line or header at once
+    /// rather than when its timeout for the head runs out.
+    pub(super) fn per_line() -> Self {
+        HeadScan {
+            per_line: true,
+            ..HeadScan::default()
+        }
+    }
+
     /// Whether parsing `buf`, the bytes given last time with more appended,
     /// may give an answer: on the first bytes (garbage, a TLS handshake say,
-    /// fails at once), once an empty line ends the head, and once `buf` is
-    /// too long to hold a head.
+    /// fails at once), once an empty line ends the head, once `buf` is too
+    /// long to hold a head and, [`HeadScan::per_line`], when new bytes end a
+    /// line (a malformed request line or header fails then).
     pub(super) fn worth_parsing(&mut self, buf: &[u8]) -> bool {
         if buf.len() < self.scanned {
             // Not the same buffer: start over.
-            *self = HeadScan::default();
+            *self = HeadScan {
+                per_line: self.per_line,
+                ..HeadScan::default()
+            };
         }
         if buf.is_empty() {
             return false;
@@ -173,6 +194,7 @@ impl HeadScan {
         // A line ends with LF or CRLF, so the head ends with LF then LF or
         // CRLF; the last two bytes scanned before may start that pattern.
         let from = scanned.saturating_sub(2).max(first);
+        let line_ended = self.per_line && buf[scanned.max(first)..].contains(&b'\n');
         self.ended = (from..buf.len()).any(|i| {
             buf[i] == b'\n'
                 && match buf.get(i + 1) {
@@ -181,15 +203,16 @@ impl HeadScan {
                     _ => false,
                 }
         });
-        self.ended
+        self.ended || line_ended
     }
 }
 
 /// Parses a request head that arrives in pieces: give
 /// [`RequestParser::parse`] the bytes read so far after every read. The head
-/// is only parsed once its end (an empty line) has arrived, each byte being
-/// searched once, so a head sent a byte at a time costs no more than one
-/// sent whole.
+/// is parsed only after the first read, after a read that ends a line, and
+/// once its end (an empty line) has arrived, each byte being searched once:
+/// a malformed line is refused as soon as it ends, and a head sent a byte
+/// at a time is parsed once per line.
 ///
 /// ```
 /// use walkie_proto::handshake::RequestParser;
@@ -202,15 +225,23 @@ impl HeadScan {
 /// let (request, len) = parser.parse(head).unwrap().unwrap();
 /// assert_eq!((request.target.as_str(), len), ("/", head.len()));
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RequestParser {
     scan: HeadScan,
+}
+
+impl Default for RequestParser {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl RequestParser {
     /// A parser that has seen nothing yet.
     pub fn new() -> Self {
-        Self::default()
+        RequestParser {
+            scan: HeadScan::per_line(),
+        }
     }
 
     /// Parses a request head from the front of `buf`, which holds the bytes
@@ -399,7 +430,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_head_sent_a_byte_at_a_time_is_parsed_once_complete() {
+    fn a_head_sent_a_byte_at_a_time_is_parsed_once_per_line() {
         let head = big_head(MAX_HEAD_SIZE - 200);
         let mut parser = RequestParser::new();
         let n = parses(|| {
@@ -409,8 +440,39 @@ pub(super) mod tests {
             let (req, len) = parser.parse(&head).unwrap().unwrap();
             assert_eq!((req.target.as_str(), len), ("/", head.len()));
         });
-        // The first byte (to fail garbage early), then the whole head.
-        assert_eq!(n, 2);
+        // The first byte (to fail garbage early), the end of each line (to
+        // fail a malformed one early), and the end of the head, which ends
+        // a line too.
+        let lines = head.iter().filter(|&&b| b == b'\n').count();
+        assert_eq!(n, 1 + lines);
+    }
+
+    #[test]
+    fn a_malformed_line_fails_once_it_ends_not_when_the_head_does() {
+        for (head, at) in [
+            (
+                &b"GET / HTTP/1.1\r\nHost: a\r\nNo colon here\r\n"[..],
+                "header",
+            ),
+            (&b"GET / HTTQ/1.1\r\n"[..], "version"),
+        ] {
+            let mut parser = RequestParser::new();
+            let mut failed = None;
+            for end in 1..=head.len() {
+                if let Err(e) = parser.parse(&head[..end]) {
+                    failed = Some((end, e));
+                    break;
+                }
+            }
+            // Refused although the head never ends: once the line has.
+            let (end, e) = failed.unwrap_or_else(|| panic!("{at}: no answer"));
+            assert!(matches!(e, HandshakeError::Malformed(_)), "{at}: {e:?}");
+            assert!(end <= head.len(), "{at}");
+        }
+        // A whole head in one read is still parsed once.
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut parser = RequestParser::new();
+        assert_eq!(parses(|| assert!(parser.parse(head).unwrap().is_some())), 1);
     }
 
     #[test]
@@ -425,7 +487,9 @@ pub(super) mod tests {
             }
             assert_eq!(parser.parse(&wire).unwrap().unwrap().1, wire.len());
         });
-        assert_eq!(n, 2);
+        // The first byte, then the end of each of the head's three lines
+        // (the last one empty); none of the empty lines before it.
+        assert_eq!(n, 4);
     }
 
     #[test]
