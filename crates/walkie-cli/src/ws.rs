@@ -153,7 +153,8 @@ enum Step {
     Shutdown,
     Popped(Result<(), QueueClosed>),
     Deadline,
-    Backlog,
+    Backlog(walkie::Result<()>),
+    Refused,
     Received(Option<walkie::Result<Message>>),
 }
 
@@ -178,6 +179,9 @@ where
     let mut batch = Vec::new();
     let mut deadline = Deadline::default();
     let mut catch_up = false;
+    // A binary message ended a burst: the commands before it are handled,
+    // in their turns, then the connection is closed with 4000.
+    let mut refused = false;
     loop {
         if catch_up {
             // Written: the next piece of a recovery larger than the queue
@@ -192,9 +196,18 @@ where
             popped = session.queue().pop_all(&mut batch) => Step::Popped(popped),
             () = poll_fn(|cx| deadline.poll(cx)) => Step::Deadline,
             // Commands read together take their turns here, after what
-            // the one before queued was sent.
-            () = std::future::ready(()), if session.has_backlog() => Step::Backlog,
-            next = poll_fn(|cx| ws.lock().poll_recv(cx)) => Step::Received(next),
+            // the one before queued was sent, and once the socket has room
+            // for their replies: a burst of commands with large replies
+            // (history, say) to a client that reads nothing must not pile
+            // them all up.
+            ready = poll_fn(|cx| ws.lock().poll_ready(cx)), if session.has_backlog() => {
+                Step::Backlog(ready)
+            }
+            () = std::future::ready(()), if refused && !session.has_backlog() => Step::Refused,
+            // The next burst is read once this one is handled.
+            next = poll_fn(|cx| ws.lock().poll_recv(cx)), if !refused && !session.has_backlog() => {
+                Step::Received(next)
+            }
         };
         let closed = match step {
             Step::Shutdown => {
@@ -223,7 +236,9 @@ where
                     None => continue,
                 }
             }
-            Step::Backlog => {
+            Step::Backlog(Err(e)) => return format!("connection failed: {e}"),
+            Step::Refused => return Box::pin(close_with(ws, binary_refused())).await,
+            Step::Backlog(Ok(())) => {
                 ws.set_busy(true);
                 if let Err(why) = Box::pin(handle_next(ws, session)).await {
                     return why;
@@ -236,8 +251,9 @@ where
                 // meanwhile (to a channel just joined, say) goes to the
                 // queue, after the replies, and not straight to the socket.
                 ws.set_busy(true);
-                if let Err(why) = Box::pin(handle_burst(ws, session, text)).await {
-                    return why;
+                match Box::pin(handle_burst(ws, session, text)).await {
+                    Ok(binary_behind) => refused = binary_behind,
+                    Err(why) => return why,
                 }
                 ws.set_busy(false);
                 continue;
@@ -273,13 +289,16 @@ fn binary_refused() -> CloseReason {
 /// already readable into the session's backlog, then handles the first
 /// of them (a run of publishes is one batch: `Session::handle_next`); the
 /// loop handles the rest, sending what they queue in between, as it would
-/// had they come one at a time. `Err` once the connection is over, with
-/// why: if it ended behind the burst, the burst is handled first.
+/// had they come one at a time. `Ok(true)` when a binary message ended the
+/// burst: the loop closes the connection once the rest is handled. `Err`
+/// once the connection is over, with why: if the client closed it or it
+/// failed behind the burst, the burst is handled first (its publishes are
+/// made; its replies go nowhere).
 async fn handle_burst<S>(
     ws: &Shared<S>,
     session: &mut Session,
     first: walkie::Utf8Bytes,
-) -> Result<(), String>
+) -> Result<bool, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -299,23 +318,22 @@ where
         Message::Binary(_) => false,
     })
     .await;
-    let Some(behind) = behind else {
-        return handle_next(ws, session).await;
+    let over = match behind {
+        None => return handle_next(ws, session).await.map(|()| false),
+        Some(Behind::Refused) => return handle_next(ws, session).await.map(|()| true),
+        Some(Behind::Failed(e)) => format!("connection failed: {e}"),
+        Some(Behind::Closed) => "closed by the client".into(),
     };
-    // The connection is ending: what came before the end is handled.
-    let handled = async {
-        while session.has_backlog() {
-            handle_next(ws, session).await?;
+    // The connection is over: what came before the end is handled, its
+    // replies dropped (there is no one to send them to), until the session
+    // itself would close.
+    while session.has_backlog() {
+        let (_, close) = session.handle_next(now()).await;
+        if close.is_some() {
+            break;
         }
-        Ok(())
     }
-    .await;
-    match behind {
-        Behind::Failed(e) => Err(format!("connection failed: {e}")),
-        _ if handled.is_err() => handled,
-        Behind::Refused => Err(Box::pin(close_with(ws, binary_refused())).await),
-        Behind::Closed => Err("closed by the client".into()),
-    }
+    Err(over)
 }
 
 /// Handles the session's next waiting command (or run of publishes) and

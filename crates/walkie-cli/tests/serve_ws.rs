@@ -7,6 +7,8 @@ mod common;
 #[path = "common/proto.rs"]
 mod proto;
 
+use std::time::Duration;
+
 use common::{Server, http_exchange, upgrade_request, within};
 use serde_json::json;
 use walkie::{CloseCode, Message};
@@ -634,6 +636,105 @@ async fn a_burst_of_commands_is_answered_in_order_with_publishes_batched() {
             let p = b.publication().await;
             assert_eq!(p["offset"], expected);
         }
+    })
+    .await;
+}
+
+/// The server's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// A burst of commands with large replies from a client that reads
+/// nothing: each command waits for the socket to have room for its
+/// replies, so the server holds about one reply, not the whole burst's
+/// (100 MB here). Once the client reads, every reply comes, in order.
+#[tokio::test]
+async fn a_burst_with_large_replies_waits_for_a_client_that_reads_nothing() {
+    let server = Server::start(&[]);
+    within(60, async {
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        let data = "h".repeat(25_000);
+        for _ in 0..20 {
+            publisher
+                .ok("publish", json!({"channel": "big", "data": data}))
+                .await;
+        }
+        let (mut a, _) = proto::connected(server.port, None).await;
+        let before = rss_kib(server.pid());
+        let count = 200u64;
+        for i in 1..=count {
+            let command = json!({"id": 5000 + i, "history": {"channel": "big"}});
+            a.ws.feed_now(command.to_string()).unwrap();
+        }
+        a.ws.flush().await.unwrap();
+        // Reading nothing; the server answers what the socket takes.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let grown = rss_kib(server.pid()).saturating_sub(before);
+        assert!(
+            grown < 16 * 1024,
+            "the server grew by {grown} KiB for a client that reads nothing \
+             (the whole burst's replies are 100 MB)"
+        );
+        for i in 1..=count {
+            let reply = a.next().await.expect("a reply for every command");
+            assert_eq!(reply["id"], 5000 + i, "replies in order");
+            assert_eq!(
+                reply["result"]["publications"].as_array().unwrap().len(),
+                20
+            );
+        }
+    })
+    .await;
+}
+
+/// A binary message behind a burst closes the connection with 4000, but
+/// only once the commands before it are handled as usual, what each one
+/// queued sent in its turn: a subscribe's replayed messages, then the
+/// reply to the ping behind it.
+#[tokio::test]
+async fn a_binary_message_behind_a_burst_closes_after_what_the_burst_queued() {
+    let server = Server::start(&[]);
+    within(30, async {
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        for i in 1..=5 {
+            publisher
+                .ok("publish", json!({"channel": "replay", "data": i}))
+                .await;
+        }
+        let (mut a, _) = proto::connected(server.port, None).await;
+        for command in [
+            json!({"id": 10, "subscribe": {"channel": "replay", "history": 5}}),
+            json!({"id": 11, "ping": {}}),
+        ] {
+            a.ws.feed_now(command.to_string()).unwrap();
+        }
+        a.ws.feed_now(Message::binary(vec![1u8])).unwrap();
+        a.ws.flush().await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(m) = a.next().await {
+            seen.push(m);
+        }
+        let ids: Vec<_> = seen.iter().filter_map(|m| m.get("id")).cloned().collect();
+        assert_eq!(ids, [json!(10), json!(11)], "{seen:?}");
+        let replayed: Vec<_> = seen
+            .iter()
+            .filter_map(|m| m.get("pub"))
+            .map(|p| p["data"].clone())
+            .collect();
+        assert_eq!(replayed, [1, 2, 3, 4, 5].map(|i| json!(i)), "{seen:?}");
+        let ping = seen.iter().position(|m| m["id"] == 11).unwrap();
+        let last_pub = seen.iter().rposition(|m| m.get("pub").is_some()).unwrap();
+        assert!(
+            last_pub < ping,
+            "a replayed message after the ping's reply: {seen:?}"
+        );
+        assert_eq!(a.closed().await, Some(4000));
     })
     .await;
 }
