@@ -39,8 +39,10 @@ pub(crate) struct Member {
 #[derive(Debug)]
 pub(crate) enum Joining {
     /// Its history is being read: publications that arrive meanwhile are
-    /// kept here, and queued after it without duplicates.
-    Reading(Vec<Publication>),
+    /// kept here with their epoch, and queued after it without duplicates
+    /// (or, where the epoch is not the one history was read in, the
+    /// subscriber is told to recover).
+    Reading(Vec<(Publication, Arc<str>)>),
     /// Its recovery is larger than its queue, and is queued from history
     /// piece by piece as the client reads (see `recovery.rs`): the fan-out
     /// skips it, noting the newest offset it skipped, which history holds
@@ -341,7 +343,7 @@ impl Members {
                         *arrived = Vec::new();
                         m.queue.close(crate::QueueClosed::SlowConsumer);
                     } else if !m.queue.is_closed() {
-                        arrived.extend(pending.iter().map(|(p, _)| p.clone()));
+                        arrived.extend(pending.iter().cloned());
                     }
                     continue;
                 }

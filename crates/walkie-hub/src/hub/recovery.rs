@@ -194,25 +194,34 @@ impl Client {
             _ => Vec::new(),
         };
         me.epoch = position.epoch.clone();
+        // A numbered publication of another epoch than history's: history
+        // was lost while it was read (or the engine delivered an older
+        // epoch's late). Its offsets cannot be compared with history's,
+        // and guessing could skip messages: the client reconnects and
+        // recovers, and is told then what was lost.
+        if arrived
+            .iter()
+            .any(|(p, epoch)| p.offset != 0 && **epoch != *position.epoch)
+        {
+            self.queue.close(QueueClosed::Unavailable);
+        }
         if let Some(since) = since.filter(|_| catching_up) {
-            let newest = arrived.iter().map(|p| p.offset).max().unwrap_or(0);
+            let newest = arrived.iter().map(|(p, _)| p.offset).max().unwrap_or(0);
             me.joining = Some(Box::new(Joining::CatchingUp {
                 behind: newest.max(position.offset),
                 read: FIRST_READ as u32,
             }));
             from_history = (position.offset - since) as usize;
         }
-        for p in arrived {
+        for (p, _) in arrived {
             // Offset 0: not in history, so not a duplicate of it. While
             // catching up, the numbered ones come from history later.
             let new = p.offset == 0 || (!catching_up && p.offset > last);
             if new {
                 last = last.max(p.offset);
                 if let Some(message) = frame(channel, &p, format) {
-                    self.queue.push(Queued {
-                        message,
-                        key: p.key.clone(),
-                    });
+                    let key = queue_key(channel, &p);
+                    self.queue.push(Queued { message, key });
                 }
             }
         }
@@ -671,6 +680,66 @@ mod tests {
                 assert_eq!(got, Err(QueueClosed::SlowConsumer));
             }
         }
+    }
+
+    /// History lost while a subscriber's history is read: what is
+    /// published next counts offsets from 1 again, in a new epoch, which
+    /// cannot be compared with the old epoch's. The subscriber is told to
+    /// recover (its queue closes as unavailable) rather than lose those
+    /// messages as "already seen".
+    #[tokio::test]
+    async fn an_epoch_change_during_a_join_asks_the_client_to_recover() {
+        let broker = Arc::new(Slow::default());
+        let hub = Hub::new(broker.clone());
+        let channel = ChannelName::new("feed").unwrap();
+        publish(&hub, &channel, 1..=5, 100).await;
+        let mut client = hub.client(QueueLimits::default());
+        let publisher = hub.clone();
+        let ch = channel.clone();
+        let (joined, ()) = tokio::join!(
+            client.subscribe(channel.clone(), Format::Raw, Recover::Nothing),
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                use crate::engine::Broker;
+                broker.remove_history(ch.clone()).await.unwrap();
+                publish(&publisher, &ch, 1..=1, 100).await;
+            }
+        );
+        assert_eq!(joined.unwrap().position.offset, 5, "read before the loss");
+        assert_eq!(popped(&client), Err(QueueClosed::Unavailable));
+    }
+
+    /// A state-like message published while a subscriber joins is queued
+    /// under the same key as the live ones, so that the next one with
+    /// that key replaces it in a full queue.
+    #[tokio::test]
+    async fn what_arrives_during_a_join_keeps_its_queue_key() {
+        let hub = Hub::new(Arc::new(Slow::default()));
+        let channel = ChannelName::new("scores").unwrap();
+        let keyed = |n: u8| {
+            let mut p = NewPublication::new(Kind::Binary, vec![n]);
+            p.key = Some("home".into());
+            p
+        };
+        let limits = QueueLimits {
+            messages: 1,
+            policy: crate::queue::OverflowPolicy::LatestPerKey,
+            ..QueueLimits::default()
+        };
+        let mut client = hub.client(limits);
+        let publisher = hub.clone();
+        let ch = channel.clone();
+        let (joined, ()) = tokio::join!(
+            client.subscribe(channel.clone(), Format::Raw, Recover::Nothing),
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                publisher.publish(ch, keyed(1), keeping(10)).await.unwrap();
+            }
+        );
+        joined.unwrap();
+        hub.publish(channel, keyed(2), keeping(10)).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(popped(&client), Ok(vec![2]), "2 replaced 1");
     }
 
     /// An engine may skip a message that expired while it read: a piece
