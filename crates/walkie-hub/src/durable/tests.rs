@@ -274,3 +274,64 @@ impl DurableBroker {
         }
     }
 }
+
+/// Records, at each delivery, whether the duplicate had its answer yet.
+#[derive(Default)]
+struct AnsweredAtDelivery {
+    duplicate: Mutex<Option<Reply>>,
+    seen: Mutex<Vec<bool>>,
+}
+
+impl BrokerEvents for AnsweredAtDelivery {
+    fn handle_publication(&self, _: &ChannelName, _: &Publication, _: &str) {
+        let mut duplicate = lock(&self.duplicate);
+        let rx = duplicate.as_mut().expect("the duplicate's reply");
+        let answered = !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        lock(&self.seen).push(answered);
+    }
+}
+
+/// A publish suppressed by a key used earlier in its own batch is
+/// answered once that batch is committed, with its outcome: not before,
+/// when the commit could still fail and lose the message the key names.
+#[tokio::test]
+async fn a_duplicate_in_one_batch_is_answered_after_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path(), DurableOptions::default());
+    let check = Arc::new(AnsweredAtDelivery::default());
+    let events: Arc<OnceLock<Arc<dyn BrokerEvents>>> = Arc::default();
+    let _ = events.set(check.clone());
+    let mut writer = Writer {
+        db: broker.db.clone(),
+        events,
+        usage: Arc::default(),
+        options: DurableOptions::default(),
+        opened: Instant::now(),
+        sweep: Sweep::default(),
+    };
+    let ch = channel("orders");
+    let request = || {
+        let (reply, rx) = oneshot::channel();
+        let options = keyed("order-1", LONG, kept_for(LONG));
+        let new = NewPublication::text("m");
+        (
+            Request::Publish {
+                channel: ch.clone(),
+                new,
+                options,
+                reply,
+            },
+            rx,
+        )
+    };
+    let (first, mut first_rx) = request();
+    let (duplicate, duplicate_rx) = request();
+    *lock(&check.duplicate) = Some(duplicate_rx);
+    writer.apply(vec![first, duplicate]);
+    assert_eq!(*lock(&check.seen), [false], "not answered before delivery");
+    let original = first_rx.try_recv().unwrap().unwrap();
+    let rx = lock(&check.duplicate).take().unwrap();
+    let suppressed = rx.await.unwrap().unwrap();
+    assert!(!original.suppressed && suppressed.suppressed);
+    assert_eq!(suppressed.position, original.position);
+}

@@ -7,6 +7,7 @@ use super::*;
 enum Done {
     Published {
         channel: ChannelName,
+        /// None for a publish its idempotency key suppressed.
         publication: Option<Publication>,
         result: PublishResult,
         reply: oneshot::Sender<Result<PublishResult, EngineError>>,
@@ -51,7 +52,7 @@ impl Writer {
         batch
     }
 
-    fn apply(&mut self, batch: Vec<Request>) {
+    pub(super) fn apply(&mut self, batch: Vec<Request>) {
         let now = now_ms();
         let started = Instant::now();
         let mut done = Vec::with_capacity(batch.len());
@@ -97,10 +98,18 @@ impl Writer {
                                     .get((channel.as_str(), key.as_str()))?
                                     .and_then(|v| seen(v.value(), now));
                                 if let Some(position) = earlier {
-                                    let _ = reply.send(Ok(PublishResult {
-                                        position,
-                                        suppressed: true,
-                                    }));
+                                    // Answered with the commit's outcome:
+                                    // the key may be this batch's, and
+                                    // lost with it if the commit fails.
+                                    done.push(Done::Published {
+                                        channel,
+                                        publication: None,
+                                        result: PublishResult {
+                                            position,
+                                            suppressed: true,
+                                        },
+                                        reply,
+                                    });
                                     continue;
                                 }
                             }
