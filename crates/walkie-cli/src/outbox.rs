@@ -229,6 +229,39 @@ where
     Ok(())
 }
 
+/// How many pops in a row a connection's loop makes before its socket
+/// goes first for a turn (see [`Turns`]).
+const POPS_IN_A_ROW: u8 = 16;
+
+/// Keeps a connection's loop (a room member's, a session's) fair to its
+/// socket. The loop's select prefers the queue: what the hub fans out is
+/// fed first, and leaves in one write when the loop next polls the
+/// socket. But a queue that another worker's fan-out fills faster than
+/// one turn of the loop would be ready at every turn, and the socket
+/// would wait, unread and with what was fed not written out, until the
+/// queue ran dry. So after [`POPS_IN_A_ROW`] pops in a row, the queue sits
+/// out one turn: the loop's other steps are polled, and if none is ready
+/// the loop passes and goes round again.
+#[derive(Debug, Default)]
+pub struct Turns(u8);
+
+impl Turns {
+    /// Whether the socket goes first this turn; counts the turn as given.
+    pub fn socket_first(&mut self) -> bool {
+        if self.0 < POPS_IN_A_ROW {
+            return false;
+        }
+        self.0 = 0;
+        true
+    }
+
+    /// Counts the step the loop took: a pop, or another (which polled the
+    /// socket).
+    pub fn took(&mut self, popped: bool) {
+        self.0 = if popped { self.0.saturating_add(1) } else { 0 };
+    }
+}
+
 /// The most messages one burst takes (see [`read_burst`]).
 const BURST_MESSAGES: usize = 256;
 /// The bytes past which a burst takes no more (a caller may set less).
@@ -358,6 +391,32 @@ pub fn task_size(future: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The socket goes first once after 16 pops in a row, then the queue
+    /// again; any other step starts the count again.
+    #[test]
+    fn the_socket_gets_a_turn_after_sixteen_pops_in_a_row() {
+        let mut turns = Turns::default();
+        let mut firsts = Vec::new();
+        for _ in 0..40 {
+            // A queue always ready: every turn it takes is a pop.
+            let first = turns.socket_first();
+            firsts.push(first);
+            turns.took(!first);
+        }
+        let at: Vec<usize> = (0..40).filter(|&i| firsts[i]).collect();
+        assert_eq!(at, [16, 33], "every 17th turn, the socket's");
+        for _ in 0..10 {
+            turns.took(true);
+        }
+        turns.took(false);
+        assert!((0..16).all(|_| {
+            let first = turns.socket_first();
+            turns.took(true);
+            !first
+        }));
+        assert!(turns.socket_first());
+    }
 
     /// A `Shared` connection and its `Arc` counts (16 bytes) fit a
     /// 256-byte allocation.

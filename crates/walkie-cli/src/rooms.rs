@@ -16,7 +16,7 @@ use walkie_hub::{
 };
 
 use crate::outbox::{
-    BURST_BYTES, Behind, Counted, Sent, Shared, close_within, read_burst, send_batch,
+    BURST_BYTES, Behind, Counted, Sent, Shared, Turns, close_within, read_burst, send_batch,
 };
 use crate::serve::AppState;
 
@@ -160,6 +160,8 @@ enum Step {
     Shutdown,
     Popped(Result<(), QueueClosed>),
     Received(Option<walkie::Result<Message>>),
+    /// The queue sat out a turn and the socket had nothing.
+    Passed,
 }
 
 /// Relays between one member and the room until either side ends; returns
@@ -182,13 +184,18 @@ where
     // member's whole life.
     let mut shutdown = state.shutdown_wakers.waiter();
     let mut batch = Vec::new();
+    let mut turns = Turns::default();
     loop {
+        // Every so often the queue sits out a turn (see `Turns`).
+        let queue_turn = !turns.socket_first();
         let step = tokio::select! {
             biased;
             () = poll_fn(|cx| shutdown.poll(cx)) => Step::Shutdown,
-            popped = client.queue().pop_all(&mut batch) => Step::Popped(popped),
+            popped = client.queue().pop_all(&mut batch), if queue_turn => Step::Popped(popped),
             next = poll_fn(|cx| ws.lock().poll_recv(cx)) => Step::Received(next),
+            () = std::future::ready(()), if !queue_turn => Step::Passed,
         };
+        turns.took(matches!(step, Step::Popped(_)));
         let closed = match step {
             Step::Shutdown => {
                 close_within(ws, CloseCode::GOING_AWAY, "server shutting down").await;
@@ -225,6 +232,7 @@ where
             }
             Step::Received(Some(Err(e))) => return format!("connection failed: {e}"),
             Step::Received(None) => return "closed by the client".into(),
+            Step::Passed => continue,
         };
         return match closed {
             QueueClosed::SlowConsumer => {

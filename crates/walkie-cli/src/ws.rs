@@ -15,7 +15,7 @@ use walkie_hub::protocol::SUBPROTOCOL;
 use walkie_hub::{CloseReason, QueueClosed, Session};
 
 use crate::outbox::{
-    BURST_BYTES, Behind, Counted, Sent, Shared, close_within, read_burst, send_batch,
+    BURST_BYTES, Behind, Counted, Sent, Shared, Turns, close_within, read_burst, send_batch,
 };
 use crate::serve::AppState;
 
@@ -156,6 +156,8 @@ enum Step {
     Backlog(walkie::Result<()>),
     Refused,
     Received(Option<walkie::Result<Message>>),
+    /// The queue sat out a turn and nothing else was ready.
+    Passed,
 }
 
 /// The close reason (and log line) of a client cut off because its queue
@@ -182,6 +184,7 @@ where
     // A binary message ended a burst: the commands before it are handled,
     // in their turns, then the connection is closed with 4000.
     let mut refused = false;
+    let mut turns = Turns::default();
     loop {
         if catch_up {
             // Written: the next piece of a recovery larger than the queue
@@ -190,10 +193,12 @@ where
             Box::pin(session.catch_up()).await;
         }
         deadline.set(session.deadline());
+        // Every so often the queue sits out a turn (see `Turns`).
+        let queue_turn = !turns.socket_first();
         let step = tokio::select! {
             biased;
             () = poll_fn(|cx| shutdown.poll(cx)) => Step::Shutdown,
-            popped = session.queue().pop_all(&mut batch) => Step::Popped(popped),
+            popped = session.queue().pop_all(&mut batch), if queue_turn => Step::Popped(popped),
             () = poll_fn(|cx| deadline.poll(cx)) => Step::Deadline,
             // Commands read together take their turns here, after what
             // the one before queued was sent, and once the socket has room
@@ -208,7 +213,9 @@ where
             next = poll_fn(|cx| ws.lock().poll_recv(cx)), if !refused && !session.has_backlog() => {
                 Step::Received(next)
             }
+            () = std::future::ready(()), if !queue_turn => Step::Passed,
         };
+        turns.took(matches!(step, Step::Popped(_)));
         let closed = match step {
             Step::Shutdown => {
                 close_within(ws, CloseCode::GOING_AWAY, "server shutting down").await;
@@ -263,6 +270,7 @@ where
             }
             Step::Received(Some(Err(e))) => return format!("connection failed: {e}"),
             Step::Received(None) => return "closed by the client".into(),
+            Step::Passed => continue,
         };
         if closed == QueueClosed::SlowConsumer {
             crate::outbox::overflowed(state.hub.metrics());
