@@ -184,6 +184,8 @@ where
     // A binary message ended a burst: the commands before it are handled,
     // in their turns, then the connection is closed with 4000.
     let mut refused = false;
+    // The close waited for the hub's deliveries (see `Hub::delivered`).
+    let mut fenced = false;
     let mut turns = Turns::default();
     loop {
         if catch_up {
@@ -244,6 +246,13 @@ where
                 }
             }
             Step::Backlog(Err(e)) => return format!("connection failed: {e}"),
+            Step::Refused if !fenced => {
+                // What the burst's commands caused (the publications to a
+                // channel this client is in) goes out before the close.
+                fenced = true;
+                Box::pin(state.hub.delivered()).await;
+                continue;
+            }
             Step::Refused => return Box::pin(close_with(ws, binary_refused())).await,
             Step::Backlog(Ok(())) => {
                 ws.set_busy(true);
@@ -266,7 +275,9 @@ where
                 continue;
             }
             Step::Received(Some(Ok(Message::Binary(_)))) => {
-                return Box::pin(close_with(ws, binary_refused())).await;
+                // Closed in turn, after what earlier commands caused.
+                refused = true;
+                continue;
             }
             Step::Received(Some(Err(e))) => return format!("connection failed: {e}"),
             Step::Received(None) => return "closed by the client".into(),

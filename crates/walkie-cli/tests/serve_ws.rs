@@ -739,6 +739,47 @@ async fn a_binary_message_behind_a_burst_closes_after_what_the_burst_queued() {
     .await;
 }
 
+/// What a burst's own commands made the hub send this connection (the
+/// join, the publications to a channel it just joined) reaches it before
+/// the 4000 close for a binary message behind the burst, on either engine.
+#[tokio::test]
+async fn a_binary_message_behind_a_burst_closes_after_the_pushes_it_caused() {
+    for args in [&[][..], &["--in-memory"][..]] {
+        let server = Server::start(args);
+        within(30, async {
+            let (mut a, _) = proto::connected(server.port, None).await;
+            let mut ids = vec![json!(10)];
+            a.ws.feed_now(json!({"id": 10, "subscribe": {"channel": "burst"}}).to_string())
+                .unwrap();
+            for i in 1..=5 {
+                ids.push(json!(10 + i));
+                let publish = json!({"id": 10 + i, "publish": {"channel": "burst", "data": i}});
+                a.ws.feed_now(publish.to_string()).unwrap();
+            }
+            a.ws.feed_now(Message::binary(vec![1u8])).unwrap();
+            a.ws.flush().await.unwrap();
+            let mut seen = Vec::new();
+            while let Some(m) = a.next().await {
+                seen.push(m);
+            }
+            let replied: Vec<_> = seen.iter().filter_map(|m| m.get("id")).cloned().collect();
+            assert_eq!(replied, ids, "{args:?}: {seen:?}");
+            let pushed: Vec<_> = seen
+                .iter()
+                .filter_map(|m| m.get("pub"))
+                .map(|p| p["data"].clone())
+                .collect();
+            assert_eq!(
+                pushed,
+                [1, 2, 3, 4, 5].map(|i| json!(i)),
+                "{args:?}: {seen:?}"
+            );
+            assert_eq!(a.closed().await, Some(4000), "{args:?}");
+        })
+        .await;
+    }
+}
+
 /// Commands sent together that are not publishes take their turns one at
 /// a time, what each queued being sent before the next is handled: the
 /// messages a `subscribe` replays come before the reply to an

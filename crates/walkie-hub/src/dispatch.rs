@@ -163,18 +163,31 @@ pub(crate) fn frame(
     Some(PreparedMessage::new(message))
 }
 
-/// A publication handed to the delivery task (see [`Hub::deliver_here`]).
-pub(crate) type Forwarded = (ChannelName, Publication, Arc<str>);
+/// What the delivery task is handed (see [`Hub::deliver_here`]).
+pub(crate) enum Forwarded {
+    /// A publication to queue for the channel's subscribers here.
+    Publication(ChannelName, Publication, Arc<str>),
+    /// Answered once everything handed over before it is queued (see
+    /// [`Hub::delivered`](crate::Hub::delivered)).
+    Fence(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Answers a fence once the flushes scheduled before it on this runtime
+/// have run: a task spawned now runs after them.
+pub(crate) fn answer_fence(done: tokio::sync::oneshot::Sender<()>) {
+    tokio::spawn(async move {
+        let _ = done.send(());
+    });
+}
 
 impl BrokerEvents for Dispatch {
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
         if let Some(home) = self.home.get() {
             // Every publication takes this one path once it is set, so the
             // order per channel holds.
-            if home
-                .send((channel.clone(), publication.clone(), epoch.into()))
-                .is_ok()
-            {
+            let forwarded =
+                Forwarded::Publication(channel.clone(), publication.clone(), epoch.into());
+            if home.send(forwarded).is_ok() {
                 return;
             }
         }

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::channel::ChannelName;
-use crate::dispatch::{CONTROL_CHANNEL, Control, Dispatch, Forwarded, Joining, Member};
+use crate::dispatch::{
+    CONTROL_CHANNEL, Control, Dispatch, Forwarded, Joining, Member, answer_fence,
+};
 use crate::engine::{Broker, EngineError};
 use crate::memory::lock;
 use crate::metrics::Metrics;
@@ -135,11 +137,41 @@ impl Hub {
                 let Some(dispatch) = dispatch.upgrade() else {
                     return;
                 };
-                for (channel, publication, epoch) in batch.drain(..) {
-                    dispatch.deliver(&channel, &publication, &epoch);
+                for forwarded in batch.drain(..) {
+                    match forwarded {
+                        Forwarded::Publication(channel, publication, epoch) => {
+                            dispatch.deliver(&channel, &publication, &epoch);
+                        }
+                        Forwarded::Fence(done) => answer_fence(done),
+                    }
                 }
             }
         });
+    }
+
+    /// Resolves once every publication this node's engine handed the hub
+    /// before the call is in its subscribers' queues: a connection about
+    /// to close waits for it so that what its last commands caused (the
+    /// messages it published to a channel it is in, its own join) is
+    /// sent before the close. Call it on the connection's own runtime.
+    ///
+    /// Publications are queued by a task scheduled on the runtime that
+    /// delivered them (see `Dispatch::deliver`), after the tasks already
+    /// scheduled; the answer is such a task too, scheduled after them.
+    /// Not covered: a publication that joined a channel's batch already
+    /// scheduled on another runtime, and one a shared engine (Redis,
+    /// NATS) has not sent back to this node yet.
+    pub async fn delivered(&self) {
+        let (done, answered) = tokio::sync::oneshot::channel();
+        match self.0.dispatch.home.get() {
+            Some(home) => {
+                if home.send(Forwarded::Fence(done)).is_err() {
+                    return;
+                }
+            }
+            None => answer_fence(done),
+        }
+        let _ = answered.await;
     }
 
     /// Subscribes this node to [`CONTROL_CHANNEL`], so that
