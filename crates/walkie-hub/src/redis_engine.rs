@@ -55,8 +55,12 @@ if ARGV[1] == '1' then
   redis.call('HSET', KEYS[1], 'ttl', ARGV[3])
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], top .. '-1', 'd', ARGV[6])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+  -- Saving nothing (a join, a leave) must not cut short the TTL that the
+  -- channel's history set (PTTL is -1 for a meta just made).
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local position = top .. ':' .. epoch
 redis.call('PUBLISH', ARGV[5], position .. ':' .. ARGV[6])
 if KEYS[3] ~= '' then redis.call('SET', KEYS[3], position, 'PX', ARGV[7]) end
@@ -850,6 +854,52 @@ mod tests {
         .map(|(o, t)| (o, t.to_owned()));
         assert_eq!(got, want);
         assert_eq!(broker.reconnects(), 1);
+        broker.remove_history(ch).await.unwrap();
+    }
+
+    /// A publication saved to no history (a join, a leave) leaves the
+    /// epoch's TTL as the channel's history set it: a history kept for
+    /// three days keeps its epoch six, not one. Needs `WALKIE_TEST_REDIS`.
+    #[tokio::test]
+    async fn saving_nothing_keeps_the_epoch_as_long_as_the_history_wants() {
+        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
+            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+            return;
+        };
+        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
+        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
+        let ch = ChannelName::new("long").unwrap();
+        let three_days = Duration::from_secs(3 * 24 * 3600);
+        let kept = PublishOptions {
+            history: Some(crate::HistoryOptions {
+                size: 10,
+                ttl: three_days,
+            }),
+            ..PublishOptions::default()
+        };
+        let meta = broker.key("m", ch.as_str());
+        let ttl = || async {
+            let ms: i64 = redis::cmd("PTTL")
+                .arg(&meta)
+                .query_async(&mut broker.conn.clone())
+                .await
+                .unwrap();
+            Duration::from_millis(u64::try_from(ms).expect("a meta with a TTL"))
+        };
+        let joined = NewPublication::text("join");
+        let unkept = PublishOptions::default();
+        // A channel first seen through an event gets the day at least.
+        broker
+            .publish(ch.clone(), joined.clone(), unkept.clone())
+            .await
+            .unwrap();
+        assert!(ttl().await > Duration::from_secs(23 * 3600));
+        broker
+            .publish(ch.clone(), NewPublication::text("m"), kept)
+            .await
+            .unwrap();
+        broker.publish(ch.clone(), joined, unkept).await.unwrap();
+        assert!(ttl().await > 2 * three_days - Duration::from_secs(60));
         broker.remove_history(ch).await.unwrap();
     }
 }
