@@ -29,11 +29,16 @@ use crate::publication::{
 #[derive(Debug, Default)]
 pub struct Recorder {
     seen: Mutex<Vec<(ChannelName, Publication, String)>>,
+    unavailable: Mutex<Vec<ChannelName>>,
 }
 
 impl BrokerEvents for Recorder {
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str) {
         lock(&self.seen).push((channel.clone(), publication.clone(), epoch.to_owned()));
+    }
+
+    fn channel_unavailable(&self, channel: &ChannelName) {
+        lock(&self.unavailable).push(channel.clone());
     }
 }
 
@@ -45,6 +50,12 @@ impl Recorder {
             .filter(|(c, _, _)| c == channel)
             .map(|(_, p, _)| p.clone())
             .collect()
+    }
+
+    /// Whether the engine said that `channel` cannot be delivered in order
+    /// (see [`BrokerEvents::channel_unavailable`]).
+    pub fn was_unavailable(&self, channel: &ChannelName) -> bool {
+        lock(&self.unavailable).contains(channel)
     }
 
     /// Waits up to 5 s until `n` publications arrived on `channel` (engines

@@ -169,6 +169,9 @@ return redis.call('HGETALL', KEYS[1])
 struct Shared {
     /// Reconnections so far, for `/metrics`.
     reconnects: std::sync::atomic::AtomicU64,
+    /// A task is asking for the connection back (see
+    /// [`RedisBroker::keep_reconnecting`]).
+    reconnecting: std::sync::atomic::AtomicBool,
     prefix: String,
     events: OnceLock<Arc<dyn BrokerEvents>>,
     /// Channels this node subscribed to, by pub/sub name.
@@ -309,6 +312,7 @@ impl RedisBroker {
             .map_err(unavailable)?;
         let shared = Arc::new(Shared {
             reconnects: std::sync::atomic::AtomicU64::new(0),
+            reconnecting: std::sync::atomic::AtomicBool::new(false),
             prefix: prefix.to_owned(),
             events: OnceLock::new(),
             subscribed: Mutex::default(),
@@ -348,6 +352,7 @@ impl RedisBroker {
                 PushKind::Disconnection => {
                     tracing::warn!("redis engine: connection lost; reconnecting");
                     behind = true;
+                    self.keep_reconnecting();
                 }
                 PushKind::Subscribe if behind => {
                     behind = false;
@@ -370,6 +375,36 @@ impl RedisBroker {
                 _ => {}
             }
         }
+    }
+
+    /// Asks for the connection until it is back. The connection manager
+    /// retries a lost connection for a few seconds only, and after that
+    /// reconnects when a request needs it: a node that only receives makes
+    /// none, and would stay cut off after a longer outage. A ping every few
+    /// seconds is that request; once one is answered, the connection (and
+    /// its subscriptions, which bring the catch-up) is back.
+    fn keep_reconnecting(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.shared.reconnecting.swap(true, Relaxed) {
+            return;
+        }
+        let shared = Arc::downgrade(&self.shared);
+        let mut conn = self.conn.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let ping = redis::cmd("PING");
+                if bounded(ping.query_async::<()>(&mut conn)).await.is_ok() {
+                    shared.reconnecting.store(false, Relaxed);
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(4));
+            }
+        });
     }
 
     /// Delivers one pub/sub message `offset:epoch:body`.
@@ -415,34 +450,58 @@ impl RedisBroker {
     }
 
     /// After a reconnect: delivers what each subscribed channel saved while
-    /// the pub/sub connection was down.
+    /// the pub/sub connection was down. A channel whose missed messages
+    /// cannot all be read (Redis failed again, or trimmed some meanwhile)
+    /// is not delivered past the gap: its members here are cut off to
+    /// reconnect and recover (`BrokerEvents::channel_unavailable`), and it
+    /// starts again from the next message.
     async fn catch_up(&self) {
         let channels: Vec<ChannelName> = lock(&self.shared.subscribed).values().cloned().collect();
         for channel in channels {
-            if let Err(e) = self.catch_up_channel(&channel).await {
-                tracing::warn!(%channel, "redis engine: catch-up failed: {e}");
+            let why = match self.catch_up_channel(&channel).await {
+                Ok(true) => continue,
+                Ok(false) => "some of the missed messages are no longer kept".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(%channel, "redis engine: catch-up failed: {why}");
+            lock(&self.shared.delivered).remove(&channel);
+            if let Some(events) = self.shared.events.get() {
+                events.channel_unavailable(&channel);
             }
         }
     }
 
-    /// Delivers what `channel` saved after the latest publication delivered.
-    /// In a new epoch (the history was lost meanwhile: removed, expired, or
-    /// Redis came back without it) that offset means nothing, and the new
-    /// stream's messages up to it would be skipped: everything the new
-    /// epoch kept is delivered instead, from its start.
-    async fn catch_up_channel(&self, channel: &ChannelName) -> Result<(), EngineError> {
+    /// Delivers what `channel` saved after the latest publication delivered;
+    /// `false` if some of it is no longer kept. In a new epoch (the history
+    /// was lost meanwhile: removed, expired, or Redis came back without it)
+    /// that offset means nothing, and the new stream's messages up to it
+    /// would be skipped: everything the new epoch kept is delivered
+    /// instead, from its start.
+    async fn catch_up_channel(&self, channel: &ChannelName) -> Result<bool, EngineError> {
         let since = lock(&self.shared.delivered).get(channel).cloned();
         let mut h = self
             .read_history(channel, after(since.as_ref().map(|(_, o)| *o)))
             .await?;
-        if since.is_some_and(|(e, _)| *e != *h.position.epoch) {
+        let mut from = since.as_ref().map_or(0, |(_, o)| *o);
+        if since
+            .as_ref()
+            .is_some_and(|(e, _)| **e != *h.position.epoch)
+        {
             tracing::warn!(%channel, "redis engine: history lost while disconnected (new epoch)");
             h = self.read_history(channel, after(None)).await?;
+            from = 0;
+        }
+        // Saved after `from` but not read back: trimmed by size or TTL. A
+        // channel first seen here (nothing delivered yet) has no gap.
+        let first = h.publications.first().map(|p| p.offset);
+        let complete = since.is_none() || h.position.offset <= from || first == Some(from + 1);
+        if !complete {
+            return Ok(false);
         }
         for p in &h.publications {
             self.deliver(channel, p, &h.position.epoch);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn read_history(
@@ -900,6 +959,69 @@ mod tests {
             .unwrap();
         broker.publish(ch.clone(), joined, unkept).await.unwrap();
         assert!(ttl().await > 2 * three_days - Duration::from_secs(60));
+        broker.remove_history(ch).await.unwrap();
+    }
+
+    /// A reconnect that finds some of the missed messages trimmed (the
+    /// history kept fewer than were missed) delivers nothing past the gap:
+    /// the channel's members are cut off to recover. Needs
+    /// `WALKIE_TEST_REDIS`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_up_past_a_trimmed_gap_cuts_the_channel_off() {
+        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
+            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+            return;
+        };
+        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
+        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        let ch = ChannelName::new("trimmed").unwrap();
+        broker.subscribe(ch.clone()).await.unwrap();
+        let kept = PublishOptions {
+            history: Some(crate::HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(60),
+            }),
+            ..PublishOptions::default()
+        };
+        for i in 1..=3 {
+            let p = NewPublication::text(format!("m{i}"));
+            broker.publish(ch.clone(), p, kept.clone()).await.unwrap();
+        }
+        assert_eq!(events.wait_for(&ch, 3).await.len(), 3);
+        // While this node is cut off, 4 to 6 are saved in the same epoch
+        // and only 6 is still kept.
+        let (meta, stream) = (broker.key("m", ch.as_str()), broker.key("s", ch.as_str()));
+        let body = encode(&NewPublication::text("m6").at(0));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(&meta, "top", 6)
+            .ignore()
+            .cmd("XTRIM")
+            .arg(&stream)
+            .arg("MAXLEN")
+            .arg(0)
+            .ignore()
+            .cmd("XADD")
+            .arg(&stream)
+            .arg("6-1")
+            .arg("d")
+            .arg(body)
+            .ignore();
+        pipe.query_async::<()>(&mut broker.conn.clone())
+            .await
+            .unwrap();
+        kill_connection(&url, &broker).await;
+        for _ in 0..500 {
+            if events.was_unavailable(&ch) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(events.was_unavailable(&ch), "the gap went unnoticed");
+        let offsets: Vec<u64> = events.on(&ch).iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [1, 2, 3], "nothing is delivered past the gap");
         broker.remove_history(ch).await.unwrap();
     }
 }
