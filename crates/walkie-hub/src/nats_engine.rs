@@ -892,6 +892,13 @@ impl Inner {
         new: NewPublication,
         options: &PublishOptions,
     ) -> Result<PublishResult, EngineError> {
+        // Sent while disconnected, a message waits in the client's buffer
+        // and goes out after the reconnect, long after this publish was
+        // answered with an error: the publisher would retry and save it
+        // twice. Refused here instead.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(EngineError::Unavailable("nats: not connected".into()));
+        }
         let body = Bytes::from(encode(&new.at(0)));
         let Some(want) = Limits::of(options) else {
             return self.publish_live(channel, body, options).await;
