@@ -466,6 +466,30 @@ async fn a_refresh_with_fewer_channels_ends_their_subscriptions() {
     .await;
 }
 
+/// A refresh whose token brings other `info` updates the connection's
+/// presence entries: presence and the leave event say the same thing.
+#[tokio::test]
+async fn a_refresh_with_new_info_updates_presence() {
+    let (server, _dir) = server();
+    within(20, async {
+        let named = |name: &str| {
+            token(
+                SECRET,
+                json!({"sub": "42", "info": {"name": name}, "exp": now() + 3600}),
+            )
+        };
+        let (mut c, _) = proto::connected(server.port, Some(&named("before"))).await;
+        c.ok("subscribe", json!({"channel": "chat:lobby"})).await;
+        c.ok("refresh", json!({ "token": named("after") })).await;
+        let r = c.ok("presence", json!({"channel": "chat:lobby"})).await;
+        let clients = r["clients"].as_object().unwrap();
+        assert_eq!(clients.len(), 1, "{r}");
+        let mine = clients.values().next().unwrap();
+        assert_eq!(mine["info"]["name"], "after", "{r}");
+    })
+    .await;
+}
+
 /// The Origin allow-list covers every WebSocket route, not only `/ws`.
 #[tokio::test]
 async fn other_origins_are_refused_on_every_websocket_route() {

@@ -742,6 +742,26 @@ impl Session {
         Ok(result)
     }
 
+    /// Puts this connection's presence entries again, with its info as it
+    /// is now (a refresh brought a token with other `info`): presence and
+    /// the leave event to come then say the same.
+    async fn update_presence(&self) {
+        let info = self.info();
+        for (channel, sub) in &self.subs {
+            if !sub.presence {
+                continue;
+            }
+            let added = self
+                .node
+                .hub
+                .presence_add(channel.clone(), info.clone())
+                .await;
+            if let Err(e) = added {
+                tracing::warn!(%channel, "presence not updated after a refresh: {e}");
+            }
+        }
+    }
+
     /// Publishes a join or leave event to `channel`.
     async fn announce(&self, channel: &ChannelName, kind: Kind) {
         announce(&self.node, channel, kind, &self.info()).await;
@@ -861,8 +881,12 @@ impl Session {
             // given at connect.
             fresh.info = self.identity().info.clone();
         }
+        let new_info = fresh.info != self.identity().info;
         self.identity = Some(fresh);
         self.drop_withdrawn().await;
+        if new_info {
+            self.update_presence().await;
+        }
         Ok(match expires_in {
             Some(s) => json!({ "expires_in": s }),
             None => json!({}),
