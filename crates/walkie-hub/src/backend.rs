@@ -117,7 +117,9 @@ pub async fn publish(node: &Node, p: Publish) -> Result<Value, ReplyError> {
 /// Who publishes: the HTTP API (the backend), or a client as a user, with
 /// its `info`. Idempotency keys are each publisher's own: a client cannot
 /// make the backend's publish, or another user's, look like a repeat by
-/// using its key first.
+/// using its key first. Anonymous clients are one publisher (user `""`):
+/// their keys must be unguessable, and a retry after a reconnect (a new
+/// client id) still finds its key.
 pub(crate) enum Publisher<'a> {
     Api,
     User { user: &'a str, info: Bytes },
