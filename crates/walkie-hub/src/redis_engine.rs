@@ -179,6 +179,11 @@ struct Shared {
     /// The latest offset delivered per channel, and its epoch: what a
     /// reconnect catches up from, and what duplicates are told by.
     delivered: Mutex<HashMap<ChannelName, (Arc<str>, u64)>>,
+    /// Each channel's position when this node subscribed: where a
+    /// reconnect catches up from while nothing was delivered since. Kept
+    /// apart from `delivered`, which it must not move: a message saved
+    /// after the subscription may still be on its way to the listener.
+    subscribed_at: Mutex<HashMap<ChannelName, (Arc<str>, u64)>>,
 }
 
 /// Pub/sub, history and presence in Redis. See [`Broker`] for the contract.
@@ -317,6 +322,7 @@ impl RedisBroker {
             events: OnceLock::new(),
             subscribed: Mutex::default(),
             delivered: Mutex::default(),
+            subscribed_at: Mutex::default(),
         });
         let broker = RedisBroker {
             conn,
@@ -465,6 +471,7 @@ impl RedisBroker {
             };
             tracing::warn!(%channel, "redis engine: catch-up failed: {why}");
             lock(&self.shared.delivered).remove(&channel);
+            lock(&self.shared.subscribed_at).remove(&channel);
             if let Some(events) = self.shared.events.get() {
                 events.channel_unavailable(&channel);
             }
@@ -479,6 +486,7 @@ impl RedisBroker {
     /// instead, from its start.
     async fn catch_up_channel(&self, channel: &ChannelName) -> Result<bool, EngineError> {
         let since = lock(&self.shared.delivered).get(channel).cloned();
+        let since = since.or_else(|| lock(&self.shared.subscribed_at).get(channel).cloned());
         let mut h = self
             .read_history(channel, after(since.as_ref().map(|(_, o)| *o)))
             .await?;
@@ -571,9 +579,27 @@ impl Broker for RedisBroker {
     fn subscribe(&self, channel: ChannelName) -> BoxFuture<'_, Result<(), EngineError>> {
         Box::pin(async move {
             let name = self.key("p", channel.as_str());
-            lock(&self.shared.subscribed).insert(name.clone(), channel);
+            lock(&self.shared.subscribed).insert(name.clone(), channel.clone());
             let mut conn = self.conn.clone();
-            bounded(conn.subscribe(&name)).await
+            bounded(conn.subscribe(&name)).await?;
+            // Without it, a reconnect before the channel's next message
+            // would deliver its whole history again (to be dropped by the
+            // hub as duplicates, at a cost). A channel with no epoch yet
+            // has nothing to deliver again.
+            let meta = self.key("m", channel.as_str());
+            let read = redis::cmd("HMGET")
+                .arg(&meta)
+                .arg("epoch")
+                .arg("top")
+                .clone();
+            match bounded(read.query_async::<(Option<String>, Option<u64>)>(&mut conn)).await {
+                Ok((Some(epoch), Some(top))) => {
+                    lock(&self.shared.subscribed_at).insert(channel, (epoch.into(), top));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%channel, "redis engine: position not read: {e}"),
+            }
+            Ok(())
         })
     }
 
@@ -582,6 +608,7 @@ impl Broker for RedisBroker {
             let name = self.key("p", channel.as_str());
             lock(&self.shared.subscribed).remove(&name);
             lock(&self.shared.delivered).remove(&channel);
+            lock(&self.shared.subscribed_at).remove(&channel);
             let mut conn = self.conn.clone();
             bounded(conn.unsubscribe(&name)).await
         })
@@ -1022,6 +1049,46 @@ mod tests {
         assert!(events.was_unavailable(&ch), "the gap went unnoticed");
         let offsets: Vec<u64> = events.on(&ch).iter().map(|p| p.offset).collect();
         assert_eq!(offsets, [1, 2, 3], "nothing is delivered past the gap");
+        broker.remove_history(ch).await.unwrap();
+    }
+
+    /// A channel that got nothing since this node subscribed is caught up
+    /// after a reconnect from where it was at the subscription, not from
+    /// the start of its history. Needs `WALKIE_TEST_REDIS`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_channel_is_not_delivered_again_after_a_reconnect() {
+        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
+            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+            return;
+        };
+        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
+        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        let ch = ChannelName::new("quiet").unwrap();
+        let kept = PublishOptions {
+            history: Some(crate::HistoryOptions {
+                size: 100,
+                ttl: Duration::from_secs(60),
+            }),
+            ..PublishOptions::default()
+        };
+        for i in 1..=20 {
+            let p = NewPublication::text(format!("old{i}"));
+            broker.publish(ch.clone(), p, kept.clone()).await.unwrap();
+        }
+        broker.subscribe(ch.clone()).await.unwrap();
+        kill_connection(&url, &broker).await;
+        let p = NewPublication::text("new");
+        broker.publish(ch.clone(), p, kept).await.unwrap();
+        let got: Vec<u64> = events
+            .wait_for(&ch, 1)
+            .await
+            .iter()
+            .map(|p| p.offset)
+            .collect();
+        assert_eq!(got, [21], "only what came after the subscription");
+        assert_eq!(broker.reconnects(), 1);
         broker.remove_history(ch).await.unwrap();
     }
 }
