@@ -581,7 +581,12 @@ impl Broker for RedisBroker {
             let name = self.key("p", channel.as_str());
             lock(&self.shared.subscribed).insert(name.clone(), channel.clone());
             let mut conn = self.conn.clone();
-            bounded(conn.subscribe(&name)).await?;
+            if let Err(e) = bounded(conn.subscribe(&name)).await {
+                // The hub counts the channel as not subscribed: neither do
+                // the listener and the catch-up.
+                lock(&self.shared.subscribed).remove(&name);
+                return Err(e);
+            }
             // Without it, a reconnect before the channel's next message
             // would deliver its whole history again (to be dropped by the
             // hub as duplicates, at a cost). A channel with no epoch yet
