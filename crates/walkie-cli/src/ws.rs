@@ -207,7 +207,9 @@ where
             // for their replies: a burst of commands with large replies
             // (history, say) to a client that reads nothing must not pile
             // them all up.
-            ready = poll_fn(|cx| ws.lock().poll_ready(cx)), if session.has_backlog() => {
+            // Never on a turn the queue sits out: a command is handled once
+            // what was queued before it is sent.
+            ready = poll_fn(|cx| ws.lock().poll_ready(cx)), if queue_turn && session.has_backlog() => {
                 Step::Backlog(ready)
             }
             () = std::future::ready(()), if refused && !session.has_backlog() => Step::Refused,
@@ -260,6 +262,12 @@ where
                     return why;
                 }
                 ws.set_busy(false);
+                continue;
+            }
+            Step::Received(Some(Ok(Message::Text(text)))) if !queue_turn => {
+                // Read on a turn the queue sat out, with pushes maybe still
+                // in it: the command waits its turn behind them.
+                session.queue_text(text);
                 continue;
             }
             Step::Received(Some(Ok(Message::Text(text)))) => {

@@ -780,6 +780,58 @@ async fn a_binary_message_behind_a_burst_closes_after_the_pushes_it_caused() {
     }
 }
 
+/// The same with a recovery sent in many pieces (a queue of 4 KiB, 100
+/// messages of 1 KB to replay: about 50 pieces): the loop's turns to the
+/// socket while the pieces go out handle no command before they are all
+/// sent.
+#[tokio::test]
+async fn a_command_behind_a_recovery_in_pieces_waits_for_all_of_it() {
+    let server = Server::start(&["--client-queue-bytes", "4K"]);
+    within(30, async {
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        let mut epoch = json!(null);
+        for i in 1..=100 {
+            let data = format!("{i:04}{}", "x".repeat(1000));
+            let r = publisher
+                .ok("publish", json!({"channel": "replay", "data": data}))
+                .await;
+            epoch = r["epoch"].clone();
+        }
+        let (mut a, _) = proto::connected(server.port, None).await;
+        let recover = json!({"channel": "replay", "recover": true, "offset": 0, "epoch": epoch});
+        for command in [
+            json!({"id": 10, "subscribe": recover}),
+            json!({"id": 11, "unsubscribe": {"channel": "replay"}}),
+            json!({"id": 12, "ping": {}}),
+        ] {
+            a.ws.feed_now(command.to_string()).unwrap();
+        }
+        a.ws.flush().await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let m = a.next().await.expect("the connection stays open");
+            let done = m["id"] == 12;
+            seen.push(m);
+            if done {
+                break;
+            }
+        }
+        let unsubscribed = seen.iter().position(|m| m["id"] == 11).unwrap();
+        let recovered: Vec<usize> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.get("pub").is_some())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(recovered.len(), 100, "{seen:?}");
+        assert!(
+            recovered.iter().all(|&i| i < unsubscribed),
+            "recovered messages after the unsubscribe reply (at {unsubscribed}): {recovered:?}"
+        );
+    })
+    .await;
+}
+
 /// Commands sent together that are not publishes take their turns one at
 /// a time, what each queued being sent before the next is handled: the
 /// messages a `subscribe` replays come before the reply to an
