@@ -52,10 +52,10 @@ impl Recorder {
             .collect()
     }
 
-    /// Whether the engine said that `channel` cannot be delivered in order
-    /// (see [`BrokerEvents::channel_unavailable`]).
-    pub fn was_unavailable(&self, channel: &ChannelName) -> bool {
-        lock(&self.unavailable).contains(channel)
+    /// How many times the engine said that `channel` cannot be delivered
+    /// in order (see [`BrokerEvents::channel_unavailable`]).
+    pub fn times_unavailable(&self, channel: &ChannelName) -> usize {
+        lock(&self.unavailable).iter().filter(|c| *c == channel).count()
     }
 
     /// Waits up to 5 s until `n` publications arrived on `channel` (engines

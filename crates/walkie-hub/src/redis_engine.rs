@@ -169,9 +169,9 @@ return redis.call('HGETALL', KEYS[1])
 struct Shared {
     /// Reconnections so far, for `/metrics`.
     reconnects: std::sync::atomic::AtomicU64,
-    /// A task is asking for the connection back (see
-    /// [`RedisBroker::keep_reconnecting`]).
-    reconnecting: std::sync::atomic::AtomicBool,
+    /// Told of each lost connection: wakes the task that asks for it back
+    /// (see [`RedisBroker::keep_reconnecting`]).
+    lost: tokio::sync::Notify,
     prefix: String,
     events: OnceLock<Arc<dyn BrokerEvents>>,
     /// Channels this node subscribed to, by pub/sub name.
@@ -184,6 +184,16 @@ struct Shared {
     /// apart from `delivered`, which it must not move: a message saved
     /// after the subscription may still be on its way to the listener.
     subscribed_at: Mutex<HashMap<ChannelName, (Arc<str>, u64)>>,
+}
+
+/// What a channel's catch-up found (see `RedisBroker::catch_up`).
+enum Gap {
+    /// Every missed message was read back and delivered.
+    None,
+    /// Some were trimmed; Redis is at this position.
+    Trimmed(StreamPosition),
+    /// Redis holds less than was delivered, in the same epoch.
+    Behind(StreamPosition),
 }
 
 /// Pub/sub, history and presence in Redis. See [`Broker`] for the contract.
@@ -317,7 +327,7 @@ impl RedisBroker {
             .map_err(unavailable)?;
         let shared = Arc::new(Shared {
             reconnects: std::sync::atomic::AtomicU64::new(0),
-            reconnecting: std::sync::atomic::AtomicBool::new(false),
+            lost: tokio::sync::Notify::new(),
             prefix: prefix.to_owned(),
             events: OnceLock::new(),
             subscribed: Mutex::default(),
@@ -333,6 +343,7 @@ impl RedisBroker {
             presence_get: Arc::new(Script::new(PRESENCE_GET)),
         };
         tokio::spawn(broker.clone().listen(rx));
+        tokio::spawn(broker.clone().keep_reconnecting());
         Ok(broker)
     }
 
@@ -358,7 +369,7 @@ impl RedisBroker {
                 PushKind::Disconnection => {
                     tracing::warn!("redis engine: connection lost; reconnecting");
                     behind = true;
-                    self.keep_reconnecting();
+                    self.shared.lost.notify_one();
                 }
                 PushKind::Subscribe if behind => {
                     behind = false;
@@ -389,28 +400,24 @@ impl RedisBroker {
     /// none, and would stay cut off after a longer outage. A ping every few
     /// seconds is that request; once one is answered, the connection (and
     /// its subscriptions, which bring the catch-up) is back.
-    fn keep_reconnecting(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.shared.reconnecting.swap(true, Relaxed) {
-            return;
-        }
-        let shared = Arc::downgrade(&self.shared);
+    ///
+    /// One task for the broker's life (as the listener's), woken by each
+    /// lost connection; a loss told while it pings leaves a wake-up behind
+    /// (`Notify` keeps one), so the next round checks again.
+    async fn keep_reconnecting(self) {
         let mut conn = self.conn.clone();
-        tokio::spawn(async move {
+        loop {
+            self.shared.lost.notified().await;
             let mut wait = Duration::from_millis(250);
             loop {
                 tokio::time::sleep(wait).await;
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
                 let ping = redis::cmd("PING");
                 if bounded(ping.query_async::<()>(&mut conn)).await.is_ok() {
-                    shared.reconnecting.store(false, Relaxed);
-                    return;
+                    break;
                 }
                 wait = (wait * 2).min(Duration::from_secs(4));
             }
-        });
+        }
     }
 
     /// Delivers one pub/sub message `offset:epoch:body`.
@@ -457,34 +464,43 @@ impl RedisBroker {
 
     /// After a reconnect: delivers what each subscribed channel saved while
     /// the pub/sub connection was down. A channel whose missed messages
-    /// cannot all be read (Redis failed again, or trimmed some meanwhile)
-    /// is not delivered past the gap: its members here are cut off to
-    /// reconnect and recover (`BrokerEvents::channel_unavailable`), and it
-    /// starts again from the next message.
+    /// cannot all be read (Redis failed again, or trimmed some meanwhile,
+    /// or came back with less than was delivered) is not delivered past
+    /// the gap: its members here are cut off to reconnect and recover
+    /// (`BrokerEvents::channel_unavailable`), and it goes on from the
+    /// position read, or, if the read failed, from where it was.
     async fn catch_up(&self) {
         let channels: Vec<ChannelName> = lock(&self.shared.subscribed).values().cloned().collect();
         for channel in channels {
             let why = match self.catch_up_channel(&channel).await {
-                Ok(true) => continue,
-                Ok(false) => "some of the missed messages are no longer kept".to_owned(),
+                Ok(Gap::None) => continue,
+                Ok(Gap::Trimmed(at)) => {
+                    lock(&self.shared.delivered).insert(channel.clone(), (at.epoch, at.offset));
+                    "some of the missed messages are no longer kept".to_owned()
+                }
+                Ok(Gap::Behind(at)) => {
+                    lock(&self.shared.delivered).insert(channel.clone(), (at.epoch, at.offset));
+                    format!(
+                        "redis holds offset {} in the same epoch, less than was delivered",
+                        at.offset
+                    )
+                }
                 Err(e) => e.to_string(),
             };
             tracing::warn!(%channel, "redis engine: catch-up failed: {why}");
-            lock(&self.shared.delivered).remove(&channel);
-            lock(&self.shared.subscribed_at).remove(&channel);
             if let Some(events) = self.shared.events.get() {
                 events.channel_unavailable(&channel);
             }
         }
     }
 
-    /// Delivers what `channel` saved after the latest publication delivered;
-    /// `false` if some of it is no longer kept. In a new epoch (the history
-    /// was lost meanwhile: removed, expired, or Redis came back without it)
+    /// Delivers what `channel` saved after the latest publication delivered,
+    /// unless some of it is no longer kept. In a new epoch (the history was
+    /// lost meanwhile: removed, expired, or Redis came back without it)
     /// that offset means nothing, and the new stream's messages up to it
     /// would be skipped: everything the new epoch kept is delivered
     /// instead, from its start.
-    async fn catch_up_channel(&self, channel: &ChannelName) -> Result<bool, EngineError> {
+    async fn catch_up_channel(&self, channel: &ChannelName) -> Result<Gap, EngineError> {
         let since = lock(&self.shared.delivered).get(channel).cloned();
         let since = since.or_else(|| lock(&self.shared.subscribed_at).get(channel).cloned());
         let mut h = self
@@ -499,17 +515,23 @@ impl RedisBroker {
             h = self.read_history(channel, after(None)).await?;
             from = 0;
         }
+        if h.position.offset < from {
+            // Redis went back (a restart from an older snapshot): its next
+            // offsets are ones already delivered, which would be dropped as
+            // duplicates.
+            return Ok(Gap::Behind(h.position));
+        }
         // Saved after `from` but not read back: trimmed by size or TTL. A
         // channel first seen here (nothing delivered yet) has no gap.
         let first = h.publications.first().map(|p| p.offset);
-        let complete = since.is_none() || h.position.offset <= from || first == Some(from + 1);
+        let complete = since.is_none() || h.position.offset == from || first == Some(from + 1);
         if !complete {
-            return Ok(false);
+            return Ok(Gap::Trimmed(h.position));
         }
         for p in &h.publications {
             self.deliver(channel, p, &h.position.epoch);
         }
-        Ok(true)
+        Ok(Gap::None)
     }
 
     async fn read_history(
@@ -902,6 +924,26 @@ mod tests {
         assert_eq!(killed, 1);
     }
 
+    /// Publishes right after [`kill_connection`]: the first try may go out
+    /// on the dead connection (broken pipe) before the broker notices.
+    async fn publish_after_a_kill(
+        b: &RedisBroker,
+        ch: &ChannelName,
+        p: NewPublication,
+        options: PublishOptions,
+    ) {
+        for _ in 0..50 {
+            if b.publish(ch.clone(), p.clone(), options.clone())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no publish within 5 s of the kill");
+    }
+
     /// A reconnect into a new epoch delivers that epoch's messages from its
     /// start, not from the old epoch's offset. Needs `WALKIE_TEST_REDIS`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1045,15 +1087,22 @@ mod tests {
             .await
             .unwrap();
         kill_connection(&url, &broker).await;
-        for _ in 0..500 {
-            if events.was_unavailable(&ch) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(events.was_unavailable(&ch), "the gap went unnoticed");
+        wait_unavailable(&events, &ch, 1).await;
         let offsets: Vec<u64> = events.on(&ch).iter().map(|p| p.offset).collect();
         assert_eq!(offsets, [1, 2, 3], "nothing is delivered past the gap");
+        // It goes on from Redis's position: the next message is delivered,
+        // and the next reconnect finds no gap.
+        kill_connection(&url, &broker).await;
+        let p = NewPublication::text("m7");
+        publish_after_a_kill(&broker, &ch, p, kept).await;
+        let offsets: Vec<u64> = events
+            .wait_for(&ch, 4)
+            .await
+            .iter()
+            .map(|p| p.offset)
+            .collect();
+        assert_eq!(offsets, [1, 2, 3, 7]);
+        assert_eq!(events.times_unavailable(&ch), 1, "one gap, one cut-off");
         broker.remove_history(ch).await.unwrap();
     }
 
@@ -1085,7 +1134,7 @@ mod tests {
         broker.subscribe(ch.clone()).await.unwrap();
         kill_connection(&url, &broker).await;
         let p = NewPublication::text("new");
-        broker.publish(ch.clone(), p, kept).await.unwrap();
+        publish_after_a_kill(&broker, &ch, p, kept).await;
         let got: Vec<u64> = events
             .wait_for(&ch, 1)
             .await
@@ -1094,6 +1143,81 @@ mod tests {
             .collect();
         assert_eq!(got, [21], "only what came after the subscription");
         assert_eq!(broker.reconnects(), 1);
+        broker.remove_history(ch).await.unwrap();
+    }
+
+    /// Waits up to 5 s until the engine said `n` times that `ch` cannot be
+    /// delivered in order.
+    async fn wait_unavailable(events: &Recorder, ch: &ChannelName, n: usize) {
+        for _ in 0..500 {
+            if events.times_unavailable(ch) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the gap went unnoticed");
+    }
+
+    /// Redis back with less than this node delivered, in the same epoch (a
+    /// restart from an older snapshot): the channel is cut off, and the
+    /// offsets Redis gives next, already seen here, are still delivered.
+    /// Needs `WALKIE_TEST_REDIS`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_going_back_cuts_the_channel_off_and_delivers_what_comes_next() {
+        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
+            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+            return;
+        };
+        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
+        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        let ch = ChannelName::new("back").unwrap();
+        broker.subscribe(ch.clone()).await.unwrap();
+        let kept = PublishOptions {
+            history: Some(crate::HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(60),
+            }),
+            ..PublishOptions::default()
+        };
+        for i in 1..=5 {
+            let p = NewPublication::text(format!("m{i}"));
+            broker.publish(ch.clone(), p, kept.clone()).await.unwrap();
+        }
+        assert_eq!(events.wait_for(&ch, 5).await.len(), 5);
+        // The snapshot Redis comes back from holds 1 and 2 only.
+        let (meta, stream) = (broker.key("m", ch.as_str()), broker.key("s", ch.as_str()));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(&meta, "top", 2)
+            .ignore()
+            .del(&stream)
+            .ignore();
+        for offset in [1, 2] {
+            let body = encode(&NewPublication::text(format!("m{offset}")).at(0));
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg(format!("{offset}-1"))
+                .arg("d")
+                .arg(body)
+                .ignore();
+        }
+        pipe.pexpire(&stream, 60_000).ignore();
+        pipe.query_async::<()>(&mut broker.conn.clone())
+            .await
+            .unwrap();
+        kill_connection(&url, &broker).await;
+        wait_unavailable(&events, &ch, 1).await;
+        let p = NewPublication::text("again3");
+        publish_after_a_kill(&broker, &ch, p, kept).await;
+        let got: Vec<(u64, String)> = events
+            .wait_for(&ch, 6)
+            .await
+            .iter()
+            .map(|p| (p.offset, String::from_utf8_lossy(&p.data).into_owned()))
+            .collect();
+        assert_eq!(got.last(), Some(&(3, "again3".to_owned())), "{got:?}");
         broker.remove_history(ch).await.unwrap();
     }
 }
