@@ -252,7 +252,7 @@ where
                 // What the burst's commands caused (the publications to a
                 // channel this client is in) goes out before the close.
                 fenced = true;
-                Box::pin(state.hub.delivered()).await;
+                Box::pin(session.delivered()).await;
                 continue;
             }
             Step::Refused => return Box::pin(close_with(ws, binary_refused())).await,

@@ -101,6 +101,14 @@ impl Dispatch {
         lock(&self.channels).get(channel).cloned()
     }
 
+    /// Queues now what `channel` has pending for its members here, rather
+    /// than when its scheduled flush runs (which then finds nothing).
+    pub(crate) fn flush_now(&self, channel: &ChannelName) {
+        if let Some(members) = self.members(channel) {
+            lock(&members).flush(channel, &self.metrics);
+        }
+    }
+
     /// Closes every connection of `user` on this node; returns how many.
     pub(crate) fn disconnect_user(&self, user: &str) -> usize {
         let queues = lock(&self.users).remove(user).unwrap_or_default();
@@ -167,17 +175,9 @@ pub(crate) fn frame(
 pub(crate) enum Forwarded {
     /// A publication to queue for the channel's subscribers here.
     Publication(ChannelName, Publication, Arc<str>),
-    /// Answered once everything handed over before it is queued (see
-    /// [`Hub::delivered`](crate::Hub::delivered)).
+    /// Answered once everything handed over before it was given to
+    /// `Dispatch::deliver` (see [`Hub::delivered`](crate::Hub::delivered)).
     Fence(tokio::sync::oneshot::Sender<()>),
-}
-
-/// Answers a fence once the flushes scheduled before it on this runtime
-/// have run: a task spawned now runs after them.
-pub(crate) fn answer_fence(done: tokio::sync::oneshot::Sender<()>) {
-    tokio::spawn(async move {
-        let _ = done.send(());
-    });
 }
 
 impl BrokerEvents for Dispatch {

@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::channel::ChannelName;
-use crate::dispatch::{
-    CONTROL_CHANNEL, Control, Dispatch, Forwarded, Joining, Member, answer_fence,
-};
+use crate::dispatch::{CONTROL_CHANNEL, Control, Dispatch, Forwarded, Joining, Member};
 use crate::engine::{Broker, EngineError};
 use crate::memory::lock;
 use crate::metrics::Metrics;
@@ -142,36 +140,38 @@ impl Hub {
                         Forwarded::Publication(channel, publication, epoch) => {
                             dispatch.deliver(&channel, &publication, &epoch);
                         }
-                        Forwarded::Fence(done) => answer_fence(done),
+                        Forwarded::Fence(done) => {
+                            let _ = done.send(());
+                        }
                     }
                 }
             }
         });
     }
 
-    /// Resolves once every publication this node's engine handed the hub
-    /// before the call is in its subscribers' queues: a connection about
-    /// to close waits for it so that what its last commands caused (the
-    /// messages it published to a channel it is in, its own join) is
-    /// sent before the close. Call it on the connection's own runtime.
+    /// Resolves once every publication of `channels` that this node's
+    /// engine handed the hub before the call is in its subscribers' queues
+    /// here: a connection about to close waits for it (with the channels
+    /// it is in), so that what its last commands caused (the messages it
+    /// published to a channel it is in, its own join) is sent before the
+    /// close.
     ///
-    /// Publications are queued by a task scheduled on the runtime that
-    /// delivered them (see `Dispatch::deliver`), after the tasks already
-    /// scheduled; the answer is such a task too, scheduled after them.
-    /// Not covered: a publication that joined a channel's batch already
-    /// scheduled on another runtime, and one a shared engine (Redis,
-    /// NATS) has not sent back to this node yet.
-    pub async fn delivered(&self) {
-        let (done, answered) = tokio::sync::oneshot::channel();
-        match self.0.dispatch.home.get() {
-            Some(home) => {
-                if home.send(Forwarded::Fence(done)).is_err() {
-                    return;
-                }
+    /// Publications an engine delivers from its own thread are handed over
+    /// in order to the delivery task (see [`Hub::deliver_here`]): a fence
+    /// sent the same way comes back once those before it are pending in
+    /// their channels. Pending publications are then queued at once, on
+    /// this thread, instead of when their flush task runs. Not covered: one
+    /// a shared engine (Redis, NATS) has not sent back to this node yet.
+    pub async fn delivered<'a>(&self, channels: impl IntoIterator<Item = &'a ChannelName>) {
+        if let Some(home) = self.0.dispatch.home.get() {
+            let (done, answered) = tokio::sync::oneshot::channel();
+            if home.send(Forwarded::Fence(done)).is_ok() {
+                let _ = answered.await;
             }
-            None => answer_fence(done),
         }
-        let _ = answered.await;
+        for channel in channels {
+            self.0.dispatch.flush_now(channel);
+        }
     }
 
     /// Subscribes this node to [`CONTROL_CHANNEL`], so that

@@ -352,6 +352,15 @@ impl Session {
         self.identity.is_some()
     }
 
+    /// Resolves once what was published to this connection's channels
+    /// before the call is in its queue (see [`Hub::delivered`]): before a
+    /// close, so that what its last commands caused is sent first.
+    ///
+    /// [`Hub::delivered`]: crate::Hub::delivered
+    pub async fn delivered(&self) {
+        self.node.hub.delivered(self.subs.keys()).await;
+    }
+
     /// Adds a text message read from the connection to the commands
     /// waiting their turn ([`Session::handle_next`]).
     pub fn queue_text(&mut self, text: walkie_proto::Utf8Bytes) {
