@@ -209,17 +209,16 @@ impl Hub {
     /// expire (Redis), call it well within the expiry, so that only a dead
     /// node's entries disappear.
     pub async fn refresh_presence(&self) {
-        let entries: Vec<((ChannelName, String), ClientInfo)> = lock(&self.0.local_presence)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for ((channel, client), info) in entries {
+        let keys: Vec<(ChannelName, String)> =
+            lock(&self.0.local_presence).keys().cloned().collect();
+        for key in keys {
             // Left since the snapshot: adding it again would bring back a
             // member who is gone, with no leave event, until it expired.
-            let key = (channel, client);
-            if !lock(&self.0.local_presence).contains_key(&key) {
+            // Present: its info as it is now, which a `refresh` may have
+            // changed since (see `Session::update_presence`).
+            let Some(info) = lock(&self.0.local_presence).get(&key).cloned() else {
                 continue;
-            }
+            };
             let (channel, _) = key;
             if let Err(e) = self.0.presence.add(channel.clone(), info).await {
                 tracing::warn!(%channel, "presence refresh failed: {e}");
