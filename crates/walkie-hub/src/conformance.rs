@@ -55,7 +55,10 @@ impl Recorder {
     /// How many times the engine said that `channel` cannot be delivered
     /// in order (see [`BrokerEvents::channel_unavailable`]).
     pub fn times_unavailable(&self, channel: &ChannelName) -> usize {
-        lock(&self.unavailable).iter().filter(|c| *c == channel).count()
+        lock(&self.unavailable)
+            .iter()
+            .filter(|c| *c == channel)
+            .count()
     }
 
     /// Waits up to 5 s until `n` publications arrived on `channel` (engines
