@@ -62,7 +62,9 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_PING_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
     pub ping_timeout: Duration,
 
-    /// Close a client that sent nothing for this long; `off` disables it.
+    /// Close a client from which nothing arrived for this long (1001), pongs
+    /// included: with keepalive pings on, a client that answers them is
+    /// never idle. `off` disables it.
     #[arg(long, env = "WALKIE_IDLE_TIMEOUT", default_value = "off", value_parser = parse_optional_duration)]
     pub idle_timeout: Toggle,
 

@@ -102,6 +102,33 @@ async fn two_clients_publish_see_presence_joins_and_leaves() {
     .await;
 }
 
+/// A channel that keeps no history (the default `game` namespace) numbers
+/// nothing: a client recovering there missed what it cannot be told about,
+/// so `recovered` is false, never a promise that nothing was lost.
+#[tokio::test]
+async fn recovery_in_a_channel_without_history_is_never_claimed() {
+    let server = Server::start(&[]);
+    within(20, async {
+        let (mut reader, _) = proto::connected(server.port, None).await;
+        let sub = reader.ok("subscribe", json!({"channel": "game:x"})).await;
+        let epoch = sub["epoch"].clone();
+        reader.ws.close(CloseCode::NORMAL, "").await.unwrap();
+        let (mut publisher, _) = proto::connected(server.port, None).await;
+        for i in 1..=3 {
+            let data = json!({"move": i});
+            publisher
+                .ok("publish", json!({"channel": "game:x", "data": data}))
+                .await;
+        }
+        let (mut back, _) = proto::connected(server.port, None).await;
+        let recover = json!({"channel": "game:x", "recover": true, "offset": 0, "epoch": epoch});
+        let sub = back.ok("subscribe", recover).await;
+        assert_eq!(sub["offset"], 0, "{sub}");
+        assert_eq!(sub["recovered"], false, "{sub}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_reconnecting_client_recovers_exactly_what_it_missed() {
     let server = Server::start(&[]);

@@ -745,7 +745,10 @@ impl Session {
         }
         let mut result = position(&subscribed.position);
         if p.recover {
-            result["recovered"] = json!(subscribed.recovered);
+            // A channel that keeps no history numbers nothing (offset 0
+            // throughout): whatever was missed cannot be known, let alone
+            // replayed, so the answer is no.
+            result["recovered"] = json!(subscribed.recovered && ns.history_size > 0);
         }
         result["history"] = json!(subscribed.from_history);
         Ok(result)
