@@ -85,8 +85,8 @@ pub struct ServeArgs {
     pub workers: Option<u16>,
 
     /// A TOML file with auth and channel namespaces for the Walkie protocol
-    /// at /ws (see docs/protocol.md). Without one: anonymous clients, and an
-    /// open default namespace and `rooms` namespace.
+    /// at /ws (see docs/protocol.md). Without one: anonymous clients, tokens
+    /// from /demo/token, and the namespaces protocol.md lists for that case.
     #[arg(long, short = 'c', env = "WALKIE_CONFIG")]
     pub config: Option<PathBuf>,
 
@@ -130,7 +130,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_IN_MEMORY")]
     pub in_memory: bool,
 
-    /// Messages of history kept per room (`?history=N` replays up to this).
+    /// Messages of history kept per room; `?history=N` may ask for at most
+    /// this (more is a 400).
     #[arg(long, env = "WALKIE_ROOM_HISTORY", default_value = "100", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub room_history: u32,
 
