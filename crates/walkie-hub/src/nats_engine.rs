@@ -49,7 +49,9 @@
 //!   epoch), from the stream's position when the node subscribed. A
 //!   sequence that skips ahead of the previous one (a message dropped on
 //!   the way, or sent while the connection was down) is read back from the
-//!   stream before the newer one is delivered, and after a reconnect each
+//!   stream before the newer one is delivered, and after a reconnect, or
+//!   when the client dropped messages because a channel's task fell behind
+//!   (a slow consumer: the client does not say which channel), each
 //!   channel catches up from its stream, as the Redis engine does from its
 //!   history. A read-back that fails is tried again until it succeeds, and
 //!   nothing saved is delivered past the gap meanwhile (see `delivery.rs`).
@@ -113,6 +115,10 @@ use crate::publication::{
 /// How long one NATS request may take before the caller gets an error
 /// (the connection keeps trying in the background).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Messages the client buffers per channel subscription before it drops
+/// them (async-nats' default); the channel then catches up from its stream.
+const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
 
 /// Stream reads in flight at once for one history read.
 const READ_AHEAD: usize = 32;
@@ -281,6 +287,18 @@ struct Known {
     limits: Option<Limits>,
 }
 
+/// Why delivery tasks were told to catch up from their streams, counted.
+#[derive(Debug, Default, Clone, Copy)]
+struct CatchUps {
+    /// The connection to NATS came back.
+    reconnects: u64,
+    /// The client dropped messages of a subscription whose buffer was full
+    /// (it does not say which channel's, so every channel catches up: a
+    /// dropped message followed by none would otherwise wait for the next
+    /// publish on its channel).
+    slow_consumer: u64,
+}
+
 struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
@@ -291,8 +309,9 @@ struct Inner {
     streams: Mutex<HashMap<ChannelName, Known>>,
     /// The delivery task of each channel this node subscribed to.
     local: Mutex<HashMap<ChannelName, JoinHandle<()>>>,
-    /// Bumped on every reconnect: each delivery task then catches up.
-    reconnects: watch::Sender<u64>,
+    /// Bumped on every reconnect and slow-consumer event: each delivery
+    /// task then catches up.
+    catch_ups: watch::Sender<CatchUps>,
     /// Idempotency keys of publications without history.
     live_keys: OnceCell<kv::Store>,
     /// Replicas of every stream and bucket made (`?replicas=N`).
@@ -353,17 +372,28 @@ impl NatsBroker {
     /// safe: see the module documentation). Fails if the server is down or
     /// has no JetStream.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, EngineError> {
+        Self::connect_with(url, prefix, SUBSCRIPTION_CAPACITY).await
+    }
+
+    /// [`NatsBroker::connect`] with `capacity` messages buffered per
+    /// channel subscription before the client drops them (a slow consumer).
+    pub(crate) async fn connect_with(
+        url: &str,
+        prefix: &str,
+        capacity: usize,
+    ) -> Result<Self, EngineError> {
         let (url, replicas) = replicas(url)?;
         let servers: Vec<async_nats::ServerAddr> = url
             .split(',')
             .map(|s| s.trim().parse())
             .collect::<Result<_, _>>()
             .map_err(|e| EngineError::Unavailable(format!("{url}: {e}")))?;
-        let (reconnects, _) = watch::channel(0u64);
-        let notify = reconnects.clone();
+        let (catch_ups, _) = watch::channel(CatchUps::default());
+        let notify = catch_ups.clone();
         let was_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let client = async_nats::ConnectOptions::new()
             .name("walkie")
+            .subscription_capacity(capacity)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let notify = notify.clone();
@@ -377,10 +407,11 @@ impl NatsBroker {
                         }
                         async_nats::Event::Connected if was_down.swap(false, Relaxed) => {
                             tracing::info!("nats engine: reconnected; catching up from streams");
-                            notify.send_modify(|n| *n += 1);
+                            notify.send_modify(|n| n.reconnects += 1);
                         }
                         async_nats::Event::SlowConsumer(_) => {
                             tracing::warn!("nats engine: slow consumer; messages dropped will be read back from streams");
+                            notify.send_modify(|n| n.slow_consumer += 1);
                         }
                         _ => {}
                     }
@@ -409,7 +440,7 @@ impl NatsBroker {
                 events: OnceLock::new(),
                 streams: Mutex::default(),
                 local: Mutex::default(),
-                reconnects,
+                catch_ups,
                 live_keys: OnceCell::new(),
                 replicas,
             }),
@@ -985,7 +1016,7 @@ impl Inner {
 
 impl Broker for NatsBroker {
     fn reconnects(&self) -> u64 {
-        *self.inner.reconnects.borrow()
+        self.inner.catch_ups.borrow().reconnects
     }
 
     fn set_events(&self, events: Arc<dyn BrokerEvents>) {
@@ -998,8 +1029,9 @@ impl Broker for NatsBroker {
             if lock(&i.local).contains_key(&channel) {
                 return Ok(());
             }
-            // Taken first: a reconnect from now on makes the task catch up.
-            let reconnects = i.reconnects.subscribe();
+            // Taken first: a reconnect (or slow-consumer event) from now on
+            // makes the task catch up.
+            let catch_ups = i.catch_ups.subscribe();
             let subscriber = bounded(i.client.subscribe(i.delivery_subject(&channel))).await?;
             // Read once subscribed (the subscription goes to the server
             // first): what the stream saves after this position arrives, or
@@ -1012,7 +1044,7 @@ impl Broker for NatsBroker {
                     i.clone(),
                     e.key().clone(),
                     subscriber,
-                    reconnects,
+                    catch_ups,
                     start,
                 ));
                 e.insert(task);

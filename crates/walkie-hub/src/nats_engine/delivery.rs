@@ -27,7 +27,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Fail, Inner, epoch_of};
+use super::{CatchUps, Fail, Inner, epoch_of};
 use crate::channel::ChannelName;
 use crate::codec::decode;
 use crate::engine::EngineError;
@@ -397,7 +397,7 @@ pub(super) async fn deliver(
     inner: Arc<Inner>,
     channel: ChannelName,
     mut subscriber: async_nats::Subscriber,
-    mut reconnects: watch::Receiver<u64>,
+    mut catch_ups: watch::Receiver<CatchUps>,
     start: StreamPosition,
 ) {
     let mut cursor = Cursor::new(start);
@@ -408,7 +408,7 @@ pub(super) async fn deliver(
                 Some(m) => inner.on_message(&channel, m, &mut cursor).await,
                 None => return,
             },
-            changed = reconnects.changed() => match changed {
+            changed = catch_ups.changed() => match changed {
                 Ok(()) => {
                     cursor.need_catch_up(Instant::now());
                     inner.resume(&channel, &mut cursor).await;
@@ -495,5 +495,115 @@ mod tests {
         assert_eq!(waits[0], FIRST_RETRY);
         assert_eq!(waits[1], FIRST_RETRY * 2);
         assert_eq!(waits[7], LAST_RETRY);
+    }
+
+    /// Holds the delivery task in its first publication until told to go
+    /// (blocking its thread, as a hub that cannot keep up would), then
+    /// records like a [`Recorder`](crate::conformance::Recorder).
+    struct Stalled {
+        go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        seen: crate::conformance::Recorder,
+    }
+
+    impl crate::engine::BrokerEvents for Stalled {
+        fn handle_publication(&self, channel: &ChannelName, p: &Publication, epoch: &str) {
+            if p.offset == 1 {
+                let go = self.go.lock().unwrap();
+                let _ = go.recv_timeout(Duration::from_secs(20));
+            }
+            self.seen.handle_publication(channel, p, epoch);
+        }
+    }
+
+    /// Messages the NATS client dropped while the channel's task was stuck
+    /// (a slow consumer) are read back at once, though nothing is published
+    /// after them: the slow-consumer event makes every channel catch up.
+    #[test]
+    fn messages_dropped_by_a_slow_consumer_are_read_back_on_a_quiet_channel() {
+        use crate::engine::Broker as _;
+        use crate::publication::{HistoryOptions, NewPublication, PublishOptions};
+
+        let Ok(url) = std::env::var("WALKIE_TEST_NATS") else {
+            eprintln!(
+                "SKIPPED messages_dropped_by_a_slow_consumer_are_read_back_on_a_quiet_channel: no service configured; set WALKIE_TEST_NATS=nats://127.0.0.1:4222 to run it"
+            );
+            return;
+        };
+        let prefix = format!(
+            "walkie-test-{}-{:08x}:",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        // The NATS clients' connections run here; the stuck delivery task
+        // runs on its own thread (below), so that it stalls nothing else.
+        let nats = tokio::runtime::Runtime::new().unwrap();
+        let capacity = 8;
+        let node = nats
+            .block_on(super::super::NatsBroker::connect_with(
+                &url, &prefix, capacity,
+            ))
+            .unwrap();
+        let publisher = nats
+            .block_on(super::super::NatsBroker::connect(&url, &prefix))
+            .unwrap();
+        let (go, wait) = std::sync::mpsc::channel();
+        let events = Arc::new(Stalled {
+            go: std::sync::Mutex::new(wait),
+            seen: Default::default(),
+        });
+        node.set_events(events.clone());
+        let channel = ChannelName::new("slow").unwrap();
+        let kept = PublishOptions {
+            history: Some(HistoryOptions {
+                size: 1000,
+                ttl: Duration::from_secs(300),
+            }),
+            ..PublishOptions::default()
+        };
+        let total = 100u64;
+        let delivery = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = delivery.block_on(async {
+            node.subscribe(channel.clone()).await.unwrap();
+            // Published from the other runtime: this thread is stuck from
+            // the first delivery until `go`.
+            let publishing = nats.spawn({
+                let (publisher, channel, kept) = (publisher.clone(), channel.clone(), kept.clone());
+                async move {
+                    for i in 1..=total {
+                        let m = NewPublication::text(format!("m{i}"));
+                        publisher
+                            .publish(channel.clone(), m, kept.clone())
+                            .await
+                            .unwrap();
+                    }
+                    // Time for the republished copies to reach the node
+                    // and overflow its buffer.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let _ = go.send(());
+                }
+            });
+            let mut offsets = Vec::new();
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                offsets = events.seen.on(&channel).iter().map(|p| p.offset).collect();
+                if offsets.len() as u64 >= total {
+                    break;
+                }
+            }
+            (publishing, offsets)
+        });
+        let (publishing, offsets) = outcome;
+        nats.block_on(async {
+            publishing.await.unwrap();
+            publisher.delete_all().await.unwrap();
+        });
+        assert_eq!(
+            offsets,
+            (1..=total).collect::<Vec<_>>(),
+            "every message, once, in order"
+        );
     }
 }
