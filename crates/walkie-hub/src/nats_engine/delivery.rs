@@ -101,6 +101,8 @@ pub(super) struct Cursor {
     /// The latest saved publication delivered (at first, the stream's
     /// position when this node subscribed): what a read-back starts after.
     at: StreamPosition,
+    /// The epochs delivery moved on from, latest last.
+    left: Left,
     /// Set while a read-back failed and is to be tried again.
     behind: Option<Behind>,
 }
@@ -126,6 +128,34 @@ struct Behind {
     reported: bool,
     /// Whether the hub was told so.
     told: bool,
+}
+
+/// The last [`MAX_LEFT`] epochs a channel's delivery moved on from: their
+/// streams were deleted (the history was removed), so a message of one that
+/// arrives late (republished by another server of a cluster, say) is
+/// dropped. Taken for a newer epoch, it would switch delivery back to a
+/// removed history, and the next message of the current one would have
+/// its whole stream read back and delivered again.
+#[derive(Debug, Default)]
+struct Left(VecDeque<Arc<str>>);
+
+/// How many epochs [`Left`] remembers.
+const MAX_LEFT: usize = 8;
+
+impl Left {
+    fn contains(&self, epoch: &str) -> bool {
+        self.0.iter().any(|e| **e == *epoch)
+    }
+
+    /// Remembers `before` if delivery moved on from it to `at`'s epoch.
+    fn moved(&mut self, before: Arc<str>, at: &StreamPosition) {
+        if *before != *at.epoch && !self.contains(&before) {
+            if self.0.len() == MAX_LEFT {
+                self.0.pop_front();
+            }
+            self.0.push_back(before);
+        }
+    }
 }
 
 impl Behind {
@@ -192,7 +222,11 @@ impl Behind {
 
 impl Cursor {
     pub(super) fn new(at: StreamPosition) -> Cursor {
-        Cursor { at, behind: None }
+        Cursor {
+            at,
+            left: Left::default(),
+            behind: None,
+        }
     }
 
     /// Whether the channel has been behind for [`LONG_BEHIND`] and the
@@ -277,7 +311,7 @@ impl Inner {
             Incoming::Saved(s) => {
                 if let Some(b) = &mut cursor.behind {
                     b.hold(s);
-                } else if let Err(e) = self.advance(channel, &s, &mut cursor.at).await {
+                } else if let Err(e) = self.advance(channel, &s, cursor).await {
                     cursor.fall_behind(channel, s, &e, Instant::now());
                 }
             }
@@ -286,14 +320,34 @@ impl Inner {
     }
 
     /// Delivers `s` after what its stream saved before it and was not
-    /// delivered (read back). Delivers nothing if that read-back fails.
+    /// delivered (read back). Delivers nothing if that read-back fails, or
+    /// if `s` is of an epoch delivery moved on from.
     async fn advance(
         &self,
         channel: &ChannelName,
         s: &Saved,
-        at: &mut StreamPosition,
+        cursor: &mut Cursor,
     ) -> Result<(), EngineError> {
         let epoch = epoch_of(&s.stream);
+        if cursor.left.contains(epoch) {
+            tracing::debug!(%channel, epoch, "nats engine: a message of a removed history, dropped");
+            return Ok(());
+        }
+        let before = cursor.at.epoch.clone();
+        let outcome = self.advance_in(channel, s, epoch, &mut cursor.at).await;
+        cursor.left.moved(before, &cursor.at);
+        outcome
+    }
+
+    /// [`Inner::advance`] once `s` is known to be of the current epoch or
+    /// a newer one (`epoch`).
+    async fn advance_in(
+        &self,
+        channel: &ChannelName,
+        s: &Saved,
+        epoch: &str,
+        at: &mut StreamPosition,
+    ) -> Result<(), EngineError> {
         let same = *at.epoch == *epoch;
         if same && s.seq <= at.offset {
             return Ok(());
@@ -323,9 +377,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Delivers what the channel's stream saved after `at`: all it holds
-    /// if it is a new stream (the history was removed meanwhile).
+    /// Delivers what the channel's stream saved after `cursor.at`: all it
+    /// holds if it is a new stream (the history was removed meanwhile).
     async fn catch_up(
+        &self,
+        channel: &ChannelName,
+        cursor: &mut Cursor,
+    ) -> Result<(), EngineError> {
+        let before = cursor.at.epoch.clone();
+        let outcome = self.catch_up_at(channel, &mut cursor.at).await;
+        cursor.left.moved(before, &cursor.at);
+        outcome
+    }
+
+    async fn catch_up_at(
         &self,
         channel: &ChannelName,
         at: &mut StreamPosition,
@@ -360,7 +425,7 @@ impl Inner {
             return;
         };
         if b.catch_up {
-            match self.catch_up(channel, &mut cursor.at).await {
+            match self.catch_up(channel, cursor).await {
                 // Everything held was saved before this read: delivered now.
                 Ok(()) => {
                     b.held.clear();
@@ -378,7 +443,7 @@ impl Inner {
             b.catch_up = false;
         }
         while let Some(s) = b.next_held() {
-            if let Err(e) = self.advance(channel, &s, &mut cursor.at).await {
+            if let Err(e) = self.advance(channel, &s, cursor).await {
                 b.unhold(s);
                 b.failed(channel, &e, Instant::now());
                 cursor.behind = Some(b);
@@ -460,6 +525,28 @@ mod tests {
         assert!(!b.catch_up);
         b.hold(saved(2, 1));
         assert!(b.catch_up && b.held.is_empty(), "over the byte bound");
+    }
+
+    /// Epochs moved on from are remembered, the last [`MAX_LEFT`] of them;
+    /// staying in one epoch remembers nothing.
+    #[test]
+    fn the_last_epochs_left_are_remembered() {
+        let mut left = Left::default();
+        let at = |e: &str| StreamPosition {
+            offset: 1,
+            epoch: e.into(),
+        };
+        left.moved("e0".into(), &at("e0"));
+        assert!(left.0.is_empty());
+        for i in 0..=MAX_LEFT {
+            left.moved(format!("e{i}").into(), &at(&format!("e{}", i + 1)));
+        }
+        assert!(!left.contains("e0"), "the oldest is forgotten");
+        assert!((1..=MAX_LEFT).all(|i| left.contains(&format!("e{i}"))));
+        assert!(
+            !left.contains(&format!("e{}", MAX_LEFT + 1)),
+            "the current one"
+        );
     }
 
     /// The hub is told once per stretch behind, once it has lasted.
@@ -605,5 +692,91 @@ mod tests {
             (1..=total).collect::<Vec<_>>(),
             "every message, once, in order"
         );
+    }
+
+    /// A message of a removed history that arrives after the new epoch's
+    /// first (a republish delayed in a cluster, sent here by hand) is
+    /// dropped: it neither reaches the hub nor makes the next message of
+    /// the new epoch read its stream back again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_message_of_a_removed_history_is_dropped() {
+        use crate::conformance::Recorder;
+        use crate::engine::Broker as _;
+        use crate::publication::{HistoryOptions, NewPublication, PublishOptions};
+
+        let Ok(url) = std::env::var("WALKIE_TEST_NATS") else {
+            eprintln!(
+                "SKIPPED a_late_message_of_a_removed_history_is_dropped: no service configured; set WALKIE_TEST_NATS=nats://127.0.0.1:4222 to run it"
+            );
+            return;
+        };
+        let prefix = format!(
+            "walkie-test-{}-{:08x}:",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let broker = super::super::NatsBroker::connect(&url, &prefix)
+            .await
+            .unwrap();
+        let outcome = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                let events = Arc::new(Recorder::default());
+                broker.set_events(events.clone());
+                let channel = ChannelName::new("epochs").unwrap();
+                let kept = PublishOptions {
+                    history: Some(HistoryOptions {
+                        size: 100,
+                        ttl: Duration::from_secs(300),
+                    }),
+                    ..PublishOptions::default()
+                };
+                let publish = |text: &'static str| {
+                    broker.publish(channel.clone(), NewPublication::text(text), kept.clone())
+                };
+                broker.subscribe(channel.clone()).await.unwrap();
+                publish("a1").await.unwrap();
+                publish("a2").await.unwrap();
+                events.wait_for(&channel, 2).await;
+                let inner = &broker.inner;
+                let old = inner
+                    .js
+                    .stream_by_subject(inner.saved_subject(&channel))
+                    .await
+                    .unwrap();
+                broker.remove_history(channel.clone()).await.unwrap();
+                publish("b1").await.unwrap();
+                events.wait_for(&channel, 3).await;
+
+                // What the old stream would have republished third.
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(async_nats::header::NATS_STREAM, old.as_str());
+                headers.insert(async_nats::header::NATS_SEQUENCE, "3");
+                headers.insert(async_nats::header::NATS_LAST_SEQUENCE, "2");
+                let late = crate::codec::encode(&NewPublication::text("a3").at(0));
+                inner
+                    .client
+                    .publish_with_headers(inner.delivery_subject(&channel), headers, late.into())
+                    .await
+                    .unwrap();
+                publish("b2").await.unwrap();
+                events.wait_for(&channel, 4).await;
+                // Time for anything else to arrive.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let seen = events.on(&channel);
+                let texts: Vec<_> = seen
+                    .iter()
+                    .map(|p| (p.offset, String::from_utf8_lossy(&p.data).into_owned()))
+                    .collect();
+                let want = [(1, "a1"), (2, "a2"), (1, "b1"), (2, "b2")];
+                let want: Vec<_> = want.iter().map(|(o, t)| (*o, t.to_string())).collect();
+                assert_eq!(texts, want);
+            }
+        })
+        .await;
+        broker.delete_all().await.unwrap();
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
     }
 }
