@@ -26,8 +26,9 @@ const MAX_ROOM_NAME: usize = 64;
 /// How rooms behave; set from `walkie serve`'s flags.
 #[derive(Debug, Clone, Copy)]
 pub struct RoomSettings {
-    /// History kept per room: how many messages, for how long.
-    pub history: HistoryOptions,
+    /// History kept per room: how many messages, for how long (`None`:
+    /// none). The `rooms` namespace keeps the same (see `serve.rs`).
+    pub history: Option<HistoryOptions>,
     /// Each member's outgoing queue; a member that overflows it is
     /// disconnected with 1013 (try again later) and can rejoin.
     pub queue: QueueLimits,
@@ -56,7 +57,7 @@ fn parse(
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if key == "history" {
-            let max = settings.history.size;
+            let max = settings.history.map_or(0, |h| h.size);
             history = value
                 .parse::<usize>()
                 .ok()
@@ -285,7 +286,7 @@ where
         .bytes_in
         .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     let options = PublishOptions {
-        history: Some(state.rooms.history),
+        history: state.rooms.history,
         ..PublishOptions::default()
     };
     let requests = burst

@@ -16,8 +16,8 @@ use tracing::{debug, error, info, warn};
 use walkie::{Incoming, ServerConfig};
 
 use walkie_hub::{
-    Broker, DurableBroker, HistoryOptions, Hub, HubConfig, MemoryBroker, Node, OverflowPolicy,
-    QueueLimits, Verifier,
+    Broker, ChannelName, DurableBroker, HistoryOptions, Hub, HubConfig, MemoryBroker,
+    NamespaceConfig, Node, OverflowPolicy, QueueLimits, Verifier,
 };
 
 use crate::rooms::RoomSettings;
@@ -131,13 +131,18 @@ pub struct ServeArgs {
     pub in_memory: bool,
 
     /// Messages of history kept per room; `?history=N` may ask for at most
-    /// this (more is a 400).
-    #[arg(long, env = "WALKIE_ROOM_HISTORY", default_value = "100", value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub room_history: u32,
+    /// this (more is a 400). Default: the `rooms` namespace's history_size
+    /// (100 without a --config). Given, it becomes that namespace's
+    /// history_size too, so that /ws and HTTP API publishes to a room keep
+    /// as many.
+    #[arg(long, env = "WALKIE_ROOM_HISTORY", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub room_history: Option<u32>,
 
     /// How long a room keeps a message in its history (more than 0).
-    #[arg(long, env = "WALKIE_ROOM_HISTORY_TTL", default_value = "24h", value_parser = parse_positive_duration)]
-    pub room_history_ttl: Duration,
+    /// Default: the `rooms` namespace's history_ttl (24h without a
+    /// --config); given, it becomes that namespace's history_ttl too.
+    #[arg(long, env = "WALKIE_ROOM_HISTORY_TTL", value_parser = parse_positive_duration)]
+    pub room_history_ttl: Option<Duration>,
 
     /// Most messages waiting to be sent to one client; a client that falls
     /// further behind is disconnected (1013) and may reconnect.
@@ -215,12 +220,39 @@ impl AppState {
 }
 
 impl ServeArgs {
-    fn room_settings(&self) -> RoomSettings {
+    /// One history for rooms, whoever publishes to them: a member (trimmed
+    /// by the settings this returns) or `/ws` and the HTTP API (trimmed by
+    /// the namespace of `rooms:` channels). `--room-history` and
+    /// `--room-history-ttl` default to that namespace's; given, they are
+    /// written into it (into a `rooms` namespace made from `default` if
+    /// rooms fell back to it). `None`: rooms keep no history.
+    fn room_history(&self, config: &mut HubConfig) -> Option<HistoryOptions> {
+        let room = ChannelName::new("rooms:_").expect("a valid channel name");
+        let Some(ns) = config.namespace(&room).cloned() else {
+            // Rooms by URL only (`/ws` refuses the namespace).
+            return Some(HistoryOptions {
+                size: self.room_history.map_or(100, |n| n as usize),
+                ttl: self
+                    .room_history_ttl
+                    .unwrap_or(NamespaceConfig::default().history_ttl),
+            });
+        };
+        if self.room_history.is_none() && self.room_history_ttl.is_none() {
+            return ns.history();
+        }
+        let ns = config.namespaces.entry("rooms".into()).or_insert(ns);
+        if let Some(n) = self.room_history {
+            ns.history_size = n as usize;
+        }
+        if let Some(ttl) = self.room_history_ttl {
+            ns.history_ttl = ttl;
+        }
+        ns.history()
+    }
+
+    fn room_settings(&self, history: Option<HistoryOptions>) -> RoomSettings {
         RoomSettings {
-            history: HistoryOptions {
-                size: self.room_history as usize,
-                ttl: self.room_history_ttl,
-            },
+            history,
             queue: QueueLimits {
                 messages: self.client_queue as usize,
                 bytes: self.client_queue_bytes,
@@ -416,6 +448,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let room_history = args.room_history(&mut hub_config);
     // Without a configuration file the server runs for development: every
     // channel is open, and /demo/token hands out tokens signed with a
     // secret made up for this run, so that the demo pages can show user
@@ -515,7 +548,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         node,
         api_key,
         demo_secret,
-        rooms: args.room_settings(),
+        rooms: args.room_settings(room_history),
         tracker: tracker.clone(),
         shutdown_timeout: args.shutdown_timeout,
     });

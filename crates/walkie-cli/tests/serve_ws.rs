@@ -317,6 +317,48 @@ async fn rooms_and_the_protocol_share_channels() {
     .await;
 }
 
+/// A room keeps one history, whoever publishes to it: `--room-history 3`
+/// trims what `/ws` publishes to `rooms:*` too, and without the flag the
+/// `rooms` namespace's `history_size` bounds `?history=N`.
+#[tokio::test]
+async fn a_room_keeps_one_history_whoever_publishes() {
+    let server = Server::start(&["--room-history", "3"]);
+    within(20, async {
+        let (mut c, _) = proto::connected(server.port, None).await;
+        for i in 1..=5 {
+            c.ok("publish", json!({"channel": "rooms:same", "data": i}))
+                .await;
+        }
+        let h = c.ok("history", json!({"channel": "rooms:same"})).await;
+        let kept: Vec<_> = h["publications"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no publications: {h}"))
+            .iter()
+            .map(|p| p["data"].clone())
+            .collect();
+        assert_eq!(kept, [json!(3), json!(4), json!(5)]);
+        let r = http_exchange(
+            server.port,
+            upgrade_request("/rooms/same?history=4", "").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.body);
+    })
+    .await;
+    let toml = "[auth]\nanonymous = true\n[namespaces.rooms]\nanonymous = true\nhistory_size = 2\n";
+    let (server, _dir) = Server::with_config(toml, &[]);
+    within(20, async {
+        let r = http_exchange(
+            server.port,
+            upgrade_request("/rooms/small?history=3", "").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains("from 0 to 2"), "{}", r.body);
+    })
+    .await;
+}
+
 /// docs/protocol.md: "The first command must be `connect`, within 10
 /// seconds of the upgrade (else close 4003)". Commands other than
 /// `connect` do not count, and a client that connects in time stays.
