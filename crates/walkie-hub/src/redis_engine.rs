@@ -29,8 +29,8 @@ use crate::engine::{BoxFuture, Broker, BrokerEvents, EngineError};
 use crate::memory::lock;
 use crate::presence::{ClientInfo, PresenceManager};
 use crate::publication::{
-    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishResult,
-    StreamPosition, new_epoch, now_ms,
+    History, HistoryFilter, NewPublication, Publication, PublishOptions, PublishRequest,
+    PublishResult, StreamPosition, new_epoch, now_ms,
 };
 
 /// How long presence entries live unless refreshed.
@@ -581,6 +581,77 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// The publish script's call for one publication.
+    fn publish_invocation(
+        &self,
+        channel: &ChannelName,
+        new: NewPublication,
+        options: &PublishOptions,
+    ) -> redis::ScriptInvocation<'_> {
+        let publication = new.at(0);
+        let body = encode(&publication);
+        let (history, size, ttl) = match options.history {
+            Some(h) => (1, h.size.max(1), h.ttl),
+            None => (0, 1, Duration::from_secs(1)),
+        };
+        let idem = match &options.idempotency_key {
+            Some(k) => self.idempotency_key(channel, k),
+            None => String::new(),
+        };
+        let mut invocation = self.publish.prepare_invoke();
+        invocation
+            .key(self.key("m", channel.as_str()))
+            .key(self.key("s", channel.as_str()))
+            .key(idem)
+            .arg(history)
+            .arg(size)
+            .arg(
+                u64::try_from(ttl.as_millis())
+                    .unwrap_or(u64::MAX / 4)
+                    .max(1),
+            )
+            .arg(meta_ttl_ms(ttl))
+            .arg(self.key("p", channel.as_str()))
+            .arg(body)
+            .arg(u64::try_from(options.idempotency_ttl().as_millis()).unwrap_or(u64::MAX / 4))
+            .arg(&*new_epoch());
+        invocation
+    }
+}
+
+/// `n` results, each the failure `e`.
+fn every(n: usize, e: &EngineError) -> Vec<Result<PublishResult, EngineError>> {
+    (0..n)
+        .map(|_| {
+            Err(match e {
+                EngineError::Storage(m) => EngineError::Storage(m.clone()),
+                EngineError::Unavailable(m) => EngineError::Unavailable(m.clone()),
+                EngineError::Stopped => EngineError::Stopped,
+            })
+        })
+        .collect()
+}
+
+/// The publish script's reply: the position, and whether the publication
+/// was suppressed by its idempotency key.
+fn publish_result(v: Value) -> Result<PublishResult, EngineError> {
+    let bad = || EngineError::Storage("unexpected publish reply from redis".into());
+    let Value::Array(parts) = v else {
+        return Err(bad());
+    };
+    let position = parts
+        .first()
+        .and_then(bytes_of)
+        .and_then(parse_position)
+        .ok_or_else(bad)?;
+    let suppressed = parts.get(1).and_then(int_of) == Some(1);
+    Ok(PublishResult {
+        position,
+        suppressed,
+    })
+}
+
 impl Broker for RedisBroker {
     /// Pub/sub messages arrive on the connection's own task, wherever the
     /// broker was connected (the main thread of `walkie serve`).
@@ -648,54 +719,58 @@ impl Broker for RedisBroker {
         options: PublishOptions,
     ) -> BoxFuture<'_, Result<PublishResult, EngineError>> {
         Box::pin(async move {
-            let publication = new.at(0);
-            let body = encode(&publication);
-            let (history, size, ttl) = match options.history {
-                Some(h) => (1, h.size.max(1), h.ttl),
-                None => (0, 1, Duration::from_secs(1)),
-            };
-            let idem = match &options.idempotency_key {
-                Some(k) => self.idempotency_key(&channel, k),
-                None => String::new(),
-            };
+            let invocation = self.publish_invocation(&channel, new, &options);
             let mut conn = self.conn.clone();
-            let v: Value = bounded(
-                self.publish
-                    .key(self.key("m", channel.as_str()))
-                    .key(self.key("s", channel.as_str()))
-                    .key(idem)
-                    .arg(history)
-                    .arg(size)
-                    .arg(
-                        u64::try_from(ttl.as_millis())
-                            .unwrap_or(u64::MAX / 4)
-                            .max(1),
-                    )
-                    .arg(meta_ttl_ms(ttl))
-                    .arg(self.key("p", channel.as_str()))
-                    .arg(body)
-                    .arg(
-                        u64::try_from(options.idempotency_ttl().as_millis())
-                            .unwrap_or(u64::MAX / 4),
-                    )
-                    .arg(&*new_epoch())
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-            let bad = || EngineError::Storage("unexpected publish reply from redis".into());
-            let Value::Array(parts) = v else {
-                return Err(bad());
-            };
-            let position = parts
-                .first()
-                .and_then(bytes_of)
-                .and_then(parse_position)
-                .ok_or_else(bad)?;
-            let suppressed = parts.get(1).and_then(int_of) == Some(1);
-            Ok(PublishResult {
-                position,
-                suppressed,
-            })
+            publish_result(bounded(invocation.invoke_async(&mut conn)).await?)
+        })
+    }
+
+    /// All the requests in one pipeline: one round trip instead of one per
+    /// request. Redis runs the scripts one after another in order, each
+    /// atomic, so the results are those of publishing them one at a time.
+    /// The pipeline loads the script first: a Redis that restarted (or
+    /// flushed its scripts) would otherwise refuse every one.
+    fn publish_many(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
+        Box::pin(async move {
+            if requests.len() < 2 {
+                let mut results = Vec::with_capacity(1);
+                for r in requests {
+                    results.push(self.publish(r.channel, r.publication, r.options).await);
+                }
+                return results;
+            }
+            let n = requests.len();
+            let invocations: Vec<_> = requests
+                .into_iter()
+                .map(|r| self.publish_invocation(&r.channel, r.publication, &r.options))
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors().load_script(&self.publish);
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            let mut conn = self.conn.clone();
+            let replies: Result<Vec<redis::RedisResult<Value>>, _> =
+                bounded(pipe.query_async(&mut conn)).await;
+            match replies {
+                Ok(replies) if replies.len() == n + 1 => replies
+                    .into_iter()
+                    .skip(1)
+                    .map(|r| publish_result(r.map_err(unavailable)?))
+                    .collect(),
+                Ok(replies) => {
+                    let e = EngineError::Storage(format!(
+                        "redis answered {} replies to a pipeline of {}",
+                        replies.len(),
+                        n + 1
+                    ));
+                    every(n, &e)
+                }
+                Err(e) => every(n, &e),
+            }
         })
     }
 
@@ -987,6 +1062,66 @@ mod tests {
         .map(|(o, t)| (o, t.to_owned()));
         assert_eq!(got, want);
         assert_eq!(broker.reconnects(), 1);
+        broker.remove_history(ch).await.unwrap();
+    }
+
+    /// A burst goes out as one pipeline that loads the publish script
+    /// first, so it is published even right after Redis forgot its scripts
+    /// (a restart, a `SCRIPT FLUSH`), in order, one result each. Needs
+    /// `WALKIE_TEST_REDIS`.
+    #[tokio::test]
+    async fn a_burst_is_published_after_redis_forgot_its_scripts() {
+        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
+            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+            return;
+        };
+        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
+        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
+        let ch = ChannelName::new("burst").unwrap();
+        let kept = PublishOptions {
+            history: Some(crate::HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(60),
+            }),
+            ..PublishOptions::default()
+        };
+        let burst = |from: u64| {
+            (from..from + 5)
+                .map(|i| PublishRequest {
+                    channel: ch.clone(),
+                    publication: NewPublication::text(format!("m{i}")),
+                    options: kept.clone(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let offsets = |results: Vec<Result<PublishResult, EngineError>>| {
+            results
+                .into_iter()
+                .map(|r| r.unwrap().position.offset)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            offsets(broker.publish_many(burst(1)).await),
+            [1, 2, 3, 4, 5]
+        );
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut broker.conn.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            offsets(broker.publish_many(burst(6)).await),
+            [6, 7, 8, 9, 10]
+        );
+        let h = broker
+            .history(ch.clone(), HistoryFilter::default())
+            .await
+            .unwrap();
+        let texts: Vec<_> = h.publications.iter().map(|p| p.data.clone()).collect();
+        let want: Vec<_> = (1..=10)
+            .map(|i| bytes::Bytes::from(format!("m{i}")))
+            .collect();
+        assert_eq!(texts, want);
         broker.remove_history(ch).await.unwrap();
     }
 
