@@ -32,6 +32,18 @@ pub enum EngineError {
     Stopped,
 }
 
+impl EngineError {
+    /// The same error again (it holds no source to share): for each
+    /// request of a batch that failed as a whole.
+    pub(crate) fn again(&self) -> EngineError {
+        match self {
+            EngineError::Storage(m) => EngineError::Storage(m.clone()),
+            EngineError::Unavailable(m) => EngineError::Unavailable(m.clone()),
+            EngineError::Stopped => EngineError::Stopped,
+        }
+    }
+}
+
 /// Where a broker delivers publications: the hub of this node.
 pub trait BrokerEvents: Send + Sync + 'static {
     /// A publication on `channel`, in the stream of epoch `epoch`.

@@ -109,7 +109,7 @@ use crate::memory::lock;
 use crate::presence::{ClientInfo, PresenceManager};
 use crate::publication::{
     DEFAULT_IDEMPOTENCY_TTL, History, HistoryFilter, NewPublication, Publication, PublishOptions,
-    PublishResult, StreamPosition, now_ms,
+    PublishRequest, PublishResult, StreamPosition, now_ms,
 };
 
 /// How long one NATS request may take before the caller gets an error
@@ -974,6 +974,106 @@ impl Inner {
         )))
     }
 
+    /// Publishes a batch with every message sent before the first
+    /// acknowledgement is awaited: one round trip instead of one per
+    /// message. JetStream saves them in the order sent, so offsets and
+    /// idempotency are as one at a time. A batch with a publication without
+    /// history, or with two limits for one channel, goes one at a time, as
+    /// does one whose every publish found its stream gone (nothing was
+    /// saved: `publish` makes the streams again).
+    async fn publish_many(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> Vec<Result<PublishResult, EngineError>> {
+        let mut limits: HashMap<&ChannelName, Limits> = HashMap::new();
+        let batched = requests.len() > 1
+            && requests.iter().all(|r| match Limits::of(&r.options) {
+                Some(l) => *limits.entry(&r.channel).or_insert(l) == l,
+                None => false,
+            });
+        if !batched {
+            return self.publish_each(requests).await;
+        }
+        let n = requests.len();
+        let failed = |e: EngineError| (0..n).map(|_| Err(e.again())).collect();
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return failed(EngineError::Unavailable("nats: not connected".into()));
+        }
+        let mut known = HashMap::new();
+        for (channel, l) in &limits {
+            match self.ensure(channel, Some(*l)).await {
+                Ok(k) => known.insert((*channel).clone(), k),
+                Err(e) => return failed(e),
+            };
+        }
+        let mut pending = Vec::with_capacity(n);
+        for r in &requests {
+            let body = Bytes::from(encode(&r.publication.clone().at(0)));
+            let mut message = jetstream::message::PublishMessage::build().payload(body);
+            if let Some(key) = &r.options.idempotency_key {
+                message = message.message_id(hex(key.as_bytes()));
+            }
+            pending.push(
+                self.js
+                    .send_publish(self.saved_subject(&r.channel), message)
+                    .await,
+            );
+        }
+        let mut acks = Vec::with_capacity(n);
+        for p in pending {
+            acks.push(match p {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            });
+        }
+        let gone = |a: &Result<_, jetstream::context::PublishError>| {
+            a.as_ref()
+                .is_err_and(|e| e.kind() == jetstream::context::PublishErrorKind::StreamNotFound)
+        };
+        if acks.iter().all(gone) {
+            for channel in limits.keys() {
+                self.forget(channel);
+            }
+            return self.publish_each(requests).await;
+        }
+        let mut results = Vec::with_capacity(n);
+        for (r, ack) in requests.iter().zip(acks) {
+            results.push(match ack {
+                Ok(ack) => {
+                    if known.get(&r.channel).is_some_and(|k| k.stream != ack.stream) {
+                        // Made again by another node: give it our limits.
+                        self.forget(&r.channel);
+                        if let Err(e) = self.ensure(&r.channel, limits.get(&r.channel).copied()).await {
+                            tracing::warn!(channel = %r.channel, "nats engine: cannot set history limits: {e}");
+                        }
+                        known.remove(&r.channel);
+                    }
+                    Ok(PublishResult {
+                        position: StreamPosition {
+                            offset: ack.sequence,
+                            epoch: epoch_of(&ack.stream).into(),
+                        },
+                        suppressed: ack.duplicate,
+                    })
+                }
+                Err(e) => Err(unavailable(e)),
+            });
+        }
+        results
+    }
+
+    /// Publishes each request in turn.
+    async fn publish_each(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> Vec<Result<PublishResult, EngineError>> {
+        let mut results = Vec::with_capacity(requests.len());
+        for r in requests {
+            results.push(self.publish(&r.channel, r.publication, &r.options).await);
+        }
+        results
+    }
+
     async fn remove_history(&self, channel: &ChannelName) -> Result<(), EngineError> {
         let mut config = self.stream_config(String::new(), channel, Limits::initial());
         let mut limits = None;
@@ -1068,6 +1168,13 @@ impl Broker for NatsBroker {
         options: PublishOptions,
     ) -> BoxFuture<'_, Result<PublishResult, EngineError>> {
         Box::pin(async move { self.inner.publish(&channel, publication, &options).await })
+    }
+
+    fn publish_many(
+        &self,
+        requests: Vec<PublishRequest>,
+    ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
+        Box::pin(async move { self.inner.publish_many(requests).await })
     }
 
     fn history(

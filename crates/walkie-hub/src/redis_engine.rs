@@ -622,15 +622,7 @@ impl RedisBroker {
 
 /// `n` results, each the failure `e`.
 fn every(n: usize, e: &EngineError) -> Vec<Result<PublishResult, EngineError>> {
-    (0..n)
-        .map(|_| {
-            Err(match e {
-                EngineError::Storage(m) => EngineError::Storage(m.clone()),
-                EngineError::Unavailable(m) => EngineError::Unavailable(m.clone()),
-                EngineError::Stopped => EngineError::Stopped,
-            })
-        })
-        .collect()
+    (0..n).map(|_| Err(e.again())).collect()
 }
 
 /// The publish script's reply: the position, and whether the publication

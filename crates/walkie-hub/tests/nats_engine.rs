@@ -16,7 +16,7 @@ use std::time::Duration;
 use walkie_hub::conformance::Recorder;
 use walkie_hub::{
     Broker, ChannelName, HistoryFilter, HistoryOptions, NatsBroker, NewPublication, Publication,
-    PublishOptions,
+    PublishOptions, PublishRequest,
 };
 
 fn nats(test: &str) -> Option<String> {
@@ -85,6 +85,81 @@ async fn node(url: &str, prefix: &str) -> (NatsBroker, Arc<Recorder>) {
     let events = Arc::new(Recorder::default());
     broker.set_events(events.clone());
     (broker, events)
+}
+
+/// A batch with history on two channels goes out before any
+/// acknowledgement is awaited, and still comes back as one at a time would:
+/// offsets in order per channel, a key used earlier in the batch
+/// suppressed, each saved one delivered once, in order. Also after another
+/// node removed one channel's history (this node's stream name is stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_published_in_order_with_its_keys() {
+    on_nats(
+        "a_batch_is_published_in_order_with_its_keys",
+        |u, p| async move {
+            let (one, seen) = node(&u, &p).await;
+            let (two, _) = node(&u, &p).await;
+            let a = ChannelName::new("chat:batch-a").unwrap();
+            let b = ChannelName::new("chat:batch-b").unwrap();
+            one.subscribe(a.clone()).await.unwrap();
+            let request = |channel: &ChannelName, text: &str, key: Option<&str>| PublishRequest {
+                channel: channel.clone(),
+                publication: NewPublication::text(text),
+                options: PublishOptions {
+                    idempotency_key: key.map(Into::into),
+                    ..kept()
+                },
+            };
+            let batch = |round: &str| {
+                vec![
+                    request(&a, &format!("{round}1"), None),
+                    request(&b, "elsewhere", None),
+                    request(&a, &format!("{round}2"), Some(round)),
+                    request(&a, &format!("{round}3"), None),
+                    request(&a, "again", Some(round)),
+                ]
+            };
+            let outcome = |results: Vec<Result<walkie_hub::PublishResult, _>>| {
+                results
+                    .into_iter()
+                    .map(|r| {
+                        let r = r.unwrap();
+                        (r.position.offset, r.suppressed)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let first = outcome(one.publish_many(batch("x")).await);
+            assert_eq!(
+                first,
+                [(1, false), (1, false), (2, false), (3, false), (2, true)]
+            );
+            let want = |round: &str| (1..=3).map(|i| format!("{round}{i}")).collect::<Vec<_>>();
+            let texts = |ps: &[Publication]| {
+                ps.iter()
+                    .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(texts(&seen.wait_for(&a, 3).await), want("x"));
+
+            two.remove_history(a.clone()).await.unwrap();
+            let second = outcome(one.publish_many(batch("y")).await);
+            assert_eq!(
+                second,
+                [(1, false), (2, false), (2, false), (3, false), (2, true)]
+            );
+            let h = one.history(a.clone(), all()).await.unwrap();
+            assert_eq!(texts(&h.publications), want("y"));
+            let delivered = seen.wait_for(&a, 6).await;
+            assert_eq!(
+                texts(&delivered[3..]),
+                want("y"),
+                "the new epoch's, once each"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(seen.on(&a).len(), 6, "nothing twice");
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
