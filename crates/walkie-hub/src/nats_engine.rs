@@ -299,6 +299,65 @@ struct CatchUps {
     slow_consumer: u64,
 }
 
+/// This node's connections to NATS, counted by the client itself: a
+/// reconnect is noticed even when the client dropped its event (it sends
+/// events through a channel of 128, which a burst of slow-consumer events
+/// can fill).
+#[derive(Debug)]
+struct Connects {
+    /// The client's counters, once it connected.
+    stats: OnceLock<Arc<async_nats::Statistics>>,
+    /// The connections already caught up after (the first: none to).
+    counted: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Connects {
+    fn default() -> Self {
+        Connects {
+            stats: OnceLock::new(),
+            counted: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+}
+
+impl Connects {
+    /// Whether the client connected again since the last call that said
+    /// so: each new connection is answered `true` once, to whichever of the
+    /// event and the periodic check sees it first.
+    fn new_connection(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(stats) = self.stats.get() else {
+            return false;
+        };
+        let now = stats.connects.load(Relaxed);
+        self.counted.fetch_max(now, Relaxed) < now
+    }
+}
+
+/// How often the client's count of connections is checked, for reconnects
+/// whose event was dropped.
+const CONNECTS_CHECK: Duration = Duration::from_secs(1);
+
+/// Checks the client's count of connections every [`CONNECTS_CHECK`] until
+/// the broker is dropped; a reconnect no event reported makes every
+/// channel catch up, as the event would have.
+async fn watch_connects(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(CONNECTS_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.connects.new_connection() {
+            tracing::warn!(
+                "nats engine: reconnected (its event was lost); catching up from streams"
+            );
+            inner.catch_ups.send_modify(|n| n.reconnects += 1);
+        }
+    }
+}
+
 struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
@@ -312,6 +371,8 @@ struct Inner {
     /// Bumped on every reconnect and slow-consumer event: each delivery
     /// task then catches up.
     catch_ups: watch::Sender<CatchUps>,
+    /// Connections to NATS so far, to notice every reconnect.
+    connects: Arc<Connects>,
     /// Idempotency keys of publications without history.
     live_keys: OnceCell<kv::Store>,
     /// Replicas of every stream and bucket made (`?replicas=N`).
@@ -390,22 +451,21 @@ impl NatsBroker {
             .map_err(|e| EngineError::Unavailable(format!("{url}: {e}")))?;
         let (catch_ups, _) = watch::channel(CatchUps::default());
         let notify = catch_ups.clone();
-        let was_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connects = Arc::new(Connects::default());
+        let seen = connects.clone();
         let client = async_nats::ConnectOptions::new()
             .name("walkie")
             .subscription_capacity(capacity)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let notify = notify.clone();
-                let was_down = was_down.clone();
+                let seen = seen.clone();
                 async move {
-                    use std::sync::atomic::Ordering::Relaxed;
                     match event {
                         async_nats::Event::Disconnected => {
-                            was_down.store(true, Relaxed);
                             tracing::warn!("nats engine: connection lost; reconnecting");
                         }
-                        async_nats::Event::Connected if was_down.swap(false, Relaxed) => {
+                        async_nats::Event::Connected if seen.new_connection() => {
                             tracing::info!("nats engine: reconnected; catching up from streams");
                             notify.send_modify(|n| n.reconnects += 1);
                         }
@@ -420,6 +480,7 @@ impl NatsBroker {
             .connect(servers)
             .await
             .map_err(|e| EngineError::Unavailable(format!("{url}: {e}")))?;
+        let _ = connects.stats.set(client.statistics());
         let js = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
@@ -432,19 +493,20 @@ impl NatsBroker {
         if let Some(e) = account.get("error") {
             return Err(EngineError::Unavailable(format!("{url}: JetStream: {e}")));
         }
-        Ok(NatsBroker {
-            inner: Arc::new(Inner {
-                client,
-                js,
-                token: token(prefix),
-                events: OnceLock::new(),
-                streams: Mutex::default(),
-                local: Mutex::default(),
-                catch_ups,
-                live_keys: OnceCell::new(),
-                replicas,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            client,
+            js,
+            token: token(prefix),
+            events: OnceLock::new(),
+            streams: Mutex::default(),
+            local: Mutex::default(),
+            catch_ups,
+            connects,
+            live_keys: OnceCell::new(),
+            replicas,
+        });
+        tokio::spawn(watch_connects(Arc::downgrade(&inner)));
+        Ok(NatsBroker { inner })
     }
 
     /// Deletes the streams of channels whose history has been empty for at

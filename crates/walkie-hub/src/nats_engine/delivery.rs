@@ -779,4 +779,45 @@ mod tests {
             std::panic::resume_unwind(e.into_panic());
         }
     }
+
+    /// A reconnect whose event the client dropped (its event channel was
+    /// full) is still noticed, from the client's count of connections, and
+    /// counted once: every channel catches up as after any reconnect.
+    #[tokio::test]
+    async fn a_reconnect_without_its_event_is_noticed_once() {
+        use crate::engine::Broker as _;
+        use std::sync::atomic::Ordering::Relaxed;
+
+        let Ok(url) = std::env::var("WALKIE_TEST_NATS") else {
+            eprintln!(
+                "SKIPPED a_reconnect_without_its_event_is_noticed_once: no service configured; set WALKIE_TEST_NATS=nats://127.0.0.1:4222 to run it"
+            );
+            return;
+        };
+        let prefix = format!(
+            "walkie-test-{}-{:08x}:",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let broker = super::super::NatsBroker::connect(&url, &prefix)
+            .await
+            .unwrap();
+        let mut caught_up = broker.inner.catch_ups.subscribe();
+        assert_eq!(broker.reconnects(), 0);
+        // What the client counts when it connects again; no event follows.
+        broker
+            .inner
+            .client
+            .statistics()
+            .connects
+            .fetch_add(1, Relaxed);
+        tokio::time::timeout(super::super::CONNECTS_CHECK * 3, caught_up.changed())
+            .await
+            .expect("no catch-up within three checks")
+            .unwrap();
+        assert_eq!(broker.reconnects(), 1);
+        tokio::time::sleep(super::super::CONNECTS_CHECK * 2).await;
+        assert_eq!(broker.reconnects(), 1, "counted once");
+        broker.delete_all().await.unwrap();
+    }
 }
