@@ -132,15 +132,16 @@ pub struct ServeArgs {
 
     /// Messages of history kept per room; `?history=N` may ask for at most
     /// this (more is a 400). Default: the `rooms` namespace's history_size
-    /// (100 without a --config). Given, it becomes that namespace's
+    /// (100 without a --config, or if it has no such namespace). Given, it
+    /// becomes that namespace's
     /// history_size too, so that /ws and HTTP API publishes to a room keep
     /// as many.
     #[arg(long, env = "WALKIE_ROOM_HISTORY", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub room_history: Option<u32>,
 
     /// How long a room keeps a message in its history (more than 0).
-    /// Default: the `rooms` namespace's history_ttl (24h without a
-    /// --config); given, it becomes that namespace's history_ttl too.
+    /// Default: the `rooms` namespace's history_ttl (24h without one);
+    /// given, it becomes that namespace's history_ttl too.
     #[arg(long, env = "WALKIE_ROOM_HISTORY_TTL", value_parser = parse_positive_duration)]
     pub room_history_ttl: Option<Duration>,
 
@@ -224,12 +225,12 @@ impl ServeArgs {
     /// by the settings this returns) or `/ws` and the HTTP API (trimmed by
     /// the namespace of `rooms:` channels). `--room-history` and
     /// `--room-history-ttl` default to that namespace's; given, they are
-    /// written into it (into a `rooms` namespace made from `default` if
-    /// rooms fell back to it). `None`: rooms keep no history.
+    /// written into it. Without a `rooms` namespace, only members publish
+    /// to rooms (`/ws` and the API refuse the channels): the flags, or 100
+    /// messages for 24 hours. `None`: rooms keep no history.
     fn room_history(&self, config: &mut HubConfig) -> Option<HistoryOptions> {
         let room = ChannelName::new("rooms:_").expect("a valid channel name");
         let Some(ns) = config.namespace(&room).cloned() else {
-            // Rooms by URL only (`/ws` refuses the namespace).
             return Some(HistoryOptions {
                 size: self.room_history.map_or(100, |n| n as usize),
                 ttl: self
@@ -241,6 +242,7 @@ impl ServeArgs {
             return ns.history();
         }
         let ns = config.namespaces.entry("rooms".into()).or_insert(ns);
+        // (The entry is there: `namespace` found it.)
         if let Some(n) = self.room_history {
             ns.history_size = n as usize;
         }
