@@ -823,6 +823,15 @@ impl Inner {
         Ok(out)
     }
 
+    /// Whether the stream named `stream` exists.
+    async fn stream_exists(&self, stream: &str) -> Result<bool, EngineError> {
+        match self.js.get_stream(stream).await {
+            Ok(_) => Ok(true),
+            Err(e) if stream_gone(&e) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// Reads a channel's history from its stream.
     async fn read(&self, stream: &str, filter: HistoryFilter) -> Result<History, Fail> {
         let info = match self.js.get_stream(stream).await {

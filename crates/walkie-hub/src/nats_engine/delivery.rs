@@ -147,13 +147,21 @@ impl Left {
         self.0.iter().any(|e| **e == *epoch)
     }
 
-    /// Remembers `before` if delivery moved on from it to `at`'s epoch.
-    fn moved(&mut self, before: Arc<str>, at: &StreamPosition) {
-        if *before != *at.epoch && !self.contains(&before) {
+    fn remember(&mut self, epoch: Arc<str>) {
+        if !self.contains(&epoch) {
             if self.0.len() == MAX_LEFT {
                 self.0.pop_front();
             }
-            self.0.push_back(before);
+            self.0.push_back(epoch);
+        }
+    }
+
+    /// Remembers `before` if delivery moved on from it to `at`'s epoch
+    /// (which is then no longer one left, if it was).
+    fn moved(&mut self, before: Arc<str>, at: &StreamPosition) {
+        if *before != *at.epoch {
+            self.0.retain(|e| **e != *at.epoch);
+            self.remember(before);
         }
     }
 }
@@ -331,6 +339,15 @@ impl Inner {
         let epoch = epoch_of(&s.stream);
         if cursor.left.contains(epoch) {
             tracing::debug!(%channel, epoch, "nats engine: a message of a removed history, dropped");
+            return Ok(());
+        }
+        // An epoch not delivered yet is newer, unless its stream is gone
+        // already: a late message of a history removed since (twice
+        // removed while this node skipped the middle epoch, say), which
+        // would take delivery away from the live epoch.
+        if *cursor.at.epoch != *epoch && !self.stream_exists(&s.stream).await? {
+            tracing::debug!(%channel, epoch, "nats engine: a message of a removed history, dropped");
+            cursor.left.remember(epoch.into());
             return Ok(());
         }
         let before = cursor.at.epoch.clone();
@@ -694,6 +711,24 @@ mod tests {
         );
     }
 
+    /// Sends what `stream` would republish as its message `seq` to the
+    /// channel's delivery subject, by hand.
+    async fn inject(inner: &Inner, channel: &ChannelName, stream: &str, seq: u64, text: &str) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_STREAM, stream);
+        headers.insert(async_nats::header::NATS_SEQUENCE, seq.to_string().as_str());
+        headers.insert(
+            async_nats::header::NATS_LAST_SEQUENCE,
+            (seq - 1).to_string().as_str(),
+        );
+        let body = crate::codec::encode(&crate::publication::NewPublication::text(text).at(0));
+        inner
+            .client
+            .publish_with_headers(inner.delivery_subject(channel), headers, body.into())
+            .await
+            .unwrap();
+    }
+
     /// A message of a removed history that arrives after the new epoch's
     /// first (a republish delayed in a cluster, sent here by hand) is
     /// dropped: it neither reaches the hub nor makes the next message of
@@ -749,16 +784,7 @@ mod tests {
                 events.wait_for(&channel, 3).await;
 
                 // What the old stream would have republished third.
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(async_nats::header::NATS_STREAM, old.as_str());
-                headers.insert(async_nats::header::NATS_SEQUENCE, "3");
-                headers.insert(async_nats::header::NATS_LAST_SEQUENCE, "2");
-                let late = crate::codec::encode(&NewPublication::text("a3").at(0));
-                inner
-                    .client
-                    .publish_with_headers(inner.delivery_subject(&channel), headers, late.into())
-                    .await
-                    .unwrap();
+                inject(inner, &channel, &old, 3, "a3").await;
                 publish("b2").await.unwrap();
                 events.wait_for(&channel, 4).await;
                 // Time for anything else to arrive.
@@ -819,5 +845,82 @@ mod tests {
         tokio::time::sleep(super::super::CONNECTS_CHECK * 2).await;
         assert_eq!(broker.reconnects(), 1, "counted once");
         broker.delete_all().await.unwrap();
+    }
+
+    /// History removed twice while this node delivered nothing of the
+    /// middle epoch: a late message of that epoch (its stream gone) is
+    /// dropped, and delivery stays with the live epoch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_message_of_a_skipped_epoch_does_not_take_delivery_away() {
+        use crate::conformance::Recorder;
+        use crate::engine::Broker as _;
+        use crate::publication::{HistoryOptions, NewPublication, PublishOptions};
+
+        let Ok(url) = std::env::var("WALKIE_TEST_NATS") else {
+            eprintln!(
+                "SKIPPED a_late_message_of_a_skipped_epoch_does_not_take_delivery_away: no service configured; set WALKIE_TEST_NATS=nats://127.0.0.1:4222 to run it"
+            );
+            return;
+        };
+        let prefix = format!(
+            "walkie-test-{}-{:08x}:",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let broker = super::super::NatsBroker::connect(&url, &prefix)
+            .await
+            .unwrap();
+        let other = super::super::NatsBroker::connect(&url, &prefix)
+            .await
+            .unwrap();
+        let outcome = tokio::spawn({
+            let (broker, other) = (broker.clone(), other.clone());
+            async move {
+                let events = Arc::new(Recorder::default());
+                broker.set_events(events.clone());
+                let channel = ChannelName::new("skipped").unwrap();
+                let kept = PublishOptions {
+                    history: Some(HistoryOptions {
+                        size: 100,
+                        ttl: Duration::from_secs(300),
+                    }),
+                    ..PublishOptions::default()
+                };
+                let publish = |text: &'static str| {
+                    other.publish(channel.clone(), NewPublication::text(text), kept.clone())
+                };
+                broker.subscribe(channel.clone()).await.unwrap();
+                publish("a1").await.unwrap();
+                events.wait_for(&channel, 1).await;
+                // The other node removes the history twice; this one sees
+                // nothing of the middle stream.
+                other.remove_history(channel.clone()).await.unwrap();
+                let inner = &other.inner;
+                let middle = inner
+                    .js
+                    .stream_by_subject(inner.saved_subject(&channel))
+                    .await
+                    .unwrap();
+                other.remove_history(channel.clone()).await.unwrap();
+                publish("c1").await.unwrap();
+                events.wait_for(&channel, 2).await;
+                inject(&broker.inner, &channel, &middle, 1, "b1").await;
+                publish("c2").await.unwrap();
+                events.wait_for(&channel, 3).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let got: Vec<_> = events
+                    .on(&channel)
+                    .iter()
+                    .map(|p| (p.offset, String::from_utf8_lossy(&p.data).into_owned()))
+                    .collect();
+                let want = [(1, "a1"), (1, "c1"), (2, "c2")].map(|(o, t)| (o, t.to_owned()));
+                assert_eq!(got, want);
+            }
+        })
+        .await;
+        broker.delete_all().await.unwrap();
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
     }
 }
