@@ -120,6 +120,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// them (async-nats' default); the channel then catches up from its stream.
 const SUBSCRIPTION_CAPACITY: usize = 64 * 1024;
 
+/// Publishes of a batch sent before their acknowledgements are awaited.
+const BATCH_CHUNK: usize = 64;
+
+/// Chunks of all batches in flight at once. Each publish in flight holds
+/// one of the JetStream context's 5,000 permits, and a chunk takes its
+/// permits one by one, waiting when none is left: with at most 2,048 held
+/// by chunks, single publishes (which hold one and wait for nothing else)
+/// always get room, and chunks cannot all wait on each other.
+const BATCH_CHUNKS_IN_FLIGHT: usize = 32;
+
 /// Stream reads in flight at once for one history read.
 const READ_AHEAD: usize = 32;
 
@@ -373,6 +383,11 @@ struct Inner {
     catch_ups: watch::Sender<CatchUps>,
     /// Connections to NATS so far, to notice every reconnect.
     connects: Arc<Connects>,
+    /// Room for the channels that catch up at once (see `delivery.rs`).
+    catch_up_slots: tokio::sync::Semaphore,
+    /// Room for the chunks of batches in flight at once (see
+    /// [`BATCH_CHUNKS_IN_FLIGHT`]).
+    batch_slots: tokio::sync::Semaphore,
     /// Idempotency keys of publications without history.
     live_keys: OnceCell<kv::Store>,
     /// Replicas of every stream and bucket made (`?replicas=N`).
@@ -502,6 +517,8 @@ impl NatsBroker {
             local: Mutex::default(),
             catch_ups,
             connects,
+            catch_up_slots: tokio::sync::Semaphore::new(delivery::MAX_CATCH_UPS),
+            batch_slots: tokio::sync::Semaphore::new(BATCH_CHUNKS_IN_FLIGHT),
             live_keys: OnceCell::new(),
             replicas,
         });
@@ -1045,92 +1062,140 @@ impl Inner {
         )))
     }
 
-    /// Publishes a batch with every message sent before the first
-    /// acknowledgement is awaited: one round trip instead of one per
-    /// message. JetStream saves them in the order sent, so offsets and
-    /// idempotency are as one at a time. A batch with a publication without
-    /// history, or with two limits for one channel, goes one at a time, as
-    /// does one whose every publish found its stream gone (nothing was
-    /// saved: `publish` makes the streams again).
+    /// Publishes a batch with its messages sent before their
+    /// acknowledgements are awaited, [`BATCH_CHUNK`] at a time: a round
+    /// trip per chunk instead of one per message. JetStream saves them in
+    /// the order sent, so offsets and idempotency keys are as one at a
+    /// time. A batch with a publication without history, or with two
+    /// limits for one channel, goes one at a time. Each channel fails
+    /// alone: one whose stream cannot be made gets its error, and one whose
+    /// every publish found its stream gone (nothing of it was saved) is
+    /// published again one at a time, as `publish` would after making the
+    /// stream again.
     async fn publish_many(
         &self,
         requests: Vec<PublishRequest>,
     ) -> Vec<Result<PublishResult, EngineError>> {
-        let mut limits: HashMap<&ChannelName, Limits> = HashMap::new();
+        let mut limits: HashMap<ChannelName, Limits> = HashMap::new();
         let batched = requests.len() > 1
             && requests.iter().all(|r| match Limits::of(&r.options) {
-                Some(l) => *limits.entry(&r.channel).or_insert(l) == l,
+                Some(l) => *limits.entry(r.channel.clone()).or_insert(l) == l,
                 None => false,
             });
         if !batched {
             return self.publish_each(requests).await;
         }
         let n = requests.len();
-        let failed = |e: EngineError| (0..n).map(|_| Err(e.again())).collect();
-        if self.client.connection_state() != async_nats::connection::State::Connected {
-            return failed(EngineError::Unavailable("nats: not connected".into()));
-        }
+        let mut results: Vec<Option<Result<PublishResult, EngineError>>> =
+            (0..n).map(|_| None).collect();
         let mut known = HashMap::new();
         for (channel, l) in &limits {
             match self.ensure(channel, Some(*l)).await {
-                Ok(k) => known.insert((*channel).clone(), k),
-                Err(e) => return failed(e),
-            };
-        }
-        let mut pending = Vec::with_capacity(n);
-        for r in &requests {
-            let body = Bytes::from(encode(&r.publication.clone().at(0)));
-            let mut message = jetstream::message::PublishMessage::build().payload(body);
-            if let Some(key) = &r.options.idempotency_key {
-                message = message.message_id(hex(key.as_bytes()));
-            }
-            pending.push(
-                self.js
-                    .send_publish(self.saved_subject(&r.channel), message)
-                    .await,
-            );
-        }
-        let mut acks = Vec::with_capacity(n);
-        for p in pending {
-            acks.push(match p {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            });
-        }
-        let gone = |a: &Result<_, jetstream::context::PublishError>| {
-            a.as_ref()
-                .is_err_and(|e| e.kind() == jetstream::context::PublishErrorKind::StreamNotFound)
-        };
-        if acks.iter().all(gone) {
-            for channel in limits.keys() {
-                self.forget(channel);
-            }
-            return self.publish_each(requests).await;
-        }
-        let mut results = Vec::with_capacity(n);
-        for (r, ack) in requests.iter().zip(acks) {
-            results.push(match ack {
-                Ok(ack) => {
-                    if known.get(&r.channel).is_some_and(|k| k.stream != ack.stream) {
-                        // Made again by another node: give it our limits.
-                        self.forget(&r.channel);
-                        if let Err(e) = self.ensure(&r.channel, limits.get(&r.channel).copied()).await {
-                            tracing::warn!(channel = %r.channel, "nats engine: cannot set history limits: {e}");
-                        }
-                        known.remove(&r.channel);
-                    }
-                    Ok(PublishResult {
-                        position: StreamPosition {
-                            offset: ack.sequence,
-                            epoch: epoch_of(&ack.stream).into(),
-                        },
-                        suppressed: ack.duplicate,
-                    })
+                Ok(k) => {
+                    known.insert(channel.clone(), k);
                 }
-                Err(e) => Err(unavailable(e)),
-            });
+                Err(e) => {
+                    for (i, r) in requests.iter().enumerate() {
+                        if r.channel == *channel {
+                            results[i] = Some(Err(e.again()));
+                        }
+                    }
+                }
+            }
+        }
+        let to_send: Vec<usize> = (0..n).filter(|&i| results[i].is_none()).collect();
+        let not_connected = || EngineError::Unavailable("nats: not connected".into());
+        let connected =
+            || self.client.connection_state() == async_nats::connection::State::Connected;
+        let mut gone = Vec::new();
+        for chunk in to_send.chunks(BATCH_CHUNK) {
+            let _slot = self.batch_slots.acquire().await;
+            let mut pending = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                // Sent while disconnected, a message would wait in the
+                // client's buffer and be saved after the reconnect, long
+                // after it was answered with an error (see `publish`).
+                if !connected() {
+                    pending.push(None);
+                    continue;
+                }
+                let r = &requests[i];
+                let body = Bytes::from(encode(&r.publication.clone().at(0)));
+                let mut message = jetstream::message::PublishMessage::build().payload(body);
+                if let Some(key) = &r.options.idempotency_key {
+                    message = message.message_id(hex(key.as_bytes()));
+                }
+                pending.push(Some(
+                    self.js
+                        .send_publish(self.saved_subject(&r.channel), message)
+                        .await,
+                ));
+            }
+            // Awaited together: a connection lost mid-chunk costs one
+            // timeout, not one per message.
+            let acks = futures_util::future::join_all(pending.into_iter().map(|p| async move {
+                match p? {
+                    Ok(ack) => Some(ack.await),
+                    Err(e) => Some(Err(e)),
+                }
+            }))
+            .await;
+            for (&i, ack) in chunk.iter().zip(acks) {
+                let channel = &requests[i].channel;
+                results[i] = match ack {
+                    None => Some(Err(not_connected())),
+                    Some(Err(e))
+                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
+                    {
+                        gone.push(i);
+                        None
+                    }
+                    Some(Err(e)) => Some(Err(unavailable(e))),
+                    Some(Ok(ack)) => {
+                        if known.get(channel).is_some_and(|k| k.stream != ack.stream) {
+                            // Made again by another node: give it our limits.
+                            known.remove(channel);
+                            self.forget(channel);
+                            if let Err(e) = self.ensure(channel, limits.get(channel).copied()).await
+                            {
+                                tracing::warn!(%channel, "nats engine: cannot set history limits: {e}");
+                            }
+                        }
+                        Some(Ok(PublishResult {
+                            position: StreamPosition {
+                                offset: ack.sequence,
+                                epoch: epoch_of(&ack.stream).into(),
+                            },
+                            suppressed: ack.duplicate,
+                        }))
+                    }
+                };
+            }
+        }
+        for channel in gone
+            .iter()
+            .map(|&i| requests[i].channel.clone())
+            .collect::<std::collections::HashSet<_>>()
+        {
+            self.forget(&channel);
+            let sent = to_send.iter().filter(|&&i| requests[i].channel == channel);
+            let all_gone = sent.clone().all(|i| gone.contains(i));
+            for &i in sent.filter(|i| gone.contains(i)) {
+                let r = &requests[i];
+                results[i] = Some(if all_gone {
+                    self.publish(&r.channel, r.publication.clone(), &r.options)
+                        .await
+                } else {
+                    Err(EngineError::Unavailable(format!(
+                        "nats: the stream of {channel} was deleted during the batch"
+                    )))
+                });
+            }
         }
         results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::Unavailable("nats: not sent".into()))))
+            .collect()
     }
 
     /// Publishes each request in turn.

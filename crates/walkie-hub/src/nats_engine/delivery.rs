@@ -39,6 +39,9 @@ const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// The longest wait between two retries.
 const LAST_RETRY: Duration = Duration::from_secs(5);
 
+/// How many channels of a node catch up from their streams at once.
+pub(super) const MAX_CATCH_UPS: usize = 16;
+
 /// How long a channel may be behind before it is logged as an error.
 const LONG_BEHIND: Duration = Duration::from_secs(30);
 
@@ -121,6 +124,9 @@ struct Behind {
     /// Read the whole stream after `at` (after a reconnect, or once held
     /// messages were let go), rather than the gap before the first held.
     catch_up: bool,
+    /// Look the channel's stream up again first (after a reconnect: it may
+    /// have been replaced meanwhile).
+    forget: bool,
     /// Saved messages not delivered yet, in the order they came.
     held: VecDeque<Saved>,
     held_bytes: usize,
@@ -174,6 +180,7 @@ impl Behind {
             wait: FIRST_RETRY,
             failures: 0,
             catch_up: false,
+            forget: false,
             held: VecDeque::new(),
             held_bytes: 0,
             reported: false,
@@ -255,9 +262,10 @@ impl Cursor {
     }
 
     /// After a reconnect: read the stream after `at` now.
-    fn need_catch_up(&mut self, now: Instant) {
+    fn need_catch_up(&mut self, now: Instant, forget: bool) {
         let b = self.behind.get_or_insert_with(|| Behind::new(now));
         b.catch_up = true;
+        b.forget |= forget;
         b.next_try = now;
         b.wait = FIRST_RETRY;
     }
@@ -396,13 +404,17 @@ impl Inner {
 
     /// Delivers what the channel's stream saved after `cursor.at`: all it
     /// holds if it is a new stream (the history was removed meanwhile).
+    /// At most [`MAX_CATCH_UPS`] channels of a node catch up at once: a
+    /// slow-consumer event makes every channel catch up.
     async fn catch_up(
         &self,
         channel: &ChannelName,
         cursor: &mut Cursor,
+        forget: bool,
     ) -> Result<(), EngineError> {
+        let _slot = self.catch_up_slots.acquire().await;
         let before = cursor.at.epoch.clone();
-        let outcome = self.catch_up_at(channel, &mut cursor.at).await;
+        let outcome = self.catch_up_at(channel, &mut cursor.at, forget).await;
         cursor.left.moved(before, &cursor.at);
         outcome
     }
@@ -411,9 +423,12 @@ impl Inner {
         &self,
         channel: &ChannelName,
         at: &mut StreamPosition,
+        forget: bool,
     ) -> Result<(), EngineError> {
         // The stream may have been replaced while this node was away.
-        self.forget(channel);
+        if forget {
+            self.forget(channel);
+        }
         let after = HistoryFilter {
             since: Some(at.offset),
             limit: None,
@@ -442,7 +457,7 @@ impl Inner {
             return;
         };
         if b.catch_up {
-            match self.catch_up(channel, cursor).await {
+            match self.catch_up(channel, cursor, b.forget).await {
                 // Everything held was saved before this read: delivered now.
                 Ok(()) => {
                     b.held.clear();
@@ -458,6 +473,7 @@ impl Inner {
                 }
             }
             b.catch_up = false;
+            b.forget = false;
         }
         while let Some(s) = b.next_held() {
             if let Err(e) = self.advance(channel, &s, cursor).await {
@@ -483,6 +499,7 @@ pub(super) async fn deliver(
     start: StreamPosition,
 ) {
     let mut cursor = Cursor::new(start);
+    let mut seen = *catch_ups.borrow_and_update();
     loop {
         let retry = cursor.retry_at();
         tokio::select! {
@@ -492,7 +509,10 @@ pub(super) async fn deliver(
             },
             changed = catch_ups.changed() => match changed {
                 Ok(()) => {
-                    cursor.need_catch_up(Instant::now());
+                    let now = *catch_ups.borrow_and_update();
+                    let reconnected = now.reconnects != seen.reconnects;
+                    seen = now;
+                    cursor.need_catch_up(Instant::now(), reconnected);
                     inner.resume(&channel, &mut cursor).await;
                 }
                 Err(_) => return,
