@@ -384,7 +384,7 @@ struct Inner {
     /// Connections to NATS so far, to notice every reconnect.
     connects: Arc<Connects>,
     /// Room for the channels that catch up at once (see `delivery.rs`).
-    catch_up_slots: tokio::sync::Semaphore,
+    catch_up_slots: Arc<tokio::sync::Semaphore>,
     /// Room for the chunks of batches in flight at once (see
     /// [`BATCH_CHUNKS_IN_FLIGHT`]).
     batch_slots: tokio::sync::Semaphore,
@@ -517,7 +517,7 @@ impl NatsBroker {
             local: Mutex::default(),
             catch_ups,
             connects,
-            catch_up_slots: tokio::sync::Semaphore::new(delivery::MAX_CATCH_UPS),
+            catch_up_slots: Arc::new(tokio::sync::Semaphore::new(delivery::MAX_CATCH_UPS)),
             batch_slots: tokio::sync::Semaphore::new(BATCH_CHUNKS_IN_FLIGHT),
             live_keys: OnceCell::new(),
             replicas,
@@ -1068,10 +1068,12 @@ impl Inner {
     /// the order sent, so offsets and idempotency keys are as one at a
     /// time. A batch with a publication without history, or with two
     /// limits for one channel, goes one at a time. Each channel fails
-    /// alone: one whose stream cannot be made gets its error, and one whose
-    /// every publish found its stream gone (nothing of it was saved) is
-    /// published again one at a time, as `publish` would after making the
-    /// stream again.
+    /// alone: one whose stream cannot be made gets its error; after a
+    /// publish that failed otherwise (it may have been saved), the
+    /// channel's later ones are not sent; publishes that found the
+    /// channel's stream gone (saved nowhere) are published again one at a
+    /// time, as `publish` would after making the stream again, unless a
+    /// later one of the channel may have been saved.
     async fn publish_many(
         &self,
         requests: Vec<PublishRequest>,
@@ -1088,6 +1090,12 @@ impl Inner {
         let n = requests.len();
         let mut results: Vec<Option<Result<PublishResult, EngineError>>> =
             (0..n).map(|_| None).collect();
+        let not_connected = || EngineError::Unavailable("nats: not connected".into());
+        let connected =
+            || self.client.connection_state() == async_nats::connection::State::Connected;
+        if !connected() {
+            return (0..n).map(|_| Err(not_connected())).collect();
+        }
         let mut known = HashMap::new();
         for (channel, l) in &limits {
             match self.ensure(channel, Some(*l)).await {
@@ -1104,54 +1112,71 @@ impl Inner {
             }
         }
         let to_send: Vec<usize> = (0..n).filter(|&i| results[i].is_none()).collect();
-        let not_connected = || EngineError::Unavailable("nats: not connected".into());
-        let connected =
-            || self.client.connection_state() == async_nats::connection::State::Connected;
-        let mut gone = Vec::new();
+        // Sent: saved, or failed in a way that may have saved it (its
+        // channel's later requests are then not sent, as one at a time
+        // would not have got to them); gone: refused, its stream deleted.
+        let mut sent = vec![false; n];
+        let mut gone = vec![false; n];
+        let mut failed: std::collections::HashSet<ChannelName> = Default::default();
         for chunk in to_send.chunks(BATCH_CHUNK) {
             let _slot = self.batch_slots.acquire().await;
             let mut pending = Vec::with_capacity(chunk.len());
             for &i in chunk {
+                let r = &requests[i];
+                if failed.contains(&r.channel) {
+                    pending.push(Err(EngineError::Unavailable(format!(
+                        "nats: an earlier publish of this batch to {} failed",
+                        r.channel
+                    ))));
+                    continue;
+                }
                 // Sent while disconnected, a message would wait in the
                 // client's buffer and be saved after the reconnect, long
                 // after it was answered with an error (see `publish`).
                 if !connected() {
-                    pending.push(None);
+                    pending.push(Err(not_connected()));
                     continue;
                 }
-                let r = &requests[i];
                 let body = Bytes::from(encode(&r.publication.clone().at(0)));
                 let mut message = jetstream::message::PublishMessage::build().payload(body);
                 if let Some(key) = &r.options.idempotency_key {
                     message = message.message_id(hex(key.as_bytes()));
                 }
-                pending.push(Some(
-                    self.js
-                        .send_publish(self.saved_subject(&r.channel), message)
-                        .await,
-                ));
+                pending.push(Ok(self
+                    .js
+                    .send_publish(self.saved_subject(&r.channel), message)
+                    .await));
             }
             // Awaited together: a connection lost mid-chunk costs one
             // timeout, not one per message.
             let acks = futures_util::future::join_all(pending.into_iter().map(|p| async move {
-                match p? {
-                    Ok(ack) => Some(ack.await),
-                    Err(e) => Some(Err(e)),
+                match p {
+                    Ok(Ok(ack)) => Ok(ack.await),
+                    Ok(Err(e)) => Ok(Err(e)),
+                    Err(skipped) => Err(skipped),
                 }
             }))
             .await;
             for (&i, ack) in chunk.iter().zip(acks) {
                 let channel = &requests[i].channel;
+                let ack = match ack {
+                    Err(skipped) => {
+                        results[i] = Some(Err(skipped));
+                        continue;
+                    }
+                    Ok(ack) => ack,
+                };
+                sent[i] = true;
                 results[i] = match ack {
-                    None => Some(Err(not_connected())),
-                    Some(Err(e))
-                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
-                    {
-                        gone.push(i);
+                    Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                        gone[i] = true;
                         None
                     }
-                    Some(Err(e)) => Some(Err(unavailable(e))),
-                    Some(Ok(ack)) => {
+                    Err(e) => {
+                        failed.insert(channel.clone());
+                        Some(Err(unavailable(e)))
+                    }
+                    Ok(ack) => {
                         if known.get(channel).is_some_and(|k| k.stream != ack.stream) {
                             // Made again by another node: give it our limits.
                             known.remove(channel);
@@ -1172,17 +1197,25 @@ impl Inner {
                 };
             }
         }
-        for channel in gone
-            .iter()
-            .map(|&i| requests[i].channel.clone())
-            .collect::<std::collections::HashSet<_>>()
-        {
-            self.forget(&channel);
-            let sent = to_send.iter().filter(|&&i| requests[i].channel == channel);
-            let all_gone = sent.clone().all(|i| gone.contains(i));
-            for &i in sent.filter(|i| gone.contains(i)) {
+        // A channel's publishes refused for its stream were saved nowhere:
+        // those after the channel's last one that may have been saved are
+        // published again one at a time (which makes the stream again),
+        // as they would have been; one before it stays an error (saving it
+        // now would put it after a later one).
+        let mut channels: Vec<&ChannelName> = Vec::new();
+        for i in (0..n).filter(|&i| gone[i]) {
+            if !channels.contains(&&requests[i].channel) {
+                channels.push(&requests[i].channel);
+            }
+        }
+        for channel in channels {
+            self.forget(channel);
+            let last_saved = (0..n)
+                .filter(|&i| requests[i].channel == *channel && sent[i] && !gone[i])
+                .max();
+            for i in (0..n).filter(|&i| gone[i] && requests[i].channel == *channel) {
                 let r = &requests[i];
-                results[i] = Some(if all_gone {
+                results[i] = Some(if last_saved.is_none_or(|j| i > j) {
                     self.publish(&r.channel, r.publication.clone(), &r.options)
                         .await
                 } else {
@@ -1268,6 +1301,7 @@ impl Broker for NatsBroker {
             // Taken first: a reconnect (or slow-consumer event) from now on
             // makes the task catch up.
             let catch_ups = i.catch_ups.subscribe();
+            let seen = *catch_ups.borrow();
             let subscriber = bounded(i.client.subscribe(i.delivery_subject(&channel))).await?;
             // Read once subscribed (the subscription goes to the server
             // first): what the stream saves after this position arrives, or
@@ -1281,6 +1315,7 @@ impl Broker for NatsBroker {
                     e.key().clone(),
                     subscriber,
                     catch_ups,
+                    seen,
                     start,
                 ));
                 e.insert(task);

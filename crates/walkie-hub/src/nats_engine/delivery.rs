@@ -404,15 +404,12 @@ impl Inner {
 
     /// Delivers what the channel's stream saved after `cursor.at`: all it
     /// holds if it is a new stream (the history was removed meanwhile).
-    /// At most [`MAX_CATCH_UPS`] channels of a node catch up at once: a
-    /// slow-consumer event makes every channel catch up.
     async fn catch_up(
         &self,
         channel: &ChannelName,
         cursor: &mut Cursor,
         forget: bool,
     ) -> Result<(), EngineError> {
-        let _slot = self.catch_up_slots.acquire().await;
         let before = cursor.at.epoch.clone();
         let outcome = self.catch_up_at(channel, &mut cursor.at, forget).await;
         cursor.left.moved(before, &cursor.at);
@@ -489,19 +486,39 @@ impl Inner {
     }
 }
 
+/// A place in the queue for a catch-up slot (see [`MAX_CATCH_UPS`]).
+type SlotWait = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+            > + Send,
+    >,
+>;
+
 /// Delivers one channel to the hub, from `start` (the stream's position
-/// when this node subscribed) until unsubscribed.
+/// when this node subscribed) until unsubscribed. `seen` is what
+/// `catch_ups` held when the node subscribed.
+///
+/// A read-back or catch-up to (re)try waits for one of the node's
+/// [`MAX_CATCH_UPS`] slots (a slow-consumer event or a reconnect makes
+/// every channel catch up at once), and keeps its place in the queue while
+/// the task goes on reading its subscription: saved messages are held,
+/// live ones delivered.
 pub(super) async fn deliver(
     inner: Arc<Inner>,
     channel: ChannelName,
     mut subscriber: async_nats::Subscriber,
     mut catch_ups: watch::Receiver<CatchUps>,
+    mut seen: CatchUps,
     start: StreamPosition,
 ) {
     let mut cursor = Cursor::new(start);
-    let mut seen = *catch_ups.borrow_and_update();
+    let mut slot: Option<SlotWait> = None;
     loop {
         let retry = cursor.retry_at();
+        if retry.is_none() {
+            slot = None;
+        }
         tokio::select! {
             m = subscriber.next() => match m {
                 Some(m) => inner.on_message(&channel, m, &mut cursor).await,
@@ -513,11 +530,15 @@ pub(super) async fn deliver(
                     let reconnected = now.reconnects != seen.reconnects;
                     seen = now;
                     cursor.need_catch_up(Instant::now(), reconnected);
-                    inner.resume(&channel, &mut cursor).await;
                 }
                 Err(_) => return,
             },
-            () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+            () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() && slot.is_none() => {
+                slot = Some(Box::pin(inner.catch_up_slots.clone().acquire_owned()));
+            }
+            permit = async { slot.as_mut().expect("a slot is waited for").await }, if slot.is_some() => {
+                slot = None;
+                let _permit = permit;
                 inner.resume(&channel, &mut cursor).await;
             }
         }
