@@ -133,9 +133,8 @@ pub struct ServeArgs {
     /// Messages of history kept per room; `?history=N` may ask for at most
     /// this (more is a 400). Default: the `rooms` namespace's history_size
     /// (100 without a --config, or if it has no such namespace). Given, it
-    /// becomes that namespace's
-    /// history_size too, so that /ws and HTTP API publishes to a room keep
-    /// as many.
+    /// becomes that namespace's history_size too, so that /ws and HTTP API
+    /// publishes to a room keep as many.
     #[arg(long, env = "WALKIE_ROOM_HISTORY", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub room_history: Option<u32>,
 
@@ -242,7 +241,6 @@ impl ServeArgs {
             return ns.history();
         }
         let ns = config.namespaces.entry("rooms".into()).or_insert(ns);
-        // (The entry is there: `namespace` found it.)
         if let Some(n) = self.room_history {
             ns.history_size = n as usize;
         }

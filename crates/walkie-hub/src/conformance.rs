@@ -25,6 +25,38 @@ use crate::publication::{
     PublishRequest,
 };
 
+/// The address of a service a test needs, from the environment variable
+/// `var` (`WALKIE_TEST_REDIS` or `WALKIE_TEST_NATS`; `.ci/run` sets both).
+/// Without it, `None`, after saying on the real stderr (not captured by the
+/// test harness, so it shows in every run) that `test` was skipped and how
+/// to run it.
+pub fn service_url(var: &str, test: &str) -> Option<String> {
+    let url = std::env::var(var).ok();
+    if url.is_none() {
+        use std::io::Write as _;
+        let example = match var {
+            "WALKIE_TEST_REDIS" => "redis://127.0.0.1:6379",
+            "WALKIE_TEST_NATS" => "nats://127.0.0.1:4222",
+            _ => "URL",
+        };
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIPPED {test}: no service configured; set {var}={example} to run it"
+        );
+    }
+    url
+}
+
+/// A key prefix of one test's own, so that tests sharing a server never
+/// see each other's channels.
+pub fn test_prefix() -> String {
+    format!(
+        "walkie-test-{}-{:08x}:",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
 /// Publications delivered to a broker's events, in arrival order.
 #[derive(Debug, Default)]
 pub struct Recorder {

@@ -44,6 +44,20 @@ impl EngineError {
     }
 }
 
+/// Publishes each request with [`Broker::publish`], one after another: the
+/// default [`Broker::publish_many`], and what an engine's own falls back
+/// to for a batch it cannot send together.
+pub(crate) async fn publish_each<B: Broker + ?Sized>(
+    broker: &B,
+    requests: Vec<PublishRequest>,
+) -> Vec<Result<PublishResult, EngineError>> {
+    let mut results = Vec::with_capacity(requests.len());
+    for r in requests {
+        results.push(broker.publish(r.channel, r.publication, r.options).await);
+    }
+    results
+}
+
 /// Where a broker delivers publications: the hub of this node.
 pub trait BrokerEvents: Send + Sync + 'static {
     /// A publication on `channel`, in the stream of epoch `epoch`.
@@ -125,13 +139,7 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         requests: Vec<PublishRequest>,
     ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
-        Box::pin(async move {
-            let mut results = Vec::with_capacity(requests.len());
-            for r in requests {
-                results.push(self.publish(r.channel, r.publication, r.options).await);
-            }
-            results
-        })
+        Box::pin(publish_each(self, requests))
     }
 
     /// Reads history, and the stream's position.

@@ -90,6 +90,8 @@
 //! - Needs NATS 2.9 or later with JetStream enabled.
 
 mod delivery;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
@@ -840,6 +842,19 @@ impl Inner {
         Ok(out)
     }
 
+    /// Fails unless the client is connected now. A message sent while
+    /// disconnected waits in the client's buffer and goes out after the
+    /// reconnect, long after its publish was answered with an error: the
+    /// publisher would retry and save it twice. Refused before sending
+    /// instead.
+    fn connected(&self) -> Result<(), EngineError> {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            Ok(())
+        } else {
+            Err(EngineError::Unavailable("nats: not connected".into()))
+        }
+    }
+
     /// Whether the stream named `stream` exists.
     async fn stream_exists(&self, stream: &str) -> Result<bool, EngineError> {
         match self.js.get_stream(stream).await {
@@ -1011,13 +1026,7 @@ impl Inner {
         new: NewPublication,
         options: &PublishOptions,
     ) -> Result<PublishResult, EngineError> {
-        // Sent while disconnected, a message waits in the client's buffer
-        // and goes out after the reconnect, long after this publish was
-        // answered with an error: the publisher would retry and save it
-        // twice. Refused here instead.
-        if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(EngineError::Unavailable("nats: not connected".into()));
-        }
+        self.connected()?;
         let body = Bytes::from(encode(&new.at(0)));
         let Some(want) = Limits::of(options) else {
             return self.publish_live(channel, body, options).await;
@@ -1062,6 +1071,19 @@ impl Inner {
         )))
     }
 
+    /// Which batches go out together (see [`Inner::publish_many`]): those
+    /// of two or more requests, each with history and one set of limits
+    /// per channel, which this answers.
+    fn batch_limits(requests: &[PublishRequest]) -> Option<HashMap<ChannelName, Limits>> {
+        let mut limits = HashMap::new();
+        let together = requests.len() > 1
+            && requests.iter().all(|r| match Limits::of(&r.options) {
+                Some(l) => *limits.entry(r.channel.clone()).or_insert(l) == l,
+                None => false,
+            });
+        together.then_some(limits)
+    }
+
     /// Publishes a batch with its messages sent before their
     /// acknowledgements are awaited, [`BATCH_CHUNK`] at a time: a round
     /// trip per chunk instead of one per message. JetStream saves them in
@@ -1077,24 +1099,13 @@ impl Inner {
     async fn publish_many(
         &self,
         requests: Vec<PublishRequest>,
+        limits: HashMap<ChannelName, Limits>,
     ) -> Vec<Result<PublishResult, EngineError>> {
-        let mut limits: HashMap<ChannelName, Limits> = HashMap::new();
-        let batched = requests.len() > 1
-            && requests.iter().all(|r| match Limits::of(&r.options) {
-                Some(l) => *limits.entry(r.channel.clone()).or_insert(l) == l,
-                None => false,
-            });
-        if !batched {
-            return self.publish_each(requests).await;
-        }
         let n = requests.len();
         let mut results: Vec<Option<Result<PublishResult, EngineError>>> =
             (0..n).map(|_| None).collect();
-        let not_connected = || EngineError::Unavailable("nats: not connected".into());
-        let connected =
-            || self.client.connection_state() == async_nats::connection::State::Connected;
-        if !connected() {
-            return (0..n).map(|_| Err(not_connected())).collect();
+        if let Err(e) = self.connected() {
+            return (0..n).map(|_| Err(e.again())).collect();
         }
         let mut known = HashMap::new();
         for (channel, l) in &limits {
@@ -1130,11 +1141,8 @@ impl Inner {
                     ))));
                     continue;
                 }
-                // Sent while disconnected, a message would wait in the
-                // client's buffer and be saved after the reconnect, long
-                // after it was answered with an error (see `publish`).
-                if !connected() {
-                    pending.push(Err(not_connected()));
+                if let Err(e) = self.connected() {
+                    pending.push(Err(e));
                     continue;
                 }
                 let body = Bytes::from(encode(&r.publication.clone().at(0)));
@@ -1229,18 +1237,6 @@ impl Inner {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(EngineError::Unavailable("nats: not sent".into()))))
             .collect()
-    }
-
-    /// Publishes each request in turn.
-    async fn publish_each(
-        &self,
-        requests: Vec<PublishRequest>,
-    ) -> Vec<Result<PublishResult, EngineError>> {
-        let mut results = Vec::with_capacity(requests.len());
-        for r in requests {
-            results.push(self.publish(&r.channel, r.publication, &r.options).await);
-        }
-        results
     }
 
     async fn remove_history(&self, channel: &ChannelName) -> Result<(), EngineError> {
@@ -1345,7 +1341,12 @@ impl Broker for NatsBroker {
         &self,
         requests: Vec<PublishRequest>,
     ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
-        Box::pin(async move { self.inner.publish_many(requests).await })
+        Box::pin(async move {
+            match Inner::batch_limits(&requests) {
+                Some(limits) => self.inner.publish_many(requests, limits).await,
+                None => crate::engine::publish_each(self, requests).await,
+            }
+        })
     }
 
     fn history(

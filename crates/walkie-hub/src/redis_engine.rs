@@ -728,11 +728,7 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'_, Vec<Result<PublishResult, EngineError>>> {
         Box::pin(async move {
             if requests.len() < 2 {
-                let mut results = Vec::with_capacity(1);
-                for r in requests {
-                    results.push(self.publish(r.channel, r.publication, r.options).await);
-                }
-                return results;
+                return crate::engine::publish_each(self, requests).await;
             }
             let n = requests.len();
             let invocations: Vec<_> = requests
@@ -924,6 +920,23 @@ mod tests {
     use super::*;
     use crate::conformance::Recorder;
 
+    /// A broker on a prefix of its own, and the Redis URL; `None` (after
+    /// saying the test was skipped) without `WALKIE_TEST_REDIS`.
+    async fn test_broker() -> Option<(RedisBroker, String)> {
+        let url = crate::conformance::service_url("WALKIE_TEST_REDIS", "a redis engine test")?;
+        let prefix = crate::conformance::test_prefix();
+        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
+        Some((broker, url))
+    }
+
+    /// Kept in a history of `size` messages for `ttl`.
+    fn kept(size: usize, ttl: Duration) -> PublishOptions {
+        PublishOptions {
+            history: Some(crate::HistoryOptions { size, ttl }),
+            ..PublishOptions::default()
+        }
+    }
+
     /// The history script reads a publication's time from bytes 1 to 8 of
     /// its encoding (u64 LE): a change of layout must change the script.
     #[test]
@@ -1015,23 +1028,14 @@ mod tests {
     /// start, not from the old epoch's offset. Needs `WALKIE_TEST_REDIS`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn catch_up_into_a_new_epoch_starts_at_its_beginning() {
-        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
-            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+        let Some((broker, url)) = test_broker().await else {
             return;
         };
-        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
-        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
         let events = Arc::new(Recorder::default());
         broker.set_events(events.clone());
         let ch = ChannelName::new("catch-up").unwrap();
         broker.subscribe(ch.clone()).await.unwrap();
-        let kept = PublishOptions {
-            history: Some(crate::HistoryOptions {
-                size: 10,
-                ttl: Duration::from_secs(60),
-            }),
-            ..PublishOptions::default()
-        };
+        let kept = kept(10, Duration::from_secs(60));
         for i in 1..=3 {
             let p = NewPublication::text(format!("old{i}"));
             broker.publish(ch.clone(), p, kept.clone()).await.unwrap();
@@ -1063,20 +1067,11 @@ mod tests {
     /// `WALKIE_TEST_REDIS`.
     #[tokio::test]
     async fn a_burst_is_published_after_redis_forgot_its_scripts() {
-        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
-            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+        let Some((broker, _)) = test_broker().await else {
             return;
         };
-        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
-        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
         let ch = ChannelName::new("burst").unwrap();
-        let kept = PublishOptions {
-            history: Some(crate::HistoryOptions {
-                size: 10,
-                ttl: Duration::from_secs(60),
-            }),
-            ..PublishOptions::default()
-        };
+        let kept = kept(10, Duration::from_secs(60));
         let burst = |from: u64| {
             (from..from + 5)
                 .map(|i| PublishRequest {
@@ -1122,21 +1117,12 @@ mod tests {
     /// three days keeps its epoch six, not one. Needs `WALKIE_TEST_REDIS`.
     #[tokio::test]
     async fn saving_nothing_keeps_the_epoch_as_long_as_the_history_wants() {
-        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
-            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+        let Some((broker, _)) = test_broker().await else {
             return;
         };
-        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
-        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
         let ch = ChannelName::new("long").unwrap();
         let three_days = Duration::from_secs(3 * 24 * 3600);
-        let kept = PublishOptions {
-            history: Some(crate::HistoryOptions {
-                size: 10,
-                ttl: three_days,
-            }),
-            ..PublishOptions::default()
-        };
+        let kept = kept(10, three_days);
         let meta = broker.key("m", ch.as_str());
         let ttl = || async {
             let ms: i64 = redis::cmd("PTTL")
@@ -1169,23 +1155,14 @@ mod tests {
     /// `WALKIE_TEST_REDIS`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn catch_up_past_a_trimmed_gap_cuts_the_channel_off() {
-        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
-            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+        let Some((broker, url)) = test_broker().await else {
             return;
         };
-        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
-        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
         let events = Arc::new(Recorder::default());
         broker.set_events(events.clone());
         let ch = ChannelName::new("trimmed").unwrap();
         broker.subscribe(ch.clone()).await.unwrap();
-        let kept = PublishOptions {
-            history: Some(crate::HistoryOptions {
-                size: 10,
-                ttl: Duration::from_secs(60),
-            }),
-            ..PublishOptions::default()
-        };
+        let kept = kept(10, Duration::from_secs(60));
         for i in 1..=3 {
             let p = NewPublication::text(format!("m{i}"));
             broker.publish(ch.clone(), p, kept.clone()).await.unwrap();
@@ -1238,22 +1215,13 @@ mod tests {
     /// the start of its history. Needs `WALKIE_TEST_REDIS`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_quiet_channel_is_not_delivered_again_after_a_reconnect() {
-        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
-            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+        let Some((broker, url)) = test_broker().await else {
             return;
         };
-        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
-        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
         let events = Arc::new(Recorder::default());
         broker.set_events(events.clone());
         let ch = ChannelName::new("quiet").unwrap();
-        let kept = PublishOptions {
-            history: Some(crate::HistoryOptions {
-                size: 100,
-                ttl: Duration::from_secs(60),
-            }),
-            ..PublishOptions::default()
-        };
+        let kept = kept(100, Duration::from_secs(60));
         for i in 1..=20 {
             let p = NewPublication::text(format!("old{i}"));
             broker.publish(ch.clone(), p, kept.clone()).await.unwrap();
@@ -1291,23 +1259,14 @@ mod tests {
     /// Needs `WALKIE_TEST_REDIS`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_going_back_cuts_the_channel_off_and_delivers_what_comes_next() {
-        let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
-            eprintln!("SKIPPED: set WALKIE_TEST_REDIS=redis://127.0.0.1:6379 to run it");
+        let Some((broker, url)) = test_broker().await else {
             return;
         };
-        let prefix = format!("walkie-test-{:08x}:", rand::random::<u32>());
-        let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
         let events = Arc::new(Recorder::default());
         broker.set_events(events.clone());
         let ch = ChannelName::new("back").unwrap();
         broker.subscribe(ch.clone()).await.unwrap();
-        let kept = PublishOptions {
-            history: Some(crate::HistoryOptions {
-                size: 10,
-                ttl: Duration::from_secs(60),
-            }),
-            ..PublishOptions::default()
-        };
+        let kept = kept(10, Duration::from_secs(60));
         for i in 1..=5 {
             let p = NewPublication::text(format!("m{i}"));
             broker.publish(ch.clone(), p, kept.clone()).await.unwrap();

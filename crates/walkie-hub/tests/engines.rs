@@ -34,14 +34,10 @@ async fn memory_presence_conforms() {
 /// (`.ci/run` sets it); without it the test says it was skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_engine_conforms() {
-    let Ok(url) = std::env::var("WALKIE_TEST_REDIS") else {
-        skipped(
-            "redis_engine_conforms",
-            "WALKIE_TEST_REDIS=redis://127.0.0.1:6379",
-        );
+    let Some(url) = conformance::service_url("WALKIE_TEST_REDIS", "redis_engine_conforms") else {
         return;
     };
-    let prefix = format!("walkie-test-{:08x}:", rand_u32());
+    let prefix = conformance::test_prefix();
     let mut brokers = Vec::new();
     // A connection per check: each check sets its own event handler.
     for _ in 0..conformance::CHECKS {
@@ -62,14 +58,10 @@ async fn redis_engine_conforms() {
 /// says it was skipped. Everything it makes is deleted at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_engine_conforms() {
-    let Ok(url) = std::env::var("WALKIE_TEST_NATS") else {
-        skipped(
-            "nats_engine_conforms",
-            "WALKIE_TEST_NATS=nats://127.0.0.1:4222",
-        );
+    let Some(url) = conformance::service_url("WALKIE_TEST_NATS", "nats_engine_conforms") else {
         return;
     };
-    let prefix = format!("walkie-test-{:08x}:", rand_u32());
+    let prefix = conformance::test_prefix();
     let mut brokers = Vec::new();
     // A connection per check: each check sets its own event handler.
     for _ in 0..conformance::CHECKS {
@@ -99,22 +91,4 @@ async fn conform<B: Broker + Clone>(
     conformance::run_all(|| Arc::new(brokers.lock().unwrap().pop().unwrap()) as Arc<dyn Broker>)
         .await;
     conformance::run_presence(|| presence(&first)).await;
-}
-
-fn rand_u32() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        ^ std::process::id()
-}
-
-/// Says on the real stderr (not captured by the test harness, so it shows
-/// in every run) that a test needing a service was skipped.
-fn skipped(test: &str, how: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(
-        std::io::stderr().lock(),
-        "SKIPPED {test}: no service configured; set {how} to run it"
-    );
 }

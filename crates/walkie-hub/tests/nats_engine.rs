@@ -13,30 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use walkie_hub::conformance::Recorder;
+use walkie_hub::conformance::{self, Recorder};
 use walkie_hub::{
     Broker, ChannelName, HistoryFilter, HistoryOptions, NatsBroker, NewPublication, Publication,
     PublishOptions, PublishRequest,
 };
 
 fn nats(test: &str) -> Option<String> {
-    let url = std::env::var("WALKIE_TEST_NATS").ok();
-    if url.is_none() {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "SKIPPED {test}: no service configured; set WALKIE_TEST_NATS=nats://127.0.0.1:4222 to run it"
-        );
-    }
-    url
-}
-
-fn prefix() -> String {
-    format!(
-        "walkie-test-{}-{:08x}:",
-        std::process::id(),
-        rand::random::<u32>()
-    )
+    conformance::service_url("WALKIE_TEST_NATS", test)
 }
 
 fn kept() -> PublishOptions {
@@ -64,7 +48,7 @@ where
     let Some(url) = nats(name) else {
         return;
     };
-    let prefix = prefix();
+    let prefix = conformance::test_prefix();
     let test = test(url.clone(), prefix.clone());
     let outcome = tokio::spawn(async move {
         tokio::time::timeout(Duration::from_secs(60), test)
@@ -157,71 +141,6 @@ async fn a_batch_is_published_in_order_with_its_keys() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
             assert_eq!(seen.on(&a).len(), 6, "nothing twice");
-        },
-    )
-    .await;
-}
-
-/// A channel of a batch whose stream was deleted behind this node's back
-/// (its cached name is stale, and nothing of it is saved) is published
-/// again one at a time into a new stream; the batch's other channel goes
-/// on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_channel_whose_stream_was_deleted_is_published_again() {
-    on_nats(
-        "a_batch_channel_whose_stream_was_deleted",
-        |u, p| async move {
-            let (one, _) = node(&u, &p).await;
-            let a = ChannelName::new("chat:kept").unwrap();
-            let b = ChannelName::new("chat:deleted").unwrap();
-            publish_numbered(&one, &a, 1..=1).await;
-            let before = one
-                .publish(b.clone(), NewPublication::text("b0"), kept())
-                .await
-                .unwrap()
-                .position;
-            // b's stream, known to node one with its limits, deleted by an
-            // operator (or another node's idle sweep).
-            let token: String = p
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            let hex: String = b.as_str().bytes().map(|x| format!("{x:02x}")).collect();
-            let js = async_nats::jetstream::new(async_nats::connect(&u).await.unwrap());
-            let stream = js
-                .stream_by_subject(format!("{token}.m.{hex}"))
-                .await
-                .unwrap();
-            js.delete_stream(&stream).await.unwrap();
-            let request = |channel: &ChannelName, text: &str| PublishRequest {
-                channel: channel.clone(),
-                publication: NewPublication::text(text),
-                options: kept(),
-            };
-            let batch = vec![
-                request(&a, "m2"),
-                request(&b, "b1"),
-                request(&a, "m3"),
-                request(&b, "b2"),
-            ];
-            let results: Vec<_> = one
-                .publish_many(batch)
-                .await
-                .into_iter()
-                .map(|r| r.unwrap().position)
-                .collect();
-            let offsets: Vec<u64> = results.iter().map(|p| p.offset).collect();
-            assert_eq!(offsets, [2, 1, 3, 2]);
-            assert_ne!(results[1].epoch, before.epoch, "a new stream");
-            let h = one.history(b.clone(), all()).await.unwrap();
-            let texts: Vec<&[u8]> = h.publications.iter().map(|p| &p.data[..]).collect();
-            assert_eq!(texts, [&b"b1"[..], b"b2"]);
         },
     )
     .await;
