@@ -14,6 +14,7 @@
 //! - `publish.rs`: `walkie publish`: a message through the HTTP API.
 //! - `dashboard.rs`: the server's metrics and log tail, published for the
 //!   dashboard demo.
+//! - `limits.rs`: the open-file limit and `--max-connections`.
 //! - `units.rs`: parsing sizes and durations given on the command line.
 
 mod api;
@@ -21,6 +22,7 @@ mod connect;
 mod dashboard;
 mod handlers;
 mod http;
+mod limits;
 mod outbox;
 mod publish;
 mod rooms;

@@ -338,13 +338,19 @@ where
 pub struct Counted(std::sync::Arc<AppState>);
 
 impl Counted {
-    pub fn new(state: &std::sync::Arc<AppState>) -> Self {
-        state
-            .hub
-            .metrics()
+    /// Counts a connection, or `None` if the server already has as many
+    /// as it admits (`--max-connections`).
+    pub fn admit(state: &std::sync::Arc<AppState>) -> Option<Self> {
+        let metrics = state.hub.metrics();
+        let open = 1 + metrics
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Counted(state.clone())
+        // Refused, it is dropped: the count goes back down.
+        let counted = Counted(state.clone());
+        state
+            .admission
+            .admits(open, &metrics.connections_refused)
+            .then_some(counted)
     }
 }
 

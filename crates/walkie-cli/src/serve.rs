@@ -20,6 +20,7 @@ use walkie_hub::{
     NamespaceConfig, Node, OverflowPolicy, QueueLimits, Verifier,
 };
 
+use crate::limits::{self, Admission};
 use crate::rooms::RoomSettings;
 use crate::shutdown::ShutdownWakers;
 use crate::units::{
@@ -153,6 +154,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_CLIENT_QUEUE_BYTES", default_value = "4M", value_parser = parse_size)]
     pub client_queue_bytes: usize,
 
+    /// Most WebSocket connections open at once; past it an upgrade is
+    /// answered 503. `auto`: the open-file limit (raised to its hard limit
+    /// at start) less a reserve of a quarter of it, at most 256. `off`: no
+    /// limit but the open-file one.
+    #[arg(long, env = "WALKIE_MAX_CONNECTIONS", default_value = "auto", value_parser = crate::limits::parse_max_connections)]
+    pub max_connections: crate::limits::MaxConnections,
+
     /// Write logs as JSON lines instead of text. Filter with WALKIE_LOG or
     /// RUST_LOG (e.g. `debug`, `walkie=trace`).
     #[arg(long, env = "WALKIE_LOG_JSON")]
@@ -208,6 +216,8 @@ pub struct AppState {
     /// `--shutdown-timeout`: how long a request in flight at shutdown may
     /// take to be answered.
     pub shutdown_timeout: Duration,
+    /// `--max-connections`.
+    pub admission: Admission,
 }
 
 impl AppState {
@@ -404,6 +414,9 @@ fn default_data_dir() -> Option<PathBuf> {
 /// life: no work stealing, no cross-thread wake-ups, and each thread serves
 /// its ready connections in turn. The main thread only waits for signals.
 pub fn run(args: ServeArgs) -> ExitCode {
+    // First: history files and engine connections count too.
+    let open_files = limits::raise_open_files();
+    let max_connections = args.max_connections.resolve(open_files);
     let config = match args.server_config() {
         Ok(c) => c,
         Err(e) => {
@@ -533,6 +546,16 @@ pub fn run(args: ServeArgs) -> ExitCode {
         "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME, the Walkie protocol at /ws; {workers} worker thread(s))"
     );
     info!("history kept {history_at}");
+    match (max_connections, open_files) {
+        (Some(n), Some(f)) if n > f => warn!(
+            "--max-connections {n} is more than the open-file limit ({f}): connections past it wait unaccepted"
+        ),
+        (Some(n), Some(f)) => {
+            info!("admitting {n} WebSocket connections at most (open-file limit {f})");
+        }
+        (Some(n), None) => info!("admitting {n} WebSocket connections at most"),
+        (None, _) => info!("no limit on WebSocket connections but the open-file one"),
+    }
     if demo_secret.is_some() && !local.ip().is_loopback() {
         warn!(
             "development mode on {local} (no --config): every channel is open, and /demo/token signs tokens for any user, to anyone who can reach this address; run with --config anywhere others can connect"
@@ -551,6 +574,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         rooms: args.room_settings(room_history),
         tracker: tracker.clone(),
         shutdown_timeout: args.shutdown_timeout,
+        admission: Admission::new(max_connections),
     });
     let mut threads = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -838,7 +862,14 @@ where
         }
     }
     let path = incoming.request().path().to_owned();
-    let counted = crate::outbox::Counted::new(&state);
+    let Some(counted) = crate::outbox::Counted::admit(&state) else {
+        let max = state.admission.max.unwrap_or_default();
+        let message = format!(
+            "server full: {max} WebSocket connections open (--max-connections); try again later"
+        );
+        incoming.reject(503, &message).await;
+        return;
+    };
     match path.as_str() {
         // Each goes on in a task of its own once open (see `handlers.rs`).
         "/" => handlers::chat(incoming, peer, &state, counted).await,

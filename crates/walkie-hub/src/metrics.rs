@@ -26,6 +26,9 @@ pub struct Metrics {
     pub queue_overflows: AtomicU64,
     /// Refused tokens and permission checks.
     pub auth_failures: AtomicU64,
+    /// WebSocket upgrades refused because the server had as many
+    /// connections as it admits (`--max-connections`).
+    pub connections_refused: AtomicU64,
     /// Publish-to-delivery histogram: counts per bucket (the last is +Inf).
     latency: [AtomicU64; BUCKETS_MS.len() + 1],
     latency_sum_ms: AtomicU64,
@@ -138,6 +141,12 @@ impl Metrics {
             "counter",
             "Refused tokens and permission checks.",
             get(&self.auth_failures),
+        );
+        one(
+            "connections_refused_total",
+            "counter",
+            "WebSocket upgrades refused (503) at the connection limit.",
+            get(&self.connections_refused),
         );
         one(
             "engine_reconnects_total",

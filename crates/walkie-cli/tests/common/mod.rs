@@ -35,8 +35,12 @@ pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
 /// inherited from whoever runs the tests, and a data directory of its own
 /// (removed when the returned guard drops) unless the arguments or `envs`
 /// choose where history goes.
-fn command(args: &[OsString], envs: &[(&str, &str)]) -> (Command, Option<tempfile::TempDir>) {
-    let mut cmd = Command::new(WALKIE);
+fn command(
+    program: &str,
+    args: &[OsString],
+    envs: &[(&str, &str)],
+) -> (Command, Option<tempfile::TempDir>) {
+    let mut cmd = Command::new(program);
     cmd.args(args);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("WALKIE_") || key == "RUST_LOG" {
@@ -192,6 +196,22 @@ impl Server {
         (Server::start(&all), dir)
     }
 
+    /// [`Server::start`] with at most `open_files` file descriptors (soft
+    /// and hard limit, through util-linux's `prlimit`).
+    pub fn start_with_open_files(open_files: u64, args: &[&str]) -> Server {
+        let nofile = format!("--nofile={open_files}:{open_files}");
+        let mut all = vec![
+            nofile.as_str(),
+            "--",
+            WALKIE,
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+        ];
+        all.extend_from_slice(args);
+        Server::spawn_program("prlimit", all, &[])
+    }
+
     /// `walkie <args>` with `WALKIE_LOG=info` and `envs`; waits for the
     /// "walkie listening on" line and reads the port from it.
     pub fn spawn<I, A>(args: I, envs: &[(&str, &str)]) -> Server
@@ -199,7 +219,17 @@ impl Server {
         I: IntoIterator<Item = A>,
         A: AsRef<std::ffi::OsStr>,
     {
-        let (mut cmd, data) = command(&os_args(args), envs);
+        Server::spawn_program(WALKIE, args, envs)
+    }
+
+    /// [`Server::spawn`] with `program` run instead of walkie: one that
+    /// runs walkie with the rest of `args`.
+    pub fn spawn_program<I, A>(program: &str, args: I, envs: &[(&str, &str)]) -> Server
+    where
+        I: IntoIterator<Item = A>,
+        A: AsRef<std::ffi::OsStr>,
+    {
+        let (mut cmd, data) = command(program, &os_args(args), envs);
         cmd.env("WALKIE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -358,7 +388,7 @@ where
     A: AsRef<std::ffi::OsStr>,
 {
     let args = os_args(args);
-    let (mut cmd, _data) = command(&args, envs);
+    let (mut cmd, _data) = command(WALKIE, &args, envs);
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
@@ -510,6 +540,16 @@ pub struct Frame {
 impl RawWs {
     /// Opens a TCP connection and completes the upgrade to `path`.
     pub async fn connect(port: u16, path: &str, extra_headers: &str) -> RawWs {
+        let ws = RawWs::try_connect(port, path, extra_headers).await;
+        ws.unwrap_or_else(|response| panic!("upgrade to {path} refused: {response:?}"))
+    }
+
+    /// [`RawWs::connect`], or the response head of a refusal.
+    pub async fn try_connect(
+        port: u16,
+        path: &str,
+        extra_headers: &str,
+    ) -> Result<RawWs, HttpResponse> {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         stream
             .write_all(upgrade_request(path, extra_headers).as_bytes())
@@ -529,14 +569,16 @@ impl RawWs {
             buf.extend_from_slice(&chunk[..n]);
         };
         let response = HttpResponse::parse(&buf[..head_end]).unwrap();
-        assert_eq!(response.status, 101, "{response:?}");
+        if response.status != 101 {
+            return Err(response);
+        }
         assert_eq!(response.header("sec-websocket-accept"), Some(ACCEPT));
         let buf = buf.split_off(head_end);
-        RawWs {
+        Ok(RawWs {
             stream,
             response,
             buf,
-        }
+        })
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
