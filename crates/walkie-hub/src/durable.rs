@@ -47,6 +47,16 @@ const PUBS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("publicat
 /// still delivered once.
 const KEYS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency_keys");
 
+/// "layout" -> the version of the layout of the tables above (u64), so that
+/// a walkie never reads history it would misread: one of another layout
+/// refuses to open it. Databases made before the version was written hold
+/// layout 1.
+const FORMAT: TableDefinition<&str, u64> = TableDefinition::new("format");
+
+/// The layout this build reads and writes: the tables above, publications
+/// as `codec::encode` writes them.
+pub const LAYOUT: u64 = 1;
+
 /// The most rows (channels, publications, idempotency keys) one sweep step
 /// looks at: the step runs between two batches of publishes, which wait
 /// for it, so it must stay short. A pass over a larger database takes
@@ -141,6 +151,17 @@ pub enum OpenError {
     InUse {
         /// The database file.
         path: PathBuf,
+    },
+    /// The database holds history of another layout than this build's
+    /// ([`LAYOUT`]), written by another version of walkie.
+    #[error(
+        "{path} holds history of layout {found}, and this walkie reads layout {LAYOUT} (the walkie that wrote it reads it)"
+    )]
+    Layout {
+        /// The database file.
+        path: PathBuf,
+        /// The layout it holds.
+        found: u64,
     },
     /// The file could not be opened or is not a valid database.
     #[error("cannot open {path}: {message}")]
@@ -312,19 +333,36 @@ impl DurableBroker {
             }
         };
         let db = Arc::new(db);
-        // Create the tables, so that readers never meet a missing one.
-        let init = || -> Result<(), redb::Error> {
+        // Create the tables, so that readers never meet a missing one; the
+        // layout's version is checked, or written where there is none.
+        let init = || -> Result<u64, redb::Error> {
             let txn = db.begin_write()?;
             txn.open_table(META)?;
             txn.open_table(PUBS)?;
             txn.open_table(KEYS)?;
-            txn.commit()?;
-            Ok(())
+            let found = {
+                let mut format = txn.open_table(FORMAT)?;
+                let found = format.get("layout")?.map(|v| v.value());
+                match found {
+                    Some(found) => found,
+                    None => {
+                        format.insert("layout", LAYOUT)?;
+                        LAYOUT
+                    }
+                }
+            };
+            if found == LAYOUT {
+                txn.commit()?;
+            }
+            Ok(found)
         };
-        init().map_err(|e| OpenError::Database {
+        let found = init().map_err(|e| OpenError::Database {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        if found != LAYOUT {
+            return Err(OpenError::Layout { path, found });
+        }
         let (tx, rx) = mpsc::channel();
         let events: Arc<OnceLock<Arc<dyn BrokerEvents>>> = Arc::default();
         let usage: Arc<Mutex<Usage>> = Arc::default();

@@ -17,7 +17,9 @@
 //!   that subject; the stream's name is `<prefix><hex>-<epoch>` (the hex
 //!   cut short for long names; only the epoch has to be unique). `<prefix>`
 //!   is `--engine-prefix` with every character other than a letter, a
-//!   digit, `-` and `_` replaced by `_`.
+//!   digit, `-` and `_` replaced by `_`. Buckets: `<prefix>presence`,
+//!   `<prefix>idem` (idempotency keys) and `<prefix>meta` (the layout's
+//!   version, see [`LAYOUT`]).
 //! - **Epochs.** The epoch is a random part of the stream's name, fixed
 //!   when the stream is created: the first read or publish creates it,
 //!   [`Broker::remove_history`] deletes it and creates another, and a
@@ -524,6 +526,7 @@ impl NatsBroker {
             live_keys: OnceCell::new(),
             replicas,
         });
+        inner.check_layout().await?;
         tokio::spawn(watch_connects(Arc::downgrade(&inner)));
         Ok(NatsBroker { inner })
     }
@@ -576,14 +579,43 @@ impl NatsBroker {
         let names = i.our_streams(|_| true).await?;
         i.delete_streams(&names).await;
         lock(&i.streams).clear();
-        for bucket in [i.bucket("presence"), i.bucket("idem")] {
+        for bucket in [i.bucket("presence"), i.bucket("idem"), i.bucket("meta")] {
             let _ = i.js.delete_key_value(bucket).await;
         }
         Ok(names.len())
     }
 }
 
+/// The layout of what this build keeps in NATS (stream and bucket names,
+/// headers, publications as `codec::encode` writes them), kept under
+/// `layout` in the prefix's `meta` bucket: nodes of another layout refuse
+/// to start on the same prefix instead of misreading each other. A prefix
+/// used before the version was written holds layout 1.
+pub const LAYOUT: u64 = 1;
+
 impl Inner {
+    /// Records [`LAYOUT`] under the prefix if none is, and fails if
+    /// another is.
+    async fn check_layout(&self) -> Result<(), EngineError> {
+        let bucket = self.bucket("meta");
+        let meta = self.open_bucket(bucket.clone(), Duration::ZERO).await?;
+        let ours = LAYOUT.to_string();
+        let found = match meta.create("layout", ours.clone().into()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                meta.get("layout").await.map_err(unavailable)?
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        match found {
+            Some(v) if v != ours.as_bytes() => Err(EngineError::Storage(format!(
+                "the streams under this prefix are of layout {} (key `layout` of bucket {bucket}), and this walkie reads layout {LAYOUT}: run the walkie that wrote them, or give another --engine-prefix",
+                String::from_utf8_lossy(&v)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The names of this prefix's channel streams that `keep` selects.
     async fn our_streams(
         &self,

@@ -304,6 +304,33 @@ fn entries(v: &Value) -> Result<Vec<Publication>, EngineError> {
     Ok(out)
 }
 
+/// The layout of the keys this build reads and writes (their names, the
+/// scripts' fields, publications as `codec::encode` writes them), kept
+/// under `PREFIX layout`: nodes of another layout refuse to start on the
+/// same prefix instead of misreading each other. A prefix used before the
+/// version was written holds layout 1.
+pub const LAYOUT: u64 = 1;
+
+/// Records [`LAYOUT`] under `prefix` if none is, and fails if another is.
+async fn check_layout(conn: &mut ConnectionManager, prefix: &str) -> Result<(), EngineError> {
+    let key = format!("{prefix}layout");
+    let found: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(LAYOUT)
+        .arg("NX")
+        .arg("GET")
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    match found {
+        None => Ok(()),
+        Some(v) if v == LAYOUT.to_string() => Ok(()),
+        Some(v) => Err(EngineError::Storage(format!(
+            "the keys under prefix {prefix:?} are of layout {v} (key {key}), and this walkie reads layout {LAYOUT}: run the walkie that wrote them, or give another --engine-prefix"
+        ))),
+    }
+}
+
 impl RedisBroker {
     /// Connects to `url` (`redis://host:port/db`); keys start with `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, EngineError> {
@@ -325,6 +352,7 @@ impl RedisBroker {
             .get_connection_manager_with_config(config)
             .await
             .map_err(unavailable)?;
+        check_layout(&mut conn.clone(), prefix).await?;
         let shared = Arc::new(Shared {
             reconnects: std::sync::atomic::AtomicU64::new(0),
             lost: tokio::sync::Notify::new(),
@@ -927,6 +955,31 @@ mod tests {
         let prefix = crate::conformance::test_prefix();
         let broker = RedisBroker::connect(&url, &prefix).await.unwrap();
         Some((broker, url))
+    }
+
+    #[tokio::test]
+    async fn a_prefix_of_another_layout_is_refused() {
+        use redis::AsyncCommands;
+        let Some((broker, url)) = test_broker().await else {
+            return;
+        };
+        let prefix = broker.shared.prefix.clone();
+        let key = format!("{prefix}layout");
+        let mut conn = broker.conn.clone();
+        let found: Option<String> = conn.get(&key).await.unwrap();
+        assert_eq!(
+            found.as_deref(),
+            Some("1"),
+            "a new prefix records its layout"
+        );
+        // Another node of the same layout starts on it.
+        RedisBroker::connect(&url, &prefix).await.unwrap();
+        let _: () = conn.set(&key, LAYOUT + 1).await.unwrap();
+        match RedisBroker::connect(&url, &prefix).await {
+            Err(EngineError::Storage(m)) => assert!(m.contains("of layout 2"), "{m}"),
+            other => panic!("started on keys of another layout: {other:?}"),
+        }
+        let _: () = conn.del(&key).await.unwrap();
     }
 
     /// Kept in a history of `size` messages for `ttl`.

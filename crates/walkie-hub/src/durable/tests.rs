@@ -335,3 +335,58 @@ async fn a_duplicate_in_one_batch_is_answered_after_the_commit() {
     assert!(!original.suppressed && suppressed.suppressed);
     assert_eq!(suppressed.position, original.position);
 }
+
+/// Sets the layout recorded in the database in `dir` (no broker open).
+fn write_layout(dir: &Path, layout: Option<u64>) {
+    let db = Database::create(dir.join(DATABASE_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    match layout {
+        Some(n) => {
+            txn.open_table(FORMAT).unwrap().insert("layout", n).unwrap();
+        }
+        None => {
+            txn.delete_table(FORMAT).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+#[tokio::test]
+async fn history_of_another_layout_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = channel("kept");
+    {
+        let broker = open(dir.path(), DurableOptions::default());
+        publish(&broker, &ch, kept_for(LONG)).await;
+    }
+    write_layout(dir.path(), Some(LAYOUT + 1));
+    match DurableBroker::open(dir.path()) {
+        Err(e @ OpenError::Layout { found, .. }) => {
+            assert_eq!(found, LAYOUT + 1);
+            assert!(e.to_string().contains("of layout 2"), "{e}");
+        }
+        other => panic!("opened history of another layout: {other:?}"),
+    }
+    // Refusing wrote nothing: the walkie that wrote it still reads it.
+    write_layout(dir.path(), Some(LAYOUT));
+    let broker = open(dir.path(), DurableOptions::default());
+    assert_eq!(position(&broker, &ch).await.offset, 1);
+}
+
+#[tokio::test]
+async fn history_from_before_the_layout_was_recorded_is_layout_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = channel("kept");
+    {
+        let broker = open(dir.path(), DurableOptions::default());
+        publish(&broker, &ch, kept_for(LONG)).await;
+    }
+    write_layout(dir.path(), None);
+    let broker = open(dir.path(), DurableOptions::default());
+    assert_eq!(position(&broker, &ch).await.offset, 1);
+    drop(broker);
+    let db = Database::create(dir.path().join(DATABASE_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let format = txn.open_table(FORMAT).unwrap();
+    assert_eq!(format.get("layout").unwrap().map(|v| v.value()), Some(1));
+}

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CONNECTS_CHECK, Inner, NatsBroker};
+use super::{CONNECTS_CHECK, Inner, LAYOUT, NatsBroker};
 use crate::channel::ChannelName;
 use crate::conformance::{Recorder, service_url, test_prefix};
+use crate::engine::EngineError;
 use crate::engine::{Broker as _, BrokerEvents};
 use crate::publication::{
     HistoryOptions, NewPublication, Publication, PublishOptions, PublishRequest,
@@ -309,5 +310,31 @@ async fn a_batch_channel_whose_stream_was_deleted_is_published_again() {
         let h = one.history(b.clone(), Default::default()).await.unwrap();
         assert_eq!(texts(&h.publications), owned([(1, "b1"), (2, "b2")]));
     })
+    .await;
+}
+
+#[tokio::test]
+async fn a_prefix_of_another_layout_is_refused() {
+    on_two_nodes(
+        "a_prefix_of_another_layout_is_refused",
+        |one, _, url| async move {
+            let i = &one.inner;
+            let meta = i.js.get_key_value(i.bucket("meta")).await.unwrap();
+            let found = meta.get("layout").await.unwrap();
+            assert_eq!(
+                found.as_deref(),
+                Some(&b"1"[..]),
+                "a new prefix records its layout"
+            );
+            meta.put("layout", (LAYOUT + 1).to_string().into())
+                .await
+                .unwrap();
+            let prefix = i.token.clone();
+            match NatsBroker::connect(&url, &prefix).await {
+                Err(EngineError::Storage(m)) => assert!(m.contains("of layout 2"), "{m}"),
+                other => panic!("started on streams of another layout: {other:?}"),
+            }
+        },
+    )
     .await;
 }
