@@ -338,3 +338,55 @@ async fn a_prefix_of_another_layout_is_refused() {
     )
     .await;
 }
+
+/// More concurrent batches than the JetStream context's 5,000 publishes
+/// in flight: each batch awaits the acknowledgements of a chunk
+/// (`BATCH_CHUNK`) before it sends more, so all complete, in order. Sent
+/// whole before awaiting any acknowledgement, the batches each held part
+/// of the permits while waiting for more, and none completed. (The shared
+/// bound on chunks in flight, `BATCH_CHUNKS_IN_FLIGHT`, is not needed for
+/// that; it keeps one node's bursts from taking every permit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_past_the_in_flight_limit_all_complete_in_order() {
+    let name = "concurrent_batches_past_the_in_flight_limit_all_complete_in_order";
+    on_two_nodes(name, |one, _, _| async move {
+        const BATCHES: usize = 120;
+        const EACH: usize = 200;
+        let mut tasks = tokio::task::JoinSet::new();
+        for b in 0..BATCHES {
+            let one = one.clone();
+            tasks.spawn(async move {
+                let channel = ChannelName::new(&format!("load:{}", b % 40)).unwrap();
+                let batch = (0..EACH)
+                    .map(|i| PublishRequest {
+                        channel: channel.clone(),
+                        publication: NewPublication::text(format!("{b}:{i}")),
+                        options: kept(),
+                    })
+                    .collect();
+                let offsets: Vec<u64> = one
+                    .publish_many(batch)
+                    .await
+                    .into_iter()
+                    .map(|r| r.unwrap().position.offset)
+                    .collect();
+                (channel, offsets)
+            });
+        }
+        let done = tokio::time::timeout(Duration::from_secs(30), tasks.join_all())
+            .await
+            .expect("batches still waiting after 30 s");
+        let mut per_channel: std::collections::HashMap<_, Vec<u64>> = Default::default();
+        for (channel, offsets) in done {
+            assert!(offsets.windows(2).all(|w| w[1] > w[0]), "{offsets:?}");
+            per_channel.entry(channel).or_default().extend(offsets);
+        }
+        // Three batches per channel: offsets 1 to 600, each once.
+        for (channel, mut offsets) in per_channel {
+            offsets.sort_unstable();
+            let want: Vec<u64> = (1..=(3 * EACH) as u64).collect();
+            assert_eq!(offsets, want, "{channel}");
+        }
+    })
+    .await;
+}
