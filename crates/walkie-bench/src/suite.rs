@@ -140,6 +140,24 @@ pub fn cases() -> Vec<Case> {
             },
         },
         Case {
+            id: "fanout-1k-low",
+            title: "fan-out, 1 publisher x 1000 subscribers, 64 B at 150 msg/s (150k deliveries/s offered, below saturation)",
+            kind: Kind::Fanout {
+                subscribers: 1000,
+                rate: 150.0,
+                protocol: false,
+            },
+        },
+        Case {
+            id: "fanout-10k-low",
+            title: "fan-out, 1 publisher x 10000 subscribers, 64 B at 10 msg/s (100k deliveries/s offered, below saturation)",
+            kind: Kind::Fanout {
+                subscribers: 10_000,
+                rate: 10.0,
+                protocol: false,
+            },
+        },
+        Case {
             id: "fanout-ws-1k",
             title: "fan-out over the Walkie protocol (/ws, one channel), 1 publisher x 1000 subscribers, 64 B at 1500 msg/s",
             kind: Kind::Fanout {
