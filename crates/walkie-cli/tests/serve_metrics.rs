@@ -5,7 +5,7 @@ mod common;
 #[path = "common/proto.rs"]
 mod proto;
 
-use common::{Server, http_exchange, within};
+use common::{RawWs, Server, frame, http_exchange, within};
 use serde_json::json;
 
 fn value(text: &str, name: &str) -> f64 {
@@ -55,6 +55,29 @@ async fn counters_follow_connections_publications_and_deliveries() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         panic!("gauges did not come down:\n{}", metrics(&server).await);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn room_payload_bytes_are_counted_in_and_out() {
+    let server = Server::start(&["--in-memory"]);
+    within(20, async {
+        let mut a = RawWs::connect(server.port, "/rooms/bytes", "").await;
+        let mut b = RawWs::connect(server.port, "/rooms/bytes", "").await;
+        // Both members joined before the message: it reaches each.
+        while value(&metrics(&server).await, "walkie_subscriptions") < 2.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        a.send_raw(&frame(0x81, b"ten bytes!", true)).await;
+        for member in [&mut a, &mut b] {
+            let got = member.read_frame().await.expect("the message");
+            assert_eq!(got.payload, b"ten bytes!");
+        }
+        let text = metrics(&server).await;
+        assert_eq!(value(&text, "walkie_bytes_in_total"), 10.0);
+        assert_eq!(value(&text, "walkie_messages_out_total"), 2.0);
+        assert_eq!(value(&text, "walkie_bytes_out_total"), 20.0);
     })
     .await;
 }

@@ -341,6 +341,7 @@ impl Members {
         let mut whole: [Option<(Arc<[Queued]>, usize)>; 2] = [None, None];
         let mut out = std::mem::take(&mut self.scratch);
         let mut delivered = 0u64;
+        let mut delivered_bytes = 0u64;
         for m in &mut self.list {
             // Catching up: numbered publications come from history in
             // turn; events without an offset (join, leave) are queued now,
@@ -401,6 +402,7 @@ impl Members {
                 if !batch.is_empty() {
                     m.queue.push_shared(batch, *bytes);
                     delivered += batch.len() as u64;
+                    delivered_bytes += *bytes as u64;
                 }
                 continue;
             }
@@ -436,6 +438,7 @@ impl Members {
                 else {
                     continue;
                 };
+                delivered_bytes += message.message().len() as u64;
                 out.push(Queued {
                     message: message.clone(),
                     key: key(i),
@@ -452,6 +455,9 @@ impl Members {
         self.pending.clear();
         // One shared counter update per batch, not per subscriber.
         metrics.messages_out.fetch_add(delivered, Ordering::Relaxed);
+        metrics
+            .bytes_out
+            .fetch_add(delivered_bytes, Ordering::Relaxed);
     }
 }
 

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     /// Messages queued to clients (one per subscriber).
     pub messages_out: AtomicU64,
+    /// Payload bytes of the messages queued to clients (one count per
+    /// subscriber), as they are sent: a room's raw message, a `/ws`
+    /// client's `pub` push with its envelope.
+    pub bytes_out: AtomicU64,
     /// Payload bytes received from clients.
     pub bytes_in: AtomicU64,
     /// Publications accepted by the engine.
@@ -123,6 +127,12 @@ impl Metrics {
             "counter",
             "Messages queued to subscribers.",
             get(&self.messages_out),
+        );
+        one(
+            "bytes_out_total",
+            "counter",
+            "Payload bytes of the messages queued to subscribers.",
+            get(&self.bytes_out),
         );
         one(
             "publications_total",
