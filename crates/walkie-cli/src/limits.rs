@@ -5,13 +5,13 @@
 //! cannot accept at all (not even to say why), nor open its history files.
 //! So the server raises its soft limit to the hard one at start, as Go's
 //! runtime does, and by default admits WebSocket connections up to that
-//! limit less a reserve for everything else: beyond it, an upgrade is
-//! answered `503` with a message, and the client may try again later.
+//! limit less what it holds at start and a reserve for everything else:
+//! beyond it, an upgrade is answered `503` with a message, and the client
+//! may try again later.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -28,7 +28,7 @@ pub enum MaxConnections {
 pub fn parse_max_connections(s: &str) -> Result<MaxConnections, String> {
     match s.trim() {
         "auto" => Ok(MaxConnections::Auto),
-        "off" | "none" => Ok(MaxConnections::Off),
+        "off" => Ok(MaxConnections::Off),
         n => match n.parse::<u64>() {
             Ok(0) => Err("must be at least 1, `auto` or `off`".into()),
             Ok(n) => Ok(MaxConnections::At(n)),
@@ -38,10 +38,12 @@ pub fn parse_max_connections(s: &str) -> Result<MaxConnections, String> {
 }
 
 /// Raises the soft open-file limit to the hard one and returns the soft
-/// limit now in force (`None` where the platform has none or it cannot be
-/// read).
+/// limit now in force (`None` where the platform has none, it is
+/// unlimited, or it cannot be read).
 pub fn raise_open_files() -> Option<u64> {
     match rlimit::increase_nofile_limit(u64::MAX) {
+        // No limit (or none this platform enforces): nothing to keep to.
+        Ok(n) if n >= i64::MAX as u64 => None,
         Ok(n) => Some(n),
         Err(e) => {
             warn!("cannot read or raise the open-file limit: {e}");
@@ -50,20 +52,36 @@ pub fn raise_open_files() -> Option<u64> {
     }
 }
 
-/// Descriptors kept for what is not a WebSocket connection: listeners,
-/// history files, engine connections, plain HTTP requests, the runtime's
-/// own. A quarter of a small limit, at most 256.
+/// Descriptors each worker thread opens when it starts (its event loop's
+/// poller and waker, with room to spare): the limit is worked out before
+/// they run.
+pub const PER_WORKER: u64 = 4;
+
+/// The descriptors this process holds now, where the platform says
+/// (`/proc/self/fd`, less the one reading it takes).
+pub fn open_now() -> Option<u64> {
+    let dir = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some((dir.count() as u64).saturating_sub(1))
+}
+
+/// Descriptors kept free for what comes and goes besides WebSocket
+/// connections: plain HTTP requests, handshakes refused, engine
+/// reconnects. A quarter of a small limit, at most 256.
 pub fn reserve(open_files: u64) -> u64 {
     (open_files / 4).min(256)
 }
 
 impl MaxConnections {
-    /// The limit in force: `None` is none.
-    pub fn resolve(self, open_files: Option<u64>) -> Option<u64> {
+    /// The limit in force (`None`: none), given the open-file limit and
+    /// the descriptors held before any connection (listeners, history,
+    /// engine, workers).
+    pub fn resolve(self, open_files: Option<u64>, in_use: u64) -> Option<u64> {
         match self {
             MaxConnections::Off => None,
             MaxConnections::At(n) => Some(n),
-            MaxConnections::Auto => open_files.map(|f| (f - reserve(f)).max(1)),
+            MaxConnections::Auto => {
+                open_files.map(|f| f.saturating_sub(in_use + reserve(f)).max(1))
+            }
         }
     }
 }
@@ -90,7 +108,7 @@ impl Admission {
     /// counted in `refused`, and logged now and then.
     pub fn admits(&self, open: i64, refused: &AtomicU64) -> bool {
         let Some(max) = self.max else { return true };
-        if open <= max as i64 {
+        if u64::try_from(open).is_ok_and(|open| open <= max) {
             return true;
         }
         refused.fetch_add(1, Ordering::Relaxed);
@@ -120,13 +138,15 @@ mod tests {
     }
 
     #[test]
-    fn auto_keeps_a_reserve_of_the_open_files() {
-        assert_eq!(MaxConnections::Auto.resolve(Some(1024)), Some(1024 - 256));
-        assert_eq!(MaxConnections::Auto.resolve(Some(20_000)), Some(19_744));
-        assert_eq!(MaxConnections::Auto.resolve(Some(100)), Some(75));
-        assert_eq!(MaxConnections::Auto.resolve(None), None);
-        assert_eq!(MaxConnections::Off.resolve(Some(1024)), None);
-        assert_eq!(MaxConnections::At(7).resolve(Some(1024)), Some(7));
+    fn auto_keeps_what_is_in_use_and_a_reserve() {
+        let auto = MaxConnections::Auto;
+        assert_eq!(auto.resolve(Some(1024), 24), Some(1024 - 24 - 256));
+        assert_eq!(auto.resolve(Some(20_000), 100), Some(19_644));
+        assert_eq!(auto.resolve(Some(100), 20), Some(55));
+        assert_eq!(auto.resolve(Some(100), 500), Some(1));
+        assert_eq!(auto.resolve(None, 24), None);
+        assert_eq!(MaxConnections::Off.resolve(Some(1024), 24), None);
+        assert_eq!(MaxConnections::At(7).resolve(Some(1024), 24), Some(7));
     }
 
     #[test]
@@ -139,5 +159,6 @@ mod tests {
         assert!(!a.admits(4, &refused));
         assert_eq!(refused.load(Ordering::Relaxed), 2);
         assert!(Admission::new(None).admits(1_000_000, &refused));
+        assert!(Admission::new(Some(u64::MAX)).admits(1, &refused));
     }
 }

@@ -156,8 +156,8 @@ pub struct ServeArgs {
 
     /// Most WebSocket connections open at once; past it an upgrade is
     /// answered 503. `auto`: the open-file limit (raised to its hard limit
-    /// at start) less a reserve of a quarter of it, at most 256. `off`: no
-    /// limit but the open-file one.
+    /// at start) less the descriptors in use at start and a reserve of a
+    /// quarter of it, at most 256. `off`: no limit but the open-file one.
     #[arg(long, env = "WALKIE_MAX_CONNECTIONS", default_value = "auto", value_parser = crate::limits::parse_max_connections)]
     pub max_connections: crate::limits::MaxConnections,
 
@@ -416,7 +416,6 @@ fn default_data_dir() -> Option<PathBuf> {
 pub fn run(args: ServeArgs) -> ExitCode {
     // First: history files and engine connections count too.
     let open_files = limits::raise_open_files();
-    let max_connections = args.max_connections.resolve(open_files);
     let config = match args.server_config() {
         Ok(c) => c,
         Err(e) => {
@@ -546,6 +545,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
         "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME, the Walkie protocol at /ws; {workers} worker thread(s))"
     );
     info!("history kept {history_at}");
+    // Now that history, the engine and the listeners hold theirs.
+    let in_use = limits::open_now().unwrap_or(32) + limits::PER_WORKER * workers as u64;
+    let max_connections = args.max_connections.resolve(open_files, in_use);
     match (max_connections, open_files) {
         (Some(n), Some(f)) if n > f => warn!(
             "--max-connections {n} is more than the open-file limit ({f}): connections past it wait unaccepted"
@@ -862,6 +864,18 @@ where
         }
     }
     let path = incoming.request().path().to_owned();
+    let route = match path.as_str() {
+        "/" => Route::Chat,
+        "/echo" => Route::Echo,
+        "/ws" => Route::Protocol,
+        p if p.starts_with("/rooms/") => Route::Room(&p["/rooms/".len()..]),
+        path => {
+            let message =
+                format!("no WebSocket endpoint at {path} (try /, /echo, /ws or /rooms/NAME)");
+            incoming.reject(404, &message).await;
+            return;
+        }
+    };
     let Some(counted) = crate::outbox::Counted::admit(&state) else {
         let max = state.admission.max.unwrap_or_default();
         let message = format!(
@@ -870,21 +884,27 @@ where
         incoming.reject(503, &message).await;
         return;
     };
-    match path.as_str() {
+    match route {
         // Each goes on in a task of its own once open (see `handlers.rs`).
-        "/" => handlers::chat(incoming, peer, &state, counted).await,
-        "/echo" => handlers::echo(incoming, peer, &state, counted).await,
-        "/ws" => Box::pin(ws::endpoint(incoming, peer, &state, counted)).await,
-        p if p.starts_with("/rooms/") => {
-            let name = &p["/rooms/".len()..];
+        Route::Chat => handlers::chat(incoming, peer, &state, counted).await,
+        Route::Echo => handlers::echo(incoming, peer, &state, counted).await,
+        Route::Protocol => Box::pin(ws::endpoint(incoming, peer, &state, counted)).await,
+        Route::Room(name) => {
             Box::pin(rooms::room(incoming, name, peer, &state, counted)).await;
         }
-        path => {
-            let message =
-                format!("no WebSocket endpoint at {path} (try /, /echo, /ws or /rooms/NAME)");
-            incoming.reject(404, &message).await;
-        }
     }
+}
+
+/// The WebSocket endpoints, by path.
+enum Route<'a> {
+    /// `/`
+    Chat,
+    /// `/echo`
+    Echo,
+    /// `/ws`
+    Protocol,
+    /// `/rooms/NAME`, with the NAME.
+    Room(&'a str),
 }
 
 /// How often a NATS node looks for streams of idle channels.

@@ -5,6 +5,8 @@ mod common;
 #[path = "common/proto.rs"]
 mod proto;
 
+use std::time::Duration;
+
 use common::{RawWs, Server, frame, http_exchange, within};
 use serde_json::json;
 
@@ -52,7 +54,7 @@ async fn counters_follow_connections_publications_and_deliveries() {
             {
                 return;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("gauges did not come down:\n{}", metrics(&server).await);
     })
@@ -65,19 +67,32 @@ async fn room_payload_bytes_are_counted_in_and_out() {
     within(20, async {
         let mut a = RawWs::connect(server.port, "/rooms/bytes", "").await;
         let mut b = RawWs::connect(server.port, "/rooms/bytes", "").await;
-        // Both members joined before the message: it reaches each.
-        while value(&metrics(&server).await, "walkie_subscriptions") < 2.0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // Until a probe from b reaches a, a may not have joined; once it
+        // has, both have (b sent it as a member).
+        loop {
+            b.send_raw(&frame(0x81, b"probe", true)).await;
+            let got = tokio::time::timeout(Duration::from_millis(200), a.read_frame()).await;
+            if got.is_ok_and(|f| f.is_some_and(|f| f.payload == b"probe")) {
+                break;
+            }
         }
+        // Every probe was fanned out before a read the last one.
+        let before = metrics(&server).await;
+        let counter = |text: &str, name| value(text, name) - value(&before, name);
         a.send_raw(&frame(0x81, b"ten bytes!", true)).await;
         for member in [&mut a, &mut b] {
-            let got = member.read_frame().await.expect("the message");
-            assert_eq!(got.payload, b"ten bytes!");
+            // Past the probes still unread.
+            loop {
+                let got = member.read_frame().await.expect("the message");
+                if got.payload == b"ten bytes!" {
+                    break;
+                }
+            }
         }
         let text = metrics(&server).await;
-        assert_eq!(value(&text, "walkie_bytes_in_total"), 10.0);
-        assert_eq!(value(&text, "walkie_messages_out_total"), 2.0);
-        assert_eq!(value(&text, "walkie_bytes_out_total"), 20.0);
+        assert_eq!(counter(&text, "walkie_bytes_in_total"), 10.0);
+        assert_eq!(counter(&text, "walkie_messages_out_total"), 2.0);
+        assert_eq!(counter(&text, "walkie_bytes_out_total"), 20.0);
     })
     .await;
 }

@@ -333,35 +333,32 @@ impl DurableBroker {
             }
         };
         let db = Arc::new(db);
-        // Create the tables, so that readers never meet a missing one; the
-        // layout's version is checked, or written where there is none.
-        let init = || -> Result<u64, redb::Error> {
+        // The layout first, before any table is opened with this build's
+        // types; then the tables, so that readers never meet a missing one.
+        let found = || -> Result<Option<u64>, redb::Error> {
+            let txn = db.begin_read()?;
+            match txn.open_table(FORMAT) {
+                Ok(format) => Ok(format.get("layout")?.map(|v| v.value())),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        };
+        let init = || -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
             txn.open_table(META)?;
             txn.open_table(PUBS)?;
             txn.open_table(KEYS)?;
-            let found = {
-                let mut format = txn.open_table(FORMAT)?;
-                let found = format.get("layout")?.map(|v| v.value());
-                match found {
-                    Some(found) => found,
-                    None => {
-                        format.insert("layout", LAYOUT)?;
-                        LAYOUT
-                    }
-                }
-            };
-            if found == LAYOUT {
-                txn.commit()?;
-            }
-            Ok(found)
+            txn.open_table(FORMAT)?.insert("layout", LAYOUT)?;
+            txn.commit()?;
+            Ok(())
         };
-        let found = init().map_err(|e| OpenError::Database {
+        let database = |e: redb::Error| OpenError::Database {
             path: path.clone(),
             message: e.to_string(),
-        })?;
-        if found != LAYOUT {
-            return Err(OpenError::Layout { path, found });
+        };
+        match found().map_err(database)? {
+            Some(found) if found != LAYOUT => return Err(OpenError::Layout { path, found }),
+            _ => init().map_err(database)?,
         }
         let (tx, rx) = mpsc::channel();
         let events: Arc<OnceLock<Arc<dyn BrokerEvents>>> = Arc::default();

@@ -18,9 +18,10 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     /// Messages queued to clients (one per subscriber).
     pub messages_out: AtomicU64,
-    /// Payload bytes of the messages queued to clients (one count per
-    /// subscriber), as they are sent: a room's raw message, a `/ws`
-    /// client's `pub` push with its envelope.
+    /// Payload bytes of the messages fan-out queued to clients (one count
+    /// per subscriber), as they are sent: a room's raw message, a `/ws`
+    /// client's `pub` push with its envelope. Like `messages_out`, history
+    /// replayed on join or recovery is not counted.
     pub bytes_out: AtomicU64,
     /// Payload bytes received from clients.
     pub bytes_in: AtomicU64,
@@ -131,7 +132,7 @@ impl Metrics {
         one(
             "bytes_out_total",
             "counter",
-            "Payload bytes of the messages queued to subscribers.",
+            "Payload bytes of the messages fan-out queued to subscribers.",
             get(&self.bytes_out),
         );
         one(

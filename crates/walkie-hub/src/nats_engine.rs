@@ -600,20 +600,25 @@ impl Inner {
         let bucket = self.bucket("meta");
         let meta = self.open_bucket(bucket.clone(), Duration::ZERO).await?;
         let ours = LAYOUT.to_string();
-        let found = match meta.create("layout", ours.clone().into()).await {
+        let refused = match meta.create("layout", ours.clone().into()).await {
             Ok(_) => return Ok(()),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                meta.get("layout").await.map_err(unavailable)?
-            }
-            Err(e) => return Err(unavailable(e)),
+            Err(e) => e,
         };
-        match found {
-            Some(v) if v != ours.as_bytes() => Err(EngineError::Storage(format!(
-                "the streams under this prefix are of layout {} (key `layout` of bucket {bucket}), and this walkie reads layout {LAYOUT}: run the walkie that wrote them, or give another --engine-prefix",
-                String::from_utf8_lossy(&v)
-            ))),
-            _ => Ok(()),
+        // Another node wrote it first. With replicas, a follower answering
+        // the read may not have it yet: look a few times.
+        for _ in 0..10 {
+            match meta.get("layout").await.map_err(unavailable)? {
+                Some(v) if v != ours.as_bytes() => {
+                    return Err(EngineError::Storage(format!(
+                        "the streams under this prefix are of layout {} (key `layout` of bucket {bucket}), and this walkie reads layout {LAYOUT}: run the walkie that wrote them, or give another --engine-prefix",
+                        String::from_utf8_lossy(&v)
+                    )));
+                }
+                Some(_) => return Ok(()),
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
+        Err(unavailable(refused))
     }
 
     /// The names of this prefix's channel streams that `keep` selects.
