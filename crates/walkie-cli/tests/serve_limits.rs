@@ -68,6 +68,23 @@ async fn past_max_connections_an_upgrade_is_answered_503_until_one_closes() {
         let (_again, refusals) = connect_when_room(port, "/rooms/lobby").await;
         assert_eq!(refused(port).await, 3 + refusals);
         assert_full(port, "/echo").await;
+
+        // A client is told why.
+        let url = server.ws_url("/echo");
+        let run = tokio::task::spawn_blocking(move || {
+            let stdin = Some(&b"hi\n"[..]);
+            common::run_walkie(
+                ["connect", url.as_str()],
+                &[],
+                stdin,
+                Duration::from_secs(10),
+            )
+        });
+        let run = run.await.unwrap();
+        assert_eq!(run.code(), Some(1), "{run:?}");
+        let told =
+            "server refused the upgrade: HTTP 503: server full: 2 WebSocket connections open";
+        assert!(run.stderr.contains(told), "{run:?}");
     })
     .await;
 }

@@ -10,12 +10,12 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use walkie_proto::handshake::{ClientHandshake, ClientRequest, ServerResponse};
+use walkie_proto::handshake::{ClientHandshake, ClientRequest, HandshakeError, ServerResponse};
 use walkie_proto::{Connection, Role};
 
 use crate::config::ClientConfig;
 use crate::driver::now;
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::websocket::WebSocket;
 
 /// A parsed `ws://` or `wss://` URL.
@@ -260,8 +260,16 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         stream.flush().await?;
         let mut buf = BytesMut::with_capacity(1024);
         loop {
-            if let Some((response, len)) = hs.parse_response(&buf)? {
-                return Ok::<_, Error>((response, buf.split_off(len)));
+            match hs.parse_response(&buf) {
+                Ok(Some((response, len))) => {
+                    return Ok::<_, Error>((response, buf.split_off(len)));
+                }
+                Ok(None) => {}
+                Err(HandshakeError::UnexpectedStatus(status)) => {
+                    let message = refusal_message(&mut stream, buf).await;
+                    return Err(Error::Refused(Box::new(Refusal { status, message })));
+                }
+                Err(e) => return Err(e.into()),
             }
             if stream.read_buf(&mut buf).await? == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
@@ -284,6 +292,47 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         config.write_buffer_high,
     );
     Ok((ws, response))
+}
+
+/// The first line of a refusal's body (`buf` holds the response read so
+/// far, its head complete): read until the body is in or the server
+/// closes, at most 1 KiB, cut to 200 characters, control characters
+/// dropped. Empty if the server says nothing.
+async fn refusal_message<S: AsyncRead + Unpin>(stream: &mut S, mut buf: BytesMut) -> String {
+    const MOST: usize = 1024;
+    let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return String::new();
+    };
+    let body_start = head + 4;
+    let wanted = std::str::from_utf8(&buf[..head])
+        .ok()
+        .and_then(|h| {
+            h.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+        })
+        .unwrap_or(MOST)
+        .min(MOST);
+    while buf.len() - body_start < wanted {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let end = buf.len().min(body_start + wanted);
+    let body = String::from_utf8_lossy(&buf[body_start..end]);
+    body.lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect::<String>()
+        .trim()
+        .to_owned()
 }
 
 #[cfg(test)]

@@ -18,6 +18,10 @@ pub enum Error {
     /// The opening handshake failed.
     #[error("handshake failed: {0}")]
     Handshake(#[from] HandshakeError),
+    /// The server answered the upgrade with another status than 101.
+    /// Boxed: an error is returned on every path, and most never refuse.
+    #[error("server refused the upgrade: {0}")]
+    Refused(Box<Refusal>),
     /// The opening handshake did not finish in time.
     #[error("handshake timed out")]
     HandshakeTimeout,
@@ -56,3 +60,23 @@ impl From<walkie_proto::ProtocolError> for Error {
 
 /// A `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A server's refusal of an upgrade ([`Error::Refused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status.
+    pub status: u16,
+    /// The start of the server's message: the response body's first line,
+    /// at most 200 characters (empty if it sent none).
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}", self.status)?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}

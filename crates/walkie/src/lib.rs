@@ -49,7 +49,7 @@ mod websocket;
 
 pub use client::{MaybeTlsStream, WsUrl, connect, connect_with};
 pub use config::{ClientConfig, ServerConfig};
-pub use error::{Error, Result};
+pub use error::{Error, Refusal, Result};
 pub use server::{Incoming, accept};
 pub use split::{WsReader, WsWriter};
 pub use websocket::WebSocket;

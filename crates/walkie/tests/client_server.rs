@@ -149,14 +149,16 @@ async fn rejected_upgrade_is_a_handshake_error() {
             incoming.reject(403, "origin not allowed").await;
         });
         let err = walkie::connect(&format!("ws://{addr}/")).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                walkie::Error::Handshake(
-                    walkie::proto::handshake::HandshakeError::UnexpectedStatus(403)
-                )
-            ),
-            "{err}"
+        match &err {
+            walkie::Error::Refused(refusal) => {
+                assert_eq!(refusal.status, 403);
+                assert_eq!(refusal.message, "origin not allowed");
+            }
+            other => panic!("not a refusal: {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            "server refused the upgrade: HTTP 403: origin not allowed"
         );
     })
     .await;
