@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 /// `--max-connections`: a number, `auto` (from the open-file limit) or
 /// `off`.
@@ -84,6 +84,24 @@ impl MaxConnections {
             }
         }
     }
+}
+
+/// The limit in force, from the descriptors held now and the `workers`
+/// about to start; logged.
+pub fn settle(flag: MaxConnections, open_files: Option<u64>, workers: usize) -> Option<u64> {
+    let in_use = open_now().unwrap_or(32) + PER_WORKER * workers as u64;
+    let max = flag.resolve(open_files, in_use);
+    match (max, open_files) {
+        (Some(n), Some(f)) if n > f => warn!(
+            "--max-connections {n} is more than the open-file limit ({f}): connections past it wait unaccepted"
+        ),
+        (Some(n), Some(f)) => {
+            info!("admitting {n} WebSocket connections at most (open-file limit {f})");
+        }
+        (Some(n), None) => info!("admitting {n} WebSocket connections at most"),
+        (None, _) => info!("no limit on WebSocket connections but the open-file one"),
+    }
+    max
 }
 
 /// Admits WebSocket connections up to the limit.

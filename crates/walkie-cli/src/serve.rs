@@ -546,18 +546,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     );
     info!("history kept {history_at}");
     // Now that history, the engine and the listeners hold theirs.
-    let in_use = limits::open_now().unwrap_or(32) + limits::PER_WORKER * workers as u64;
-    let max_connections = args.max_connections.resolve(open_files, in_use);
-    match (max_connections, open_files) {
-        (Some(n), Some(f)) if n > f => warn!(
-            "--max-connections {n} is more than the open-file limit ({f}): connections past it wait unaccepted"
-        ),
-        (Some(n), Some(f)) => {
-            info!("admitting {n} WebSocket connections at most (open-file limit {f})");
-        }
-        (Some(n), None) => info!("admitting {n} WebSocket connections at most"),
-        (None, _) => info!("no limit on WebSocket connections but the open-file one"),
-    }
+    let max_connections = limits::settle(args.max_connections, open_files, workers);
     if demo_secret.is_some() && !local.ip().is_loopback() {
         warn!(
             "development mode on {local} (no --config): every channel is open, and /demo/token signs tokens for any user, to anyone who can reach this address; run with --config anywhere others can connect"

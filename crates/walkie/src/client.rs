@@ -295,9 +295,9 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The first line of a refusal's body (`buf` holds the response read so
-/// far, its head complete): read until the body is in or the server
-/// closes, at most 1 KiB, cut to 200 characters, control characters
-/// dropped. Empty if the server says nothing.
+/// far, its head complete): read until the body is in, the server closes
+/// or a second passes, at most 1 KiB, cut to 200 characters, control
+/// characters dropped. Empty if the server says nothing.
 async fn refusal_message<S: AsyncRead + Unpin>(stream: &mut S, mut buf: BytesMut) -> String {
     const MOST: usize = 1024;
     let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -316,12 +316,17 @@ async fn refusal_message<S: AsyncRead + Unpin>(stream: &mut S, mut buf: BytesMut
         })
         .unwrap_or(MOST)
         .min(MOST);
-    while buf.len() - body_start < wanted {
-        match stream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+    // A second at most: a server that sends no length and keeps the
+    // connection open still gets its status reported, not a timeout.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while buf.len() - body_start < wanted {
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
-    }
+    })
+    .await;
     let end = buf.len().min(body_start + wanted);
     let body = String::from_utf8_lossy(&buf[body_start..end]);
     body.lines()

@@ -183,3 +183,34 @@ async fn connect_errors_are_typed() {
     })
     .await;
 }
+
+/// A refusal with no length, on a connection the server keeps open: still
+/// a refusal with its message, not a handshake timeout.
+#[tokio::test]
+async fn a_refusal_without_length_is_reported_as_one() {
+    within(10, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut tcp, &mut head).await;
+            let answer = b"HTTP/1.1 429 Too Many Requests\r\n\r\nslow down\r\n";
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, answer)
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+        });
+        let mut config = walkie::ClientConfig::default();
+        config.handshake_timeout = std::time::Duration::from_secs(3);
+        let err = walkie::connect_with(&format!("ws://{addr}/"), &config)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "server refused the upgrade: HTTP 429: slow down"
+        );
+        server.abort();
+    })
+    .await;
+}
