@@ -96,3 +96,25 @@ async fn room_payload_bytes_are_counted_in_and_out() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn history_replayed_on_join_is_counted_out() {
+    let server = Server::start(&["--in-memory"]);
+    within(20, async {
+        let mut a = RawWs::connect(server.port, "/rooms/replay", "").await;
+        for text in [&b"first"[..], b"second"] {
+            a.send_raw(&frame(0x82, text, true)).await;
+            assert_eq!(a.read_frame().await.expect("its echo").payload, text);
+        }
+        let before = metrics(&server).await;
+        let mut b = RawWs::connect(server.port, "/rooms/replay?history=2", "").await;
+        for text in [&b"first"[..], b"second"] {
+            assert_eq!(b.read_frame().await.expect("the replay").payload, text);
+        }
+        let text = metrics(&server).await;
+        let delta = |name| value(&text, name) - value(&before, name);
+        assert_eq!(delta("walkie_messages_out_total"), 2.0);
+        assert_eq!(delta("walkie_bytes_out_total"), 11.0);
+    })
+    .await;
+}

@@ -16,12 +16,13 @@ pub struct Metrics {
     pub subscriptions: AtomicI64,
     /// Messages received from clients.
     pub messages_in: AtomicU64,
-    /// Messages queued to clients (one per subscriber).
+    /// Messages queued to clients (one per subscriber), history replayed
+    /// on join or recovery included.
     pub messages_out: AtomicU64,
-    /// Payload bytes of the messages fan-out queued to clients (one count
-    /// per subscriber), as they are sent: a room's raw message, a `/ws`
-    /// client's `pub` push with its envelope. Like `messages_out`, history
-    /// replayed on join or recovery is not counted.
+    /// Payload bytes of the messages queued to clients (one count per
+    /// subscriber), as they are sent: a room's raw message, a `/ws`
+    /// client's `pub` push with its envelope; history replayed on join or
+    /// recovery included, like `messages_out`.
     pub bytes_out: AtomicU64,
     /// Payload bytes received from clients.
     pub bytes_in: AtomicU64,
@@ -132,7 +133,7 @@ impl Metrics {
         one(
             "bytes_out_total",
             "counter",
-            "Payload bytes of the messages fan-out queued to subscribers.",
+            "Payload bytes of the messages queued to subscribers.",
             get(&self.bytes_out),
         );
         one(

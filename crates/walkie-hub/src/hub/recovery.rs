@@ -16,6 +16,8 @@
 //! the next message it needs gone: it is cut off as a slow consumer, and
 //! its next recovery says `recovered: false`.
 
+use std::sync::atomic::Ordering;
+
 use super::{Client, Format, Recover, Subscribed};
 use crate::channel::ChannelName;
 use crate::dispatch::{Joining, frame};
@@ -110,6 +112,16 @@ fn fitting(
 }
 
 impl Client {
+    /// Queues a message of a join, a recovery or its catch-up, counted in
+    /// the metrics as fan-out's are (`messages_out`, `bytes_out`).
+    fn push_counted(&self, queued: Queued) {
+        let metrics = self.hub.metrics();
+        let bytes = queued.message.message().len() as u64;
+        metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+        metrics.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        self.queue.push(queued);
+    }
+
     /// What one piece of a recovery may take of the queue: its room, less
     /// a quarter of its limits (messages, bytes).
     fn piece_room(&self) -> (usize, usize) {
@@ -187,7 +199,7 @@ impl Client {
         let mut from_history = replay.len();
         for (offset, queued) in replay {
             last = last.max(offset);
-            self.queue.push(queued);
+            self.push_counted(queued);
         }
         let arrived = match me.joining.take().map(|j| *j) {
             Some(Joining::Reading(arrived)) => arrived,
@@ -221,7 +233,7 @@ impl Client {
                 last = last.max(p.offset);
                 if let Some(message) = frame(channel, &p, format) {
                     let key = queue_key(channel, &p);
-                    self.queue.push(Queued { message, key });
+                    self.push_counted(Queued { message, key });
                 }
             }
         }
@@ -294,7 +306,7 @@ impl Client {
         let queued = replay.len();
         for (offset, queued) in replay {
             last = last.max(offset);
-            self.queue.push(queued);
+            self.push_counted(queued);
         }
         let mut members = lock(&members);
         let Some(me) = members.list.iter_mut().find(|m| m.client == self.id) else {
