@@ -389,6 +389,9 @@ struct Inner {
     connects: Arc<Connects>,
     /// Room for the channels that catch up at once (see `delivery.rs`).
     catch_up_slots: Arc<tokio::sync::Semaphore>,
+    /// Catch-ups running now, the most at once, and how many ran (tests).
+    #[cfg(test)]
+    resuming: delivery::Gauge,
     /// Room for the chunks of batches in flight at once (see
     /// [`BATCH_CHUNKS_IN_FLIGHT`]).
     batch_slots: tokio::sync::Semaphore,
@@ -522,6 +525,8 @@ impl NatsBroker {
             catch_ups,
             connects,
             catch_up_slots: Arc::new(tokio::sync::Semaphore::new(delivery::MAX_CATCH_UPS)),
+            #[cfg(test)]
+            resuming: delivery::Gauge::default(),
             batch_slots: tokio::sync::Semaphore::new(BATCH_CHUNKS_IN_FLIGHT),
             live_keys: OnceCell::new(),
             replicas,

@@ -539,6 +539,8 @@ pub(super) async fn deliver(
             permit = async { slot.as_mut().expect("a slot is waited for").await }, if slot.is_some() => {
                 slot = None;
                 let _permit = permit;
+                #[cfg(test)]
+                let _running = inner.resuming.start();
                 inner.resume(&channel, &mut cursor).await;
             }
         }
@@ -547,6 +549,33 @@ pub(super) async fn deliver(
                 events.channel_unavailable(&channel);
             }
         }
+    }
+}
+
+/// Counts what runs at once (tests): now, the most, and in all.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(super) struct Gauge {
+    pub(super) now: std::sync::atomic::AtomicUsize,
+    pub(super) peak: std::sync::atomic::AtomicUsize,
+    pub(super) total: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl Gauge {
+    /// One more running until the guard drops.
+    fn start(&self) -> impl Drop + '_ {
+        use std::sync::atomic::Ordering::SeqCst;
+        struct Running<'a>(&'a Gauge);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.now.fetch_sub(1, SeqCst);
+            }
+        }
+        let now = self.now.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        self.total.fetch_add(1, SeqCst);
+        Running(self)
     }
 }
 

@@ -390,3 +390,51 @@ async fn concurrent_batches_past_the_in_flight_limit_all_complete_in_order() {
     })
     .await;
 }
+
+/// A reconnect makes every channel catch up, at most 16
+/// ([`MAX_CATCH_UPS`](super::delivery::MAX_CATCH_UPS)) at once: a node with
+/// many channels does not send a request per channel all together.
+/// Each channel then still delivers, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_sixteen_channels_catch_up_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let name = "at_most_sixteen_channels_catch_up_at_once";
+    on_two_nodes(name, |broker, _, _| async move {
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        let channels: Vec<_> = (0..48)
+            .map(|i| ChannelName::new(&format!("many:{i}")).unwrap())
+            .collect();
+        let publish = |ch: &ChannelName, text: &'static str| {
+            broker.publish(ch.clone(), NewPublication::text(text), kept())
+        };
+        for ch in &channels {
+            broker.subscribe(ch.clone()).await.unwrap();
+            publish(ch, "m1").await.unwrap();
+        }
+        for ch in &channels {
+            events.wait_for(ch, 1).await;
+        }
+        let gauge = &broker.inner.resuming;
+        let before = gauge.total.load(SeqCst);
+        // As after a reconnect.
+        broker.inner.catch_ups.send_modify(|n| n.reconnects += 1);
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while gauge.total.load(SeqCst) < before + channels.len() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("not every channel caught up within 20 s");
+        let peak = gauge.peak.load(SeqCst);
+        assert!(peak <= 16, "{peak} at once");
+        for ch in &channels {
+            publish(ch, "m2").await.unwrap();
+        }
+        for ch in &channels {
+            events.wait_for(ch, 2).await;
+            assert_eq!(texts(&events.on(ch)), owned([(1, "m1"), (2, "m2")]), "{ch}");
+        }
+    })
+    .await;
+}
