@@ -52,6 +52,9 @@ pub fn raise_open_files() -> Option<u64> {
     }
 }
 
+/// What a refusal at the limit tells clients to wait (`Retry-After`).
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Descriptors each worker thread opens when it starts (its event loop's
 /// poller and waker, with room to spare): the limit is worked out before
 /// they run.

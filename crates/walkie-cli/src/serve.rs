@@ -870,7 +870,9 @@ where
         let message = format!(
             "server full: {max} WebSocket connections open (--max-connections); try again later"
         );
-        incoming.reject(503, &message).await;
+        incoming
+            .reject_retry_after(503, &message, limits::RETRY_AFTER)
+            .await;
         return;
     };
     match route {

@@ -18,6 +18,7 @@ async fn assert_full(port: u16, path: &str) {
     let r = http_exchange(port, upgrade_request(path, "").as_bytes()).await;
     assert_eq!(r.status, 503, "{path}: {r:?}");
     assert!(r.body.contains("--max-connections"), "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("5"), "{r:?}");
 }
 
 /// `walkie_connections_refused_total`.

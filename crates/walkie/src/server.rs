@@ -133,6 +133,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Incoming<S> {
         respond_and_close(&mut self.stream, &rejection.response()).await;
     }
 
+    /// [`Incoming::reject`] with `Retry-After`: the client may try again
+    /// after `after` (whole seconds, at least 1).
+    pub async fn reject_retry_after(mut self, status: u16, message: &str, after: Duration) {
+        let rejection = HandshakeError::Rejected {
+            status,
+            message: message.to_owned(),
+        };
+        let secs = after.as_secs().max(1);
+        respond_and_close(&mut self.stream, &rejection.response_retry_after(secs)).await;
+    }
+
     /// The transport and every byte read from it so far (the request head
     /// first), for handing the connection to an HTTP server.
     pub fn into_parts(self) -> (S, BytesMut) {

@@ -131,7 +131,16 @@ impl HandshakeError {
     /// A complete HTTP response telling the client what was wrong. The
     /// connection should be closed after writing it.
     pub fn response(&self) -> Vec<u8> {
-        let mut extra = String::new();
+        self.response_with(String::new())
+    }
+
+    /// [`HandshakeError::response`] with `Retry-After: secs`: a refusal
+    /// (a server full, a client too eager) the client may try again after.
+    pub fn response_retry_after(&self, secs: u64) -> Vec<u8> {
+        self.response_with(format!("Retry-After: {secs}\r\n"))
+    }
+
+    fn response_with(&self, mut extra: String) -> Vec<u8> {
         match self {
             HandshakeError::UnsupportedVersion => {
                 extra.push_str("Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n")
