@@ -61,6 +61,39 @@ async fn counters_follow_connections_publications_and_deliveries() {
     .await;
 }
 
+/// The metrics once `walkie_messages_out_total` held still for 100 ms: a
+/// batch's deliveries are counted just after they are written, so a
+/// reader can see a message a moment before it is counted.
+async fn settled(server: &Server) -> String {
+    let mut last = metrics(server).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = metrics(server).await;
+        let name = "walkie_messages_out_total";
+        if value(&now, name) == value(&last, name) {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// How much each counter of `names` grew since `before`, once they grew by
+/// `want` (or 2 s passed).
+async fn grown(server: &Server, before: &str, names: &[&str], want: &[f64]) -> Vec<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = metrics(server).await;
+        let grown: Vec<f64> = names
+            .iter()
+            .map(|n| value(&now, n) - value(before, n))
+            .collect();
+        if grown == want || std::time::Instant::now() > deadline {
+            return grown;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn room_payload_bytes_are_counted_in_and_out() {
     let server = Server::start(&["--in-memory"]);
@@ -77,8 +110,7 @@ async fn room_payload_bytes_are_counted_in_and_out() {
             }
         }
         // Every probe was fanned out before a read the last one.
-        let before = metrics(&server).await;
-        let counter = |text: &str, name| value(text, name) - value(&before, name);
+        let before = settled(&server).await;
         a.send_raw(&frame(0x81, b"ten bytes!", true)).await;
         for member in [&mut a, &mut b] {
             // Past the probes still unread.
@@ -89,10 +121,13 @@ async fn room_payload_bytes_are_counted_in_and_out() {
                 }
             }
         }
-        let text = metrics(&server).await;
-        assert_eq!(counter(&text, "walkie_bytes_in_total"), 10.0);
-        assert_eq!(counter(&text, "walkie_messages_out_total"), 2.0);
-        assert_eq!(counter(&text, "walkie_bytes_out_total"), 20.0);
+        let names = [
+            "walkie_bytes_in_total",
+            "walkie_messages_out_total",
+            "walkie_bytes_out_total",
+        ];
+        let want = [10.0, 2.0, 20.0];
+        assert_eq!(grown(&server, &before, &names, &want).await, want);
     })
     .await;
 }
@@ -106,15 +141,14 @@ async fn history_replayed_on_join_is_counted_out() {
             a.send_raw(&frame(0x82, text, true)).await;
             assert_eq!(a.read_frame().await.expect("its echo").payload, text);
         }
-        let before = metrics(&server).await;
+        let before = settled(&server).await;
         let mut b = RawWs::connect(server.port, "/rooms/replay?history=2", "").await;
         for text in [&b"first"[..], b"second"] {
             assert_eq!(b.read_frame().await.expect("the replay").payload, text);
         }
-        let text = metrics(&server).await;
-        let delta = |name| value(&text, name) - value(&before, name);
-        assert_eq!(delta("walkie_messages_out_total"), 2.0);
-        assert_eq!(delta("walkie_bytes_out_total"), 11.0);
+        let names = ["walkie_messages_out_total", "walkie_bytes_out_total"];
+        let want = [2.0, 11.0];
+        assert_eq!(grown(&server, &before, &names, &want).await, want);
     })
     .await;
 }
