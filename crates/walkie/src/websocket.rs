@@ -30,11 +30,9 @@ use crate::split::{WsReader, WsWriter, split};
 /// # Ok(()) }
 /// ```
 pub struct WebSocket<S> {
+    /// The subprotocol is kept by the connection, with what else most
+    /// connections lack (see [`Connection::protocol`]).
     driver: Driver<S>,
-    /// Boxed `String`: one pointer, 16 bytes less per connection than a
-    /// `String`; most connections have none.
-    #[allow(clippy::box_collection, reason = "one pointer where a String is three")]
-    protocol: Option<Box<String>>,
 }
 
 impl<S> std::fmt::Debug for WebSocket<S> {
@@ -42,7 +40,7 @@ impl<S> std::fmt::Debug for WebSocket<S> {
         f.debug_struct("WebSocket")
             .field("role", &self.driver.conn.role())
             .field("state", &self.driver.conn.state())
-            .field("protocol", &self.protocol)
+            .field("protocol", &self.driver.conn.protocol())
             .finish_non_exhaustive()
     }
 }
@@ -60,9 +58,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if !leftover.is_empty() {
             conn.handle_data(now(), leftover);
         }
+        conn.set_protocol(protocol);
         WebSocket {
             driver: Driver::new(stream, conn, write_buffer_high),
-            protocol: protocol.map(Box::new),
         }
     }
 
@@ -233,7 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// The subprotocol negotiated in the handshake.
     pub fn protocol(&self) -> Option<&str> {
-        self.protocol.as_deref().map(String::as_str)
+        self.driver.conn.protocol()
     }
 
     /// Whether permessage-deflate was negotiated.
@@ -255,6 +253,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// The reader answers pings and runs the keepalive timer, so keep
     /// polling it.
     pub fn split(self) -> (WsReader<S>, WsWriter<S>) {
-        split(self.driver, self.protocol.map(|p| *p))
+        let protocol = self.driver.conn.protocol().map(str::to_owned);
+        split(self.driver, protocol)
     }
 }

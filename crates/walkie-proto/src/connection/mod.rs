@@ -136,18 +136,12 @@ pub struct Connection {
     /// The read and write buffers, while the connection uses them; an
     /// idle connection holds none (see [`Connection::release_buffers`]).
     buffers: Option<Box<Buffers>>,
-    /// The frame whose payload is arriving.
-    frame: Option<PartialFrame>,
-    /// The message being assembled from several frames, or inflated. Boxed:
-    /// most messages arrive whole, and an idle connection is smaller for it.
-    message: Option<Box<PartialMessage>>,
     /// Validates the text message in progress as its bytes arrive.
     utf8: Utf8Validator,
-    /// Boxed: most connections do not compress, and this keeps them small.
-    compression: Option<Box<Compression>>,
-    /// The close frames and the error of a connection that is ending.
-    /// Boxed: an open connection has none, and is smaller for it.
-    ending: Option<Box<Ending>>,
+    /// What few connections have, or have only for a while, in one box
+    /// made on first use: an open connection that has none of it is one
+    /// null pointer smaller for each.
+    extra: Option<Box<Extra>>,
     /// The transport's read side ended.
     eof: bool,
     /// The connection is over for good (failed, timed out, or finished).
@@ -164,6 +158,10 @@ pub struct Buffers {
     read: BytesMut,
     /// Bytes waiting to be written.
     out: Outgoing,
+    /// The frame whose payload is arriving. Here rather than in the
+    /// `Connection`: a connection with a frame half-received keeps its
+    /// buffers, and an idle one is 32 bytes smaller for it.
+    frame: Option<PartialFrame>,
 }
 
 impl Buffers {
@@ -172,12 +170,28 @@ impl Buffers {
     /// message, say). For a pool, before keeping them for another
     /// connection.
     pub fn reset(&mut self, keep: std::ops::RangeInclusive<usize>) {
+        self.frame = None;
         self.read.clear();
         if !keep.contains(&self.read.capacity()) {
             self.read = BytesMut::new();
         }
         self.out.reset(keep);
     }
+}
+
+/// What a connection has only when it compresses, assembles a message,
+/// negotiated a subprotocol or is ending. Kept once made: a fragmented
+/// message costs no allocation beyond its data.
+#[derive(Debug, Default)]
+struct Extra {
+    /// The message being assembled from several frames, or inflated.
+    message: Option<PartialMessage>,
+    /// Boxed: a connection that does not compress but once had a message
+    /// in pieces holds an `Extra` without it.
+    compression: Option<Box<Compression>>,
+    ending: Ending,
+    /// The subprotocol negotiated in the handshake.
+    protocol: Option<String>,
 }
 
 /// What only an ending connection has.
@@ -228,11 +242,13 @@ impl Connection {
             role,
             config: config.into(),
             buffers: None,
-            frame: None,
-            message: None,
             utf8: Utf8Validator::new(),
-            compression,
-            ending: None,
+            extra: compression.map(|c| {
+                Box::new(Extra {
+                    compression: Some(c),
+                    ..Extra::default()
+                })
+            }),
             eof: false,
             closed: false,
             timers: timers::Timers::new(now),
@@ -251,7 +267,26 @@ impl Connection {
 
     /// Whether permessage-deflate was negotiated.
     pub fn is_compressed(&self) -> bool {
-        self.compression.is_some()
+        self.compression().is_some()
+    }
+
+    /// The subprotocol negotiated in the handshake, as recorded with
+    /// [`Connection::set_protocol`].
+    pub fn protocol(&self) -> Option<&str> {
+        self.extra.as_ref()?.protocol.as_deref()
+    }
+
+    /// Records the subprotocol the handshake agreed on, for
+    /// [`Connection::protocol`].
+    pub fn set_protocol(&mut self, protocol: Option<String>) {
+        match protocol {
+            Some(p) => self.extra_mut().protocol = Some(p),
+            None => {
+                if let Some(e) = &mut self.extra {
+                    e.protocol = None;
+                }
+            }
+        }
     }
 
     /// Where the close handshake stands.
@@ -282,17 +317,35 @@ impl Connection {
     /// The close frame the peer sent, once received (`Some(None)` if it had
     /// no status code).
     pub fn close_received(&self) -> Option<&Option<CloseFrame>> {
-        self.ending.as_ref().and_then(|e| e.close_received.as_ref())
+        self.extra.as_ref()?.ending.close_received.as_ref()
     }
 
     /// The close frame we sent, if any.
     pub fn close_sent(&self) -> Option<&Option<CloseFrame>> {
-        self.ending.as_ref().and_then(|e| e.close_sent.as_ref())
+        self.extra.as_ref()?.ending.close_sent.as_ref()
     }
 
     /// The ending state, created on first use.
     fn ending_mut(&mut self) -> &mut Ending {
-        self.ending.get_or_insert_with(Box::default)
+        &mut self.extra_mut().ending
+    }
+
+    /// The rarely used state, created on first use.
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    fn compression(&self) -> Option<&Compression> {
+        self.extra.as_ref()?.compression.as_deref()
+    }
+
+    fn compression_mut(&mut self) -> Option<&mut Compression> {
+        self.extra.as_mut()?.compression.as_deref_mut()
+    }
+
+    /// The message being assembled, if any.
+    fn message(&self) -> Option<&PartialMessage> {
+        self.extra.as_ref()?.message.as_ref()
     }
 
     /// The buffers, created (empty) if the connection has none.
@@ -330,7 +383,7 @@ impl Connection {
     /// [`Buffers::reset`], and are not cleared again).
     pub fn provide_buffers(&mut self, mut buffers: Box<Buffers>) {
         if self.buffers.is_none() {
-            if !buffers.read.is_empty() || !buffers.out.is_empty() {
+            if !buffers.read.is_empty() || !buffers.out.is_empty() || buffers.frame.is_some() {
                 buffers.reset(0..=usize::MAX);
             }
             self.buffers = Some(buffers);
@@ -351,7 +404,7 @@ impl Connection {
     /// buffer's while output waits (a slow reader).
     pub fn release_buffers(&mut self, keep: impl FnOnce(Box<Buffers>)) {
         let Some(b) = &mut self.buffers else { return };
-        let reading = !b.read.is_empty() || self.frame.is_some();
+        let reading = !b.read.is_empty() || b.frame.is_some();
         match (reading, b.out.is_empty()) {
             (false, true) => {
                 if let Some(b) = self.buffers.take() {
@@ -364,7 +417,7 @@ impl Connection {
             (false, false) => b.read = BytesMut::new(),
             (true, false) => {}
         }
-        if let Some(c) = &mut self.compression {
+        if let Some(c) = self.compression_mut() {
             c.scratch = BytesMut::new();
         }
     }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use bytes::buf::UninitSlice;
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{Connection, Event, PartialFrame, PartialMessage, Role};
+use super::{Connection, Event, Extra, PartialFrame, PartialMessage, Role};
 use crate::close::CloseFrame;
 use crate::deflate::InflateError;
 use crate::error::{Error, ProtocolError};
@@ -134,8 +134,8 @@ impl Connection {
     /// frame is in progress): a hint for sizing the next read, so a large
     /// frame needs few reads.
     pub fn read_hint(&self) -> usize {
-        let have = self.buffers.as_ref().map_or(0, |b| b.read.len());
-        self.frame.map_or(0, |f| f.len().saturating_sub(have))
+        let Some(b) = &self.buffers else { return 0 };
+        b.frame.map_or(0, |f| f.len().saturating_sub(b.read.len()))
     }
 
     /// Records that bytes were added to [`Connection::read_buffer`] at `now`.
@@ -161,7 +161,11 @@ impl Connection {
     /// over). An error is returned once; a close frame for it is already
     /// queued when the peer is still there to read it.
     pub fn poll_event(&mut self) -> Result<Option<Event>, Error> {
-        if let Some(err) = self.ending.as_mut().and_then(|e| e.pending_error.take()) {
+        if let Some(err) = self
+            .extra
+            .as_mut()
+            .and_then(|e| e.ending.pending_error.take())
+        {
             self.closed = true;
             return Err(err);
         }
@@ -178,8 +182,8 @@ impl Connection {
             Err(e) => {
                 let frame = CloseFrame::new(e.close_code(), &e.to_string());
                 self.fail(Error::Protocol(e.clone()), frame);
-                if let Some(ending) = self.ending.as_mut() {
-                    ending.pending_error = None;
+                if let Some(e) = &mut self.extra {
+                    e.ending.pending_error = None;
                 }
                 Err(Error::Protocol(e))
             }
@@ -195,24 +199,26 @@ impl Connection {
         self.closed = true;
         self.ending_mut().pending_error.get_or_insert(err);
         self.clear_input();
-        self.frame = None;
-        self.message = None;
+        if let Some(e) = &mut self.extra {
+            e.message = None;
+        }
     }
 
     /// Drops every received byte not yet decoded.
     fn clear_input(&mut self) {
         if let Some(b) = &mut self.buffers {
             b.read.clear();
+            b.frame = None;
         }
     }
 
     fn decode(&mut self) -> Result<Option<Event>, ProtocolError> {
-        if self.buffers.is_none() && self.frame.is_none() {
-            // Idle: nothing received.
+        if self.buffers.is_none() {
+            // Idle: nothing received, no frame half-received.
             return Ok(None);
         }
         loop {
-            let frame = match self.frame {
+            let frame = match self.buffers().frame {
                 Some(f) => f,
                 None => match FrameHeader::parse(&self.buffers().read)? {
                     None => return Ok(None),
@@ -223,7 +229,7 @@ impl Connection {
                             header,
                             processed: 0,
                         };
-                        self.frame = Some(f);
+                        self.buffers().frame = Some(f);
                         f
                     }
                 },
@@ -236,8 +242,9 @@ impl Connection {
             if available < len {
                 return Ok(None);
             }
-            self.frame = None;
-            let payload = self.buffers().read.split_to(len);
+            let b = self.buffers();
+            b.frame = None;
+            let payload = b.read.split_to(len);
             if let Some(event) = self.complete_frame(frame.header, payload)? {
                 return Ok(Some(event));
             }
@@ -252,7 +259,7 @@ impl Connection {
             (Role::Client, true) => return Err(ProtocolError::MaskedFrameFromServer),
             _ => {}
         }
-        if h.rsv2 || h.rsv3 || (h.rsv1 && self.compression.is_none()) {
+        if h.rsv2 || h.rsv3 || (h.rsv1 && self.compression().is_none()) {
             return Err(ProtocolError::ReservedBitsSet);
         }
         if h.rsv1 && (h.opcode.is_control() || h.opcode == OpCode::Continuation) {
@@ -266,7 +273,7 @@ impl Connection {
             });
         }
         let len = h.payload_len as usize;
-        match (h.opcode, &self.message) {
+        match (h.opcode, self.message()) {
             (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
             (OpCode::Text | OpCode::Binary, Some(_)) => {
                 return Err(ProtocolError::ExpectedContinuation);
@@ -274,8 +281,8 @@ impl Connection {
             _ => {}
         }
         if !h.opcode.is_control() {
-            let so_far = self.message.as_ref().map_or(0, |m| m.data.len());
-            let compressed = h.rsv1 || self.message.as_ref().is_some_and(|m| m.compressed);
+            let so_far = self.message().map_or(0, |m| m.data.len());
+            let compressed = h.rsv1 || self.message().is_some_and(|m| m.compressed);
             // Compressed sizes are checked while inflating.
             let too_large = so_far
                 .checked_add(len)
@@ -297,10 +304,7 @@ impl Connection {
     fn streams_text(&self, h: &FrameHeader) -> bool {
         match h.opcode {
             OpCode::Text => !h.rsv1,
-            OpCode::Continuation => self
-                .message
-                .as_ref()
-                .is_some_and(|m| m.text && !m.compressed),
+            OpCode::Continuation => self.message().is_some_and(|m| m.text && !m.compressed),
             _ => false,
         }
     }
@@ -313,8 +317,11 @@ impl Connection {
         available: usize,
     ) -> Result<(), ProtocolError> {
         let text = self.streams_text(&frame.header);
-        let new =
-            &mut self.buffers.get_or_insert_with(Box::default).read[frame.processed..available];
+        let b = self.buffers.get_or_insert_with(Box::default);
+        if let Some(f) = &mut b.frame {
+            f.processed = available;
+        }
+        let new = &mut b.read[frame.processed..available];
         if let Some(key) = frame.header.mask {
             apply_mask(new, key, frame.processed);
         }
@@ -322,9 +329,6 @@ impl Connection {
             self.utf8
                 .feed(new)
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
-        }
-        if let Some(f) = &mut self.frame {
-            f.processed = available;
         }
         Ok(())
     }
@@ -355,11 +359,11 @@ impl Connection {
                 })))
             }
             OpCode::Text | OpCode::Binary => {
-                self.message = Some(Box::new(PartialMessage {
+                self.extra_mut().message = Some(PartialMessage {
                     text: h.opcode == OpCode::Text,
                     compressed: h.rsv1,
                     data: Vec::new(),
-                }));
+                });
                 self.append_fragment(&payload, h.fin)
             }
             OpCode::Continuation => self.append_fragment(&payload, h.fin),
@@ -374,11 +378,16 @@ impl Connection {
         fin: bool,
     ) -> Result<Option<Event>, ProtocolError> {
         let limit = self.config.max_message_size;
-        let Some(msg) = &mut self.message else {
+        let Some(Extra {
+            message: Some(msg),
+            compression,
+            ..
+        }) = self.extra.as_deref_mut()
+        else {
             return Err(ProtocolError::UnexpectedContinuation);
         };
         if msg.compressed {
-            let Some(c) = &mut self.compression else {
+            let Some(c) = compression else {
                 return Err(ProtocolError::ReservedBitsSet);
             };
             let before = msg.data.len();
@@ -400,7 +409,7 @@ impl Connection {
         if !fin {
             return Ok(None);
         }
-        let Some(mut msg) = self.message.take() else {
+        let Some(mut msg) = self.extra.as_mut().and_then(|e| e.message.take()) else {
             return Ok(None);
         };
         // The buffer grew by doubling: it may be nearly twice the message,
@@ -433,7 +442,8 @@ impl Connection {
         self.ending_mut().close_received = Some(frame.clone());
         if self.role == Role::Client {
             // Wait for the server to close TCP, but not forever.
-            self.arm_close_deadline();
+            // From when the close frame's bytes arrived.
+            self.arm_close_deadline(self.timers.last_recv);
         }
         self.clear_input();
         Ok(Event::Close(frame))

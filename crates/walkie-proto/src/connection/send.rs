@@ -55,7 +55,7 @@ impl Connection {
         if self.role == Role::Client {
             return self.send(prepared.message().clone());
         }
-        let frame = match &self.compression {
+        let frame = match self.compression() {
             None => prepared.frame(),
             Some(c) if c.shares_prepared => match prepared.deflated(c.level) {
                 Some(frame) => frame,
@@ -110,9 +110,11 @@ impl Connection {
                 return Err(SendError::ControlFrameTooLong(f.encoded_len()));
             }
         }
-        self.timers.now = self.timers.now.max(now);
         self.queue_close(frame);
-        self.arm_close_deadline();
+        // From the latest time known: a `now` older than the last data's
+        // would cut the peer's time to answer.
+        let now = self.timers.last_recv.max(now.into());
+        self.arm_close_deadline(now);
         Ok(())
     }
 
@@ -149,7 +151,7 @@ impl Connection {
         if !self.can_send() {
             return Err(SendError::Closing);
         }
-        let Some(c) = &mut self.compression else {
+        let Some(c) = self.compression_mut() else {
             self.write_frame(opcode, false, payload);
             return Ok(());
         };
@@ -169,7 +171,7 @@ impl Connection {
             return Err(SendError::Compression);
         }
         self.write_frame(opcode, true, Payload::Slice(&scratch));
-        if let Some(c) = &mut self.compression {
+        if let Some(c) = self.compression_mut() {
             c.scratch = scratch;
         }
         Ok(())
