@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -12,7 +12,7 @@ use walkie::{CloseCode, Incoming, Message, WebSocket};
 
 use crate::outbox::Counted;
 use crate::serve::AppState;
-use crate::shutdown::Slot;
+use crate::shutdown::TaskSlot;
 
 /// What an endpoint does with each message, and says when a connection
 /// ends. Implemented by unit structs: the endpoint costs its connections
@@ -21,7 +21,7 @@ trait Endpoint: Unpin {
     /// The answer to one message; `None` answers nothing.
     fn reply(message: Message) -> Option<Message>;
     /// Logs the end of a connection that was open.
-    fn ended(peer: &SocketAddr);
+    fn ended(peer: impl std::fmt::Display);
 }
 
 /// `/`: the seed's chat server. Every message is answered with
@@ -46,7 +46,7 @@ where
             Some(Message::text(format!("You said: {text}")))
         }
 
-        fn ended(peer: &SocketAddr) {
+        fn ended(peer: impl std::fmt::Display) {
             info!(%peer, "Client disconnected");
         }
     }
@@ -54,9 +54,10 @@ where
         return;
     };
     info!(%peer, "New client connected");
+    let slot = state.shutdown_wakers.enter(peer);
     state
         .tracker
-        .spawn(Answering::<S, Chat>::new(ws, peer, counted));
+        .spawn(Answering::<S, Chat>::new(ws, slot, counted));
 }
 
 /// `/echo`: every message back unchanged, text as text, binary as binary.
@@ -70,7 +71,7 @@ where
             Some(m)
         }
 
-        fn ended(peer: &SocketAddr) {
+        fn ended(peer: impl std::fmt::Display) {
             debug!(%peer, "echo client disconnected");
         }
     }
@@ -78,9 +79,10 @@ where
         return;
     };
     debug!(%peer, "echo client connected");
+    let slot = state.shutdown_wakers.enter(peer);
     state
         .tracker
-        .spawn(Answering::<S, Echo>::new(ws, peer, counted));
+        .spawn(Answering::<S, Echo>::new(ws, slot, counted));
 }
 
 async fn upgrade<S>(
@@ -119,9 +121,8 @@ where
 /// waiting for room to queue the next.
 struct Answering<S, E> {
     ws: WebSocket<S>,
-    peer: Peer,
     state: Counted,
-    shutdown: Slot,
+    shutdown: TaskSlot,
     phase: Phase,
     endpoint: PhantomData<E>,
 }
@@ -140,12 +141,11 @@ enum Phase {
 }
 
 impl<S, E> Answering<S, E> {
-    fn new(ws: WebSocket<S>, peer: SocketAddr, state: Counted) -> Self {
+    fn new(ws: WebSocket<S>, shutdown: TaskSlot, state: Counted) -> Self {
         Answering {
             ws,
-            peer: Peer::from(peer),
             state,
-            shutdown: Slot::default(),
+            shutdown,
             phase: Phase::Receiving,
             endpoint: PhantomData,
         }
@@ -168,7 +168,7 @@ where
                 && this
                     .state
                     .shutdown_wakers
-                    .poll(&mut this.shutdown, cx)
+                    .poll_task(&mut this.shutdown, cx)
                     .is_ready()
             {
                 this.phase = Phase::Closing;
@@ -176,7 +176,7 @@ where
                     .ws
                     .start_close(CloseCode::GOING_AWAY, "server shutting down")
                 {
-                    debug!(peer = %this.peer, "close on shutdown: {e}");
+                    debug!(peer = %this.peer(), "close on shutdown: {e}");
                     this.finish();
                 }
                 continue;
@@ -188,19 +188,19 @@ where
                             match this.ws.feed_now(answer) {
                                 Ok(()) => this.phase = Phase::Draining,
                                 Err(e) => {
-                                    debug!(peer = %this.peer, "send failed: {e}");
+                                    debug!(peer = %this.peer(), "send failed: {e}");
                                     this.finish();
                                 }
                             }
                         }
                     }
                     Some(Err(e)) => {
-                        info!(peer = %this.peer, "connection failed: {e}");
+                        info!(peer = %this.peer(), "connection failed: {e}");
                         this.finish();
                     }
                     None => {
                         if let Some(frame) = this.ws.close_frame() {
-                            debug!(peer = %this.peer, "closed by client: {frame}");
+                            debug!(peer = %this.peer(), "closed by client: {frame}");
                         }
                         this.finish();
                     }
@@ -208,13 +208,13 @@ where
                 Phase::Draining => match ready!(this.ws.poll_ready(cx)) {
                     Ok(()) => this.phase = Phase::Receiving,
                     Err(e) => {
-                        debug!(peer = %this.peer, "send failed: {e}");
+                        debug!(peer = %this.peer(), "send failed: {e}");
                         this.finish();
                     }
                 },
                 Phase::Closing => {
                     if let Err(e) = ready!(this.ws.poll_close(cx)) {
-                        debug!(peer = %this.peer, "close on shutdown: {e}");
+                        debug!(peer = %this.peer(), "close on shutdown: {e}");
                     }
                     this.finish();
                 }
@@ -225,64 +225,36 @@ where
 }
 
 impl<S, E: Endpoint> Answering<S, E> {
-    /// The connection is over: logs it. The task then drops it, and its
-    /// shutdown slot leaves the list.
+    /// The connection is over: its slot leaves the shutdown list, with the
+    /// peer for the log line. The task then drops it.
     fn finish(&mut self) {
         self.phase = Phase::Done;
-        E::ended(&SocketAddr::from(self.peer));
+        let peer = self.state.shutdown_wakers.remove_task(&mut self.shutdown);
+        E::ended(Peer(peer));
+    }
+
+    /// The peer, for a log line (kept in the shutdown list, not here).
+    fn peer(&self) -> Peer {
+        Peer(self.state.shutdown_wakers.peer(&self.shutdown))
     }
 }
 
 impl<S, E> Drop for Answering<S, E> {
     fn drop(&mut self) {
         // Finished, or dropped unfinished (the runtime going away).
-        self.state.shutdown_wakers.remove(&mut self.shutdown);
+        self.state.shutdown_wakers.remove_task(&mut self.shutdown);
     }
 }
 
-/// A peer's address, for the log lines: 23 bytes with no alignment, where a
-/// `SocketAddr` takes 32 (with an IPv6 flow label, which no log shows).
-/// With it an idle connection's task fits in 384 bytes instead of 512
-/// (tokio rounds a task to 128 bytes, and `Answering` is 264 of the 272
-/// that fit).
-#[derive(Clone, Copy)]
-struct Peer {
-    ip: [u8; 16],
-    port: [u8; 2],
-    /// An IPv6 scope id (`fe80::1%2`).
-    scope: [u8; 4],
-    v6: bool,
-}
-
-impl From<SocketAddr> for Peer {
-    fn from(addr: SocketAddr) -> Self {
-        let (ip, scope, v6) = match addr {
-            SocketAddr::V4(a) => (a.ip().to_ipv6_mapped().octets(), 0, false),
-            SocketAddr::V6(a) => (a.ip().octets(), a.scope_id(), true),
-        };
-        Peer {
-            ip,
-            port: addr.port().to_ne_bytes(),
-            scope: scope.to_ne_bytes(),
-            v6,
-        }
-    }
-}
-
-impl From<Peer> for SocketAddr {
-    fn from(peer: Peer) -> Self {
-        let v6 = Ipv6Addr::from(peer.ip);
-        let port = u16::from_ne_bytes(peer.port);
-        match v6.to_ipv4_mapped() {
-            Some(v4) if !peer.v6 => SocketAddr::new(IpAddr::V4(v4), port),
-            _ => SocketAddrV6::new(v6, port, 0, u32::from_ne_bytes(peer.scope)).into(),
-        }
-    }
-}
+/// A peer's address for a log line.
+struct Peer(Option<SocketAddr>);
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        SocketAddr::from(*self).fmt(f)
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("?"),
+        }
     }
 }
 
@@ -291,37 +263,22 @@ mod tests {
     use super::*;
 
     /// Every idle chat or echo connection is one of these in a tokio task:
-    /// up to 272 bytes of future make a 384-byte task (one byte more: 512).
+    /// up to 144 bytes of future make a 256-byte task (one byte more: 384).
     /// See "Idle memory" in docs/performance.md.
     #[test]
-    fn an_idle_connection_fits_a_384_byte_task() {
+    fn an_idle_connection_fits_a_256_byte_task() {
         struct Quiet;
         impl Endpoint for Quiet {
             fn reply(_: Message) -> Option<Message> {
                 None
             }
-            fn ended(_: &SocketAddr) {}
+            fn ended(_: impl std::fmt::Display) {}
         }
         let size = std::mem::size_of::<Answering<tokio::net::TcpStream, Quiet>>();
         assert!(
-            crate::outbox::task_size(size) <= 384,
+            crate::outbox::task_size(size) <= 256,
             "Answering is {size} bytes: its task would be {}",
             crate::outbox::task_size(size)
         );
-    }
-
-    #[test]
-    fn a_peer_keeps_its_address() {
-        for addr in [
-            "127.0.0.1:3000",
-            "[::1]:443",
-            "[::ffff:10.0.0.1]:80",
-            "0.0.0.0:0",
-            "[fe80::1%2]:5000",
-        ] {
-            let addr: SocketAddr = addr.parse().unwrap();
-            assert_eq!(SocketAddr::from(Peer::from(addr)), addr);
-            assert_eq!(Peer::from(addr).to_string(), addr.to_string());
-        }
     }
 }

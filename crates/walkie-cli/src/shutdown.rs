@@ -1,11 +1,15 @@
-//! Waking every open connection at shutdown, for a few bytes each.
+//! Waking every open connection at shutdown, for a few bytes each; and the
+//! peer's address of the connections that keep it here rather than in
+//! their task (see [`TaskSlot`]).
 //!
 //! A connection that waits for shutdown with `CancellationToken::cancelled()`
 //! holds that future (72 bytes, an intrusive list node) for its whole life;
-//! here it holds a [`Slot`] (16 bytes) and its waker sits in one shared slab.
+//! here it holds a [`Slot`] (16 bytes; a [`TaskSlot`], 4, where the future
+//! is a task's own) and its waker sits in one shared slab.
 //! The lock is taken when a connection starts and ends to wait, and once at
 //! shutdown; never per message.
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +21,14 @@ use slab::Slab;
 #[derive(Debug, Default)]
 pub struct ShutdownWakers {
     fired: AtomicBool,
-    wakers: Mutex<Slab<Waker>>,
+    wakers: Mutex<Slab<Entry>>,
+}
+
+/// One waiter: its waker, and its peer if it keeps it here.
+#[derive(Debug)]
+struct Entry {
+    waker: Waker,
+    peer: Option<Peer>,
 }
 
 /// One waiter's place in [`ShutdownWakers`]. Give it back with
@@ -32,12 +43,122 @@ pub struct Slot {
     waker: usize,
 }
 
+/// A [`Slot`] for a future that is a task's own, spawned as it is made:
+/// tokio polls it with that task's waker, always the same, so it registers
+/// that waker once and never compares wakers. It also keeps the peer's
+/// address in the list, for the log lines, where the task would hold 24
+/// bytes more. 4 bytes where a `Slot` takes 16 (and the address 24): what
+/// every idle echo or chat connection pays for. Made by
+/// [`ShutdownWakers::enter`]; give it back with
+/// [`ShutdownWakers::remove_task`].
+#[derive(Debug, Default)]
+pub struct TaskSlot {
+    /// The slab key plus one, 0 for none, below [`TASK_WAKER`]; that bit
+    /// once the task's own waker replaced the placeholder.
+    key: u32,
+}
+
+/// [`TaskSlot::key`]'s bit for "the task's waker is registered".
+const TASK_WAKER: u32 = 1 << 31;
+
+impl TaskSlot {
+    fn index(&self) -> Option<usize> {
+        let key = self.key & !TASK_WAKER;
+        (key != 0).then(|| key as usize - 1)
+    }
+}
+
 impl ShutdownWakers {
-    /// Wakes every waiter, now and later.
+    /// A list with room for `n` waiters, reserved but not touched: the
+    /// pages fill as connections come, and the list never grows by copying
+    /// (a growing slab leaves its old, smaller copies to the allocator, as
+    /// memory the process still holds).
+    pub fn with_capacity(n: usize) -> Self {
+        ShutdownWakers {
+            fired: AtomicBool::new(false),
+            wakers: Mutex::new(Slab::with_capacity(n)),
+        }
+    }
+
+    /// A place in the list for a connection from `peer`, whose task's
+    /// waker comes with its first [`poll_task`](ShutdownWakers::poll_task).
+    pub fn enter(&self, peer: SocketAddr) -> TaskSlot {
+        let mut wakers = self.lock();
+        let entry = Entry {
+            waker: Waker::noop().clone(),
+            peer: Some(Peer::from(peer)),
+        };
+        match Self::insert(&mut wakers, entry) {
+            Some(key) if key.get() < TASK_WAKER => TaskSlot { key: key.get() },
+            Some(key) => {
+                wakers.remove(key.get() as usize - 1);
+                TaskSlot::default()
+            }
+            None => TaskSlot::default(),
+        }
+    }
+
+    /// Ready once [`fire`](ShutdownWakers::fire) was called; until then the
+    /// task is registered to be woken by it, on its first poll. For a
+    /// future that only its own task polls (see [`TaskSlot`]).
+    pub fn poll_task(&self, slot: &mut TaskSlot, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fired.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if slot.key & TASK_WAKER == 0 {
+            let mut wakers = self.lock();
+            // See `poll`: the flag again, under the lock.
+            if self.fired.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            match slot.index().and_then(|i| wakers.get_mut(i)) {
+                Some(e) => e.waker.clone_from(cx.waker()),
+                // No place (past 2 billion): not woken at shutdown, which
+                // then ends this connection by its timeout.
+                None => return Poll::Pending,
+            }
+            slot.key |= TASK_WAKER;
+        }
+        Poll::Pending
+    }
+
+    /// The peer a [`TaskSlot`] was entered with, if the list has it.
+    pub fn peer(&self, slot: &TaskSlot) -> Option<SocketAddr> {
+        let i = slot.index()?;
+        self.lock().get(i)?.peer.map(SocketAddr::from)
+    }
+
+    /// Forgets a [`TaskSlot`]'s waiter; returns its peer.
+    pub fn remove_task(&self, slot: &mut TaskSlot) -> Option<SocketAddr> {
+        let i = slot.index()?;
+        slot.key = 0;
+        self.lock().try_remove(i)?.peer.map(SocketAddr::from)
+    }
+
+    /// Adds an entry; `None` past 4 billion keys, when it is not kept: its
+    /// connection is then not woken at shutdown, and ends by its timeout.
+    fn insert(wakers: &mut Slab<Entry>, entry: Entry) -> Option<NonZeroU32> {
+        let key = wakers.insert(entry);
+        let k = u32::try_from(key + 1).ok().and_then(NonZeroU32::new);
+        if k.is_none() {
+            drop(wakers.remove(key));
+        }
+        k
+    }
+
+    fn forget(&self, key: Option<NonZeroU32>) {
+        if let Some(key) = key {
+            self.lock().try_remove(key.get() as usize - 1);
+        }
+    }
+
+    /// Wakes every waiter, now and later. The entries stay until their
+    /// connections end, with their peers for the log lines.
     pub fn fire(&self) {
         self.fired.store(true, Ordering::Release);
-        let wakers = std::mem::take(&mut *self.lock());
-        for (_, waker) in wakers {
+        let wakers: Vec<Waker> = self.lock().iter().map(|(_, e)| e.waker.clone()).collect();
+        // Woken outside the lock: a waker may run code of its own.
+        for waker in wakers {
             waker.wake();
         }
     }
@@ -63,15 +184,13 @@ impl ShutdownWakers {
             .key
             .and_then(|key| wakers.get_mut(key.get() as usize - 1))
         {
-            Some(waker) => waker.clone_from(cx.waker()),
+            Some(e) => e.waker.clone_from(cx.waker()),
             None => {
-                let key = wakers.insert(cx.waker().clone());
-                match u32::try_from(key + 1).ok().and_then(NonZeroU32::new) {
-                    Some(k) => slot.key = Some(k),
-                    // Past 4 billion: not woken at shutdown, which then
-                    // ends this connection by its timeout.
-                    None => drop(wakers.remove(key)),
-                }
+                let entry = Entry {
+                    waker: cx.waker().clone(),
+                    peer: None,
+                };
+                slot.key = Self::insert(&mut wakers, entry);
             }
         }
         slot.waker = data;
@@ -80,15 +199,10 @@ impl ShutdownWakers {
 
     /// Forgets a waiter.
     pub fn remove(&self, slot: &mut Slot) {
-        if let Some(key) = slot.key.take() {
-            // After `fire` the slab was emptied, and its keys mean nothing.
-            if !self.fired.load(Ordering::Acquire) {
-                self.lock().try_remove(key.get() as usize - 1);
-            }
-        }
+        self.forget(slot.key.take());
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Slab<Waker>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slab<Entry>> {
         // A panic while holding the lock leaves the slab consistent.
         self.wakers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -122,6 +236,49 @@ impl Waiter<'_> {
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.list.remove(&mut self.slot);
+    }
+}
+
+/// A peer's address, for the log lines: 23 bytes with no alignment, where a
+/// `SocketAddr` takes 32 (with an IPv6 flow label, which no log shows).
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    ip: [u8; 16],
+    port: [u8; 2],
+    /// An IPv6 scope id (`fe80::1%2`).
+    scope: [u8; 4],
+    v6: bool,
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(addr: SocketAddr) -> Self {
+        let (ip, scope, v6) = match addr {
+            SocketAddr::V4(a) => (a.ip().to_ipv6_mapped().octets(), 0, false),
+            SocketAddr::V6(a) => (a.ip().octets(), a.scope_id(), true),
+        };
+        Peer {
+            ip,
+            port: addr.port().to_ne_bytes(),
+            scope: scope.to_ne_bytes(),
+            v6,
+        }
+    }
+}
+
+impl From<Peer> for SocketAddr {
+    fn from(peer: Peer) -> Self {
+        let v6 = Ipv6Addr::from(peer.ip);
+        let port = u16::from_ne_bytes(peer.port);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if !peer.v6 => SocketAddr::new(IpAddr::V4(v4), port),
+            _ => SocketAddrV6::new(v6, port, 0, u32::from_ne_bytes(peer.scope)).into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SocketAddr::from(*self).fmt(f)
     }
 }
 
@@ -196,5 +353,54 @@ mod tests {
         list.fire();
         assert_eq!(old_count.0.load(Ordering::SeqCst), 0);
         assert_eq!(new_count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_task_slot_registers_once_and_keeps_its_peer_past_shutdown() {
+        let list = ShutdownWakers::default();
+        let (count, w) = waker();
+        let (other_count, other) = waker();
+        let peer: SocketAddr = "[fe80::1%2]:5000".parse().unwrap();
+        let mut slot = list.enter(peer);
+        let mut cx = Context::from_waker(&w);
+        assert!(list.poll_task(&mut slot, &mut cx).is_pending());
+        assert!(list.poll_task(&mut slot, &mut cx).is_pending());
+        assert_eq!(list.lock().len(), 1, "one entry, its placeholder replaced");
+        let mut gone = list.enter("127.0.0.1:1".parse().unwrap());
+        assert!(
+            list.poll_task(&mut gone, &mut Context::from_waker(&other))
+                .is_pending()
+        );
+        assert_eq!(
+            list.remove_task(&mut gone),
+            Some("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(list.remove_task(&mut gone), None, "removed once");
+        list.fire();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            other_count.0.load(Ordering::SeqCst),
+            0,
+            "removed: not woken"
+        );
+        assert!(list.poll_task(&mut slot, &mut cx).is_ready());
+        assert_eq!(list.peer(&slot), Some(peer), "kept after shutdown began");
+        assert_eq!(list.remove_task(&mut slot), Some(peer));
+        assert_eq!(list.lock().len(), 0);
+    }
+
+    #[test]
+    fn a_peer_keeps_its_address() {
+        for addr in [
+            "127.0.0.1:3000",
+            "[::1]:443",
+            "[::ffff:10.0.0.1]:80",
+            "0.0.0.0:0",
+            "[fe80::1%2]:5000",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(SocketAddr::from(Peer::from(addr)), addr);
+            assert_eq!(Peer::from(addr).to_string(), addr.to_string());
+        }
     }
 }
