@@ -110,11 +110,12 @@ where
 /// Spawned as a task of its own for the connection's life: the task that
 /// ran the handshake keeps room for everything it held (the request, the
 /// routing), which an open connection no longer needs. Written by hand
-/// rather than as an `async fn`: it holds the connection, the peer, the
-/// server's state and a shutdown slot, and nothing else, where an `async
-/// fn` doing the same kept copies of its arguments and a 72-byte shutdown
+/// rather than as an `async fn`: it holds the connection, the server's
+/// state, its phase and a 4-byte shutdown slot (which keeps the peer's
+/// address in the shutdown list), and nothing else, where an `async fn`
+/// doing the same kept copies of its arguments and a 72-byte shutdown
 /// future, and every idle connection paid for them (a 768-byte task
-/// instead of 512, when the `WebSocket` was 352 bytes; it is 384 now).
+/// instead of 512, when the `WebSocket` was 352 bytes; 256 now).
 ///
 /// Replies are queued with `feed_now`: a batch of messages that arrived in
 /// one read is answered in one write. Nothing of a message is held while

@@ -425,10 +425,11 @@ mod tests {
     }
 
     /// A `Shared` connection and its `Arc` counts (16 bytes) fit a
-    /// 256-byte allocation.
+    /// 160-byte allocation (jemalloc's size class; 256 while the
+    /// `WebSocket` was 216 bytes).
     #[test]
-    fn a_shared_connection_fits_256_bytes() {
+    fn a_shared_connection_fits_160_bytes() {
         let size = std::mem::size_of::<Shared<tokio::net::TcpStream>>();
-        assert!(size <= 240, "Shared is {size} bytes: over 256 with its Arc");
+        assert!(size <= 144, "Shared is {size} bytes: over 160 with its Arc");
     }
 }

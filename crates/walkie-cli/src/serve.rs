@@ -557,7 +557,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let state = Arc::new(AppState {
         config,
         shutdown: CancellationToken::new(),
-        // Room for every connection admitted, up to a million (48 MB of
+        // Room for every connection admitted, up to a million (40 MB of
         // address space, touched only as connections come).
         shutdown_wakers: ShutdownWakers::with_capacity(
             max_connections.map_or(0, |n| n.min(1 << 20) as usize),

@@ -6,8 +6,9 @@
 //! holds that future (72 bytes, an intrusive list node) for its whole life;
 //! here it holds a [`Slot`] (16 bytes; a [`TaskSlot`], 4, where the future
 //! is a task's own) and its waker sits in one shared slab.
-//! The lock is taken when a connection starts and ends to wait, and once at
-//! shutdown; never per message.
+//! The lock is taken when a connection starts to wait (twice for a
+//! [`TaskSlot`]: entered, then its waker), when it ends, for a log line that
+//! names a [`TaskSlot`]'s peer, and once at shutdown; never per message.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::num::NonZeroU32;

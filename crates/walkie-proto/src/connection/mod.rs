@@ -180,18 +180,29 @@ impl Buffers {
 }
 
 /// What a connection has only when it compresses, assembles a message,
-/// negotiated a subprotocol or is ending. Kept once made: a fragmented
-/// message costs no allocation beyond its data.
+/// negotiated a subprotocol or is ending, in one 64-byte box (a test keeps
+/// it there), so that an open connection with none of it holds one null
+/// pointer for it all. The larger parts are boxed again: a `/ws` session
+/// (whose subprotocol is here) or a fragmented message pays for this box,
+/// not for the close state too. Freed again when nothing is left in it.
 #[derive(Debug, Default)]
 struct Extra {
     /// The message being assembled from several frames, or inflated.
     message: Option<PartialMessage>,
-    /// Boxed: a connection that does not compress but once had a message
-    /// in pieces holds an `Extra` without it.
     compression: Option<Box<Compression>>,
-    ending: Ending,
+    /// The close frames and the error of a connection that is ending.
+    ending: Option<Box<Ending>>,
     /// The subprotocol negotiated in the handshake.
-    protocol: Option<String>,
+    protocol: Option<Box<str>>,
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.message.is_none()
+            && self.compression.is_none()
+            && self.ending.is_none()
+            && self.protocol.is_none()
+    }
 }
 
 /// What only an ending connection has.
@@ -280,11 +291,12 @@ impl Connection {
     /// [`Connection::protocol`].
     pub fn set_protocol(&mut self, protocol: Option<String>) {
         match protocol {
-            Some(p) => self.extra_mut().protocol = Some(p),
+            Some(p) => self.extra_mut().protocol = Some(p.into_boxed_str()),
             None => {
                 if let Some(e) = &mut self.extra {
                     e.protocol = None;
                 }
+                self.tidy_extra();
             }
         }
     }
@@ -317,17 +329,29 @@ impl Connection {
     /// The close frame the peer sent, once received (`Some(None)` if it had
     /// no status code).
     pub fn close_received(&self) -> Option<&Option<CloseFrame>> {
-        self.extra.as_ref()?.ending.close_received.as_ref()
+        self.extra
+            .as_ref()?
+            .ending
+            .as_ref()?
+            .close_received
+            .as_ref()
     }
 
     /// The close frame we sent, if any.
     pub fn close_sent(&self) -> Option<&Option<CloseFrame>> {
-        self.extra.as_ref()?.ending.close_sent.as_ref()
+        self.extra.as_ref()?.ending.as_ref()?.close_sent.as_ref()
     }
 
     /// The ending state, created on first use.
     fn ending_mut(&mut self) -> &mut Ending {
-        &mut self.extra_mut().ending
+        self.extra_mut().ending.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the rarely used state's box once nothing is left in it.
+    fn tidy_extra(&mut self) {
+        if self.extra.as_ref().is_some_and(|e| e.is_empty()) {
+            self.extra = None;
+        }
     }
 
     /// The rarely used state, created on first use.

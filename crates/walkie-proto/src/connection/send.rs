@@ -96,7 +96,8 @@ impl Connection {
     }
 
     /// Starts the close handshake: queues a close frame (`None` sends one
-    /// without a status) and starts the `close_timeout` deadline from `now`.
+    /// without a status) and starts the `close_timeout` deadline from `now`
+    /// (or from when data last arrived, if that is later).
     /// Messages still arrive until the peer answers.
     pub fn send_close(&mut self, now: Instant, frame: Option<CloseFrame>) -> Result<(), SendError> {
         if !self.can_send() {

@@ -1042,4 +1042,26 @@ fn a_half_received_frame_keeps_the_read_buffer_only() {
 #[test]
 fn an_idle_connection_is_56_bytes() {
     assert_eq!(std::mem::size_of::<Connection>(), 56);
+    // A `/ws` session (its subprotocol) or a fragmented message pays for
+    // this box: 64 bytes, a size class of its own.
+    assert_eq!(std::mem::size_of::<Extra>(), 64);
+}
+
+#[test]
+fn the_extra_box_goes_once_a_fragmented_message_is_done() {
+    let mut s = server();
+    s.handle_data(t0(), &cf(false, 1, b"Hel"));
+    assert_eq!(events(&mut s), vec![]);
+    assert!(s.extra.is_some(), "the message in pieces is in it");
+    s.handle_data(t0(), &cf(true, 0, b"lo"));
+    assert_eq!(events(&mut s), vec![text("Hello")]);
+    assert!(s.extra.is_none(), "nothing left in it: freed");
+
+    // A subprotocol keeps it, and a message in pieces comes and goes in it.
+    s.set_protocol(Some("walkie.v1".into()));
+    s.handle_data(t0(), &cf(false, 2, b"a"));
+    s.handle_data(t0(), &cf(true, 0, b"b"));
+    assert_eq!(events(&mut s).len(), 1);
+    assert_eq!(s.protocol(), Some("walkie.v1"));
+    assert!(s.extra.as_ref().is_some_and(|e| e.message.is_none()));
 }

@@ -213,7 +213,7 @@ impl Connection {
 }
 
 /// Whether `now` is at least `duration` after `since`. A duration too long
-/// to add to an `Instant` (`Duration::MAX`, say) is never reached.
+/// to add to a stamp (`Duration::MAX`, say) is never reached.
 fn reached(now: Stamp, since: Stamp, duration: Duration) -> bool {
     since
         .checked_add(duration)
