@@ -652,13 +652,13 @@ async fn drain(mut reader: OwnedReadHalf, leftover: &[u8]) -> io::Result<()> {
 }
 
 /// The subprotocol of the Walkie protocol.
-const WALKIE_PROTOCOL: &str = "walkie.v1";
+pub(crate) const WALKIE_PROTOCOL: &str = "walkie.v1";
 /// The Walkie protocol's first command: an anonymous connect.
-const CONNECT: &str = r#"{"id":0,"connect":{}}"#;
+pub(crate) const CONNECT: &str = r#"{"id":0,"connect":{}}"#;
 
 /// A Walkie protocol command as a masked text frame (with the publisher's
 /// key: any key will do).
-fn command(json: &str) -> Vec<u8> {
+pub(crate) fn command(json: &str) -> Vec<u8> {
     masked_frame(1, false, json.as_bytes(), PUBLISH_KEY)
 }
 

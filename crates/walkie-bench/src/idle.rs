@@ -6,8 +6,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
+use crate::fanout::{CONNECT, WALKIE_PROTOCOL, command};
 use crate::load::open;
 use crate::wire::handshake;
 
@@ -19,22 +21,46 @@ pub struct IdleOutcome {
     pub first_error: Option<String>,
 }
 
+/// What to open.
+pub struct Spec {
+    pub addr: SocketAddr,
+    pub path: String,
+    pub conns: usize,
+    /// Local addresses, used in turn.
+    pub sources: Vec<IpAddr>,
+    /// Speak the Walkie protocol and subscribe to this channel.
+    pub channel: Option<String>,
+}
+
 /// Opens `conns` WebSocket connections spread over `sources`, prints one
 /// JSON line when they are all open, and holds them until stdin closes.
-pub async fn run(addr: SocketAddr, path: String, conns: usize, sources: Vec<IpAddr>) {
+pub async fn run(spec: Spec) {
+    let Spec {
+        addr,
+        path,
+        conns,
+        sources,
+        channel,
+    } = spec;
+    let channel: Option<Rc<str>> = channel.map(Rc::from);
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async move {
             let gate = Rc::new(tokio::sync::Semaphore::new(256));
             let mut tasks = Vec::with_capacity(conns);
             for i in 0..conns {
-                let (gate, path) = (gate.clone(), path.clone());
+                let (gate, path, channel) = (gate.clone(), path.clone(), channel.clone());
                 let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
                 tasks.push(tokio::task::spawn_local(async move {
                     let permit = gate.acquire().await;
                     let attempt = async {
                         let mut s = open(addr, source).await?;
-                        handshake(&mut s, &addr.to_string(), &path, false, None).await?;
+                        let protocol = channel.is_some().then_some(WALKIE_PROTOCOL);
+                        let (_, leftover) =
+                            handshake(&mut s, &addr.to_string(), &path, false, protocol).await?;
+                        if let Some(channel) = &channel {
+                            subscribe(&mut s, leftover, channel).await?;
+                        }
                         Ok::<_, std::io::Error>(s)
                     };
                     let r = tokio::time::timeout(Duration::from_secs(60), attempt).await;
@@ -73,4 +99,32 @@ pub async fn run(addr: SocketAddr, path: String, conns: usize, sources: Vec<IpAd
             drop(open_conns);
         })
         .await;
+}
+
+/// Connects anonymously and subscribes to `channel`, and waits for the
+/// subscription's reply (`"id":1`): the session is then fully set up.
+async fn subscribe(s: &mut TcpStream, leftover: Vec<u8>, channel: &str) -> std::io::Result<()> {
+    let subscribe = serde_json::json!({"id": 1, "subscribe": {"channel": channel}});
+    let mut out = command(CONNECT);
+    out.extend(command(&subscribe.to_string()));
+    s.write_all(&out).await?;
+    // The server's frames are small and unmasked: looking for the reply's
+    // id in the bytes is enough.
+    let mut seen = leftover;
+    let mut buf = [0u8; 4096];
+    loop {
+        if seen.windows(7).any(|w| w == br#""error""#) {
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            return Err(std::io::Error::other(format!("subscribe refused: {text}")));
+        }
+        if seen.windows(6).any(|w| w == br#""id":1"#) {
+            break;
+        }
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
 }

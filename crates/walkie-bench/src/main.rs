@@ -148,6 +148,11 @@ struct LoadArgs {
     /// Open the connections and hold them idle until stdin closes.
     #[arg(long)]
     idle: bool,
+    /// With `--idle` on a `/ws` path: each connection speaks the Walkie
+    /// protocol, connects anonymously and subscribes to this channel
+    /// before it idles.
+    #[arg(long, requires = "idle")]
+    channel: Option<String>,
     /// Threads, each with its share of the connections (and of `--rate`),
     /// all starting together; their results are merged.
     #[arg(long, default_value_t = 1, conflicts_with = "idle", value_parser = clap::value_parser!(u16).range(1..))]
@@ -250,7 +255,14 @@ fn run_load(args: LoadArgs) -> ExitCode {
     };
     let sources = args.sources.map(|s| s.0).unwrap_or_default();
     if args.idle {
-        runtime.block_on(idle::run(args.addr, args.path, args.conns, sources));
+        let spec = idle::Spec {
+            addr: args.addr,
+            path: args.path,
+            conns: args.conns,
+            sources,
+            channel: args.channel,
+        };
+        runtime.block_on(idle::run(spec));
         return ExitCode::SUCCESS;
     }
     let mode = match args.rate {

@@ -32,8 +32,14 @@ pub enum Kind {
     },
     /// Idle connections; the figure of merit is resident memory per
     /// connection. `room`: members of one room of the fan-out servers
-    /// (`/rooms/fanout`) instead of echo connections.
-    Idle { conns: usize, room: bool },
+    /// (`/rooms/fanout`) instead of echo connections; with `protocol`,
+    /// Walkie protocol sessions of the fan-out server (`/ws`), each
+    /// subscribed to the fan-out channel.
+    Idle {
+        conns: usize,
+        room: bool,
+        protocol: bool,
+    },
     /// One publisher, `subscribers` members of one room, `rate` messages
     /// published per second; the figures of merit are deliveries per
     /// second, losses, latency and the server's CPU per delivery.
@@ -172,6 +178,7 @@ pub fn cases() -> Vec<Case> {
             kind: Kind::Idle {
                 conns: 10_000,
                 room: false,
+                protocol: false,
             },
         },
         Case {
@@ -180,6 +187,7 @@ pub fn cases() -> Vec<Case> {
             kind: Kind::Idle {
                 conns: 50_000,
                 room: false,
+                protocol: false,
             },
         },
         Case {
@@ -188,6 +196,16 @@ pub fn cases() -> Vec<Case> {
             kind: Kind::Idle {
                 conns: 10_000,
                 room: true,
+                protocol: false,
+            },
+        },
+        Case {
+            id: "idle-ws-10k",
+            title: "RSS per idle Walkie protocol session, 10k sessions subscribed to one channel (walkie only)",
+            kind: Kind::Idle {
+                conns: 10_000,
+                room: true,
+                protocol: true,
             },
         },
     ]
@@ -590,10 +608,10 @@ fn run_idle(
     s: &Settings,
     peer: &Peer,
     conns: usize,
-    room: bool,
+    (room, protocol): (bool, bool),
     fd_limit: u64,
 ) -> Result<RunResult, String> {
-    if room && !peer.has_fanout() {
+    if (room && !peer.has_fanout()) || (protocol && !peer.has_protocol()) {
         return Err("not supported by this peer".into());
     }
     if fd_limit < conns as u64 + 1000 {
@@ -602,17 +620,21 @@ fn run_idle(
         ));
     }
     let server = if room {
-        start_fanout(peer, s, false)?
+        start_fanout(peer, s, protocol)?
     } else {
         start(peer, s, false)?
     };
     std::thread::sleep(Duration::from_secs(1));
     let pid = server.child.id();
     let before = procfs::rss_bytes(pid).map_err(|e| e.to_string())?;
-    let mut cmd = if room {
-        bench_command(s, "load", server.addr, "/rooms/fanout")
-    } else {
-        load_command(s, server.addr)
+    let mut cmd = match (room, protocol) {
+        (_, true) => {
+            let mut cmd = bench_command(s, "load", server.addr, "/ws");
+            cmd.args(["--channel", FANOUT_CHANNEL]);
+            cmd
+        }
+        (true, false) => bench_command(s, "load", server.addr, "/rooms/fanout"),
+        (false, false) => load_command(s, server.addr),
     };
     // Spread over source addresses so ephemeral ports never run out.
     cmd.args([
@@ -773,13 +795,21 @@ pub fn run(s: &Settings) -> Result<Vec<CaseResult>, String> {
         .iter()
         .filter(|c| matches!(c.kind, Kind::Idle { .. }))
     {
-        let Kind::Idle { conns, room } = case.kind else {
+        let Kind::Idle {
+            conns,
+            room,
+            protocol,
+        } = case.kind
+        else {
             continue;
         };
         for i in 0..s.runs {
             for peer in s.peers.iter().filter(|p| room || p.echo) {
                 bar.set_message(format!("{} {} run {}", peer.name, case.id, i + 1));
-                outcomes.push((slot(case, peer), run_idle(s, peer, conns, room, fd_limit)));
+                outcomes.push((
+                    slot(case, peer),
+                    run_idle(s, peer, conns, (room, protocol), fd_limit),
+                ));
                 bar.inc(1);
             }
         }
