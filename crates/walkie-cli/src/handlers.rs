@@ -231,12 +231,12 @@ impl<S, E: Endpoint> Answering<S, E> {
     fn finish(&mut self) {
         self.phase = Phase::Done;
         let peer = self.state.shutdown_wakers.remove_task(&mut self.shutdown);
-        E::ended(Peer(peer));
+        E::ended(LogPeer(peer));
     }
 
     /// The peer, for a log line (kept in the shutdown list, not here).
-    fn peer(&self) -> Peer {
-        Peer(self.state.shutdown_wakers.peer(&self.shutdown))
+    fn peer(&self) -> LogPeer {
+        LogPeer(self.state.shutdown_wakers.peer(&self.shutdown))
     }
 }
 
@@ -247,10 +247,10 @@ impl<S, E> Drop for Answering<S, E> {
     }
 }
 
-/// A peer's address for a log line.
-struct Peer(Option<SocketAddr>);
+/// A peer's address for a log line, `?` when the shutdown list lost it.
+struct LogPeer(Option<SocketAddr>);
 
-impl std::fmt::Display for Peer {
+impl std::fmt::Display for LogPeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(addr) => addr.fmt(f),

@@ -277,12 +277,6 @@ impl From<Peer> for SocketAddr {
     }
 }
 
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        SocketAddr::from(*self).fmt(f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -401,7 +395,6 @@ mod tests {
         ] {
             let addr: SocketAddr = addr.parse().unwrap();
             assert_eq!(SocketAddr::from(Peer::from(addr)), addr);
-            assert_eq!(Peer::from(addr).to_string(), addr.to_string());
         }
     }
 }

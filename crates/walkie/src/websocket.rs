@@ -58,7 +58,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if !leftover.is_empty() {
             conn.handle_data(now(), leftover);
         }
-        conn.set_protocol(protocol);
+        if protocol.is_some() {
+            conn.set_protocol(protocol);
+        }
         WebSocket {
             driver: Driver::new(stream, conn, write_buffer_high),
         }
