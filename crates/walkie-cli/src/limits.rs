@@ -37,6 +37,26 @@ pub fn parse_max_connections(s: &str) -> Result<MaxConnections, String> {
     }
 }
 
+/// `--client-publish-rate`: messages per second, or `None` for `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRate(pub Option<std::num::NonZeroU32>);
+
+/// Parses `--client-publish-rate`: messages per second, or `off`.
+pub fn parse_publish_rate(s: &str) -> Result<PublishRate, String> {
+    match s.trim() {
+        "off" => Ok(PublishRate(None)),
+        n => match n.parse::<u32>() {
+            Ok(n) => std::num::NonZeroU32::new(n)
+                .map(|n| PublishRate(Some(n)))
+                .ok_or_else(|| "must be at least 1, or `off`".to_string()),
+            Err(_) => Err(format!(
+                "`{n}`: a number of messages per second (1 to {}), or `off`",
+                u32::MAX
+            )),
+        },
+    }
+}
+
 /// Raises the soft open-file limit to the hard one and returns the soft
 /// limit now in force (`None` where the platform has none, it is
 /// unlimited, or it cannot be read).
@@ -156,6 +176,18 @@ mod tests {
         assert!(parse_max_connections("0").is_err());
         assert!(parse_max_connections("-1").is_err());
         assert!(parse_max_connections("many").is_err());
+    }
+
+    #[test]
+    fn publish_rate_flag() {
+        assert_eq!(parse_publish_rate("off"), Ok(PublishRate(None)));
+        assert_eq!(
+            parse_publish_rate("20"),
+            Ok(PublishRate(std::num::NonZeroU32::new(20)))
+        );
+        assert!(parse_publish_rate("0").unwrap_err().contains("at least 1"));
+        assert!(parse_publish_rate("-3").unwrap_err().contains("`-3`"));
+        assert!(parse_publish_rate("4294967296").is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
@@ -32,6 +33,11 @@ pub struct RoomSettings {
     /// Each member's outgoing queue; a member that overflows it is
     /// disconnected with 1013 (try again later) and can rejoin.
     pub queue: QueueLimits,
+    /// `--client-publish-rate`: the most messages a member may send per
+    /// second of the clock (`None`: no limit). Past it the member's next
+    /// messages wait for the next second, unread in the meantime: nothing
+    /// is lost, and the member's TCP connection slows it down.
+    pub publish_rate: Option<std::num::NonZeroU32>,
 }
 
 /// Checks a room path's name and query before the upgrade, so that a bad
@@ -138,7 +144,7 @@ pub async fn room<S>(
 )]
 fn membership<S>(
     ws: Arc<Shared<S>>,
-    client: walkie_hub::Client,
+    mut client: walkie_hub::Client,
     channel: ChannelName,
     counted: Counted,
     peer: SocketAddr,
@@ -147,7 +153,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     async move {
-        let why = member(&ws, &client, &channel, &counted).await;
+        let why = member(&ws, &mut client, &channel, &counted).await;
         // The room's fan-out lets go of the connection, which closes when
         // this task ends.
         client.queue().set_sink(None);
@@ -174,7 +180,7 @@ enum Step {
 /// and made when reached.
 async fn member<S>(
     ws: &Shared<S>,
-    client: &walkie_hub::Client,
+    client: &mut walkie_hub::Client,
     channel: &ChannelName,
     state: &AppState,
 ) -> String
@@ -212,7 +218,10 @@ where
             }
             Step::Popped(Err(why)) => why,
             Step::Received(Some(Ok(message))) => {
-                let e = match Box::pin(publish(ws, state, channel, message)).await {
+                let published = publish(ws, state, client, channel, message, &mut shutdown);
+                let e = match Box::pin(published).await {
+                    // Shutdown while waiting for the next second: the next
+                    // turn closes.
                     Ok(None) => continue,
                     Ok(Some(Behind::Failed(e))) => return format!("connection failed: {e}"),
                     // Every message is taken: nothing is refused.
@@ -259,13 +268,17 @@ where
 /// counts them. One publish for the burst lets the durable engine save it
 /// in one commit and reach each member with it in one write, instead of a
 /// commit and a write per message, which could not keep up with a busy
-/// room (see `docs/performance.md`). Answers how the connection ended if
+/// room (see `docs/performance.md`). Past the member's publish rate, the
+/// rest of the burst waits for the next second (or shutdown, which drops
+/// it: the member is being closed). Answers how the connection ended if
 /// it ended behind the burst, once the burst is published.
 async fn publish<S>(
     ws: &Shared<S>,
     state: &AppState,
+    client: &mut walkie_hub::Client,
     channel: &ChannelName,
     first: Message,
+    shutdown: &mut crate::shutdown::Waiter<'_>,
 ) -> Result<Option<Behind>, walkie_hub::EngineError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -289,24 +302,57 @@ where
         history: state.rooms.history,
         ..PublishOptions::default()
     };
-    let requests = burst
-        .into_iter()
-        .map(|message| PublishRequest {
-            channel: channel.clone(),
-            publication: match message {
-                Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
-                Message::Binary(b) => NewPublication::new(Kind::Binary, b),
-            },
-            options: options.clone(),
-        })
-        .collect();
-    let results = state.hub.publish_many(requests).await;
-    // A failed message stops the member: the ones after it may have been
-    // published, as a client's retry after a reconnect could do too.
-    results
-        .into_iter()
-        .find_map(Result::err)
-        .map_or(Ok(behind), Err)
+    let mut requests = burst.into_iter().map(|message| PublishRequest {
+        channel: channel.clone(),
+        publication: match message {
+            Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
+            Message::Binary(b) => NewPublication::new(Kind::Binary, b),
+        },
+        options: options.clone(),
+    });
+    let mut left = requests.len();
+    let mut first_pass = true;
+    loop {
+        let (seconds, millis) = clock();
+        let allowed = client.take_publishes(seconds, left, state.rooms.publish_rate);
+        if std::mem::take(&mut first_pass) && allowed < left {
+            metrics.publishes_limited.fetch_add(
+                (left - allowed) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        if allowed > 0 {
+            let results = state
+                .hub
+                .publish_many(requests.by_ref().take(allowed).collect())
+                .await;
+            // A failed message stops the member: the ones after it may have
+            // been published, as a client's retry after a reconnect could
+            // do too.
+            if let Some(e) = results.into_iter().find_map(Result::err) {
+                return Err(e);
+            }
+            left -= allowed;
+        }
+        if left == 0 {
+            return Ok(behind);
+        }
+        // Over the rate: the rest waits for the next second.
+        let next_second = Duration::from_millis(1000 - millis);
+        tokio::select! {
+            () = poll_fn(|cx| shutdown.poll(cx)) => return Ok(None),
+            () = tokio::time::sleep(next_second) => {}
+        }
+    }
+}
+
+/// The clock rates are counted by: whole seconds since the Unix epoch, and
+/// the milliseconds into the current one.
+fn clock() -> (u64, u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_secs(), u64::from(now.subsec_millis()))
 }
 
 #[cfg(test)]

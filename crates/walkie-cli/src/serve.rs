@@ -154,6 +154,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WALKIE_CLIENT_QUEUE_BYTES", default_value = "4M", value_parser = parse_size)]
     pub client_queue_bytes: usize,
 
+    /// Most messages one connection may publish per second of the clock
+    /// (`off`: no limit): `/ws` publishes past it are answered with error
+    /// 114 and not published; a room member's next messages wait, unread,
+    /// for the next second. The HTTP API is not limited.
+    #[arg(long, env = "WALKIE_CLIENT_PUBLISH_RATE", default_value = "off", value_parser = crate::limits::parse_publish_rate)]
+    pub client_publish_rate: crate::limits::PublishRate,
+
     /// Most WebSocket connections open at once; past it an upgrade is
     /// answered 503. `auto`: the open-file limit (raised to its hard limit
     /// at start) less the descriptors in use at start and a reserve of a
@@ -268,6 +275,7 @@ impl ServeArgs {
                 bytes: self.client_queue_bytes,
                 policy: OverflowPolicy::Disconnect,
             },
+            publish_rate: self.client_publish_rate.0,
         }
     }
 
@@ -510,6 +518,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             policy: OverflowPolicy::LatestPerKey,
         },
         ping_interval: args.ping_interval.0,
+        publish_rate: args.client_publish_rate.0,
     });
     let workers = args
         .workers

@@ -422,7 +422,8 @@ fn seconds(v: &Value) -> Option<Duration> {
 
 /// Whether a refusal with this error code may go differently later: 100
 /// ("retry later"), and codes this client does not know (the protocol may
-/// add some). The others (101-113) would be answered the same way again.
+/// add some). The others (101-113) would be answered the same way again
+/// (114, too many publishes, never answers a subscribe).
 fn temporary(code: u16) -> bool {
     !(101..=113).contains(&code)
 }

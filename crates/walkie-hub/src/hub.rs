@@ -3,6 +3,7 @@
 //! `dispatch.rs`.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -17,6 +18,7 @@ use crate::publication::{
     StreamPosition,
 };
 use crate::queue::{Queue, QueueLimits};
+use crate::rate::PublishWindow;
 
 mod interest;
 mod recovery;
@@ -249,6 +251,7 @@ impl Hub {
             hub: self.clone(),
             channels: Vec::new(),
             user: None,
+            publishes: PublishWindow::default(),
         }
     }
 
@@ -398,8 +401,12 @@ pub struct Client {
     queue: Arc<Queue>,
     hub: Hub,
     channels: Vec<ChannelName>,
-    /// The user it was registered as, for [`Hub::disconnect_user`].
-    user: Option<String>,
+    /// The user it was registered as, for [`Hub::disconnect_user`] (a
+    /// `Box<str>`: 8 bytes less than a `String`, which pays for the window
+    /// below in a room member's task).
+    user: Option<Box<str>>,
+    /// The publishes it made this second (`--client-publish-rate`).
+    publishes: PublishWindow,
 }
 
 impl Client {
@@ -422,7 +429,15 @@ impl Client {
             .entry(user.to_owned())
             .or_default()
             .push((self.id, Arc::downgrade(&self.queue)));
-        self.user = Some(user.to_owned());
+        self.user = Some(user.into());
+    }
+
+    /// Takes up to `wanted` publishes from this connection at `now`
+    /// (seconds since the Unix epoch) under `limit` per second (`None`: no
+    /// limit); returns how many are allowed, the first ones (see
+    /// [`PublishWindow`]).
+    pub fn take_publishes(&mut self, now: u64, wanted: usize, limit: Option<NonZeroU32>) -> usize {
+        self.publishes.take(now, wanted, limit)
     }
 
     fn unset_user(&mut self) {
@@ -430,10 +445,10 @@ impl Client {
             return;
         };
         let mut users = lock(&self.hub.0.dispatch.users);
-        if let Some(list) = users.get_mut(&user) {
+        if let Some(list) = users.get_mut(&*user) {
             list.retain(|(id, _)| *id != self.id);
             if list.is_empty() {
-                users.remove(&user);
+                users.remove(&*user);
             }
         }
     }

@@ -49,6 +49,7 @@ mod presence;
 pub mod protocol;
 mod publication;
 mod queue;
+mod rate;
 mod redis_engine;
 mod session;
 mod stream;
@@ -72,6 +73,7 @@ pub use publication::{
     Publication, PublishOptions, PublishRequest, PublishResult, StreamPosition, now_ms,
 };
 pub use queue::{Entry, OverflowPolicy, Queue, QueueClosed, QueueLimits, Queued, Sink, Taken};
+pub use rate::PublishWindow;
 pub use redis_engine::{PRESENCE_TTL, RedisBroker, RedisPresence};
 pub use session::{
     CONNECT_TIMEOUT_SECS, CloseReason, MAX_BEFORE_CONNECT, MAX_HISTORY_LIMIT, MAX_SUBSCRIPTIONS,

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub queue_overflows: AtomicU64,
     /// Refused tokens and permission checks.
     pub auth_failures: AtomicU64,
+    /// Client messages past `--client-publish-rate`: `/ws` publishes
+    /// refused (error 114), room messages made to wait for the next
+    /// second (each counted once).
+    pub publishes_limited: AtomicU64,
     /// WebSocket upgrades refused because the server had as many
     /// connections as it admits (`--max-connections`).
     pub connections_refused: AtomicU64,
@@ -153,6 +157,12 @@ impl Metrics {
             "counter",
             "Refused tokens and permission checks.",
             get(&self.auth_failures),
+        );
+        one(
+            "publishes_limited_total",
+            "counter",
+            "Client messages past the publish rate: refused (/ws) or delayed (rooms).",
+            get(&self.publishes_limited),
         );
         one(
             "connections_refused_total",

@@ -44,6 +44,8 @@ pub enum ErrorCode {
     MessageTooLarge = 112,
     /// Not subscribed to that channel.
     NotSubscribed = 113,
+    /// Over the connection's publish rate limit: retry in the next second.
+    TooManyRequests = 114,
 }
 
 /// An error reply.

@@ -50,6 +50,12 @@ pub struct Node {
     /// How often the server pings a quiet connection (`None`: it does not),
     /// told to clients in `connect`'s result.
     pub ping_interval: Option<std::time::Duration>,
+    /// The most `publish` commands one connection may make per second of
+    /// the clock (`None`: no limit); past it a publish is answered with
+    /// error 114 and nothing is published (see [`PublishWindow`]).
+    ///
+    /// [`PublishWindow`]: crate::PublishWindow
+    pub publish_rate: Option<std::num::NonZeroU32>,
 }
 
 /// How the server ends a connection: a close code and reason.
@@ -426,7 +432,7 @@ impl Session {
                 break;
             }
             let id = command.id;
-            match self.prepare_publish(&command) {
+            match self.prepare_publish(&command, now) {
                 Ok(request) => {
                     publishes.push((replies.len(), id, request));
                     replies.push(None);
@@ -498,7 +504,7 @@ impl Session {
             _ if self.identity.is_none() => Err(err(ErrorCode::NotConnected, "send connect first")),
             "subscribe" => self.subscribe(&command, now).await,
             "unsubscribe" => self.unsubscribe(&command).await,
-            "publish" => self.publish(&command).await,
+            "publish" => self.publish(&command, now).await,
             "history" => self.history(&command).await,
             "presence" => self.presence(&command, false).await,
             "presence_stats" => self.presence(&command, true).await,
@@ -826,8 +832,8 @@ impl Session {
         Ok(json!({}))
     }
 
-    async fn publish(&mut self, command: &Command) -> Reply {
-        let r = self.prepare_publish(command)?;
+    async fn publish(&mut self, command: &Command, now: u64) -> Reply {
+        let r = self.prepare_publish(command, now)?;
         let r = self
             .node
             .hub
@@ -837,9 +843,14 @@ impl Session {
         Ok(backend::published_reply(&r))
     }
 
-    /// Checks a `publish` (rights, the namespace's limits) and makes the
-    /// request for the engine.
-    fn prepare_publish(&self, command: &Command) -> Result<crate::PublishRequest, ReplyError> {
+    /// Checks a `publish` (rights, the namespace's limits, then the
+    /// connection's rate, which only a publish that passes the rest counts
+    /// against) and makes the request for the engine.
+    fn prepare_publish(
+        &mut self,
+        command: &Command,
+        now: u64,
+    ) -> Result<crate::PublishRequest, ReplyError> {
         let p: backend::Publish = command.params()?;
         let (channel, ns) = self.channel(&p.channel)?;
         if !ns.allow_publish {
@@ -854,7 +865,19 @@ impl Session {
         let info = Bytes::from(info.to_string());
         let publisher = backend::Publisher::User { user, info };
         let data = Bytes::from(p.data.to_string());
-        backend::prepare_publish(channel, &ns, p, data, publisher)
+        let request = backend::prepare_publish(channel, &ns, p, data, publisher)?;
+        let rate = self.node.publish_rate;
+        if self.client.take_publishes(now, 1, rate) == 0 {
+            Metrics::inc(&self.node.hub.metrics().publishes_limited);
+            let n = rate.map_or(0, std::num::NonZeroU32::get);
+            return Err(err(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "too many requests: more than {n} publishes in one second on this connection; retry in the next second"
+                ),
+            ));
+        }
+        Ok(request)
     }
 
     async fn history(&mut self, command: &Command) -> Reply {

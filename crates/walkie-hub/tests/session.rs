@@ -12,6 +12,7 @@ fn node() -> Arc<Node> {
         config,
         queue: QueueLimits::default(),
         ping_interval: None,
+        publish_rate: None,
     })
 }
 
