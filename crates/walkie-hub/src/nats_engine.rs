@@ -395,6 +395,10 @@ struct Inner {
     /// Room for the chunks of batches in flight at once (see
     /// [`BATCH_CHUNKS_IN_FLIGHT`]).
     batch_slots: tokio::sync::Semaphore,
+    /// Chunks in flight now, the most at once, and how many were sent
+    /// (tests).
+    #[cfg(test)]
+    chunks: delivery::Gauge,
     /// Idempotency keys of publications without history.
     live_keys: OnceCell<kv::Store>,
     /// Replicas of every stream and bucket made (`?replicas=N`).
@@ -527,6 +531,8 @@ impl NatsBroker {
             catch_up_slots: Arc::new(tokio::sync::Semaphore::new(delivery::MAX_CATCH_UPS)),
             #[cfg(test)]
             resuming: delivery::Gauge::default(),
+            #[cfg(test)]
+            chunks: delivery::Gauge::default(),
             batch_slots: tokio::sync::Semaphore::new(BATCH_CHUNKS_IN_FLIGHT),
             live_keys: OnceCell::new(),
             replicas,
@@ -1173,6 +1179,8 @@ impl Inner {
         let mut failed: std::collections::HashSet<ChannelName> = Default::default();
         for chunk in to_send.chunks(BATCH_CHUNK) {
             let _slot = self.batch_slots.acquire().await;
+            #[cfg(test)]
+            let _running = self.chunks.start();
             let mut pending = Vec::with_capacity(chunk.len());
             for &i in chunk {
                 let r = &requests[i];

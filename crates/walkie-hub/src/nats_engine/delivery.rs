@@ -564,7 +564,7 @@ pub(super) struct Gauge {
 #[cfg(test)]
 impl Gauge {
     /// One more running until the guard drops.
-    fn start(&self) -> impl Drop + '_ {
+    pub(super) fn start(&self) -> impl Drop + '_ {
         use std::sync::atomic::Ordering::SeqCst;
         struct Running<'a>(&'a Gauge);
         impl Drop for Running<'_> {

@@ -345,7 +345,9 @@ async fn a_prefix_of_another_layout_is_refused() {
 /// whole before awaiting any acknowledgement, the batches each held part
 /// of the permits while waiting for more, and none completed. (The shared
 /// bound on chunks in flight, `BATCH_CHUNKS_IN_FLIGHT`, is not needed for
-/// that; it keeps one node's bursts from taking every permit.)
+/// that; it keeps one node's bursts from taking every permit, so that a
+/// single publish always finds room: the batches here reach it, and never
+/// pass it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_batches_past_the_in_flight_limit_all_complete_in_order() {
     let name = "concurrent_batches_past_the_in_flight_limit_all_complete_in_order";
@@ -376,6 +378,14 @@ async fn concurrent_batches_past_the_in_flight_limit_all_complete_in_order() {
         let done = tokio::time::timeout(Duration::from_secs(30), tasks.join_all())
             .await
             .expect("batches still waiting after 30 s");
+        use std::sync::atomic::Ordering::SeqCst;
+        let chunks = &one.inner.chunks;
+        assert_eq!(chunks.total.load(SeqCst), BATCHES * EACH.div_ceil(64));
+        let peak = chunks.peak.load(SeqCst);
+        assert!(
+            (2..=super::BATCH_CHUNKS_IN_FLIGHT).contains(&peak),
+            "{peak} chunks in flight at once"
+        );
         let mut per_channel: std::collections::HashMap<_, Vec<u64>> = Default::default();
         for (channel, offsets) in done {
             assert!(offsets.windows(2).all(|w| w[1] > w[0]), "{offsets:?}");
