@@ -263,7 +263,7 @@ impl Turns {
 }
 
 /// The most messages one burst takes (see [`read_burst`]).
-const BURST_MESSAGES: usize = 256;
+pub const BURST_MESSAGES: usize = 256;
 /// The bytes past which a burst takes no more (a caller may set less).
 pub const BURST_BYTES: usize = 1 << 20;
 
@@ -279,8 +279,8 @@ pub enum Behind {
 
 /// Reads the messages a client sent right after one already read (of
 /// `bytes` bytes) that are readable now, handing each to `take`, until
-/// [`BURST_MESSAGES`] are read in all, `max_bytes` are read or nothing
-/// more is readable. A burst handled as one (one publish, one commit, one
+/// [`BURST_MESSAGES`] (or `max_messages`, if fewer) are read in all,
+/// `max_bytes` are read or nothing more is readable. A burst handled as one (one publish, one commit, one
 /// write per subscriber) is what lets a busy sender be kept up with (see
 /// `docs/performance.md`). `take` answers `false` for a message it
 /// refuses, which ends the burst. Answers what ended it, if the connection is ending
@@ -288,15 +288,16 @@ pub enum Behind {
 pub async fn read_burst<S>(
     ws: &Shared<S>,
     mut bytes: usize,
-    max_bytes: usize,
+    (max_messages, max_bytes): (usize, usize),
     mut take: impl FnMut(walkie::Message) -> bool,
 ) -> Option<Behind>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut count = 1;
+    let max_messages = max_messages.min(BURST_MESSAGES);
     poll_fn(|cx| {
-        while count < BURST_MESSAGES && bytes < max_bytes {
+        while count < max_messages && bytes < max_bytes {
             let behind = match ws.lock().poll_recv(cx) {
                 Poll::Ready(Some(Ok(message))) => {
                     bytes += message.len();

@@ -35,8 +35,8 @@ pub struct RoomSettings {
     pub queue: QueueLimits,
     /// `--client-publish-rate`: the most messages a member may send per
     /// second of the clock (`None`: no limit). Past it the member's next
-    /// messages wait for the next second, unread in the meantime: nothing
-    /// is lost, and the member's TCP connection slows it down.
+    /// messages are read in the next second: nothing is lost, and the
+    /// member's TCP connection slows it down.
     pub publish_rate: Option<std::num::NonZeroU32>,
 }
 
@@ -268,10 +268,14 @@ where
 /// counts them. One publish for the burst lets the durable engine save it
 /// in one commit and reach each member with it in one write, instead of a
 /// commit and a write per message, which could not keep up with a busy
-/// room (see `docs/performance.md`). Past the member's publish rate, the
-/// rest of the burst waits for the next second (or shutdown, which drops
-/// it: the member is being closed). Answers how the connection ended if
+/// room (see `docs/performance.md`). Answers how the connection ended if
 /// it ended behind the burst, once the burst is published.
+///
+/// A burst takes no more than the member's publish rate still allows this
+/// second; the rest stays unread. A member with none left waits here for
+/// the next second (at most a second, and shutdown ends the wait, dropping
+/// `first`: the member is being closed), and then the loop takes a turn
+/// (its queue, pings) before anything more is read.
 async fn publish<S>(
     ws: &Shared<S>,
     state: &AppState,
@@ -283,15 +287,30 @@ async fn publish<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let metrics = state.hub.metrics();
+    let rate = state.rooms.publish_rate;
+    let (mut now, millis) = clock();
+    if client.publishes_left(now, rate) == 0 {
+        metrics
+            .publishes_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let next_second = Duration::from_millis(1000 - millis);
+        tokio::select! {
+            () = poll_fn(|cx| shutdown.poll(cx)) => return Ok(None),
+            () = tokio::time::sleep(next_second) => {}
+        }
+        now = clock().0;
+    }
+    let left = client.publishes_left(now, rate);
     let mut bytes = first.len();
     let mut burst = vec![first];
-    let behind = read_burst(ws, bytes, BURST_BYTES, |message| {
+    let behind = read_burst(ws, bytes, (left, BURST_BYTES), |message| {
         bytes += message.len();
         burst.push(message);
         true
     })
     .await;
-    let metrics = state.hub.metrics();
+    client.take_publishes(now, burst.len(), rate);
     metrics
         .messages_in
         .fetch_add(burst.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -302,48 +321,24 @@ where
         history: state.rooms.history,
         ..PublishOptions::default()
     };
-    let mut requests = burst.into_iter().map(|message| PublishRequest {
-        channel: channel.clone(),
-        publication: match message {
-            Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
-            Message::Binary(b) => NewPublication::new(Kind::Binary, b),
-        },
-        options: options.clone(),
-    });
-    let mut left = requests.len();
-    let mut first_pass = true;
-    loop {
-        let (seconds, millis) = clock();
-        let allowed = client.take_publishes(seconds, left, state.rooms.publish_rate);
-        if std::mem::take(&mut first_pass) && allowed < left {
-            metrics.publishes_limited.fetch_add(
-                (left - allowed) as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
-        if allowed > 0 {
-            let results = state
-                .hub
-                .publish_many(requests.by_ref().take(allowed).collect())
-                .await;
-            // A failed message stops the member: the ones after it may have
-            // been published, as a client's retry after a reconnect could
-            // do too.
-            if let Some(e) = results.into_iter().find_map(Result::err) {
-                return Err(e);
-            }
-            left -= allowed;
-        }
-        if left == 0 {
-            return Ok(behind);
-        }
-        // Over the rate: the rest waits for the next second.
-        let next_second = Duration::from_millis(1000 - millis);
-        tokio::select! {
-            () = poll_fn(|cx| shutdown.poll(cx)) => return Ok(None),
-            () = tokio::time::sleep(next_second) => {}
-        }
-    }
+    let requests = burst
+        .into_iter()
+        .map(|message| PublishRequest {
+            channel: channel.clone(),
+            publication: match message {
+                Message::Text(t) => NewPublication::new(Kind::Text, t.into_bytes()),
+                Message::Binary(b) => NewPublication::new(Kind::Binary, b),
+            },
+            options: options.clone(),
+        })
+        .collect();
+    let results = state.hub.publish_many(requests).await;
+    // A failed message stops the member: the ones after it may have been
+    // published, as a client's retry after a reconnect could do too.
+    results
+        .into_iter()
+        .find_map(Result::err)
+        .map_or(Ok(behind), Err)
 }
 
 /// The clock rates are counted by: whole seconds since the Unix epoch, and

@@ -156,8 +156,8 @@ pub struct ServeArgs {
 
     /// Most messages one connection may publish per second of the clock
     /// (`off`: no limit): `/ws` publishes past it are answered with error
-    /// 114 and not published; a room member's next messages wait, unread,
-    /// for the next second. The HTTP API is not limited.
+    /// 114 and not published; a room member's next messages are read in
+    /// the next second. The HTTP API is not limited.
     #[arg(long, env = "WALKIE_CLIENT_PUBLISH_RATE", default_value = "off", value_parser = crate::limits::parse_publish_rate)]
     pub client_publish_rate: crate::limits::PublishRate,
 

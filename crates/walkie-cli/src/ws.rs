@@ -15,7 +15,8 @@ use walkie_hub::protocol::SUBPROTOCOL;
 use walkie_hub::{CloseReason, QueueClosed, Session};
 
 use crate::outbox::{
-    BURST_BYTES, Behind, Counted, Sent, Shared, Turns, close_within, read_burst, send_batch,
+    BURST_BYTES, BURST_MESSAGES, Behind, Counted, Sent, Shared, Turns, close_within, read_burst,
+    send_batch,
 };
 use crate::serve::AppState;
 
@@ -337,13 +338,18 @@ where
     };
     let bytes = first.len();
     session.queue_text(first);
-    let behind = read_burst(ws, bytes, max_bytes, |message| match message {
-        Message::Text(text) => {
-            session.queue_text(text);
-            true
-        }
-        Message::Binary(_) => false,
-    })
+    let behind = read_burst(
+        ws,
+        bytes,
+        (BURST_MESSAGES, max_bytes),
+        |message| match message {
+            Message::Text(text) => {
+                session.queue_text(text);
+                true
+            }
+            Message::Binary(_) => false,
+        },
+    )
     .await;
     let over = match behind {
         None => return handle_next(ws, session).await.map(|()| false),

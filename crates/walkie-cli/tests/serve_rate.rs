@@ -202,3 +202,63 @@ async fn shutdown_ends_a_members_wait_for_the_next_second() {
         .expect("still running");
     assert!(status.success(), "{status}; log:\n{}", server.log_text());
 }
+
+async fn recv(ws: &mut walkie::WebSocket<walkie::MaybeTlsStream>) -> Message {
+    tokio::time::timeout(Duration::from_secs(5), ws.recv())
+        .await
+        .expect("nothing within 5 s")
+        .expect("connection ended")
+        .expect("connection failed")
+}
+
+/// A member held to its rate still gets the room's messages: it waits a
+/// second at most, and takes a turn at its queue between waits.
+#[tokio::test]
+async fn a_paced_member_keeps_receiving() {
+    let server = Server::start(&["--in-memory", "--client-publish-rate", "1"]);
+    within(30, async {
+        let url = server.ws_url("/rooms/paced");
+        let mut sender = walkie::connect(&url).await.unwrap();
+        let mut other = walkie::connect(&url).await.unwrap();
+        for _ in 0..500 {
+            let joins = server
+                .log()
+                .iter()
+                .filter(|l| l.contains("joined room"))
+                .count();
+            if joins >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..6 {
+            sender.send(format!("m{i}")).await.unwrap();
+        }
+        assert_eq!(recv(&mut sender).await, Message::text("m0"));
+        other.send("hello").await.unwrap();
+        // m3 cannot come before the third second after m0: "hello", sent
+        // now, comes first.
+        let mut seen = Vec::new();
+        loop {
+            let Message::Text(t) = recv(&mut sender).await else {
+                panic!("not text");
+            };
+            seen.push(t.to_string());
+            if t.as_str() == "hello" {
+                break;
+            }
+        }
+        let before: Vec<String> = (1..seen.len()).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            seen[..seen.len() - 1],
+            before[..],
+            "m3 or later before hello"
+        );
+        assert!(seen.len() <= 3, "{seen:?}");
+        // And the rest of the burst follows, in order.
+        for i in seen.len()..=5 {
+            assert_eq!(recv(&mut sender).await, Message::text(format!("m{i}")));
+        }
+    })
+    .await;
+}

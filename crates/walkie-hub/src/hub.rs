@@ -440,6 +440,12 @@ impl Client {
         self.publishes.take(now, wanted, limit)
     }
 
+    /// How many more publishes `limit` allows this connection at `now`
+    /// (`usize::MAX` without a limit).
+    pub fn publishes_left(&self, now: u64, limit: Option<NonZeroU32>) -> usize {
+        self.publishes.left(now, limit)
+    }
+
     fn unset_user(&mut self) {
         let Some(user) = self.user.take() else {
             return;

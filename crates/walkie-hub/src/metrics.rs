@@ -32,9 +32,8 @@ pub struct Metrics {
     pub queue_overflows: AtomicU64,
     /// Refused tokens and permission checks.
     pub auth_failures: AtomicU64,
-    /// Client messages past `--client-publish-rate`: `/ws` publishes
-    /// refused (error 114), room messages made to wait for the next
-    /// second (each counted once).
+    /// `--client-publish-rate` at work: `/ws` publishes refused (error
+    /// 114), and the times a room member had to wait for the next second.
     pub publishes_limited: AtomicU64,
     /// WebSocket upgrades refused because the server had as many
     /// connections as it admits (`--max-connections`).
@@ -161,7 +160,7 @@ impl Metrics {
         one(
             "publishes_limited_total",
             "counter",
-            "Client messages past the publish rate: refused (/ws) or delayed (rooms).",
+            "Publishes refused (/ws) and room members' waits for the next second, past the publish rate.",
             get(&self.publishes_limited),
         );
         one(

@@ -18,6 +18,18 @@ pub struct PublishWindow {
 }
 
 impl PublishWindow {
+    /// How many more publishes `limit` allows at `now` (`usize::MAX`
+    /// without a limit).
+    pub fn left(&self, now: u64, limit: Option<NonZeroU32>) -> usize {
+        match limit {
+            None => usize::MAX,
+            Some(limit) if now as u32 == self.second => {
+                limit.get().saturating_sub(self.used) as usize
+            }
+            Some(limit) => limit.get() as usize,
+        }
+    }
+
     /// Takes up to `wanted` publishes at `now` (seconds since the Unix
     /// epoch) under `limit` per second (`None`: no limit); returns how many
     /// are allowed, the first ones. Those refused are not counted.
@@ -57,6 +69,20 @@ mod tests {
         assert_eq!(w.take(1_001, 1, limit(3)), 0);
         // Going back (the clock stepped back) is another second too.
         assert_eq!(w.take(999, 1, limit(3)), 1);
+    }
+
+    #[test]
+    fn left_says_what_take_would_allow_without_taking() {
+        let mut w = PublishWindow::default();
+        assert_eq!(w.left(1_000, limit(3)), 3);
+        assert_eq!(w.left(1_000, None), usize::MAX);
+        w.take(1_000, 2, limit(3));
+        assert_eq!(w.left(1_000, limit(3)), 1);
+        assert_eq!(w.left(1_000, limit(3)), 1, "nothing taken");
+        assert_eq!(w.left(1_001, limit(3)), 3, "a new second");
+        w.take(1_000, 1, limit(3));
+        assert_eq!(w.left(1_000, limit(3)), 0);
+        assert_eq!(w.left(1_000, limit(2)), 0, "a lower limit");
     }
 
     #[test]
