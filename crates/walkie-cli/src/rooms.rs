@@ -299,6 +299,8 @@ where
             () = poll_fn(|cx| shutdown.poll(cx)) => return Ok(None),
             () = tokio::time::sleep(next_second) => {}
         }
+        // The member was sending, not idle, while it waited.
+        ws.lock().resume_reading();
         now = clock().0;
     }
     let left = client.publishes_left(now, rate);

@@ -262,3 +262,43 @@ async fn a_paced_member_keeps_receiving() {
     })
     .await;
 }
+
+/// A member held back by its rate is not idle: `--idle-timeout` counts
+/// from when the server last took its messages, not from when they
+/// arrived, so a member paced for longer than the timeout is not closed
+/// as idle while its messages wait, and none is lost.
+#[tokio::test]
+async fn a_paced_member_is_not_closed_as_idle() {
+    let server = Server::start(&[
+        "--in-memory",
+        "--client-publish-rate",
+        "2",
+        "--idle-timeout",
+        "1500ms",
+        "--ping-interval",
+        "off",
+    ]);
+    within(30, async {
+        let url = server.ws_url("/rooms/paced");
+        let mut sender = walkie::connect(&url).await.unwrap();
+        for _ in 0..500 {
+            let joins = server
+                .log()
+                .iter()
+                .filter(|l| l.contains("joined room"))
+                .count();
+            if joins >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // 12 at 2 per second: six seconds, four times the idle timeout.
+        for i in 0..12 {
+            sender.send(format!("x{i}")).await.unwrap();
+        }
+        for i in 0..12 {
+            assert_eq!(recv(&mut sender).await, Message::text(format!("x{i}")));
+        }
+    })
+    .await;
+}

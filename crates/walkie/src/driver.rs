@@ -369,7 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
 
     /// The time given to the protocol core: the runtime's coarse clock (see
     /// `timer.rs`), or tokio's clock outside a runtime.
-    fn clock(&self) -> Instant {
+    pub(crate) fn clock(&self) -> Instant {
         self.timers.as_ref().map_or_else(now, |t| t.now())
     }
 

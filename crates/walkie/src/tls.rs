@@ -1,12 +1,14 @@
 //! rustls set-up for `wss://`: server certificates, client trust.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::error::{Error, Result};
@@ -37,17 +39,77 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 /// A server configuration from a PEM certificate chain and private key,
 /// offering HTTP/1.1 over ALPN.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
-    let certs = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| tls_err(&format!("reading private key {}", key.display()), e))?;
+    server_config_with(ReloadableCert::load(cert, key)?)
+}
+
+/// A server configuration that takes its certificate from `cert`, offering
+/// HTTP/1.1 over ALPN: [`ReloadableCert::reload`] changes the certificate
+/// of every later handshake.
+pub fn server_config_with(cert: Arc<ReloadableCert>) -> Result<Arc<rustls::ServerConfig>> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err("protocol versions", e))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| tls_err("certificate and key", e))?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A server certificate and key read from PEM files, which can be read
+/// again while the server runs (a renewed certificate): handshakes after
+/// a [`reload`](ReloadableCert::reload) get the new one, connections open
+/// before keep theirs.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadableCert {
+    /// Reads the certificate chain and the private key, and checks that
+    /// they belong together.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Self>> {
+        Ok(Arc::new(ReloadableCert {
+            current: RwLock::new(read_certified_key(cert, key)?),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        }))
+    }
+
+    /// Reads both files again. On an error the current certificate stays
+    /// in use.
+    pub fn reload(&self) -> Result<()> {
+        let fresh = read_certified_key(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// The certificate file's path.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn read_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>> {
+    let certs = load_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| tls_err(&format!("reading private key {}", key.display()), e))?;
+    // Checks that the key is the certificate's.
+    let certified = CertifiedKey::from_der(certs, key, &provider())
+        .map_err(|e| tls_err("certificate and key", e))?;
+    Ok(Arc::new(certified))
 }
 
 fn client_with_roots(roots: RootCertStore) -> Result<rustls::ClientConfig> {

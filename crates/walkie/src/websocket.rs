@@ -102,6 +102,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         Ok(())
     }
 
+    /// Tells the connection that the application held back what the peer
+    /// sent (polled nothing for a while on purpose, such as a rate limit)
+    /// and reads on now: the peer counts as active now for the idle
+    /// timeout and keepalive pings, as when data arrives. Without it, a
+    /// peer whose messages wait unread would be closed as idle, and a pong
+    /// queued behind them would come too late.
+    pub fn resume_reading(&mut self) {
+        let now = self.driver.clock();
+        self.driver.conn.handle_read_resumed(now);
+    }
+
     /// Queues a message at once, even over the high-water mark; follow it
     /// with [`ready`] to wait for the socket to drain as [`feed`] would have
     /// before queuing. The pair holds no message across the wait, so a

@@ -836,6 +836,44 @@ fn idle_timeout_closes_with_1001() {
     assert_eq!(&frames[0].1[..2], &1001u16.to_be_bytes());
 }
 
+/// An application that held the peer's messages back (a rate limit) and
+/// reads on moves the idle and keepalive deadlines, and a ping awaiting
+/// its answer (queued behind the held messages) counts as answered.
+#[test]
+fn reading_resumed_after_holding_back_counts_as_received() {
+    let config = Config {
+        ping_interval: Some(Duration::from_secs(20)),
+        ping_timeout: Duration::from_secs(10),
+        idle_timeout: Some(Duration::from_secs(60)),
+        ..Config::default()
+    };
+    let mut s = Connection::new(Role::Server, config, None, t0());
+    s.handle_timeout(at(20));
+    assert_eq!(sent_frames(&mut s).len(), 1, "a keepalive ping");
+    assert_eq!(s.poll_timeout(), Some(at(30)));
+    s.handle_read_resumed(at(25));
+    // No ping awaits an answer: the next one is due 20 s on.
+    assert_eq!(s.poll_timeout(), Some(at(45)));
+    s.handle_timeout(at(30));
+    assert!(!s.is_closed());
+    let mut idle = Connection::new(
+        Role::Server,
+        Config {
+            ping_interval: None,
+            idle_timeout: Some(Duration::from_secs(60)),
+            ..Config::default()
+        },
+        None,
+        t0(),
+    );
+    idle.handle_read_resumed(at(50));
+    assert_eq!(idle.poll_timeout(), Some(at(110)));
+    idle.handle_timeout(at(60));
+    assert!(!idle.is_closed());
+    idle.handle_timeout(at(110));
+    assert_eq!(events(&mut idle), vec![Err(Error::IdleTimeout)]);
+}
+
 #[test]
 fn no_timers_once_closed() {
     let mut s = server();

@@ -203,6 +203,18 @@ impl Connection {
         }
     }
 
+    /// Records that the application held back what the peer sent (read
+    /// nothing for a while on purpose: a rate limit, say) and reads on
+    /// from `now`. The peer was sending, not idle: this counts for the
+    /// keepalive and idle deadlines as received data does. Without it, a
+    /// peer whose messages wait unread would be closed as idle, and a pong
+    /// queued behind them would come too late.
+    pub fn handle_read_resumed(&mut self, now: Instant) {
+        if !self.is_closed() {
+            self.timers.on_receive(now);
+        }
+    }
+
     /// Starts the close deadline from `now`. A timeout too long to add to
     /// it sets none: the wait never ends.
     pub(super) fn arm_close_deadline(&mut self, now: Stamp) {
