@@ -158,6 +158,13 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn parse<T: DeserializeOwned>(method: &str, body: &Bytes) -> Result<T, ApiError> {
+    // serde would read a struct from an array of its fields.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::from(ReplyError::new(
+            ErrorCode::BadRequest,
+            format!("{method}: the request body must be a JSON object"),
+        )));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::from(ReplyError::new(
             ErrorCode::BadRequest,

@@ -146,3 +146,33 @@ async fn a_namespace_above_2_mb_takes_its_largest_messages() {
     })
     .await;
 }
+
+/// A body that is JSON but not an object (an array of a method's fields,
+/// which serde would otherwise read as the struct) is refused with 107,
+/// and nothing is published.
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_400_with_code_107() {
+    let server = Server::start(&["--api-key", KEY, "--in-memory"]);
+    within(30, async {
+        for body in [r#"["news", {"x": 1}]"#, "1", r#""news""#, "null", "  [] "] {
+            let r = request(server.port, "POST", "/api/publish", body).await;
+            let e = json_error(&r, 400, 107);
+            let message = e["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("must be a JSON object"),
+                "{body}: {message}"
+            );
+        }
+        let r = request(
+            server.port,
+            "POST",
+            "/api/history",
+            r#" {"channel": "news"}"#,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let history: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(history["offset"], 0, "nothing was published: {history}");
+    })
+    .await;
+}

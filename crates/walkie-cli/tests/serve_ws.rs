@@ -954,3 +954,32 @@ async fn commands_sent_together_send_what_each_queued_in_turn() {
     })
     .await;
 }
+
+/// docs/protocol.md: a method's value is an object of parameters (`null`
+/// counts as an empty one). Any other value is error 107, never read as
+/// the fields in order, and nothing is published.
+#[tokio::test]
+async fn parameters_that_are_not_an_object_are_refused_with_107() {
+    let server = Server::start(&["--in-memory"]);
+    within(20, async {
+        let (mut c, _) = proto::connected(server.port, None).await;
+        c.ok("subscribe", json!({"channel": "lobby"})).await;
+        for params in [
+            json!(["lobby", {"x": 1}, null, null]),
+            json!("lobby"),
+            json!(1),
+        ] {
+            let r = c.call("publish", params.clone()).await;
+            assert_eq!(r["error"]["code"], 107, "{params}: {r}");
+            let message = r["error"]["message"].as_str().unwrap();
+            assert!(message.contains("must be a JSON object"), "{message}");
+        }
+        assert_eq!(c.error_code("ping", json!([])).await, 107);
+        assert_eq!(c.error_code("presence", json!(["lobby"])).await, 107);
+        c.ok("ping", json!(null)).await;
+        c.ok("ping", json!({})).await;
+        let history = c.ok("history", json!({"channel": "lobby"})).await;
+        assert_eq!(history["offset"], 0, "nothing was published: {history}");
+    })
+    .await;
+}

@@ -106,13 +106,20 @@ pub fn parse(text: &str) -> Result<Command, NotACommand> {
 }
 
 impl Command {
-    /// The parameters as `T`, or a 107 error naming what is wrong.
-    /// Read in place: a publish's data is not copied to be read.
+    /// The parameters as `T`, or a 107 error naming what is wrong: they
+    /// are an object (`null` counts as an empty one). Read in place: a
+    /// publish's data is not copied to be read.
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, ReplyError> {
-        let read = if self.params.is_null() {
-            T::deserialize(&Value::Object(Map::new()))
-        } else {
-            T::deserialize(&self.params)
+        let read = match &self.params {
+            Value::Null => T::deserialize(&Value::Object(Map::new())),
+            Value::Object(_) => T::deserialize(&self.params),
+            // serde would read a struct from an array of its fields.
+            _ => {
+                return Err(ReplyError::new(
+                    ErrorCode::BadRequest,
+                    format!("{}: the parameters must be a JSON object", self.method),
+                ));
+            }
         };
         read.map_err(|e| ReplyError::new(ErrorCode::BadRequest, format!("{}: {e}", self.method)))
     }

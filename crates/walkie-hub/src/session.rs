@@ -509,7 +509,9 @@ impl Session {
             "presence" => self.presence(&command, false).await,
             "presence_stats" => self.presence(&command, true).await,
             "refresh" => self.refresh(&command, now).await,
-            "ping" => Ok(json!({})),
+            "ping" => command
+                .params::<serde_json::Map<String, Value>>()
+                .map(|_| json!({})),
             other => Err(err(
                 ErrorCode::MethodNotFound,
                 format!("unknown method `{other}`"),
