@@ -25,6 +25,7 @@ mod http;
 mod limits;
 mod outbox;
 mod publish;
+mod reload;
 mod rooms;
 mod serve;
 mod shutdown;

@@ -431,15 +431,24 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => match walkie::tls::server_config(cert, key) {
-            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+    // Reloaded on SIGHUP (see `reload.rs`).
+    let certificate = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match walkie::tls::ReloadableCert::load(cert, key) {
+            Ok(c) => Some(c),
             Err(e) => {
                 eprintln!("walkie: --tls-cert/--tls-key: {e}");
                 return ExitCode::from(2);
             }
         },
         _ => None,
+    };
+    let tls = match certificate.clone().map(walkie::tls::server_config_with) {
+        Some(Ok(c)) => Some(tokio_rustls::TlsAcceptor::from(c)),
+        Some(Err(e)) => {
+            eprintln!("walkie: --tls-cert/--tls-key: {e}");
+            return ExitCode::from(2);
+        }
+        None => None,
     };
     let runtime = |name: &str| {
         tokio::runtime::Builder::new_current_thread()
@@ -546,9 +555,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let scheme = if tls.is_some() { "https" } else { "http" };
     // Listen for signals before saying we listen: a SIGTERM sent the
     // moment the address is known must stop us gracefully, not kill us.
-    let signals = {
+    let (signals, reloads) = {
         let _rt = main_rt.enter();
-        Signals::register()
+        let reloads = certificate.map(crate::reload::Reloads::register);
+        (Signals::register(), reloads.flatten())
     };
     info!(
         "walkie listening on {scheme}://{local}/ (WebSocket chat at /, echo at /echo, rooms at /rooms/NAME, the Walkie protocol at /ws; {workers} worker thread(s))"
@@ -629,6 +639,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 }
             }
         });
+    }
+    if let Some(reloads) = reloads {
+        main_rt.spawn(reloads.run(state.shutdown.clone()));
     }
     main_rt.spawn(crate::dashboard::run(
         state.hub.clone(),

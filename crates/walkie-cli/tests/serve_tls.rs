@@ -198,3 +198,76 @@ async fn a_room_over_tls_gets_every_message_in_order() {
     })
     .await;
 }
+
+/// SIGHUP reads the certificate and key again: later handshakes get the
+/// new certificate, a connection open before keeps working, and files
+/// that do not make a certificate keep the current one in use.
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_reloads_the_certificate_for_later_handshakes() {
+    let served = Pki::generate();
+    let first = Pki::generate();
+    let second = Pki::generate();
+    for (from, to) in [(first.cert(), served.cert()), (first.key(), served.key())] {
+        std::fs::copy(from, to).unwrap();
+    }
+    let mut server = served.server();
+    let url = format!("wss://localhost:{}/echo", server.port);
+    let trusting = |pki: &Pki| {
+        let mut config = ClientConfig::default();
+        config.tls = Some(walkie::tls::client_config_with_ca(&pki.ca()).unwrap());
+        config
+    };
+    let mut before = within(10, async {
+        let (ws, _) = walkie::connect_with(&url, &trusting(&first)).await.unwrap();
+        ws
+    })
+    .await;
+
+    // A renewed certificate, from another CA here, so that a client can
+    // tell which one it got.
+    for (from, to) in [(second.cert(), served.cert()), (second.key(), served.key())] {
+        std::fs::copy(from, to).unwrap();
+    }
+    server.signal("HUP");
+    assert!(
+        server.wait_log(&["TLS certificate reloaded"]).is_some(),
+        "log:\n{}",
+        server.log_text()
+    );
+    within(15, async {
+        let (mut ws, _) = walkie::connect_with(&url, &trusting(&second))
+            .await
+            .unwrap();
+        ws.send("new").await.unwrap();
+        assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("new"));
+        match walkie::connect_with(&url, &trusting(&first)).await {
+            Err(walkie::Error::Tls(_)) => {}
+            other => panic!("the old certificate is still served: {other:?}"),
+        }
+        // The connection made before keeps its session.
+        before.send("old").await.unwrap();
+        assert_eq!(before.recv().await.unwrap().unwrap(), Message::text("old"));
+    })
+    .await;
+
+    // A key that is not the certificate's: refused, the current one stays.
+    std::fs::copy(first.key(), served.key()).unwrap();
+    server.signal("HUP");
+    assert!(
+        server
+            .wait_log(&["cannot reload the TLS certificate"])
+            .is_some(),
+        "log:\n{}",
+        server.log_text()
+    );
+    assert!(server.is_running());
+    within(15, async {
+        let (mut ws, _) = walkie::connect_with(&url, &trusting(&second))
+            .await
+            .unwrap();
+        ws.send("kept").await.unwrap();
+        assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("kept"));
+    })
+    .await;
+}
