@@ -535,9 +535,11 @@ impl RedisBroker {
             .read_history(channel, after(since.as_ref().map(|(_, o)| *o)))
             .await?;
         let mut from = since.as_ref().map_or(0, |(_, o)| *o);
+        // An empty epoch: the channel had none when this node subscribed,
+        // and offset 0 is the start of any.
         if since
             .as_ref()
-            .is_some_and(|(e, _)| **e != *h.position.epoch)
+            .is_some_and(|(e, _)| !e.is_empty() && **e != *h.position.epoch)
         {
             tracing::warn!(%channel, "redis engine: history lost while disconnected (new epoch)");
             h = self.read_history(channel, after(None)).await?;
@@ -702,8 +704,9 @@ impl Broker for RedisBroker {
             }
             // Without it, a reconnect before the channel's next message
             // would deliver its whole history again (to be dropped by the
-            // hub as duplicates, at a cost). A channel with no epoch yet
-            // has nothing to deliver again.
+            // hub as duplicates, at a cost), and could not tell that what
+            // it missed was trimmed meanwhile. A channel with no epoch yet
+            // is at offset 0 of whichever epoch it gets (the empty one).
             let meta = self.key("m", channel.as_str());
             let read = redis::cmd("HMGET")
                 .arg(&meta)
@@ -714,7 +717,9 @@ impl Broker for RedisBroker {
                 Ok((Some(epoch), Some(top))) => {
                     lock(&self.shared.subscribed_at).insert(channel, (epoch.into(), top));
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    lock(&self.shared.subscribed_at).insert(channel, ("".into(), 0));
+                }
                 Err(e) => tracing::debug!(%channel, "redis engine: position not read: {e}"),
             }
             Ok(())
@@ -1260,6 +1265,78 @@ mod tests {
             .collect();
         assert_eq!(offsets, [1, 2, 3, 7]);
         assert_eq!(events.times_unavailable(&ch), 1, "one gap, one cut-off");
+        broker.remove_history(ch).await.unwrap();
+    }
+
+    /// A channel that had no history at all when this node subscribed
+    /// (offset 0, no epoch yet) is caught up from its start: if what it
+    /// missed was trimmed meanwhile, nothing past the gap is delivered and
+    /// its members are cut off to recover, as for a channel that had
+    /// history. (It was taken for a channel with nothing delivered, and
+    /// what was kept was delivered after a silent gap.) Needs
+    /// `WALKIE_TEST_REDIS`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_up_of_a_channel_empty_at_subscribe_detects_a_trimmed_gap() {
+        let Some((broker, url)) = test_broker().await else {
+            return;
+        };
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        let ch = ChannelName::new("empty-then-trimmed").unwrap();
+        broker.subscribe(ch.clone()).await.unwrap();
+        // While this node is cut off, 1 to 13 are saved in a new epoch and
+        // only 4 to 13 are still kept.
+        let (meta, stream) = (broker.key("m", ch.as_str()), broker.key("s", ch.as_str()));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(&meta, "epoch", "e-trimmed")
+            .ignore()
+            .hset(&meta, "top", 13)
+            .ignore();
+        for offset in 4..=13 {
+            let body = encode(&NewPublication::text(format!("m{offset}")).at(0));
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg(format!("{offset}-1"))
+                .arg("d")
+                .arg(body)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut broker.conn.clone())
+            .await
+            .unwrap();
+        kill_connection(&url, &broker).await;
+        wait_unavailable(&events, &ch, 1).await;
+        assert!(
+            events.on(&ch).is_empty(),
+            "nothing is delivered past the gap"
+        );
+        broker.remove_history(ch).await.unwrap();
+    }
+
+    /// A channel that had no history when this node subscribed, and whose
+    /// missed messages are all kept, gets them all after a reconnect.
+    /// Needs `WALKIE_TEST_REDIS`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_up_of_a_channel_empty_at_subscribe_delivers_all_it_missed() {
+        let Some((broker, url)) = test_broker().await else {
+            return;
+        };
+        let events = Arc::new(Recorder::default());
+        broker.set_events(events.clone());
+        let ch = ChannelName::new("empty-then-kept").unwrap();
+        broker.subscribe(ch.clone()).await.unwrap();
+        kill_connection(&url, &broker).await;
+        let p = NewPublication::text("first");
+        publish_after_a_kill(&broker, &ch, p, kept(10, Duration::from_secs(60))).await;
+        let offsets: Vec<u64> = events
+            .wait_for(&ch, 1)
+            .await
+            .iter()
+            .map(|p| p.offset)
+            .collect();
+        assert_eq!(offsets, [1]);
+        assert_eq!(events.times_unavailable(&ch), 0);
         broker.remove_history(ch).await.unwrap();
     }
 

@@ -47,9 +47,14 @@ impl Proto {
     /// The next message from the server, as JSON; `None` if the connection
     /// ended (see `close_code`).
     pub async fn next(&mut self) -> Option<Value> {
-        let m = tokio::time::timeout(Duration::from_secs(5), self.ws.recv())
+        self.next_within(Duration::from_secs(5)).await
+    }
+
+    /// [`Proto::next`], waiting up to `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        let m = tokio::time::timeout(wait, self.ws.recv())
             .await
-            .expect("nothing from the server within 5 s")?;
+            .unwrap_or_else(|_| panic!("nothing from the server within {wait:?}"))?;
         match m {
             Ok(Message::Text(t)) => Some(serde_json::from_str(&t).expect("not JSON")),
             Ok(other) => panic!("not a text message: {other:?}"),

@@ -382,6 +382,16 @@ impl Inner {
         let from = if same { at.offset + 1 } else { 1 };
         if s.previous >= from {
             match self.fetch(&s.stream, from..=s.previous).await {
+                // Some no longer kept (trimmed oldest first): not `s`
+                // either, past the gap.
+                Ok(missed) if missed.first().map(|p| p.offset) != Some(from) => {
+                    let position = StreamPosition {
+                        offset: s.seq,
+                        epoch: epoch.into(),
+                    };
+                    self.cut_off(channel, &position, at);
+                    return Ok(());
+                }
                 Ok(missed) => {
                     for p in &missed {
                         self.emit(channel, p, epoch, at);
@@ -416,7 +426,7 @@ impl Inner {
         outcome
     }
 
-    async fn catch_up_at(
+    pub(super) async fn catch_up_at(
         &self,
         channel: &ChannelName,
         at: &mut StreamPosition,
@@ -432,6 +442,7 @@ impl Inner {
             reverse: false,
         };
         let mut h = self.history(channel, after).await?;
+        let mut from = at.offset;
         if h.position.epoch != at.epoch {
             tracing::warn!(%channel, "nats engine: history removed while disconnected (new epoch)");
             let all = HistoryFilter {
@@ -439,11 +450,33 @@ impl Inner {
                 ..after
             };
             h = self.history(channel, all).await?;
+            from = 0;
+        }
+        // Saved after `from` but not read back: trimmed by size or age.
+        // Nothing past the gap is delivered: the channel's members here
+        // are cut off to recover, and delivery goes on from the stream's
+        // position.
+        let first = h.publications.first().map(|p| p.offset);
+        if h.position.offset > from && first != Some(from + 1) {
+            self.cut_off(channel, &h.position, at);
+            return Ok(());
         }
         for p in &h.publications {
             self.emit(channel, p, &h.position.epoch, at);
         }
         Ok(())
+    }
+
+    /// Some of `channel`'s missed messages are no longer kept: delivers
+    /// nothing past the gap, moves `at` to `position` (what comes next
+    /// is delivered from there) and tells the hub, which cuts the
+    /// channel's members off to recover, as after a channel stayed behind.
+    fn cut_off(&self, channel: &ChannelName, position: &StreamPosition, at: &mut StreamPosition) {
+        tracing::warn!(%channel, "nats engine: some of the missed messages are no longer kept");
+        *at = position.clone();
+        if let Some(events) = self.events.get() {
+            events.channel_unavailable(channel);
+        }
     }
 
     /// Tries again what a failed read-back (or a reconnect) left: the

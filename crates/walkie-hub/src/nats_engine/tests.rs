@@ -12,7 +12,7 @@ use crate::conformance::{Recorder, service_url, test_prefix};
 use crate::engine::EngineError;
 use crate::engine::{Broker as _, BrokerEvents};
 use crate::publication::{
-    HistoryOptions, NewPublication, Publication, PublishOptions, PublishRequest,
+    HistoryOptions, NewPublication, Publication, PublishOptions, PublishRequest, StreamPosition,
 };
 
 fn nats(test: &str) -> Option<String> {
@@ -445,6 +445,80 @@ async fn at_most_sixteen_channels_catch_up_at_once() {
             events.wait_for(ch, 2).await;
             assert_eq!(texts(&events.on(ch)), owned([(1, "m1"), (2, "m2")]), "{ch}");
         }
+    })
+    .await;
+}
+
+/// A catch-up (after a reconnect) that finds some of the missed messages
+/// trimmed delivers nothing past the gap, tells the hub (which cuts the
+/// channel's members off to recover) and goes on from the stream's
+/// position; with every missed message kept, it delivers them all. The
+/// gap was silent before: what was kept was delivered after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_past_a_trimmed_gap_cuts_the_channel_off() {
+    let name = "a_catch_up_past_a_trimmed_gap_cuts_the_channel_off";
+    on_two_nodes(name, |one, two, _| async move {
+        let events = Arc::new(Recorder::default());
+        one.set_events(events.clone());
+        let ch = ChannelName::new("trimmed-catch-up").unwrap();
+        let start = one.inner.position(&ch).await.unwrap();
+        assert_eq!(start.offset, 0);
+        let ten = PublishOptions {
+            history: Some(HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(300),
+            }),
+            ..PublishOptions::default()
+        };
+        for i in 1..=13 {
+            let m = NewPublication::text(format!("m{i}"));
+            two.publish(ch.clone(), m, ten.clone()).await.unwrap();
+        }
+        let mut at = start.clone();
+        one.inner.catch_up_at(&ch, &mut at, false).await.unwrap();
+        assert!(events.on(&ch).is_empty(), "nothing past the gap");
+        assert_eq!(events.times_unavailable(&ch), 1);
+        assert_eq!(at.offset, 13, "on from the stream's position");
+        // From the last one before what is kept: no gap.
+        let mut at = StreamPosition {
+            offset: 3,
+            epoch: start.epoch.clone(),
+        };
+        one.inner.catch_up_at(&ch, &mut at, false).await.unwrap();
+        let offsets: Vec<u64> = events.on(&ch).iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, (4..=13).collect::<Vec<_>>());
+        assert_eq!(events.times_unavailable(&ch), 1);
+    })
+    .await;
+}
+
+/// A saved message whose predecessors cannot be read back any more
+/// (trimmed before this node read them: here they never were) is not
+/// delivered after the gap: the hub is told, and what comes next is
+/// delivered. It was delivered silently before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_message_after_a_trimmed_gap_cuts_the_channel_off() {
+    let name = "a_saved_message_after_a_trimmed_gap_cuts_the_channel_off";
+    on_two_nodes(name, |one, _, _| async move {
+        let events = Arc::new(Recorder::default());
+        one.set_events(events.clone());
+        let ch = ChannelName::new("trimmed-live").unwrap();
+        one.subscribe(ch.clone()).await.unwrap();
+        let stream = stream_of(&one, &ch).await;
+        // As the stream would republish its 5th message: 1 to 4 are not
+        // in it.
+        inject(&one.inner, &ch, &stream, 5, "m5").await;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while events.times_unavailable(&ch) == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the hub was not told of the gap");
+        assert!(events.on(&ch).is_empty(), "nothing past the gap");
+        inject(&one.inner, &ch, &stream, 6, "m6").await;
+        let got = events.wait_for(&ch, 1).await;
+        assert_eq!(texts(&got), owned([(6, "m6")]));
     })
     .await;
 }
