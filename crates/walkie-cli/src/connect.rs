@@ -292,7 +292,16 @@ async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
         match client.subscribe(channel, sub).await {
             // The same channel given twice.
             Ok(()) | Err(ClientError::AlreadySubscribed { .. }) => {}
-            Err(_) => return exit::CONNECT,
+            Err(e) => {
+                // The client ended: why is in its last events.
+                while let Ok(event) = events.try_recv() {
+                    if let ClientEvent::Disconnected { code, reason, .. } = event {
+                        eprintln!("walkie connect: disconnected ({code} {reason})");
+                    }
+                }
+                eprintln!("walkie connect: cannot subscribe to {channel}: {e}");
+                return exit::CONNECT;
+            }
         }
     }
     let target = args.subscribe[0].clone();
@@ -300,14 +309,26 @@ async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
     let mut stdin_open = !args.no_stdin;
     let mut received = 0usize;
     let mut acks = tokio::task::JoinSet::new();
-    let mut deadline: Option<tokio::time::Instant> = None;
+    // Not done before every subscription is answered: a refused one is
+    // an error even with nothing to send.
+    let mut unanswered: std::collections::HashSet<&str> =
+        args.subscribe.iter().map(String::as_str).collect();
+    // With nothing to send, --count's messages are waited for from the
+    // start (as without --subscribe).
+    let mut deadline =
+        (args.no_stdin && args.count.is_some()).then(|| tokio::time::Instant::now() + args.timeout);
     let mut ever_connected = false;
     let connect_deadline = tokio::time::Instant::now() + args.timeout;
     let code = loop {
         if args.count.is_some_and(|n| received >= n) {
             break exit::OK;
         }
-        if args.count.is_none() && !stdin_open && !args.no_stdin && acks.is_empty() {
+        if args.count.is_none()
+            && !stdin_open
+            && !args.no_stdin
+            && acks.is_empty()
+            && unanswered.is_empty()
+        {
             break exit::OK;
         }
         tokio::select! {
@@ -330,7 +351,9 @@ async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
             Some(done) = acks.join_next(), if !acks.is_empty() => {
                 if let Ok(Err(e)) = done {
                     eprintln!("walkie connect: publish failed: {e}");
-                    break exit::CLOSED;
+                    // Never connected (a refused token, say): as when the
+                    // refusal comes first.
+                    break if ever_connected { exit::CLOSED } else { exit::CONNECT };
                 }
             }
             event = events.recv() => match event {
@@ -342,6 +365,9 @@ async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
                     received += 1;
                 }
                 Some(ClientEvent::Connected { .. }) => ever_connected = true,
+                Some(ClientEvent::Subscribed { channel, .. }) => {
+                    unanswered.remove(channel.as_str());
+                }
                 Some(ClientEvent::SubscribeFailed { channel, error, retrying: true, .. }) => {
                     eprintln!("walkie connect: cannot subscribe to {channel} yet: {error}; retrying");
                 }

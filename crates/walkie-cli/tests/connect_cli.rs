@@ -299,3 +299,70 @@ fn reads_while_a_send_waits_for_room() {
         assert!(line.bytes().all(|b| b == b'a' + (i % 26) as u8), "line {i}");
     }
 }
+
+/// `--subscribe` with `--no-stdin` and `--count`: `-t` bounds the wait,
+/// as without `--subscribe` (it waited for ever).
+#[test]
+fn subscribe_with_no_stdin_and_a_count_times_out_with_3() {
+    let server = Server::start(&["--in-memory"]);
+    let url = server.ws_url("/ws");
+    let args = [
+        "connect",
+        "-s",
+        "lobby",
+        "--no-stdin",
+        "-n",
+        "1",
+        "-t",
+        "1s",
+        &url,
+    ];
+    let run = run_walkie(args, &[], None, LIMIT);
+    assert_eq!(run.code(), Some(3), "{run:?}");
+    assert!(run.stderr.contains("timed out"), "{run:?}");
+}
+
+/// A refused subscription is an error even with nothing to send (it
+/// exited 0 when stdin was empty).
+#[test]
+fn a_refused_subscription_with_empty_stdin_exits_4() {
+    let server = Server::start(&["--in-memory"]);
+    let run = connect(&["-s", "nons:x", &server.ws_url("/ws")], "");
+    assert_eq!(run.code(), Some(4), "{run:?}");
+    assert!(run.stderr.contains("cannot subscribe to nons:x"), "{run:?}");
+    // And a subscription that is answered, with nothing to send, is done.
+    let run = connect(&["-s", "lobby", &server.ws_url("/ws")], "");
+    assert_eq!(run.code(), Some(0), "{run:?}");
+}
+
+/// A token the server refuses: exit 1 (could not connect) whether or not
+/// a line was waiting to be published.
+#[test]
+fn a_refused_token_exits_1_with_or_without_lines() {
+    let server = Server::start(&["--in-memory"]);
+    let url = server.ws_url("/ws");
+    let no_stdin = [
+        "connect",
+        "-s",
+        "lobby",
+        "--token",
+        "abc",
+        "--no-stdin",
+        &url,
+    ];
+    let run = run_walkie(no_stdin, &[], None, LIMIT);
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    let run = connect(&["-s", "lobby", "--token", "abc", &url], "1\n");
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    assert!(run.stderr.contains("4001"), "{run:?}");
+}
+
+/// `--subscribe` to a URL that does not speak the Walkie protocol (no
+/// `walkie.v1` subprotocol): exit 1 with why, not a timeout.
+#[test]
+fn subscribe_to_a_path_that_is_not_ws_exits_1_with_why() {
+    let server = Server::start(&["--in-memory"]);
+    let run = connect(&["-s", "lobby", "-t", "5s", &server.ws_url("/echo")], "1\n");
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    assert!(run.stderr.contains("walkie.v1"), "{run:?}");
+}

@@ -139,8 +139,9 @@ pub enum ClientEvent {
     },
     /// The connection ended; `reconnecting` says whether it comes back.
     Disconnected {
-        /// The close code (1006 if the connection just dropped), or the
-        /// error code (100-199) of a refused `connect`.
+        /// The close code (1006 if the connection just dropped, 1002 if
+        /// the server is not a Walkie protocol endpoint), or the error code
+        /// (100-199) of a refused `connect`.
         code: u16,
         /// The close reason, or the error's message.
         reason: String,
@@ -517,6 +518,10 @@ enum Ended {
     Dropped(u16, String),
     /// The server answered `connect` with this error.
     Refused(u16, String),
+    /// The server accepted the WebSocket without the Walkie protocol's
+    /// subprotocol: not a Walkie `/ws` endpoint (the URL is wrong), which
+    /// reconnecting would not change.
+    NotWalkie,
 }
 
 impl Task {
@@ -697,6 +702,7 @@ impl Task {
         config.write_buffer_high = usize::MAX;
         loop {
             let ended = match walkie::connect_with(&self.options.url, &config).await {
+                Ok((ws, _)) if ws.protocol() != Some(SUBPROTOCOL) => Ended::NotWalkie,
                 Ok((ws, _)) => self.session(ws, &mut cmds).await,
                 Err(e) => Ended::Dropped(1006, e.to_string()),
             };
@@ -706,6 +712,14 @@ impl Task {
                     let end = self.final_error(code, &reason);
                     (code, reason, end)
                 }
+                Ended::NotWalkie => (
+                    1002,
+                    format!(
+                        "the server did not accept the {SUBPROTOCOL} subprotocol: {} is not a Walkie protocol endpoint (its /ws)",
+                        self.options.url
+                    ),
+                    Some(ClientError::Disconnected),
+                ),
                 Ended::Refused(code, message) => {
                     let end = (!temporary(code)).then(|| ClientError::Server {
                         code,
