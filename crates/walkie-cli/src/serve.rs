@@ -52,7 +52,7 @@ pub struct ServeArgs {
     pub max_frame_size: usize,
 
     /// Do not accept permessage-deflate compression.
-    #[arg(long, env = "WALKIE_NO_DEFLATE")]
+    #[arg(long, env = "WALKIE_NO_DEFLATE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_deflate: bool,
 
     /// Ping a quiet client after this long; `off` disables keepalive.
@@ -97,21 +97,18 @@ pub struct ServeArgs {
     pub api_key: Option<String>,
 
     /// Directory for durable data (room history). Default:
-    /// $XDG_DATA_HOME/walkie, else ~/.local/share/walkie.
-    #[arg(long, env = "WALKIE_DATA_DIR", conflicts_with = "in_memory")]
+    /// $XDG_DATA_HOME/walkie, else ~/.local/share/walkie. Not with
+    /// --engine, which keeps history itself.
+    #[arg(long, env = "WALKIE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
     /// An external engine shared by several walkie nodes:
     /// redis://HOST:PORT/DB (history, pub/sub and presence in Redis), or
     /// nats://HOST:PORT[?replicas=N] (history in JetStream, a stream per
     /// channel with N replicas, default 1; delivery over NATS; presence in
-    /// a key-value bucket; streams empty for an hour are deleted).
-    #[arg(
-        long,
-        env = "WALKIE_ENGINE",
-        hide_env_values = true,
-        conflicts_with_all = ["in_memory", "data_dir"]
-    )]
+    /// a key-value bucket; streams empty for an hour are deleted). Not with
+    /// --data-dir or --in-memory: the engine keeps history.
+    #[arg(long, env = "WALKIE_ENGINE", hide_env_values = true)]
     pub engine: Option<String>,
 
     /// Prefix of every key and channel the engine uses in Redis, and of
@@ -128,7 +125,7 @@ pub struct ServeArgs {
 
     /// Keep history in memory only: nothing is written to disk, and history
     /// is lost on restart.
-    #[arg(long, env = "WALKIE_IN_MEMORY")]
+    #[arg(long, env = "WALKIE_IN_MEMORY", value_parser = clap::builder::BoolishValueParser::new())]
     pub in_memory: bool,
 
     /// Messages of history kept per room; `?history=N` may ask for at most
@@ -170,11 +167,27 @@ pub struct ServeArgs {
 
     /// Write logs as JSON lines instead of text. Filter with WALKIE_LOG or
     /// RUST_LOG (e.g. `debug`, `walkie=trace`).
-    #[arg(long, env = "WALKIE_LOG_JSON")]
+    #[arg(long, env = "WALKIE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
 }
 
 impl ServeArgs {
+    /// Flags that cannot go together. Checked here rather than by clap,
+    /// which counts a flag set from the environment as given even when it
+    /// says false (`WALKIE_IN_MEMORY=0`).
+    fn conflict(&self) -> Option<String> {
+        let engine = self.engine.is_some();
+        let clash = |a: &str, b: &str| format!("{a} cannot be used with {b}");
+        if engine && self.in_memory {
+            return Some(clash("--engine", "--in-memory: the engine keeps history"));
+        }
+        if engine && self.data_dir.is_some() {
+            return Some(clash("--engine", "--data-dir: the engine keeps history"));
+        }
+        (self.in_memory && self.data_dir.is_some())
+            .then(|| clash("--in-memory", "--data-dir: history is kept in memory only"))
+    }
+
     fn server_config(&self) -> Result<ServerConfig, String> {
         let mut config = ServerConfig::default();
         config.connection.max_message_size = self.max_message_size;
@@ -422,6 +435,10 @@ fn default_data_dir() -> Option<PathBuf> {
 /// life: no work stealing, no cross-thread wake-ups, and each thread serves
 /// its ready connections in turn. The main thread only waits for signals.
 pub fn run(args: ServeArgs) -> ExitCode {
+    if let Some(e) = args.conflict() {
+        eprintln!("walkie: {e}");
+        return ExitCode::from(2);
+    }
     // First: history files and engine connections count too.
     let open_files = limits::raise_open_files();
     let config = match args.server_config() {
@@ -481,9 +498,20 @@ pub fn run(args: ServeArgs) -> ExitCode {
     // Without a configuration file the server runs for development: every
     // channel is open, and /demo/token hands out tokens signed with a
     // secret made up for this run, so that the demo pages can show user
-    // channels. A configuration file turns both off.
+    // channels. A configuration file turns both off. Nodes sharing an
+    // engine derive it from their prefix instead, so that a token from one
+    // works on all (a client reconnects to any): it is no secret in this
+    // mode anyway, where /demo/token signs tokens for anyone.
     let demo_secret = args.config.is_none().then(|| {
-        let secret = format!("{:032x}", rand::random::<u128>());
+        let secret = match &args.engine {
+            None => format!("{:032x}", rand::random::<u128>()),
+            Some(_) => {
+                use sha2::Digest as _;
+                let seed = format!("walkie demo tokens\0{}", args.engine_prefix);
+                let digest = sha2::Sha256::digest(seed.as_bytes());
+                digest.iter().map(|b| format!("{b:02x}")).collect()
+            }
+        };
         hub_config.auth.hmac_secret = Some(secret.clone());
         secret
     });

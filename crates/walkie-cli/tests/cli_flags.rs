@@ -292,3 +292,42 @@ fn serve_settings_in_the_environment_do_not_break_client_commands() {
     assert_eq!(run.code(), Some(2), "{run:?}");
     assert!(run.stderr.contains("--workers"), "{}", run.stderr);
 }
+
+/// Boolean environment variables take the usual spellings (`1`, `yes`,
+/// `on`, `0`, `no`, `off`...), and one that says false does not count as
+/// the flag: `WALKIE_IN_MEMORY=0` with `--data-dir` is no conflict.
+#[tokio::test]
+async fn boolean_env_values_take_the_usual_spellings() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for value in ["1", "yes", "on"] {
+        let run = run_walkie(
+            ["serve", "--bind", "127.0.0.1:0", "--data-dir", data],
+            &[("WALKIE_IN_MEMORY", value)],
+            None,
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(2), "{value}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("--in-memory cannot be used with --data-dir"),
+            "{value}: {run:?}"
+        );
+    }
+    for value in ["0", "off", "no"] {
+        let envs = [("WALKIE_IN_MEMORY", value), ("WALKIE_NO_DEFLATE", value)];
+        let mut server = Server::spawn(
+            ["serve", "--bind", "127.0.0.1:0", "--data-dir", data],
+            &envs,
+        );
+        within(10, server.assert_serves(value)).await;
+    }
+    let run = run_walkie(
+        ["serve", "--bind", "127.0.0.1:0"],
+        &[("WALKIE_LOG_JSON", "maybe")],
+        None,
+        LIMIT,
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("--log-json"), "{run:?}");
+}

@@ -331,3 +331,50 @@ fn nats_replicas_a_single_server_cannot_give_fail_at_start() {
     assert_eq!(run.code(), Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("replicas"), "{}", run.stderr);
 }
+
+/// Without a configuration file, a token from one node's `/demo/token`
+/// works on every node sharing the engine (each made up its own secret,
+/// and a client reconnecting to another node was refused with 4001).
+async fn demo_tokens_work_on_every_node(url: &str, prefix: &str) {
+    let nodes = [node(url, prefix), node(url, prefix)];
+    within(20, async {
+        let request = "GET /demo/token?user=42 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let r = http_exchange(nodes[0].port, request.as_bytes()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let token: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        let token = token["token"].as_str().unwrap().to_owned();
+        for n in &nodes {
+            let (_, info) = proto::connected(n.port, Some(&token)).await;
+            assert_eq!(info["user"], "42", "node {}", n.port);
+        }
+    })
+    .await;
+    // Another cluster (another prefix) does not take them.
+    let other = node(url, &format!("{prefix}other:"));
+    within(20, async {
+        let request = "GET /demo/token?user=42 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let r = http_exchange(nodes[0].port, request.as_bytes()).await;
+        let token: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        let mut p = proto::open(other.port).await;
+        let connect = json!({"id": 1, "connect": {"token": token["token"]}});
+        p.send_raw(&connect.to_string()).await;
+        assert_eq!(p.closed().await, Some(4001));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn demo_tokens_work_on_every_redis_node() {
+    let Some(url) = redis() else { return };
+    let prefix = format!("walkie-test-{}-demo:", std::process::id());
+    demo_tokens_work_on_every_node(&url, &prefix).await;
+}
+
+#[tokio::test]
+async fn demo_tokens_work_on_every_nats_node() {
+    let Some(url) = nats() else { return };
+    on_nats(&url, "demo", |url, prefix| async move {
+        demo_tokens_work_on_every_node(&url, &prefix).await
+    })
+    .await;
+}
