@@ -1,6 +1,8 @@
 //! `walkie publish CHANNEL DATA`: publishes through a server's HTTP API.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -8,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Options of `walkie publish`.
 #[derive(Debug, Clone, Args)]
@@ -23,9 +26,18 @@ pub struct PublishArgs {
     #[arg(long)]
     pub text: bool,
 
-    /// The server's base URL (http:// only).
+    /// The server's base URL: http://HOST[:PORT] or https://HOST[:PORT].
     #[arg(long, env = "WALKIE_URL", default_value = "http://127.0.0.1:3000")]
     pub url: String,
+
+    /// For https://: trust this PEM CA certificate (instead of the system's
+    /// roots).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+
+    /// For https://: accept any certificate (local tests only).
+    #[arg(short = 'k', long)]
+    pub insecure: bool,
 
     /// The server's API key.
     #[arg(long, env = "WALKIE_API_KEY", hide_env_values = true)]
@@ -61,10 +73,29 @@ pub async fn run(args: PublishArgs) -> ExitCode {
             }
         }
     };
-    let authority = match server_authority(&args.url) {
+    let server = match server_authority(&args.url) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("walkie: --url: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tls = match (server.tls, &args.ca, args.insecure) {
+        (false, _, _) => Ok(None),
+        (true, Some(ca), _) => walkie::tls::client_config_with_ca(ca)
+            .map(Some)
+            .map_err(|e| format!("--ca: {e}")),
+        (true, None, true) => walkie::tls::insecure_client_config()
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        (true, None, false) => walkie::tls::default_client_config()
+            .map(Some)
+            .map_err(|e| e.to_string()),
+    };
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("walkie: {e}");
             return ExitCode::from(2);
         }
     };
@@ -76,7 +107,8 @@ pub async fn run(args: PublishArgs) -> ExitCode {
         body["key"] = json!(k);
     }
     let call = post(
-        &authority,
+        &server,
+        tls,
         "/api/publish",
         args.api_key.as_deref(),
         body.to_string(),
@@ -107,7 +139,7 @@ pub async fn run(args: PublishArgs) -> ExitCode {
 /// Why `--url` cannot be used.
 #[derive(Debug, PartialEq, Eq)]
 enum UrlError {
-    /// Not `http://HOST[:PORT]` with nothing after it but a `/`.
+    /// Not `http(s)://HOST[:PORT]` with nothing after it but a `/`.
     NotHttp,
     /// `http://HOST:` with nothing after the colon.
     EmptyPort,
@@ -116,19 +148,34 @@ enum UrlError {
 impl std::fmt::Display for UrlError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            UrlError::NotHttp => "give http://HOST:PORT (https is not supported by this command)",
+            UrlError::NotHttp => "give http://HOST:PORT or https://HOST:PORT",
             UrlError::EmptyPort => "the port after the colon is missing (give http://HOST:PORT)",
         })
     }
 }
 
-/// `HOST:PORT` to connect to from `--url`; a URL without a port means
-/// port 80, as it does for every HTTP client (a bare `HOST` is not a
+/// Where `--url` points.
+#[derive(Debug, PartialEq, Eq)]
+struct Server {
+    /// `https://`.
+    tls: bool,
+    /// `HOST:PORT`, to connect to and for the `Host` header.
+    authority: String,
+    /// `HOST`, without an IPv6 literal's brackets: the name the
+    /// certificate must hold.
+    host: String,
+}
+
+/// The server `--url` names; a URL without a port means port 80 (443 for
+/// https), as it does for every HTTP client (a bare `HOST` is not a
 /// socket address).
-fn server_authority(url: &str) -> Result<String, UrlError> {
-    let authority = url
-        .strip_prefix("http://")
-        .map(|rest| rest.trim_end_matches('/'))
+fn server_authority(url: &str) -> Result<Server, UrlError> {
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => return Err(UrlError::NotHttp),
+    };
+    let authority = Some(rest.trim_end_matches('/'))
         .filter(|a| !a.is_empty() && !a.contains('/'))
         .ok_or(UrlError::NotHttp)?;
     if authority.ends_with(':') {
@@ -136,25 +183,56 @@ fn server_authority(url: &str) -> Result<String, UrlError> {
     }
     // The last colon starts the port unless it is inside an IPv6 literal
     // (`[::1]`).
-    let has_port = authority
+    let port = authority
         .rsplit_once(':')
-        .is_some_and(|(_, port)| !port.contains(']'));
-    Ok(if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
+        .filter(|(_, port)| !port.contains(']'));
+    let host = port.map_or(authority, |(host, _)| host);
+    let authority = match port {
+        Some(_) => authority.to_owned(),
+        None => format!("{authority}:{}", if tls { 443 } else { 80 }),
+    };
+    Ok(Server {
+        tls,
+        authority,
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
     })
 }
 
-/// One HTTP/1.1 POST; returns the status and body.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One HTTP/1.1 POST, over TLS with `tls`; returns the status and body.
 async fn post(
+    server: &Server,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    path: &str,
+    api_key: Option<&str>,
+    body: String,
+) -> Result<(hyper::StatusCode, String), BoxError> {
+    let tcp = tokio::net::TcpStream::connect(&server.authority).await?;
+    let Some(tls) = tls else {
+        return exchange(tcp, &server.authority, path, api_key, body).await;
+    };
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(server.host.clone())?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    exchange(stream, &server.authority, path, api_key, body).await
+}
+
+async fn exchange<S>(
+    io: S,
     authority: &str,
     path: &str,
     api_key: Option<&str>,
     body: String,
-) -> Result<(hyper::StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let tcp = tokio::net::TcpStream::connect(authority).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+) -> Result<(hyper::StatusCode, String), BoxError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     let driver = tokio::spawn(conn);
     let mut request = Request::post(path)
         .header(hyper::header::HOST, authority)
@@ -175,34 +253,41 @@ async fn post(
 mod tests {
     use super::*;
 
+    fn authority(url: &str) -> Result<(bool, String, String), UrlError> {
+        server_authority(url).map(|s| (s.tls, s.authority, s.host))
+    }
+
+    fn http(authority: &str, host: &str) -> Result<(bool, String, String), UrlError> {
+        Ok((false, authority.into(), host.into()))
+    }
+
     #[test]
-    fn the_port_defaults_to_80() {
+    fn the_port_defaults_to_80_or_443() {
         assert_eq!(
-            server_authority("http://localhost"),
-            Ok("localhost:80".into())
+            authority("http://localhost"),
+            http("localhost:80", "localhost")
         );
         assert_eq!(
-            server_authority("http://localhost/"),
-            Ok("localhost:80".into())
+            authority("http://localhost/"),
+            http("localhost:80", "localhost")
         );
-        assert_eq!(server_authority("http://[::1]"), Ok("[::1]:80".into()));
+        assert_eq!(authority("http://[::1]"), http("[::1]:80", "::1"));
         assert_eq!(
-            server_authority("http://127.0.0.1:3000/"),
-            Ok("127.0.0.1:3000".into())
+            authority("http://127.0.0.1:3000/"),
+            http("127.0.0.1:3000", "127.0.0.1")
         );
+        assert_eq!(authority("http://[::1]:8080"), http("[::1]:8080", "::1"));
+        assert_eq!(authority("http://localhost:"), Err(UrlError::EmptyPort));
         assert_eq!(
-            server_authority("http://[::1]:8080"),
-            Ok("[::1]:8080".into())
-        );
-        assert_eq!(
-            server_authority("http://localhost:"),
-            Err(UrlError::EmptyPort)
+            authority("https://localhost"),
+            Ok((true, "localhost:443".into(), "localhost".into()))
         );
         assert_eq!(
-            server_authority("https://localhost"),
-            Err(UrlError::NotHttp)
+            authority("https://example.org:8443/"),
+            Ok((true, "example.org:8443".into(), "example.org".into()))
         );
-        assert_eq!(server_authority("http://h/api"), Err(UrlError::NotHttp));
-        assert_eq!(server_authority("http://"), Err(UrlError::NotHttp));
+        assert_eq!(authority("http://h/api"), Err(UrlError::NotHttp));
+        assert_eq!(authority("http://"), Err(UrlError::NotHttp));
+        assert_eq!(authority("ws://h:1"), Err(UrlError::NotHttp));
     }
 }

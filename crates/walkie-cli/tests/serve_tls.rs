@@ -271,3 +271,47 @@ async fn sighup_reloads_the_certificate_for_later_handshakes() {
     })
     .await;
 }
+
+/// `walkie publish` over https://: with the CA, or -k; without either, a
+/// certificate error (exit 1), nothing published.
+#[test]
+fn walkie_publish_over_https() {
+    let pki = Pki::generate();
+    let server = pki.server_with(&["--api-key", "k", "--in-memory"], &[]);
+    let url = format!("https://localhost:{}", server.port);
+    let publish = |extra: &[&str]| {
+        let mut args = vec!["publish", "--url", &url, "--api-key", "k", "news", "\"hi\""];
+        args.extend_from_slice(extra);
+        run_walkie(args, &[], None, Duration::from_secs(15))
+    };
+    let run = publish(&["--ca", s(&pki.ca())]);
+    assert_eq!(run.code(), Some(0), "--ca: {run:?}");
+    assert!(run.stdout.contains("\"offset\":1"), "{run:?}");
+    let run = publish(&["-k"]);
+    assert_eq!(run.code(), Some(0), "-k: {run:?}");
+    assert!(run.stdout.contains("\"offset\":2"), "{run:?}");
+    let run = publish(&[]);
+    assert_eq!(run.code(), Some(1), "the system's roots: {run:?}");
+    assert!(run.stderr.to_lowercase().contains("certificate"), "{run:?}");
+    let run = publish(&["-k", "--ca", s(&pki.ca())]);
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    // Plain http:// to the TLS port is no answer.
+    let plain = format!("http://localhost:{}", server.port);
+    let run = run_walkie(
+        [
+            "publish",
+            "--url",
+            &plain,
+            "--api-key",
+            "k",
+            "-t",
+            "3s",
+            "news",
+            "1",
+        ],
+        &[],
+        None,
+        Duration::from_secs(15),
+    );
+    assert_eq!(run.code(), Some(1), "{run:?}");
+}
