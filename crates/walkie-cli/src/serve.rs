@@ -360,7 +360,15 @@ type Engine = (
 /// `--engine URL: ERROR`, with user info hidden in both: the engines'
 /// errors repeat the URL they were given, password included.
 fn engine_error(shown: &str, e: &walkie_hub::EngineError) -> String {
-    format!("--engine {shown}: {}", redact_user_info(&e.to_string()))
+    // On one line: a client's parse error may span several (`redis://` to
+    // a port that speaks another protocol).
+    let e = e
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!("--engine {shown}: {}", redact_user_info(&e))
 }
 
 /// `text` with the user info (`user:password@`, `:password@`, `token@`) of

@@ -331,3 +331,19 @@ async fn boolean_env_values_take_the_usual_spellings() {
     assert_eq!(run.code(), Some(2), "{run:?}");
     assert!(run.stderr.contains("--log-json"), "{run:?}");
 }
+
+/// An engine error is one line naming the flag, even where the client's
+/// error spans several (Redis's parser, answered by a NATS server).
+#[test]
+fn an_engine_that_speaks_another_protocol_is_one_line_naming_the_flag() {
+    let Ok(nats) = std::env::var("WALKIE_TEST_NATS") else {
+        eprintln!("SKIPPED: set WALKIE_TEST_NATS to run it");
+        return;
+    };
+    let address = nats.trim_start_matches("nats://");
+    let engine = format!("redis://{address}");
+    let run = walkie(&["serve", "--bind", "127.0.0.1:0", "--engine", &engine]);
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(run.stderr.starts_with("walkie: --engine"), "{run:?}");
+    assert_eq!(run.stderr.trim_end().lines().count(), 1, "{run:?}");
+}
