@@ -40,7 +40,8 @@ pub struct ConnectArgs {
     #[arg(short = 'n', long)]
     pub count: Option<usize>,
 
-    /// How long to wait for the connection, and for replies once stdin ends.
+    /// How long to wait for the connection, and for replies once stdin ends
+    /// (with --no-stdin and -n: for the messages, from the start).
     #[arg(short = 't', long, default_value = "10s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
 
@@ -270,9 +271,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// `walkie connect --subscribe`: the Walkie protocol through the library's
-/// client. Exits after --count publications, or once stdin ended and every
-/// line was acknowledged (with --no-stdin and no --count: until Ctrl-C or a
-/// final close).
+/// client. Exits after --count publications, or once stdin ended, every
+/// line was acknowledged and every subscription answered (with --no-stdin
+/// and no --count: until Ctrl-C or a final close).
 async fn channels(args: &ConnectArgs, config: ClientConfig) -> u8 {
     use walkie_hub::client::{Client, ClientError, ClientEvent, Options, SubscribeOptions};
 

@@ -46,7 +46,9 @@ impl Reloads {
             }
             let path = self.cert.cert_path().display();
             match self.cert.reload() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded from {path}"),
+                Ok(chain) => tracing::info!(
+                    "SIGHUP: TLS certificate reloaded from {path} ({chain} certificate(s) in the chain)"
+                ),
                 Err(e) => tracing::error!(
                     "SIGHUP: cannot reload the TLS certificate, keeping the current one: {e}"
                 ),

@@ -220,8 +220,9 @@ where
             Step::Received(Some(Ok(message))) => {
                 let published = publish(ws, state, client, channel, message, &mut shutdown);
                 let e = match Box::pin(published).await {
-                    // Shutdown while waiting for the next second: the next
-                    // turn closes.
+                    // Published; or the member is being closed (shutdown,
+                    // its queue closed) while it waited for the next
+                    // second: the next turn says why.
                     Ok(None) => continue,
                     Ok(Some(Behind::Failed(e))) => return format!("connection failed: {e}"),
                     // Every message is taken: nothing is refused.
@@ -273,9 +274,10 @@ where
 ///
 /// A burst takes no more than the member's publish rate still allows this
 /// second; the rest stays unread. A member with none left waits here for
-/// the next second (at most a second, and shutdown ends the wait, dropping
+/// the next second (about a second at most, sending what its queue gets
+/// meanwhile; shutdown, or its queue closing, ends the wait and drops
 /// `first`: the member is being closed), and then the loop takes a turn
-/// (its queue, pings) before anything more is read.
+/// (pings, the rest of its queue) before anything more is read.
 async fn publish<S>(
     ws: &Shared<S>,
     state: &AppState,
@@ -290,19 +292,20 @@ where
     let metrics = state.hub.metrics();
     let rate = state.rooms.publish_rate;
     // No clock to read without a rate: every count is then unlimited.
-    let (mut now, millis) = if rate.is_some() { clock() } else { (0, 0) };
+    let mut now = if rate.is_some() { clock().0 } else { 0 };
     if client.publishes_left(now, rate) == 0 {
         metrics
             .publishes_limited
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let next_second = Duration::from_millis(1000 - millis);
-        tokio::select! {
-            () = poll_fn(|cx| shutdown.poll(cx)) => return Ok(None),
-            () = tokio::time::sleep(next_second) => {}
+        // Until the clock's second turns (again, if a step back kept it).
+        while client.publishes_left(now, rate) == 0 {
+            if !wait_for_next_second(ws, client, shutdown).await {
+                return Ok(None);
+            }
+            now = clock().0;
         }
         // The member was sending, not idle, while it waited.
         ws.lock().resume_reading();
-        now = clock().0;
     }
     let left = client.publishes_left(now, rate);
     let mut bytes = first.len();
@@ -342,6 +345,40 @@ where
         .into_iter()
         .find_map(Result::err)
         .map_or(Ok(behind), Err)
+}
+
+/// Waits for the clock's next second, sending what the member's queue
+/// gets meanwhile (as the member's loop would: a busy room must not cut a
+/// paced member off as a slow consumer). `false` if the member is being
+/// closed instead: shutdown, its queue closed, or a write failed; its
+/// loop's next turn says why.
+async fn wait_for_next_second<S>(
+    ws: &Shared<S>,
+    client: &walkie_hub::Client,
+    shutdown: &mut crate::shutdown::Waiter<'_>,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let next_second = Duration::from_millis(1000 - clock().1);
+    let sleep = tokio::time::sleep(next_second);
+    tokio::pin!(sleep);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = poll_fn(|cx| shutdown.poll(cx)) => return false,
+            popped = client.queue().pop_all(&mut batch) => {
+                if popped.is_err() {
+                    return false;
+                }
+                if send_batch(ws, &mut batch, client.queue(), shutdown).await.is_err() {
+                    return false;
+                }
+            }
+            () = &mut sleep => return true,
+        }
+    }
 }
 
 /// The clock rates are counted by: whole seconds since the Unix epoch, and

@@ -306,11 +306,19 @@ impl ServeArgs {
                     .map_err(failed)?;
                 let presence = walkie_hub::NatsPresence::new(&broker, self.presence_ttl);
                 rt.block_on(presence.open()).map_err(failed)?;
+                let secret = match self.config {
+                    None => Some(
+                        rt.block_on(broker.shared_secret(DEMO_SECRET))
+                            .map_err(failed)?,
+                    ),
+                    Some(_) => None,
+                };
                 rt.spawn(delete_idle_streams(broker.clone()));
                 return Ok((
                     Arc::new(broker),
                     Some(Arc::new(presence)),
                     format!("in NATS JetStream at {shown}"),
+                    secret,
                 ));
             }
             if !url.starts_with("redis://") {
@@ -322,14 +330,27 @@ impl ServeArgs {
                 .block_on(walkie_hub::RedisBroker::connect(url, &self.engine_prefix))
                 .map_err(failed)?;
             let presence = walkie_hub::RedisPresence::new(&broker, self.presence_ttl);
+            let secret = match self.config {
+                None => Some(
+                    rt.block_on(broker.shared_secret(DEMO_SECRET))
+                        .map_err(failed)?,
+                ),
+                Some(_) => None,
+            };
             return Ok((
                 Arc::new(broker),
                 Some(Arc::new(presence)),
                 format!("in Redis at {shown}"),
+                secret,
             ));
         }
         if self.in_memory {
-            return Ok((Arc::new(MemoryBroker::new()), None, "in memory".into()));
+            return Ok((
+                Arc::new(MemoryBroker::new()),
+                None,
+                "in memory".into(),
+                None,
+            ));
         }
         let dir = match &self.data_dir {
             Some(d) => d.clone(),
@@ -340,7 +361,7 @@ impl ServeArgs {
         match DurableBroker::open(&dir) {
             Ok(b) => {
                 let where_ = format!("in {}", b.path().display());
-                Ok((Arc::new(b), None, where_))
+                Ok((Arc::new(b), None, where_, None))
             }
             Err(e) => Err(format!(
                 "--data-dir: {e} (give another --data-dir, or --in-memory)"
@@ -349,13 +370,18 @@ impl ServeArgs {
     }
 }
 
-/// The broker, the presence manager if the engine has one, and where
-/// history is kept (for the log).
+/// The broker, the presence manager if the engine has one, where history
+/// is kept (for the log), and, without --config, the secret of
+/// `/demo/token`'s tokens that the nodes on an engine share.
 type Engine = (
     Arc<dyn Broker>,
     Option<Arc<dyn walkie_hub::PresenceManager>>,
     String,
+    Option<String>,
 );
+
+/// The name of the demo tokens' secret in an engine.
+const DEMO_SECRET: &str = "demo-tokens";
 
 /// `--engine URL: ERROR`, with user info hidden in both: the engines'
 /// errors repeat the URL they were given, password included.
@@ -488,7 +514,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (broker, presence, history_at) = match args.broker(&main_rt) {
+    let (broker, presence, history_at, shared_secret) = match args.broker(&main_rt) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("walkie: {e}");
@@ -507,19 +533,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
     // channel is open, and /demo/token hands out tokens signed with a
     // secret made up for this run, so that the demo pages can show user
     // channels. A configuration file turns both off. Nodes sharing an
-    // engine derive it from their prefix instead, so that a token from one
-    // works on all (a client reconnects to any): it is no secret in this
-    // mode anyway, where /demo/token signs tokens for anyone.
+    // engine share the secret too (the first made it, in the engine), so
+    // that a token from one works on all: a client reconnects to any.
     let demo_secret = args.config.is_none().then(|| {
-        let secret = match &args.engine {
-            None => format!("{:032x}", rand::random::<u128>()),
-            Some(_) => {
-                use sha2::Digest as _;
-                let seed = format!("walkie demo tokens\0{}", args.engine_prefix);
-                let digest = sha2::Sha256::digest(seed.as_bytes());
-                digest.iter().map(|b| format!("{b:02x}")).collect()
-            }
-        };
+        let secret = shared_secret.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
         hub_config.auth.hmac_secret = Some(secret.clone());
         secret
     });

@@ -79,11 +79,14 @@ impl Proxy {
     }
 }
 
-/// The address in a `redis://` or `nats://` URL.
+/// The address in a `redis://` or `nats://` URL (a name resolved, user
+/// info left out).
 fn address(url: &str) -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs as _;
     let rest = url.split("://").nth(1).unwrap();
-    let host = rest.split(['/', '?']).next().unwrap();
-    host.parse().unwrap()
+    let authority = rest.split(['/', '?']).next().unwrap();
+    let host = authority.rsplit('@').next().unwrap();
+    host.to_socket_addrs().unwrap().next().unwrap()
 }
 
 const CONFIG: &str = r#"

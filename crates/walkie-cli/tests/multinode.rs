@@ -374,7 +374,10 @@ async fn demo_tokens_work_on_every_redis_node() {
 async fn demo_tokens_work_on_every_nats_node() {
     let Some(url) = nats() else { return };
     on_nats(&url, "demo", |url, prefix| async move {
-        demo_tokens_work_on_every_node(&url, &prefix).await
+        demo_tokens_work_on_every_node(&url, &prefix).await;
+        let other = format!("{prefix}other:");
+        let broker = walkie_hub::NatsBroker::connect(&url, &other).await.unwrap();
+        broker.delete_all().await.unwrap();
     })
     .await;
 }

@@ -125,17 +125,7 @@ async fn a_room_members_burst_past_the_rate_is_slowed_down_not_lost() {
         let url = server.ws_url("/rooms/paced");
         let mut reader = walkie::connect(&url).await.unwrap();
         let mut sender = walkie::connect(&url).await.unwrap();
-        for _ in 0..500 {
-            let joins = server
-                .log()
-                .iter()
-                .filter(|l| l.contains("joined room"))
-                .count();
-            if joins >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        joined(&server, 2).await;
         // 15 at 5 per second span at least three seconds of the clock:
         // the last arrives over a second after the first.
         for i in 0..15 {
@@ -162,7 +152,8 @@ async fn a_room_members_burst_past_the_rate_is_slowed_down_not_lost() {
 }
 
 /// A member waiting for the next second still closes at once on shutdown,
-/// with 1001, as every other connection does.
+/// with 1001, as every other connection does, and the message that waited
+/// is not published after shutdown began.
 #[tokio::test]
 async fn shutdown_ends_a_members_wait_for_the_next_second() {
     let mut server = Server::start(&["--in-memory", "--client-publish-rate", "1"]);
@@ -178,12 +169,33 @@ async fn shutdown_ends_a_members_wait_for_the_next_second() {
         assert_eq!(m, Message::text("m0"));
     })
     .await;
+    // Signalled early in a second, with over half of it left to wait: the
+    // echo of what was published at its start has arrived by then.
+    let mut echoes = 1;
+    within(10, async {
+        loop {
+            let into = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_millis();
+            if (150..450).contains(&into) {
+                break;
+            }
+            if let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_millis(20), sender.recv()).await
+            {
+                echoes += 1;
+            }
+        }
+    })
+    .await;
     let start = Instant::now();
     server.signal("TERM");
+    let mut after = Vec::new();
     within(10, async {
         loop {
             match sender.recv().await {
-                Some(Ok(Message::Text(_))) => continue,
+                Some(Ok(Message::Text(t))) => after.push(t.to_string()),
                 Some(Ok(other)) => panic!("unexpected {other:?}"),
                 Some(Err(_)) | None => break,
             }
@@ -193,7 +205,11 @@ async fn shutdown_ends_a_members_wait_for_the_next_second() {
     let frame = sender.close_frame().expect("no close frame");
     assert_eq!(frame.code, walkie::CloseCode::GOING_AWAY, "{frame}");
     assert!(
-        start.elapsed() < Duration::from_secs(3),
+        after.is_empty(),
+        "published after shutdown began (had {echoes}): {after:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
         "closed {:?} after SIGTERM",
         start.elapsed()
     );
@@ -201,6 +217,23 @@ async fn shutdown_ends_a_members_wait_for_the_next_second() {
         .wait_exit(Duration::from_secs(10))
         .expect("still running");
     assert!(status.success(), "{status}; log:\n{}", server.log_text());
+}
+
+/// Waits until the server logged `n` joins: a message sent before a
+/// member's join completes does not reach it.
+async fn joined(server: &Server, n: usize) {
+    for _ in 0..500 {
+        let joins = server
+            .log()
+            .iter()
+            .filter(|l| l.contains("joined room"))
+            .count();
+        if joins >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{n} joins not logged within 10 s:\n{}", server.log_text());
 }
 
 async fn recv(ws: &mut walkie::WebSocket<walkie::MaybeTlsStream>) -> Message {
@@ -220,17 +253,7 @@ async fn a_paced_member_keeps_receiving() {
         let url = server.ws_url("/rooms/paced");
         let mut sender = walkie::connect(&url).await.unwrap();
         let mut other = walkie::connect(&url).await.unwrap();
-        for _ in 0..500 {
-            let joins = server
-                .log()
-                .iter()
-                .filter(|l| l.contains("joined room"))
-                .count();
-            if joins >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        joined(&server, 2).await;
         for i in 0..6 {
             sender.send(format!("m{i}")).await.unwrap();
         }
@@ -281,17 +304,7 @@ async fn a_paced_member_is_not_closed_as_idle() {
     within(30, async {
         let url = server.ws_url("/rooms/paced");
         let mut sender = walkie::connect(&url).await.unwrap();
-        for _ in 0..500 {
-            let joins = server
-                .log()
-                .iter()
-                .filter(|l| l.contains("joined room"))
-                .count();
-            if joins >= 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        joined(&server, 1).await;
         // 12 at 2 per second: six seconds, four times the idle timeout.
         for i in 0..12 {
             sender.send(format!("x{i}")).await.unwrap();

@@ -511,6 +511,9 @@ struct Task {
     server_version: u64,
     /// The token of `server_version`.
     server_token: Option<String>,
+    /// A `connect` succeeded once: a server that is not a Walkie endpoint
+    /// later (a proxy misrouting one reconnect) is then not the end.
+    connected_once: bool,
 }
 
 enum Ended {
@@ -519,8 +522,8 @@ enum Ended {
     /// The server answered `connect` with this error.
     Refused(u16, String),
     /// The server accepted the WebSocket without the Walkie protocol's
-    /// subprotocol: not a Walkie `/ws` endpoint (the URL is wrong), which
-    /// reconnecting would not change.
+    /// subprotocol: not a Walkie `/ws` endpoint. Before any connection the
+    /// URL is wrong, which reconnecting would not change.
     NotWalkie,
 }
 
@@ -542,6 +545,7 @@ impl Task {
             attempts: 0,
             token_version: 0,
             server_version: 0,
+            connected_once: false,
         }
     }
 
@@ -702,7 +706,11 @@ impl Task {
         config.write_buffer_high = usize::MAX;
         loop {
             let ended = match walkie::connect_with(&self.options.url, &config).await {
-                Ok((ws, _)) if ws.protocol() != Some(SUBPROTOCOL) => Ended::NotWalkie,
+                Ok((mut ws, _)) if ws.protocol() != Some(SUBPROTOCOL) => {
+                    let close = ws.close(CloseCode::PROTOCOL_ERROR, "walkie.v1 expected");
+                    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                    Ended::NotWalkie
+                }
                 Ok((ws, _)) => self.session(ws, &mut cmds).await,
                 Err(e) => Ended::Dropped(1006, e.to_string()),
             };
@@ -718,7 +726,7 @@ impl Task {
                         "the server did not accept the {SUBPROTOCOL} subprotocol: {} is not a Walkie protocol endpoint (its /ws)",
                         self.options.url
                     ),
-                    Some(ClientError::Disconnected),
+                    (!self.connected_once).then_some(ClientError::Disconnected),
                 ),
                 Ended::Refused(code, message) => {
                     let end = (!temporary(code)).then(|| ClientError::Server {
@@ -924,6 +932,7 @@ impl Task {
                                     Err(e) => break Ended::Refused(0, e.to_string()),
                                 };
                                 connected_at = Some(Instant::now());
+                                self.connected_once = true;
                                 let event = ClientEvent::Connected {
                                     client: r["client"].as_str().unwrap_or("").to_owned(),
                                     user: r["user"].as_str().unwrap_or("").to_owned(),

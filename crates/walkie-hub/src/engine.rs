@@ -67,8 +67,9 @@ pub trait BrokerEvents: Send + Sync + 'static {
     /// hub only queues the message for each local subscriber.
     fn handle_publication(&self, channel: &ChannelName, publication: &Publication, epoch: &str);
 
-    /// The engine cannot deliver `channel` in order for now: missed
-    /// publications it cannot read back (its store unreachable for long).
+    /// The engine cannot deliver `channel` in order: missed publications
+    /// it cannot read back, for now (its store unreachable for long) or for
+    /// good (history trimmed past them meanwhile).
     /// Rather than leave subscribers waiting without a word, the hub cuts
     /// them off, to reconnect and recover from history when they can. The
     /// engine goes on delivering what it can, in order.

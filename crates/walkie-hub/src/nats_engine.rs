@@ -56,7 +56,9 @@
 //!   (a slow consumer: the client does not say which channel), each
 //!   channel catches up from its stream, as the Redis engine does from its
 //!   history. A read-back that fails is tried again until it succeeds, and
-//!   nothing saved is delivered past the gap meanwhile (see `delivery.rs`).
+//!   nothing saved is delivered past the gap meanwhile; one that finds the
+//!   missed messages trimmed cuts the channel's members off (see
+//!   `delivery.rs`).
 //! - **Presence** is a key-value bucket (`<prefix>presence`) whose entries
 //!   expire after [`PRESENCE_TTL`](crate::PRESENCE_TTL) unless put again;
 //!   each node's refresh task puts its own entries again
@@ -582,6 +584,20 @@ impl NatsBroker {
         Ok(deleted)
     }
 
+    /// A random secret that every node on this prefix shares: made by the
+    /// first to ask for `name`, kept in the prefix's `meta` bucket.
+    pub async fn shared_secret(&self, name: &str) -> Result<String, EngineError> {
+        let i = &self.inner;
+        let meta = i.open_bucket(i.bucket("meta"), Duration::ZERO).await?;
+        let key = format!("secret-{name}");
+        let fresh = format!("{:032x}", rand::random::<u128>());
+        // Refused where another node made it first: that one is read.
+        let _ = meta.create(&key, fresh.into()).await;
+        let value = meta.get(&key).await.map_err(unavailable)?;
+        let value = value.ok_or_else(|| EngineError::Storage(format!("nats: {key} is gone")))?;
+        Ok(String::from_utf8_lossy(&value).into_owned())
+    }
+
     /// Deletes every stream and bucket under this broker's prefix: all
     /// channels' history, presence and idempotency keys. For tests, and for
     /// retiring a prefix. Returns how many streams it deleted.
@@ -931,6 +947,18 @@ impl Inner {
         };
         let oldest_kept = limits_of(&info.config).map(|l| now_ms().saturating_sub(l.ttl_ms));
         let fresh = |p: &Publication| oldest_kept.is_none_or(|t| p.time_ms >= t);
+        // Messages expire oldest first: what is kept starts at the first
+        // fresh one, and a later one stamped older (publishers' clocks
+        // differ) is kept too, as the Redis engine does, so that what is
+        // returned has no gaps (a gap would cut a catching-up channel off).
+        let mut found_fresh = false;
+        let mut from_first_fresh = |got: &mut Vec<Publication>| {
+            if !found_fresh {
+                let start = got.iter().position(fresh).unwrap_or(got.len());
+                got.drain(..start);
+                found_fresh = !got.is_empty();
+            }
+        };
         let limit = filter
             .limit
             .map_or(u64::MAX, |n| u64::try_from(n).unwrap_or(u64::MAX));
@@ -942,7 +970,7 @@ impl Inner {
                 // the newest `limit` sequences, less the expired ones.
                 let lo = lo.max(last.saturating_sub(limit - 1));
                 publications = self.fetch(stream, lo..=last).await?;
-                publications.retain(fresh);
+                from_first_fresh(&mut publications);
                 publications.reverse();
             } else {
                 let mut next = lo;
@@ -950,7 +978,7 @@ impl Inner {
                     let want = (limit - publications.len() as u64).min(256);
                     let hi = last.min(next + want - 1);
                     let mut got = self.fetch(stream, next..=hi).await?;
-                    got.retain(fresh);
+                    from_first_fresh(&mut got);
                     publications.extend(got);
                     next = hi + 1;
                 }

@@ -77,12 +77,14 @@ impl ReloadableCert {
         }))
     }
 
-    /// Reads both files again. On an error the current certificate stays
-    /// in use.
-    pub fn reload(&self) -> Result<()> {
+    /// Reads both files again; returns how many certificates the chain
+    /// holds (a chain file read while half written can be short). On an
+    /// error the current certificate stays in use.
+    pub fn reload(&self) -> Result<usize> {
         let fresh = read_certified_key(&self.cert, &self.key)?;
+        let chain = fresh.cert.len();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-        Ok(())
+        Ok(chain)
     }
 
     /// The certificate file's path.

@@ -16,6 +16,12 @@
 //! is told ([`BrokerEvents::channel_unavailable`]): it cuts the channel's
 //! members off, to reconnect and recover from history. Retries go on.
 //!
+//! A read-back that succeeds but finds the first missed messages trimmed
+//! (a burst larger than history, or older than its TTL, while the node was
+//! behind) tells the hub at once: nothing past the gap is delivered, and
+//! delivery goes on from the stream's position. Held messages that go on
+//! from where delivery is count as read: they are no gap.
+//!
 //! [`BrokerEvents::channel_unavailable`]: crate::engine::BrokerEvents::channel_unavailable
 
 use std::collections::VecDeque;
@@ -487,6 +493,21 @@ impl Inner {
             return;
         };
         if b.catch_up {
+            // Held messages that go on from where delivery is are delivered
+            // first: history may have been trimmed past them meanwhile (a
+            // burst larger than it), which is no gap for this node.
+            while b.held.front().is_some_and(|s| {
+                *epoch_of(&s.stream) == *cursor.at.epoch && s.previous == cursor.at.offset
+            }) {
+                let s = b.next_held().expect("a held message");
+                match decode(s.seq, &s.payload) {
+                    Ok(p) => {
+                        let epoch = cursor.at.epoch.clone();
+                        self.emit(channel, &p, &epoch, &mut cursor.at);
+                    }
+                    Err(e) => tracing::warn!(%channel, "nats engine: {e}"),
+                }
+            }
             match self.catch_up(channel, cursor, b.forget).await {
                 // Everything held was saved before this read: delivered now.
                 Ok(()) => {

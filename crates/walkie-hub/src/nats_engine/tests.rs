@@ -522,3 +522,51 @@ async fn a_saved_message_after_a_trimmed_gap_cuts_the_channel_off() {
     })
     .await;
 }
+
+/// Messages held while a channel waited to catch up (after a reconnect or
+/// a slow-consumer event) are delivered first, though history was trimmed
+/// past them meanwhile: what this node holds is no gap, and the channel is
+/// not cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_messages_fill_what_history_trimmed_meanwhile() {
+    let name = "held_messages_fill_what_history_trimmed_meanwhile";
+    on_two_nodes(name, |one, two, _| async move {
+        let events = Arc::new(Recorder::default());
+        one.set_events(events.clone());
+        let ch = ChannelName::new("held-trimmed").unwrap();
+        one.subscribe(ch.clone()).await.unwrap();
+        // Every catch-up slot taken: the channel, told to catch up, waits
+        // and holds what arrives.
+        let slots = one.inner.catch_up_slots.clone();
+        let all = slots
+            .acquire_many_owned(super::delivery::MAX_CATCH_UPS as u32)
+            .await
+            .unwrap();
+        one.inner.catch_ups.send_modify(|n| n.reconnects += 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ten = PublishOptions {
+            history: Some(HistoryOptions {
+                size: 10,
+                ttl: Duration::from_secs(300),
+            }),
+            ..PublishOptions::default()
+        };
+        for i in 1..=13 {
+            let m = NewPublication::text(format!("m{i}"));
+            two.publish(ch.clone(), m, ten.clone()).await.unwrap();
+        }
+        // Held, not delivered, while history keeps 4 to 13 only.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(events.on(&ch).is_empty(), "delivered while waiting");
+        drop(all);
+        let offsets: Vec<u64> = events
+            .wait_for(&ch, 13)
+            .await
+            .iter()
+            .map(|p| p.offset)
+            .collect();
+        assert_eq!(offsets, (1..=13).collect::<Vec<_>>());
+        assert_eq!(events.times_unavailable(&ch), 0, "cut off for nothing");
+    })
+    .await;
+}

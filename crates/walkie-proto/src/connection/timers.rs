@@ -198,9 +198,7 @@ impl Connection {
     /// reading while a write waits for room (backpressure) would otherwise
     /// miss the pongs of a peer that reads slowly but steadily, and fail it.
     pub fn handle_write_progress(&mut self, now: Instant) {
-        if !self.is_closed() {
-            self.timers.on_receive(now);
-        }
+        self.peer_alive(now);
     }
 
     /// Records that the application held back what the peer sent (read
@@ -210,6 +208,11 @@ impl Connection {
     /// peer whose messages wait unread would be closed as idle, and a pong
     /// queued behind them would come too late.
     pub fn handle_read_resumed(&mut self, now: Instant) {
+        self.peer_alive(now);
+    }
+
+    /// The peer counts as alive at `now`, as when data arrives.
+    fn peer_alive(&mut self, now: Instant) {
         if !self.is_closed() {
             self.timers.on_receive(now);
         }
