@@ -10,7 +10,7 @@ mod proto;
 
 use std::time::{Duration, Instant};
 
-use common::{HttpResponse, Server, http_exchange, within};
+use common::{HttpResponse, Server, http_exchange, joined, within};
 use serde_json::{Value, json};
 use walkie::Message;
 
@@ -125,7 +125,7 @@ async fn a_room_members_burst_past_the_rate_is_slowed_down_not_lost() {
         let url = server.ws_url("/rooms/paced");
         let mut reader = walkie::connect(&url).await.unwrap();
         let mut sender = walkie::connect(&url).await.unwrap();
-        joined(&server, 2).await;
+        joined(&server, "", 2).await;
         // 15 at 5 per second span at least three seconds of the clock:
         // the last arrives over a second after the first.
         for i in 0..15 {
@@ -219,23 +219,6 @@ async fn shutdown_ends_a_members_wait_for_the_next_second() {
     assert!(status.success(), "{status}; log:\n{}", server.log_text());
 }
 
-/// Waits until the server logged `n` joins: a message sent before a
-/// member's join completes does not reach it.
-async fn joined(server: &Server, n: usize) {
-    for _ in 0..500 {
-        let joins = server
-            .log()
-            .iter()
-            .filter(|l| l.contains("joined room"))
-            .count();
-        if joins >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{n} joins not logged within 10 s:\n{}", server.log_text());
-}
-
 async fn recv(ws: &mut walkie::WebSocket<walkie::MaybeTlsStream>) -> Message {
     tokio::time::timeout(Duration::from_secs(5), ws.recv())
         .await
@@ -253,7 +236,7 @@ async fn a_paced_member_keeps_receiving() {
         let url = server.ws_url("/rooms/paced");
         let mut sender = walkie::connect(&url).await.unwrap();
         let mut other = walkie::connect(&url).await.unwrap();
-        joined(&server, 2).await;
+        joined(&server, "", 2).await;
         for i in 0..6 {
             sender.send(format!("m{i}")).await.unwrap();
         }
@@ -304,7 +287,7 @@ async fn a_paced_member_is_not_closed_as_idle() {
     within(30, async {
         let url = server.ws_url("/rooms/paced");
         let mut sender = walkie::connect(&url).await.unwrap();
-        joined(&server, 1).await;
+        joined(&server, "", 1).await;
         // 12 at 2 per second: six seconds, four times the idle timeout.
         for i in 0..12 {
             sender.send(format!("x{i}")).await.unwrap();

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, Server, http_exchange, upgrade_request, within};
+use common::{RawWs, Server, http_exchange, joined, upgrade_request, within};
 use tokio::io::AsyncWriteExt;
 use walkie::{CloseCode, Message};
 
@@ -15,27 +15,6 @@ type Ws = walkie::WebSocket<walkie::MaybeTlsStream>;
 
 async fn join(server: &Server, path: &str) -> Ws {
     walkie::connect(&server.ws_url(path)).await.unwrap()
-}
-
-/// Waits until the server logged `n` joins of `room`: a connection's
-/// handshake completes before its subscription does, and a message sent in
-/// between is (rightly) not delivered to it.
-async fn joined(server: &Server, room: &str, n: usize) {
-    for _ in 0..500 {
-        let count = server
-            .log()
-            .iter()
-            .filter(|l| l.contains("joined room") && l.contains(room))
-            .count();
-        if count >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!(
-        "{n} members did not join {room} within 10 s; log:\n{}",
-        server.log_text()
-    );
 }
 
 async fn next(ws: &mut Ws) -> Message {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, within};
+use common::{Server, joined, within};
 use walkie::{CloseCode, MaybeTlsStream, Message, WebSocket};
 
 async fn chat_client(server: &Server, name: &str) -> WebSocket<MaybeTlsStream> {
@@ -170,18 +170,7 @@ async fn sigterm_ends_a_room_member_that_reads_nothing_in_a_quiet_room() {
         .unwrap();
     let (mut echoes, mut writer) = ws.split();
     let drain = tokio::spawn(async move { while let Some(Ok(_)) = echoes.recv().await {} });
-    within(10, async {
-        while server
-            .log()
-            .iter()
-            .filter(|l| l.contains("joined room"))
-            .count()
-            < 2
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    joined(&server, "", 2).await;
     // 25 MB: more than loopback buffers hold, less than the member's queue.
     let payload = vec![1u8; 64 * 1024];
     within(30, async {

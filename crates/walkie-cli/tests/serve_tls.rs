@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Pki, run_walkie, s, within};
+use common::{Pki, joined, run_walkie, s, within};
 use walkie::{ClientConfig, CloseCode, Message};
 
 #[tokio::test]
@@ -160,17 +160,7 @@ async fn a_room_over_tls_gets_every_message_in_order() {
         let url = format!("wss://localhost:{}/rooms/secure", server.port);
         let (mut writer, _) = walkie::connect_with(&url, &config).await.unwrap();
         let (mut reader, _) = walkie::connect_with(&url, &config).await.unwrap();
-        for _ in 0..500 {
-            let joins = server
-                .log()
-                .iter()
-                .filter(|l| l.contains("joined room"))
-                .count();
-            if joins >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        joined(&server, "secure", 2).await;
         let total = 120u32;
         let size = |i: u32| if i % 40 == 0 { 300_000 } else { 100 };
         for i in 0..total {

@@ -756,3 +756,24 @@ impl Drop for Pki {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("non-UTF-8 path")
 }
+
+/// Waits until `server` logged `n` joins of rooms whose name contains
+/// `room` (`""`: any room). A member's handshake completes before its
+/// join does, and a message sent in between does not reach it.
+pub async fn joined(server: &Server, room: &str, n: usize) {
+    for _ in 0..500 {
+        let count = server
+            .log()
+            .iter()
+            .filter(|l| l.contains("joined room") && l.contains(room))
+            .count();
+        if count >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "{n} members did not join {room} within 10 s; log:\n{}",
+        server.log_text()
+    );
+}

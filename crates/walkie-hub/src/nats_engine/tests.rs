@@ -19,14 +19,19 @@ fn nats(test: &str) -> Option<String> {
     service_url("WALKIE_TEST_NATS", test)
 }
 
-fn kept() -> PublishOptions {
+/// History of at most `size` messages.
+fn kept_at_most(size: usize) -> PublishOptions {
     PublishOptions {
         history: Some(HistoryOptions {
-            size: 1000,
+            size,
             ttl: Duration::from_secs(300),
         }),
         ..PublishOptions::default()
     }
+}
+
+fn kept() -> PublishOptions {
+    kept_at_most(1000)
 }
 
 /// Runs `test` with two brokers (two nodes) on a fresh prefix, then
@@ -463,13 +468,7 @@ async fn a_catch_up_past_a_trimmed_gap_cuts_the_channel_off() {
         let ch = ChannelName::new("trimmed-catch-up").unwrap();
         let start = one.inner.position(&ch).await.unwrap();
         assert_eq!(start.offset, 0);
-        let ten = PublishOptions {
-            history: Some(HistoryOptions {
-                size: 10,
-                ttl: Duration::from_secs(300),
-            }),
-            ..PublishOptions::default()
-        };
+        let ten = kept_at_most(10);
         for i in 1..=13 {
             let m = NewPublication::text(format!("m{i}"));
             two.publish(ch.clone(), m, ten.clone()).await.unwrap();
@@ -544,13 +543,7 @@ async fn held_messages_fill_what_history_trimmed_meanwhile() {
             .unwrap();
         one.inner.catch_ups.send_modify(|n| n.reconnects += 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let ten = PublishOptions {
-            history: Some(HistoryOptions {
-                size: 10,
-                ttl: Duration::from_secs(300),
-            }),
-            ..PublishOptions::default()
-        };
+        let ten = kept_at_most(10);
         for i in 1..=13 {
             let m = NewPublication::text(format!("m{i}"));
             two.publish(ch.clone(), m, ten.clone()).await.unwrap();
