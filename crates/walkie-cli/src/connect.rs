@@ -106,14 +106,25 @@ fn client_config(args: &ConnectArgs) -> Result<ClientConfig, String> {
             .headers
             .push((name.trim().to_owned(), value.trim().to_owned()));
     }
-    config.tls = match (&args.ca, args.insecure) {
-        (Some(ca), _) => {
-            Some(walkie::tls::client_config_with_ca(ca).map_err(|e| format!("--ca: {e}"))?)
-        }
-        (None, true) => Some(walkie::tls::insecure_client_config().map_err(|e| e.to_string())?),
-        (None, false) => None,
-    };
+    config.tls = tls_client(args.ca.as_deref(), args.insecure)?;
     Ok(config)
+}
+
+/// The TLS settings of `--ca` and `-k` (`None`: the system's roots), for
+/// `walkie connect` and `walkie publish`.
+pub fn tls_client(
+    ca: Option<&std::path::Path>,
+    insecure: bool,
+) -> Result<Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>, String> {
+    match (ca, insecure) {
+        (Some(ca), _) => walkie::tls::client_config_with_ca(ca)
+            .map(Some)
+            .map_err(|e| format!("--ca: {e}")),
+        (None, true) => walkie::tls::insecure_client_config()
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        (None, false) => Ok(None),
+    }
 }
 
 fn print(message: &Message) {

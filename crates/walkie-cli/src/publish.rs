@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -10,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncWrite};
+use walkie::{ClientConfig, WsUrl};
 
 /// Options of `walkie publish`.
 #[derive(Debug, Clone, Args)]
@@ -73,26 +72,15 @@ pub async fn run(args: PublishArgs) -> ExitCode {
             }
         }
     };
-    let server = match server_authority(&args.url) {
+    let server = match server_url(&args.url) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("walkie: --url: {e}");
             return ExitCode::from(2);
         }
     };
-    let tls = match (server.tls, &args.ca, args.insecure) {
-        (false, _, _) => Ok(None),
-        (true, Some(ca), _) => walkie::tls::client_config_with_ca(ca)
-            .map(Some)
-            .map_err(|e| format!("--ca: {e}")),
-        (true, None, true) => walkie::tls::insecure_client_config()
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        (true, None, false) => walkie::tls::default_client_config()
-            .map(Some)
-            .map_err(|e| e.to_string()),
-    };
-    let tls = match tls {
+    let mut config = ClientConfig::default();
+    config.tls = match crate::connect::tls_client(args.ca.as_deref(), args.insecure) {
         Ok(tls) => tls,
         Err(e) => {
             eprintln!("walkie: {e}");
@@ -108,7 +96,7 @@ pub async fn run(args: PublishArgs) -> ExitCode {
     }
     let call = post(
         &server,
-        tls,
+        &config,
         "/api/publish",
         args.api_key.as_deref(),
         body.to_string(),
@@ -143,99 +131,56 @@ enum UrlError {
     NotHttp,
     /// `http://HOST:` with nothing after the colon.
     EmptyPort,
+    /// Refused by the URL parser (a bad port, user info...).
+    Invalid(String),
 }
 
 impl std::fmt::Display for UrlError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            UrlError::NotHttp => "give http://HOST:PORT or https://HOST:PORT",
-            UrlError::EmptyPort => "the port after the colon is missing (give http://HOST:PORT)",
-        })
+        match self {
+            UrlError::NotHttp => f.write_str("give http://HOST:PORT or https://HOST:PORT"),
+            UrlError::EmptyPort => {
+                f.write_str("the port after the colon is missing (give http://HOST:PORT)")
+            }
+            UrlError::Invalid(why) => f.write_str(why),
+        }
     }
 }
 
-/// Where `--url` points.
-#[derive(Debug, PartialEq, Eq)]
-struct Server {
-    /// `https://`.
-    tls: bool,
-    /// `HOST:PORT`, to connect to and for the `Host` header.
-    authority: String,
-    /// `HOST`, without an IPv6 literal's brackets: the name the
-    /// certificate must hold.
-    host: String,
-}
-
-/// The server `--url` names; a URL without a port means port 80 (443 for
-/// https), as it does for every HTTP client (a bare `HOST` is not a
-/// socket address).
-fn server_authority(url: &str) -> Result<Server, UrlError> {
-    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
-        (Some(rest), _) => (false, rest),
-        (_, Some(rest)) => (true, rest),
-        _ => return Err(UrlError::NotHttp),
-    };
-    let authority = Some(rest.trim_end_matches('/'))
-        .filter(|a| !a.is_empty() && !a.contains('/'))
+/// The server `--url` names: `http(s)://HOST[:PORT]` with nothing after it
+/// but a `/`. A URL without a port means the scheme's (80 or 443), as it
+/// does for every HTTP client.
+fn server_url(url: &str) -> Result<WsUrl, UrlError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
         .ok_or(UrlError::NotHttp)?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(UrlError::NotHttp);
+    }
     if authority.ends_with(':') {
         return Err(UrlError::EmptyPort);
     }
-    // The last colon starts the port unless it is inside an IPv6 literal
-    // (`[::1]`).
-    let port = authority
-        .rsplit_once(':')
-        .filter(|(_, port)| !port.contains(']'));
-    let host = port.map_or(authority, |(host, _)| host);
-    let authority = match port {
-        Some(_) => authority.to_owned(),
-        None => format!("{authority}:{}", if tls { 443 } else { 80 }),
-    };
-    Ok(Server {
-        tls,
-        authority,
-        host: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-    })
+    WsUrl::parse(url).map_err(|e| UrlError::Invalid(e.to_string()))
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One HTTP/1.1 POST, over TLS with `tls`; returns the status and body.
+/// One HTTP/1.1 POST (over TLS for https://); returns the status and
+/// body.
 async fn post(
-    server: &Server,
-    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    server: &WsUrl,
+    config: &ClientConfig,
     path: &str,
     api_key: Option<&str>,
     body: String,
 ) -> Result<(hyper::StatusCode, String), BoxError> {
-    let tcp = tokio::net::TcpStream::connect(&server.authority).await?;
-    let Some(tls) = tls else {
-        return exchange(tcp, &server.authority, path, api_key, body).await;
-    };
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(server.host.clone())?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await?;
-    exchange(stream, &server.authority, path, api_key, body).await
-}
-
-async fn exchange<S>(
-    io: S,
-    authority: &str,
-    path: &str,
-    api_key: Option<&str>,
-    body: String,
-) -> Result<(hyper::StatusCode, String), BoxError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let stream = walkie::open_stream(server, config).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let driver = tokio::spawn(conn);
     let mut request = Request::post(path)
-        .header(hyper::header::HOST, authority)
+        .header(hyper::header::HOST, server.host_header())
         .header(hyper::header::CONTENT_TYPE, "application/json");
     if let Some(key) = api_key {
         request = request.header(hyper::header::AUTHORIZATION, format!("apikey {key}"));
@@ -253,41 +198,33 @@ where
 mod tests {
     use super::*;
 
-    fn authority(url: &str) -> Result<(bool, String, String), UrlError> {
-        server_authority(url).map(|s| (s.tls, s.authority, s.host))
-    }
-
-    fn http(authority: &str, host: &str) -> Result<(bool, String, String), UrlError> {
-        Ok((false, authority.into(), host.into()))
+    fn where_(url: &str) -> Result<(bool, String, u16), UrlError> {
+        server_url(url).map(|u| (u.tls, u.host, u.port))
     }
 
     #[test]
     fn the_port_defaults_to_80_or_443() {
+        let http = |host: &str, port| Ok((false, host.to_owned(), port));
+        assert_eq!(where_("http://localhost"), http("localhost", 80));
+        assert_eq!(where_("http://localhost/"), http("localhost", 80));
+        assert_eq!(where_("http://[::1]"), http("::1", 80));
+        assert_eq!(where_("http://127.0.0.1:3000/"), http("127.0.0.1", 3000));
+        assert_eq!(where_("http://[::1]:8080"), http("::1", 8080));
+        assert_eq!(where_("http://localhost:"), Err(UrlError::EmptyPort));
         assert_eq!(
-            authority("http://localhost"),
-            http("localhost:80", "localhost")
+            where_("https://localhost"),
+            Ok((true, "localhost".into(), 443))
         );
         assert_eq!(
-            authority("http://localhost/"),
-            http("localhost:80", "localhost")
+            where_("https://example.org:8443/"),
+            Ok((true, "example.org".into(), 8443))
         );
-        assert_eq!(authority("http://[::1]"), http("[::1]:80", "::1"));
-        assert_eq!(
-            authority("http://127.0.0.1:3000/"),
-            http("127.0.0.1:3000", "127.0.0.1")
-        );
-        assert_eq!(authority("http://[::1]:8080"), http("[::1]:8080", "::1"));
-        assert_eq!(authority("http://localhost:"), Err(UrlError::EmptyPort));
-        assert_eq!(
-            authority("https://localhost"),
-            Ok((true, "localhost:443".into(), "localhost".into()))
-        );
-        assert_eq!(
-            authority("https://example.org:8443/"),
-            Ok((true, "example.org:8443".into(), "example.org".into()))
-        );
-        assert_eq!(authority("http://h/api"), Err(UrlError::NotHttp));
-        assert_eq!(authority("http://"), Err(UrlError::NotHttp));
-        assert_eq!(authority("ws://h:1"), Err(UrlError::NotHttp));
+        assert_eq!(where_("http://h/api"), Err(UrlError::NotHttp));
+        assert_eq!(where_("http://"), Err(UrlError::NotHttp));
+        assert_eq!(where_("ws://h:1"), Err(UrlError::NotHttp));
+        assert!(matches!(
+            where_("http://h:99999"),
+            Err(UrlError::Invalid(_))
+        ));
     }
 }

@@ -306,19 +306,11 @@ impl ServeArgs {
                     .map_err(failed)?;
                 let presence = walkie_hub::NatsPresence::new(&broker, self.presence_ttl);
                 rt.block_on(presence.open()).map_err(failed)?;
-                let secret = match self.config {
-                    None => Some(
-                        rt.block_on(broker.shared_secret(DEMO_SECRET))
-                            .map_err(failed)?,
-                    ),
-                    Some(_) => None,
-                };
                 rt.spawn(delete_idle_streams(broker.clone()));
                 return Ok((
                     Arc::new(broker),
                     Some(Arc::new(presence)),
                     format!("in NATS JetStream at {shown}"),
-                    secret,
                 ));
             }
             if !url.starts_with("redis://") {
@@ -330,27 +322,14 @@ impl ServeArgs {
                 .block_on(walkie_hub::RedisBroker::connect(url, &self.engine_prefix))
                 .map_err(failed)?;
             let presence = walkie_hub::RedisPresence::new(&broker, self.presence_ttl);
-            let secret = match self.config {
-                None => Some(
-                    rt.block_on(broker.shared_secret(DEMO_SECRET))
-                        .map_err(failed)?,
-                ),
-                Some(_) => None,
-            };
             return Ok((
                 Arc::new(broker),
                 Some(Arc::new(presence)),
                 format!("in Redis at {shown}"),
-                secret,
             ));
         }
         if self.in_memory {
-            return Ok((
-                Arc::new(MemoryBroker::new()),
-                None,
-                "in memory".into(),
-                None,
-            ));
+            return Ok((Arc::new(MemoryBroker::new()), None, "in memory".into()));
         }
         let dir = match &self.data_dir {
             Some(d) => d.clone(),
@@ -361,7 +340,7 @@ impl ServeArgs {
         match DurableBroker::open(&dir) {
             Ok(b) => {
                 let where_ = format!("in {}", b.path().display());
-                Ok((Arc::new(b), None, where_, None))
+                Ok((Arc::new(b), None, where_))
             }
             Err(e) => Err(format!(
                 "--data-dir: {e} (give another --data-dir, or --in-memory)"
@@ -370,14 +349,12 @@ impl ServeArgs {
     }
 }
 
-/// The broker, the presence manager if the engine has one, where history
-/// is kept (for the log), and, without --config, the secret of
-/// `/demo/token`'s tokens that the nodes on an engine share.
+/// The broker, the presence manager if the engine has one, and where
+/// history is kept (for the log).
 type Engine = (
     Arc<dyn Broker>,
     Option<Arc<dyn walkie_hub::PresenceManager>>,
     String,
-    Option<String>,
 );
 
 /// The name of the demo tokens' secret in an engine.
@@ -514,7 +491,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (broker, presence, history_at, shared_secret) = match args.broker(&main_rt) {
+    let (broker, presence, history_at) = match args.broker(&main_rt) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("walkie: {e}");
@@ -535,11 +512,25 @@ pub fn run(args: ServeArgs) -> ExitCode {
     // channels. A configuration file turns both off. Nodes sharing an
     // engine share the secret too (the first made it, in the engine), so
     // that a token from one works on all: a client reconnects to any.
-    let demo_secret = args.config.is_none().then(|| {
-        let secret = shared_secret.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
-        hub_config.auth.hmac_secret = Some(secret.clone());
-        secret
-    });
+    let demo_secret = match args.config {
+        Some(_) => None,
+        None => match main_rt.block_on(broker.shared_secret(DEMO_SECRET)) {
+            Ok(shared) => {
+                let secret = shared.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+                hub_config.auth.hmac_secret = Some(secret.clone());
+                Some(secret)
+            }
+            // Only engines shared by several nodes keep one, and can fail.
+            Err(e) => {
+                let shown = redact_user_info(args.engine.as_deref().unwrap_or_default());
+                eprintln!(
+                    "walkie: {} (the demo tokens' secret)",
+                    engine_error(&shown, &e)
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
     let verifier = match Verifier::new(&hub_config.auth) {
         Ok(v) => v,
         Err(e) => {

@@ -169,4 +169,12 @@ pub trait Broker: Send + Sync + 'static {
     fn delivers_from_own_thread(&self) -> bool {
         false
     }
+
+    /// A random secret that every node on this engine (and prefix) shares,
+    /// made by the first to ask for `name` and kept in the engine; `None`
+    /// for engines inside the process, which no other node shares.
+    fn shared_secret(&self, name: &str) -> BoxFuture<'_, Result<Option<String>, EngineError>> {
+        let _ = name;
+        Box::pin(async { Ok(None) })
+    }
 }

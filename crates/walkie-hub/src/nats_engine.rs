@@ -584,20 +584,6 @@ impl NatsBroker {
         Ok(deleted)
     }
 
-    /// A random secret that every node on this prefix shares: made by the
-    /// first to ask for `name`, kept in the prefix's `meta` bucket.
-    pub async fn shared_secret(&self, name: &str) -> Result<String, EngineError> {
-        let i = &self.inner;
-        let meta = i.open_bucket(i.bucket("meta"), Duration::ZERO).await?;
-        let key = format!("secret-{name}");
-        let fresh = format!("{:032x}", rand::random::<u128>());
-        // Refused where another node made it first: that one is read.
-        let _ = meta.create(&key, fresh.into()).await;
-        let value = meta.get(&key).await.map_err(unavailable)?;
-        let value = value.ok_or_else(|| EngineError::Storage(format!("nats: {key} is gone")))?;
-        Ok(String::from_utf8_lossy(&value).into_owned())
-    }
-
     /// Deletes every stream and bucket under this broker's prefix: all
     /// channels' history, presence and idempotency keys. For tests, and for
     /// retiring a prefix. Returns how many streams it deleted.
@@ -1360,6 +1346,22 @@ impl Inner {
 impl Broker for NatsBroker {
     fn reconnects(&self) -> u64 {
         self.inner.catch_ups.borrow().reconnects
+    }
+
+    /// Kept in the prefix's `meta` bucket.
+    fn shared_secret(&self, name: &str) -> BoxFuture<'_, Result<Option<String>, EngineError>> {
+        let key = format!("secret-{name}");
+        Box::pin(async move {
+            let i = &self.inner;
+            let meta = i.open_bucket(i.bucket("meta"), Duration::ZERO).await?;
+            let fresh = format!("{:032x}", rand::random::<u128>());
+            // Refused where another node made it first: that one is read.
+            let _ = meta.create(&key, fresh.into()).await;
+            let value = meta.get(&key).await.map_err(unavailable)?;
+            let value =
+                value.ok_or_else(|| EngineError::Storage(format!("nats: {key} is gone")))?;
+            Ok(Some(String::from_utf8_lossy(&value).into_owned()))
+        })
     }
 
     fn set_events(&self, events: Arc<dyn BrokerEvents>) {

@@ -375,20 +375,6 @@ impl RedisBroker {
         Ok(broker)
     }
 
-    /// A random secret that every node on this prefix shares: made by the
-    /// first to ask for `name`, kept in Redis with no expiry.
-    pub async fn shared_secret(&self, name: &str) -> Result<String, EngineError> {
-        let key = self.key("secret", name);
-        let fresh = format!("{:032x}", rand::random::<u128>());
-        let mut conn = self.conn.clone();
-        let set = redis::cmd("SET").arg(&key).arg(&fresh).arg("NX").clone();
-        bounded(set.query_async::<Option<String>>(&mut conn)).await?;
-        let get = redis::cmd("GET").arg(&key).clone();
-        bounded(get.query_async::<Option<String>>(&mut conn))
-            .await?
-            .ok_or_else(|| EngineError::Storage(format!("redis: {key} is gone")))
-    }
-
     fn key(&self, kind: &str, channel: &str) -> String {
         format!("{}{kind}:{channel}", self.shared.prefix)
     }
@@ -693,6 +679,22 @@ impl Broker for RedisBroker {
     /// broker was connected (the main thread of `walkie serve`).
     fn delivers_from_own_thread(&self) -> bool {
         true
+    }
+
+    /// Kept in Redis with no expiry.
+    fn shared_secret(&self, name: &str) -> BoxFuture<'_, Result<Option<String>, EngineError>> {
+        let key = self.key("secret", name);
+        Box::pin(async move {
+            let fresh = format!("{:032x}", rand::random::<u128>());
+            let mut conn = self.conn.clone();
+            let set = redis::cmd("SET").arg(&key).arg(&fresh).arg("NX").clone();
+            bounded(set.query_async::<Option<String>>(&mut conn)).await?;
+            let get = redis::cmd("GET").arg(&key).clone();
+            bounded(get.query_async::<Option<String>>(&mut conn))
+                .await?
+                .map(Some)
+                .ok_or_else(|| EngineError::Storage(format!("redis: {key} is gone")))
+        })
     }
 
     fn reconnects(&self) -> u64 {

@@ -191,13 +191,18 @@ pub async fn connect_with(
     config: &ClientConfig,
 ) -> Result<(WebSocket<MaybeTlsStream>, ServerResponse)> {
     let url = WsUrl::parse(url)?;
-    let stream = tokio::time::timeout(config.connect_timeout, open(&url, config))
+    let stream = tokio::time::timeout(config.connect_timeout, open_stream(&url, config))
         .await
         .map_err(|_| Error::ConnectTimeout)??;
     handshake(stream, &url.host_header(), &url.target, config).await
 }
 
-async fn open(url: &WsUrl, config: &ClientConfig) -> Result<MaybeTlsStream> {
+/// Opens the TCP connection to `url`'s host (its addresses tried in turn
+/// within `config.connect_timeout`) and, for `wss://` or `https://`, its
+/// TLS session (as `config.tls` says, else with the system's roots),
+/// without a WebSocket handshake: for another protocol to the same server,
+/// such as its HTTP API. The TLS handshake is the caller's to bound.
+pub async fn open_stream(url: &WsUrl, config: &ClientConfig) -> Result<MaybeTlsStream> {
     let deadline = crate::driver::deadline_after(config.connect_timeout);
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await?

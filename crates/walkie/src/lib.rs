@@ -47,7 +47,7 @@ mod timer;
 pub mod tls;
 mod websocket;
 
-pub use client::{MaybeTlsStream, WsUrl, connect, connect_with};
+pub use client::{MaybeTlsStream, WsUrl, connect, connect_with, open_stream};
 pub use config::{ClientConfig, ServerConfig};
 pub use error::{Error, Refusal, Result};
 pub use server::{Incoming, accept};
